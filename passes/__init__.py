@@ -1,0 +1,1 @@
+"""tpcompile.passes: FX passes, graph in, graph out (plus a plan record)."""

@@ -1,0 +1,66 @@
+"""Run a function on N gloo ranks (separate processes) and collect what each returns.
+
+Real collectives on CPU, the ground truth for numerics. The function must be importable
+(module level) so the spawn start method can pickle it.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import traceback
+from typing import Any, Callable
+
+import torch.multiprocessing as mp
+
+
+def _entry(fn: Callable, rank: int, world_size: int, store_path: str, queue, args, kwargs) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        store = dist.FileStore(store_path, world_size)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
+        try:
+            result = fn(rank, world_size, *args, **kwargs)
+        finally:
+            dist.destroy_process_group()
+        queue.put((rank, True, result))
+    except BaseException:  # noqa: BLE001 - report everything to the parent
+        queue.put((rank, False, traceback.format_exc()))
+
+
+def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 600, **kwargs: Any) -> list:
+    """Run ``fn(rank, world_size, *args, **kwargs)`` on ``world_size`` gloo ranks; return results by rank.
+
+    Raises ``AssertionError`` with the failing rank's traceback if any rank raised.
+    """
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        store_path = os.path.join(tmp, "store")
+        procs = [
+            ctx.Process(target=_entry, args=(fn, r, world_size, store_path, queue, args, kwargs), daemon=False)
+            for r in range(world_size)
+        ]
+        for p in procs:
+            p.start()
+        results: dict[int, Any] = {}
+        errors: list[str] = []
+        try:
+            for _ in range(world_size):
+                rank, ok, value = queue.get(timeout=timeout)
+                if ok:
+                    results[rank] = value
+                else:
+                    errors.append(f"--- rank {rank} ---\n{value}")
+                    break  # the other ranks may now hang in a collective
+        finally:
+            for p in procs:
+                p.join(timeout=5 if errors else timeout)
+                if p.is_alive():
+                    p.kill()
+    if errors:
+        raise AssertionError("a rank failed:\n" + "\n".join(errors))
+    return [results[r] for r in range(world_size)]

@@ -1,0 +1,1 @@
+"""tpcompile: tensor parallelism for unmodified PyTorch models, through torch.compile."""

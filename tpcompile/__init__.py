@@ -1,1 +1,18 @@
-"""tpcompile: tensor parallelism for unmodified PyTorch models, through torch.compile."""
+"""tpcompile: tensor parallelism for unmodified PyTorch models, through torch.compile.
+
+    model = tpcompile.tp_compile(model)   # under torchrun; same batch on every TP rank
+"""
+from tpcompile.api import TensorParallel, TPInputMismatchError, tp_compile, tp_state
+from tpcompile.backend import Collective, GraphRecord, TPWarning
+from tpcompile.passes.propagate import TPShardingError
+
+__all__ = [
+    "tp_compile",
+    "tp_state",
+    "TensorParallel",
+    "GraphRecord",
+    "Collective",
+    "TPShardingError",
+    "TPInputMismatchError",
+    "TPWarning",
+]

@@ -1,0 +1,43 @@
+"""Small helpers shared by the passes: logical shapes, user source lines, divisors."""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)\n\s*(.*)')
+
+
+def value(node: Any) -> Any:
+    """The fake value Dynamo recorded for ``node`` (logical shapes), or None."""
+    if not isinstance(node, fx.Node):
+        return None
+    return node.meta.get("example_value", node.meta.get("val"))
+
+
+def is_tensor(node: Any) -> bool:
+    return isinstance(value(node), torch.Tensor)
+
+
+def shape(node: fx.Node) -> tuple:
+    return tuple(value(node).shape)
+
+
+def source_line(node: fx.Node) -> str:
+    """``file:line (code)`` of the user's code that made ``node``, for warnings and errors."""
+    frames = _FRAME.findall(node.meta.get("stack_trace") or "")
+    if not frames:
+        return f"node {node.name}"
+    path, line, _fn, code = frames[-1]
+    short = "/".join(path.split("/")[-2:])
+    return f"{short}:{line} `{code.strip()}`"
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def norm_dim(d: int, ndim: int) -> int:
+    return d + ndim if d < 0 else d

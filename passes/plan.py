@@ -1,0 +1,186 @@
+"""Plan: choose how each parameter is laid out, by propagation (DESIGN.md §4).
+
+Megatron's pattern falls out of the rules rather than being matched:
+- an Embedding looked up with data from the user's inputs is vocab-parallel;
+- a Linear fed a whole (replicated) activation is tried column-parallel; one fed an
+  activation sharded on its last dim is row-parallel;
+- a column-parallel try is kept only if its shard reaches a row-parallel Linear or the
+  vocab-parallel loss (Megatron's pairs); otherwise it would only add collectives, so
+  it goes back to replicated and the propagation runs again until nothing changes;
+- an LM head that shares its weight with a vocab-parallel embedding is column-parallel
+  over the vocabulary (one shard serves both).
+User overrides (``plan={"lm_head": "replicate"}``, module or parameter FQNs, globs allowed)
+win over all of this. Sizes that cannot be split raise ``TPShardingError`` naming the
+parameter and the tp values that would work.
+"""
+from __future__ import annotations
+
+import fnmatch
+import operator
+from dataclasses import dataclass
+
+import torch.fx as fx
+import torch.nn.functional as F
+
+from .graph_utils import divisors, is_tensor, shape, source_line, value
+from .normalize import LINEAR
+from .placements import STYLES, Replicate, Shard
+from .propagate import Propagation, TPShardingError, propagate
+
+_INDEX_PASSTHROUGH = {"view", "reshape", "to", "long", "int", "contiguous", "clone", "flatten", "unsqueeze"}
+_SPLITS = {"split", "chunk"}
+
+
+@dataclass(frozen=True)
+class ParamPlan:
+    """How one parameter is stored: ``style`` in TP vocabulary, shard ``dim`` and ``chunks``."""
+
+    fqn: str
+    style: str  # colwise | rowwise | vocab | replicate
+    dim: int | None
+    chunks: int
+    full_shape: tuple
+    local_shape: tuple
+
+
+@dataclass
+class GraphPlan:
+    params: dict  # placeholder node -> ParamPlan
+    prop: Propagation
+    tp: int
+
+
+def _style_for_fqn(fqn: str, overrides: dict) -> str | None:
+    module = fqn.rsplit(".", 1)[0] if "." in fqn else ""
+    for pattern, style in overrides.items():
+        if fnmatch.fnmatchcase(fqn, pattern) or fnmatch.fnmatchcase(module, pattern):
+            if style not in STYLES:
+                raise ValueError(f"plan[{pattern!r}] = {style!r}: style must be one of {STYLES}")
+            return style
+    return None
+
+
+def _indices_from_data(idx, params) -> bool:
+    """True if embedding indices come from the user's inputs (tokens), not from ``arange``."""
+    while isinstance(idx, fx.Node):
+        if idx.op == "placeholder":
+            return idx not in params
+        if (idx.op == "call_method" and idx.target in _INDEX_PASSTHROUGH) or idx.target is operator.getitem:
+            idx = idx.args[0]
+            continue
+        return False
+    return False
+
+
+def _fused_chunks(lin: fx.Node) -> int:
+    """k if the linear's output is only ever split into k equal pieces on its last dim (fused QKV)."""
+    users = list(lin.users)
+    if len(users) != 1 or users[0].op != "call_method" or users[0].target not in _SPLITS:
+        return 1
+    sp = users[0]
+    nd = value(lin).dim()
+    dim = sp.args[2] if len(sp.args) > 2 else sp.kwargs.get("dim", 0)
+    if dim % nd != nd - 1:
+        return 1
+    pieces = value(sp)
+    if len({tuple(p.shape) for p in pieces}) != 1:
+        return 1
+    return len(pieces)
+
+
+def make_plan(gm: fx.GraphModule, tp: int, param_fqns: dict, overrides: dict | None = None) -> GraphPlan:
+    """Choose every parameter's layout for ``gm`` (params: placeholder node -> FQN)."""
+    overrides = overrides or {}
+    params = set(param_fqns)
+    forced = {n: s for n, f in param_fqns.items() if (s := _style_for_fqn(f, overrides)) is not None}
+
+    linears = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is LINEAR and n.args[1] in params]
+    embeds = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is F.embedding and n.args[1] in params]
+    vocab_weights = set()
+    for e in embeds:
+        w = e.args[1]
+        padding_idx, max_norm = (list(e.args[2:4]) + [None, None])[:2]
+        extras = [a for a in e.args[5:] if a]  # scale_grad_by_freq, sparse
+        plain = padding_idx is None and max_norm is None and not extras
+        if forced.get(w) == "vocab" or (w not in forced and plain and _indices_from_data(e.args[0], params)):
+            vocab_weights.add(w)
+    chunks = {n: _fused_chunks(n) for n in linears}
+
+    replicated: set = set()
+    first = True
+    while True:
+
+        def style_of(node, px):
+            w = node.args[1]
+            if node.target is F.embedding:
+                return "vocab" if w in vocab_weights else "replicate"
+            if w in forced:
+                return {"vocab": "colwise"}.get(forced[w], forced[w])
+            if w in vocab_weights:
+                return "colwise"  # LM head tied to a vocab-parallel embedding
+            if node in replicated:
+                return "replicate"
+            nd = value(node.args[0]).dim()
+            if isinstance(px, Shard) and px.dim == nd - 1 and px.chunks == 1:
+                return "rowwise"
+            if px is None or isinstance(px, Replicate):
+                return "colwise"
+            return "replicate"
+
+        prop = propagate(gm, tp, params, style_of, lambda n: chunks.get(n, 1))
+        if first:
+            _check_views(prop, tp, param_fqns)
+            first = False
+        tried = {n for n in linears if prop.info[n].kind == "colwise"}
+        dropped = {n for n in tried if n not in prop.good_sinks and n.args[1] not in forced and n.args[1] not in vocab_weights}
+        if dropped <= replicated:
+            break
+        replicated |= dropped
+    return GraphPlan(_param_plans(gm, prop, tp, param_fqns), prop, tp)
+
+
+def _check_views(prop: Propagation, tp: int, param_fqns: dict) -> None:
+    """A head split that tp does not divide is a user-facing error, not a silent gather."""
+    for node, ni in prop.info.items():
+        bad = ni.extra.get("unsplittable")
+        if not bad or bad[1] is None or not isinstance(bad[1], int) or int(bad[1]) % tp == 0:
+            continue
+        size = int(bad[1])
+        origin = sorted(param_fqns[o.args[1]].rsplit(".", 1)[0] for o in prop.origins.get(node.args[0], ()))
+        ok = [d for d in divisors(size)]
+        fix = ", ".join(f"{o!r}: 'replicate'" for o in origin)
+        raise TPShardingError(
+            f"{source_line(node)}: the output of {', '.join(origin) or node.args[0].name} is split into "
+            f"{size} heads (shape {tuple(int(s) for s in shape(node))}), and {size} is not divisible by tp={tp}. "
+            f"Use tp in {set(ok)}, or keep these projections whole: plan={{{fix}}}."
+        )
+
+
+def _param_plans(gm, prop: Propagation, tp: int, param_fqns: dict) -> dict:
+    out = {}
+    for node, fqn in param_fqns.items():
+        p = prop.info[node].out if node in prop.info else None
+        full = tuple(int(s) for s in shape(node)) if is_tensor(node) else ()
+        if not isinstance(p, Shard):
+            out[node] = ParamPlan(fqn, "replicate", None, 1, full, full)
+            continue
+        users = [u for u in node.users if u.op == "call_function"]
+        if any(u.target is F.embedding for u in users):
+            style = "vocab"
+        elif any(u.target is LINEAR and u.args[1] is node for u in users):
+            style = "colwise" if p.dim == 0 else "rowwise"
+        else:
+            style = "colwise"  # a bias / scale that follows a column-parallel output
+        size = full[p.dim]
+        if size % (tp * p.chunks):
+            what = {"vocab": "vocabulary rows", "rowwise": "input features"}.get(style, "output features")
+            module = fqn.rsplit(".", 1)[0]
+            valid = {d for d in divisors(size // p.chunks if size % p.chunks == 0 else size)}
+            raise TPShardingError(
+                f"{fqn}: {size} {what}{f' in {p.chunks} fused pieces' if p.chunks > 1 else ''} are not divisible "
+                f"by tp={tp} ({style}). Use tp in {valid}, or plan={{{module!r}: 'replicate'}}."
+            )
+        local = list(full)
+        local[p.dim] = size // tp
+        out[node] = ParamPlan(fqn, style, p.dim, p.chunks, full, tuple(local))
+    return out

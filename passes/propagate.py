@@ -1,0 +1,549 @@
+"""Propagate placements through a captured graph: one rule per op family, in one table.
+
+``propagate`` walks the graph in order. For every node, the rule of its op family says
+which placement each tensor input must have (``need``) and what the output placement is.
+Where an input's placement differs from what the rule needs, the rewrite pass inserts a
+mapping op on that edge. Rules never guess: an op with no rule needs Replicate inputs
+(a correct gather / reduce) and is reported, so the answer stays right.
+
+Linear and Embedding rules ask ``style_of`` (the plan) how their weight is laid out; the
+plan pass runs this propagation to choose those styles.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import sympy
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from .graph_utils import is_tensor, norm_dim, shape, source_line, value
+from .normalize import LINEAR, SDPA
+from .placements import P, R, Partial, Placement, Replicate, Shard
+
+
+class TPShardingError(ValueError):
+    """A size cannot be split over the TP group; the message names the parameter and the fix."""
+
+
+@dataclass
+class NodeInfo:
+    out: Any  # Placement, a tuple of them (multi-output ops), or None for non-tensors
+    need: dict = field(default_factory=dict)  # input node -> placement the rule needs
+    kind: str = "replicate"  # the rule that decided; the rewrite dispatches on it
+    extra: dict = field(default_factory=dict)  # facts for the rewrite (new sizes, styles, ...)
+
+
+@dataclass
+class Propagation:
+    info: dict  # node -> NodeInfo
+    origins: dict  # node -> frozenset of column-parallel linear nodes whose shard it carries
+    good_sinks: set  # column linears whose shard reaches a row linear or a vocab-parallel loss
+    fallbacks: list  # (node, message): ops with no rule that had to gather / reduce
+
+    def placement(self, node):
+        return self.info[node].out if node in self.info else None
+
+
+class Ctx:
+    """What a rule may look at: placements of inputs, logical shapes, tp, the plan."""
+
+    def __init__(self, tp: int, style_of: Callable[[fx.Node, Any], str], chunks_of: Callable[[fx.Node], int]):
+        self.tp = tp
+        self.style_of = style_of
+        self.chunks_of = chunks_of
+        self.place: dict = {}
+
+    def pl(self, x) -> Placement | None:
+        if not isinstance(x, fx.Node):
+            return None
+        p = self.place.get(x)
+        return p if not isinstance(p, tuple) else None
+
+
+# --------------------------------------------------------------------------- helpers
+def _tensors(node: fx.Node) -> list[fx.Node]:
+    return [x for x in node.all_input_nodes if is_tensor(x)]
+
+
+def _replicate_all(node, ctx, kind="replicate") -> NodeInfo:
+    out = R if is_tensor(node) else (tuple(R for _ in value(node)) if isinstance(value(node), (tuple, list)) else None)
+    return NodeInfo(out, {x: R for x in _tensors(node)}, kind)
+
+
+def _arg(node, i, name, default=None):
+    if len(node.args) > i:
+        return node.args[i]
+    return node.kwargs.get(name, default)
+
+
+def _expr(s):
+    return s.node.expr if isinstance(s, torch.SymInt) else sympy.Integer(int(s))
+
+
+def _prod(xs):
+    out = sympy.Integer(1)
+    for x in xs:
+        out = out * _expr(x)
+    return sympy.expand(out)
+
+
+def _sharded(ctx, node):
+    """(input node, Shard) pairs among the tensor inputs of ``node``."""
+    return [(x, ctx.pl(x)) for x in _tensors(node) if isinstance(ctx.pl(x), Shard)]
+
+
+# --------------------------------------------------------------------------- rules
+def pointwise(node, ctx) -> NodeInfo:
+    """Elementwise with broadcasting: a shard survives; replicated operands that are full-size
+    on the sharded dim are split locally to match (no communication forward)."""
+    out_nd = value(node).dim()
+    ins = _tensors(node)
+    sh = _sharded(ctx, node)
+    if not sh:
+        return NodeInfo(R, {x: R for x in ins}, "pointwise")
+    x0, s0 = sh[0]
+    o = s0.dim + out_nd - value(x0).dim()
+    need = {}
+    for x in ins:
+        nd = value(x).dim()
+        d = o - (out_nd - nd)
+        if d < 0 or shape(x)[d] == 1:
+            need[x] = R
+        else:
+            need[x] = Shard(d, s0.chunks)
+    return NodeInfo(Shard(o, s0.chunks), need, "pointwise")
+
+
+def unary(node, ctx) -> NodeInfo:
+    """Ops whose output has the layout of their first argument (casts, dropout, ``type_as``)."""
+    x = node.args[0]
+    p = ctx.pl(x)
+    if isinstance(p, Partial) or p is None:
+        p = R
+    return NodeInfo(p, {x: p}, "pointwise")
+
+
+def last2_unary(node, ctx) -> NodeInfo:
+    """``tril``/``triu``: elementwise but position-dependent on the last two dims."""
+    x = node.args[0]
+    p = ctx.pl(x)
+    if isinstance(p, Shard) and p.dim < value(x).dim() - 2:
+        return NodeInfo(p, {x: p}, "pointwise")
+    return _replicate_all(node, ctx)
+
+
+def _map_dim(in_shape, out_shape, d: int, tp: int):
+    """Out dim that carries the shard of in dim ``d`` through a reshape, or None.
+
+    Sharding in-dim ``d`` into tp blocks equals sharding out-dim ``o`` into tp blocks iff the
+    products of the dims before them agree (row-major order), and both sizes split by tp.
+    Returns (o, ok) where ok says whether out_shape[o] is divisible by tp.
+    """
+    pre = _prod(in_shape[:d])
+    for o in range(len(out_shape)):
+        if _prod(out_shape[:o]) == pre and _expr(out_shape[o]) != 1:
+            b = out_shape[o]
+            ok = not isinstance(b, torch.SymInt) and int(b) % tp == 0
+            return o, ok
+    return None, False
+
+
+def _size_args(node):
+    """(container, index offset) of the size list of a view-like call, as in ``view(*sizes)``."""
+    t = node.target
+    if t in ("view", "reshape", "expand", torch.reshape):
+        first = 1
+        if len(node.args) == first + 1 and isinstance(node.args[first], (tuple, list)):
+            return "tuple", first
+        return "varargs", first
+    return None, None
+
+
+def view_like(node, ctx) -> NodeInfo:
+    """``view``/``reshape``/``flatten``/``unflatten``/``(un)squeeze``/``expand``: the shard moves
+    onto the out dim it becomes (C -> (heads, head_dim) shards heads); literal sizes of that
+    dim are rewritten to local sizes (``view(B, T, 12, 64)`` -> ``view(B, T, 12 // tp, 64)``)."""
+    x = node.args[0]
+    p = ctx.pl(x)
+    if not isinstance(p, Shard):
+        return NodeInfo(R, {x: R}, "view")
+    in_shape, out_shape = shape(x), shape(node)
+    if node.target == "expand":
+        o = p.dim + len(out_shape) - len(in_shape)
+        ok = True
+    elif p.chunks > 1:
+        # a fused piece-wise shard survives only a reshape that leaves its dim alone
+        o, ok = _map_dim(in_shape, out_shape, p.dim, ctx.tp)
+        ok = ok and o is not None and _expr(out_shape[o]) == _expr(in_shape[p.dim]) and _prod(in_shape[p.dim:]) == _prod(out_shape[o:])
+    else:
+        o, ok = _map_dim(in_shape, out_shape, p.dim, ctx.tp)
+    if o is None or not ok:
+        size = out_shape[o] if o is not None else None
+        return NodeInfo(R, {x: R}, "view", {"unsplittable": (p, size)})
+    new_sizes = {}
+    form, first = _size_args(node)
+    if form is not None:
+        sizes = node.args[first] if form == "tuple" else node.args[first:]
+        lit = sizes[o]
+        full = int(out_shape[o])
+        if isinstance(lit, int) and lit == full:
+            new_sizes[o] = full // ctx.tp
+        elif isinstance(lit, int) and lit == -1:
+            pass
+        else:
+            return NodeInfo(R, {x: R}, "view", {"unsplittable": (p, out_shape[o])})
+    elif node.target in ("unflatten", torch.unflatten):
+        dim = norm_dim(node.args[1], len(in_shape))
+        sizes = node.args[2]
+        if dim <= o < dim + len(sizes):
+            k = o - dim
+            if sizes[k] != -1:
+                new_sizes[("unflatten", k)] = int(sizes[k]) // ctx.tp
+    return NodeInfo(Shard(o, p.chunks), {x: p}, "view", {"sizes": new_sizes})
+
+
+def transpose(node, ctx) -> NodeInfo:
+    x = node.args[0]
+    p = ctx.pl(x)
+    if not isinstance(p, Shard):
+        return NodeInfo(R, {x: R}, "pointwise")
+    nd = value(x).dim()
+    if node.target in ("t", torch.t):
+        perm = list(range(nd))[::-1] if nd == 2 else list(range(nd))
+    elif node.target in ("permute", torch.permute):
+        dims = node.args[1] if isinstance(node.args[1], (tuple, list)) else node.args[1:]
+        perm = [norm_dim(d, nd) for d in dims]
+    else:  # transpose / swapaxes
+        a, b = norm_dim(node.args[1], nd), norm_dim(node.args[2], nd)
+        perm = list(range(nd))
+        perm[a], perm[b] = perm[b], perm[a]
+    return NodeInfo(Shard(perm.index(p.dim), p.chunks), {x: p}, "pointwise")
+
+
+def getitem(node, ctx) -> NodeInfo:
+    src, idx = node.args
+    srcp = ctx.place.get(src)
+    if isinstance(srcp, tuple):  # picking one output of split / chunk / unbind
+        return NodeInfo(srcp[idx], {}, "pointwise")
+    p = ctx.pl(src)
+    if not is_tensor(src) or not isinstance(p, Shard):
+        return _replicate_all(node, ctx, "pointwise")
+    nd = value(src).dim()
+    items = list(idx) if isinstance(idx, tuple) else [idx]
+    if any(isinstance(i, fx.Node) for i in items):
+        return _replicate_all(node, ctx, "fallback")
+    if Ellipsis in items:
+        k = items.index(Ellipsis)
+        used = sum(1 for i in items if i is not None and i is not Ellipsis)
+        items = items[:k] + [slice(None)] * (nd - used) + items[k + 1:]
+    in_d = out_d = 0
+    for i in items:
+        if i is None:
+            out_d += 1
+            continue
+        if in_d == p.dim:
+            if i == slice(None):
+                return NodeInfo(Shard(out_d, p.chunks), {src: p}, "pointwise")
+            return _replicate_all(node, ctx, "fallback")
+        in_d += 1
+        out_d += 0 if isinstance(i, int) else 1
+    return NodeInfo(Shard(out_d + (p.dim - in_d), p.chunks), {src: p}, "pointwise")
+
+
+def split(node, ctx) -> NodeInfo:
+    """``split``/``chunk``/``unbind`` along an unsharded dim keep the shard in every piece. A split of
+    a ``chunks=k`` shard into its k pieces gives k plain shards (fused QKV / gate-up)."""
+    x = node.args[0]
+    p = ctx.pl(x)
+    n = len(value(node))
+    if not isinstance(p, Shard):
+        return NodeInfo(tuple(R for _ in range(n)), {x: R}, "split")
+    nd = value(x).dim()
+    default_dim = 0
+    dim = norm_dim(_arg(node, 2, "dim", default_dim) if node.target not in ("unbind", torch.unbind) else _arg(node, 1, "dim", 0), nd)
+    if dim != p.dim:
+        o = p.dim - (1 if node.target in ("unbind", torch.unbind) and dim < p.dim else 0)
+        return NodeInfo(tuple(Shard(o) if p.chunks == 1 else Shard(o, p.chunks) for _ in range(n)), {x: p}, "split")
+    if p.chunks == n and len({int(s[dim]) for s in (v.shape for v in value(node))}) == 1:
+        return NodeInfo(tuple(Shard(dim) for _ in range(n)), {x: p}, "split", {"local_split": True})
+    return NodeInfo(tuple(R for _ in range(n)), {x: R}, "fallback")
+
+
+def cat(node, ctx) -> NodeInfo:
+    xs = node.args[0]
+    nd = value(node).dim()
+    dim = norm_dim(_arg(node, 1, "dim", 0), nd)
+    pls = {ctx.pl(x) for x in xs}
+    stack = node.target in (torch.stack,)
+    if len(pls) == 1:
+        (p,) = pls
+        if isinstance(p, Shard) and p.chunks == 1:
+            if stack:
+                return NodeInfo(Shard(p.dim + (1 if dim <= p.dim else 0)), {x: p for x in xs}, "pointwise")
+            if p.dim != dim:
+                return NodeInfo(p, {x: p for x in xs}, "pointwise")
+        elif isinstance(p, Replicate):
+            return NodeInfo(R, {x: R for x in xs}, "pointwise")
+    return _replicate_all(node, ctx, "fallback")
+
+
+def softmax(node, ctx) -> NodeInfo:
+    x = node.args[0]
+    p = ctx.pl(x)
+    dim = norm_dim(_arg(node, 1, "dim"), value(x).dim())
+    if isinstance(p, Shard) and p.dim != dim:
+        return NodeInfo(p, {x: p}, "pointwise")
+    return _replicate_all(node, ctx, "fallback" if isinstance(p, Shard) else "replicate")
+
+
+def reduction(node, ctx) -> NodeInfo:
+    """Reductions over unsharded dims keep the shard (``x.pow(2).mean(-1)`` on batch shards)."""
+    x = node.args[0]
+    p = ctx.pl(x)
+    if not isinstance(p, Shard):
+        return _replicate_all(node, ctx)
+    nd = value(x).dim()
+    dims = _arg(node, 1, "dim")
+    if dims is None:
+        return _replicate_all(node, ctx, "fallback")
+    dims = [norm_dim(d, nd) for d in (dims if isinstance(dims, (tuple, list)) else [dims])]
+    keep = _arg(node, 2, "keepdim", False)
+    if p.dim in dims or not is_tensor(node):
+        return _replicate_all(node, ctx, "fallback")
+    o = p.dim if keep else p.dim - sum(d < p.dim for d in dims)
+    return NodeInfo(Shard(o, p.chunks), {x: p}, "pointwise")
+
+
+def matmul(node, ctx) -> NodeInfo:
+    """Batched matmul (attention scores, ``attn @ v``): a shard on a batch dim of both sides stays."""
+    a, b = node.args[:2]
+    pa, pb = ctx.pl(a), ctx.pl(b)
+    na, nb = value(a).dim(), value(b).dim()
+    out_nd = value(node).dim()
+    if isinstance(pa, Shard) and pa.dim < na - 2:
+        o = pa.dim + out_nd - na
+        db = o - (out_nd - nb)
+        need_b = R if db < 0 or shape(b)[db] == 1 else Shard(db)
+        return NodeInfo(Shard(o), {a: pa, b: need_b}, "pointwise")
+    if isinstance(pb, Shard) and pb.dim < nb - 2:
+        o = pb.dim + out_nd - nb
+        da = o - (out_nd - na)
+        need_a = R if da < 0 or shape(a)[da] == 1 else Shard(da)
+        return NodeInfo(Shard(o), {a: need_a, b: pb}, "pointwise")
+    return _replicate_all(node, ctx, "fallback" if isinstance(pa, Shard) or isinstance(pb, Shard) else "replicate")
+
+
+def sdpa(node, ctx) -> NodeInfo:
+    """Attention on head-sharded q/k/v stays head-sharded; a mask follows by broadcasting."""
+    q, k, v = node.args[:3]
+    pq = ctx.pl(q)
+    nd = value(q).dim()
+    if not isinstance(pq, Shard) or pq.dim >= nd - 2:
+        return _replicate_all(node, ctx, "fallback" if isinstance(pq, Shard) else "replicate")
+    need = {q: pq, k: Shard(pq.dim), v: Shard(pq.dim)}
+    mask = _arg(node, 3, "attn_mask")
+    if isinstance(mask, fx.Node):
+        md = pq.dim - (nd - value(mask).dim())
+        need[mask] = R if md < 0 or shape(mask)[md] == 1 else Shard(md)
+    return NodeInfo(Shard(pq.dim), need, "pointwise")
+
+
+def layer_norm(node, ctx) -> NodeInfo:
+    x = node.args[0]
+    p = ctx.pl(x)
+    k = len(_arg(node, 1, "normalized_shape"))
+    need = {w: R for w in _tensors(node) if w is not x}
+    if isinstance(p, Shard) and p.dim < value(x).dim() - k:
+        need[x] = p
+        return NodeInfo(p, need, "pointwise")
+    need[x] = R
+    return NodeInfo(R, need, "fallback" if isinstance(p, Shard) else "replicate")
+
+
+def linear(node, ctx) -> NodeInfo:
+    """``linear(x, W, b)``; the plan says how W is laid out.
+
+    colwise: W split on out-features. x must be whole; the output is sharded on its last dim.
+    rowwise: W split on in-features. x must be sharded on its last dim; the local products are
+             summed across ranks (all-reduce), then the bias is added once.
+    replicate: shards of x on batch dims pass through.
+    """
+    x, w = node.args[:2]
+    b = _arg(node, 2, "bias")
+    nd = value(x).dim()
+    px = ctx.pl(x)
+    style = ctx.style_of(node, px)
+    need = {}
+    if style == "colwise":
+        chunks = ctx.chunks_of(node)
+        need[x] = R
+        need[w] = Shard(0, chunks)
+        if isinstance(b, fx.Node):
+            need[b] = Shard(0, chunks)
+        return NodeInfo(Shard(value(node).dim() - 1, chunks), need, "colwise")
+    if style == "rowwise":
+        need[x] = Shard(nd - 1)
+        need[w] = Shard(1)
+        if isinstance(b, fx.Node):
+            need[b] = R
+        return NodeInfo(R, need, "rowwise")
+    need[w] = R
+    if isinstance(b, fx.Node):
+        need[b] = R
+    if isinstance(px, Shard) and px.dim < nd - 1:
+        need[x] = px
+        return NodeInfo(px, need, "replicate")
+    need[x] = R
+    return NodeInfo(R, need, "fallback" if isinstance(px, Shard) else "replicate")
+
+
+def embedding(node, ctx) -> NodeInfo:
+    idx, w = node.args[:2]
+    style = ctx.style_of(node, ctx.pl(idx))
+    if style == "vocab":
+        return NodeInfo(R, {idx: R, w: Shard(0)}, "vocab")
+    p = ctx.pl(idx)
+    p = p if isinstance(p, Shard) else R
+    return NodeInfo(p, {idx: p, w: R}, "replicate")
+
+
+def cross_entropy(node, ctx) -> NodeInfo:
+    """``F.cross_entropy`` on logits sharded over the class dim becomes the vocab-parallel loss:
+    the logits are never gathered."""
+    x, target = node.args[:2]
+    p = ctx.pl(x)
+    class_dim = 0 if value(x).dim() == 1 else 1
+    plain = _arg(node, 2, "weight") is None and _arg(node, 3, "size_average") is None and _arg(node, 5, "reduce") is None
+    if isinstance(p, Shard) and p.dim == class_dim and p.chunks == 1 and plain:
+        return NodeInfo(R, {x: p, target: R}, "vocab_ce")
+    return _replicate_all(node, ctx, "fallback" if isinstance(p, Shard) else "replicate")
+
+
+def output(node, ctx) -> NodeInfo:
+    return NodeInfo(None, {x: R for x in _tensors(node)}, "output")
+
+
+def no_tensor_in(node, ctx) -> NodeInfo:
+    """Factories (``arange``, ``ones``, ...) and scalar maths: replicated by construction."""
+    return _replicate_all(node, ctx)
+
+
+_POINTWISE_FNS = [
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.pow, operator.neg,
+    operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge, operator.and_, operator.or_,
+    operator.invert, operator.iadd, operator.imul, operator.isub, operator.itruediv, operator.mod,
+    torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.exp, torch.log, torch.tanh, torch.sigmoid,
+    torch.rsqrt, torch.sqrt, torch.pow, torch.where, torch.abs, torch.sin, torch.cos, torch.erf, torch.clamp,
+    torch.masked_fill, torch.maximum, torch.minimum, torch.logical_not, torch.square, torch.reciprocal,
+    F.gelu, F.silu, F.relu, F.sigmoid, F.tanh, F.softplus, F.leaky_relu, F.elu, F.mish, F.hardtanh, F.relu6,
+    torch._C._nn.gelu, torch.relu, torch.erf, torch.exp2, torch.log1p, torch.expm1,
+]
+_POINTWISE_METHODS = [
+    "add", "sub", "mul", "div", "neg", "exp", "log", "tanh", "sigmoid", "rsqrt", "sqrt", "pow", "abs", "sin",
+    "cos", "masked_fill", "masked_fill_", "clamp", "relu", "add_", "mul_", "sub_", "div_", "__and__", "__or__",
+    "eq", "ne", "lt", "le", "gt", "ge", "square", "reciprocal", "where", "logical_not", "erf", "maximum", "minimum",
+    "sign", "log1p", "expm1", "masked_fill",
+]
+_UNARY = [
+    "float", "half", "bfloat16", "double", "int", "long", "bool", "to", "type", "type_as", "contiguous", "clone",
+    "detach", F.dropout, torch.nn.functional.dropout, torch.dropout, torch.clone, torch._C._nn.gelu,
+    "requires_grad_", "float_", "view_as", "reshape_as", "expand_as",
+]
+
+RULES: dict[Any, Callable[[fx.Node, Ctx], NodeInfo]] = {
+    **{f: pointwise for f in _POINTWISE_FNS},
+    **{m: pointwise for m in _POINTWISE_METHODS},
+    **{u: unary for u in _UNARY},
+    **{f: last2_unary for f in ("tril", "triu", torch.tril, torch.triu)},
+    **{f: view_like for f in ("view", "reshape", torch.reshape, "flatten", torch.flatten, "unflatten",
+                               torch.unflatten, "squeeze", "unsqueeze", torch.squeeze, torch.unsqueeze, "expand")},
+    **{f: transpose for f in ("transpose", torch.transpose, "permute", torch.permute, "t", torch.t, "swapaxes")},
+    **{f: split for f in ("split", torch.split, "chunk", torch.chunk, "unbind", torch.unbind)},
+    **{f: cat for f in (torch.cat, torch.concat, torch.stack)},
+    **{f: softmax for f in ("softmax", torch.softmax, F.softmax, "log_softmax", F.log_softmax, torch.log_softmax)},
+    **{f: reduction for f in ("sum", "mean", "amax", "amin", torch.sum, torch.mean, torch.amax, torch.amin,
+                               "var", "std", torch.var, "logsumexp", torch.logsumexp, "norm")},
+    **{f: matmul for f in (operator.matmul, torch.matmul, "matmul", torch.bmm, "bmm")},
+    SDPA: sdpa,
+    F.layer_norm: layer_norm,
+    getattr(F, "rms_norm", F.layer_norm): layer_norm,
+    LINEAR: linear,
+    F.embedding: embedding,
+    F.cross_entropy: cross_entropy,
+    operator.getitem: getitem,
+}
+# `view_as` / `reshape_as` / `expand_as` follow their first argument's placement only when shapes agree
+for _m in ("view_as", "reshape_as", "expand_as"):
+    RULES[_m] = lambda node, ctx: _replicate_all(node, ctx, "fallback" if isinstance(ctx.pl(node.args[0]), Shard) else "replicate")
+
+
+def rule_for(node: fx.Node):
+    if node.op == "output":
+        return output
+    if node.op not in ("call_function", "call_method"):
+        return None
+    r = RULES.get(node.target)
+    if r is not None:
+        return r
+    if not _tensors(node):
+        return no_tensor_in
+    return None
+
+
+def _merge_origins(prop_origins, node, info):
+    """Column linears whose shard this node carries: the union over its sharded inputs."""
+    src = set()
+    for x, need in info.need.items():
+        if isinstance(need, Shard):
+            src |= prop_origins.get(x, frozenset())
+    return frozenset(src)
+
+
+def propagate(gm: fx.GraphModule, tp: int, params: set, style_of: Callable, chunks_of: Callable = lambda n: 1) -> Propagation:
+    """Placement of every node of ``gm``.
+
+    Inputs are replicated (the same batch on every rank). A parameter takes the placement its
+    first consumer needs (that is how it will be stored); later consumers that need another
+    one get a mapping op like any other value.
+    ``style_of(node, input_placement)``: the plan's layout for a linear / embedding node;
+    ``chunks_of(node)``: pieces of a fused column-parallel projection.
+    """
+    ctx = Ctx(tp, style_of, chunks_of)
+    info: dict = {}
+    origins: dict = {}
+    good: set = set()
+    bad: set = set()
+    fallbacks: list = []
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            p = None if node in params or not is_tensor(node) else R
+            info[node] = NodeInfo(p, {}, "placeholder")
+        elif node.op == "get_attr":
+            info[node] = NodeInfo(R if is_tensor(node) else None, {}, "replicate")
+        else:
+            rule = rule_for(node)
+            if rule is None:
+                ni = _replicate_all(node, ctx, "fallback")
+            else:
+                ni = rule(node, ctx)
+            for x, need in ni.need.items():  # a parameter is stored the way its first consumer needs
+                if x in params and ctx.place.get(x) is None:
+                    ctx.place[x] = info[x].out = need
+            # what each sharded input's origin linears learn from this consumer
+            for x, need in ni.need.items():
+                have = ctx.pl(x)
+                if isinstance(have, Shard) and need != have:
+                    bad |= origins.get(x, frozenset())
+                if ni.kind in ("rowwise", "vocab_ce") and isinstance(have, Shard) and need == have:
+                    good |= origins.get(x, frozenset())
+            if ni.kind == "fallback" and any(isinstance(ctx.pl(x), (Shard, Partial)) and ni.need.get(x) != ctx.pl(x) for x in ni.need):
+                fallbacks.append(node)
+            info[node] = ni
+            origins[node] = frozenset({node}) if ni.kind == "colwise" else _merge_origins(origins, node, ni)
+        ctx.place[node] = info[node].out
+    return Propagation(info, origins, good, fallbacks)

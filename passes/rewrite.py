@@ -1,0 +1,184 @@
+"""Rewrite a planned graph into one rank's local program (DESIGN.md §5).
+
+- every edge whose placement changes gets one mapping op (shared by all consumers of the
+  same value that need the same placement), see ``_REDISTRIBUTE``;
+- column-parallel inputs pass through Megatron's f (identity forward, all-reduce backward),
+  one per input value, shared by every column projection that reads it (q, k, v);
+- row-parallel linears drop their bias, all-reduce, then add the bias once;
+- vocab-parallel Embedding / cross-entropy become the runtime's vocab-parallel ops;
+- literal sizes of sharded dims (``view(B, T, 12, 64)``, ``split(768, -1)``) become local.
+Mapping ops are single ``call_function`` nodes on plain functions of ``tpcompile.runtime``
+so that AOTAutograd traces their forward and backward collectives.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+
+from tpcompile.runtime import mappings as M
+from tpcompile.runtime import vocab_parallel as V
+
+from .graph_utils import shape, value
+from .plan import GraphPlan
+from .placements import Partial, Replicate, Shard
+from .propagate import NodeInfo
+
+
+def gather_pieces_from_tp(x: torch.Tensor, group: str, dim: int, chunks: int) -> torch.Tensor:
+    """All-gather a ``chunks``-piece shard and put the pieces back in logical order.
+
+    Each rank holds [p0_r, p1_r, ...]; the gather gives [p0_0, p1_0, .., p0_1, ..] and the
+    logical order is [p0_0, p0_1, .., p1_0, ..].
+    """
+    full = M.gather_from_tp(x, group, dim)
+    tp = full.shape[dim] // x.shape[dim]
+    n = x.shape[dim] // chunks
+    s = list(full.shape)
+    full = full.reshape(s[:dim] + [tp, chunks, n] + s[dim + 1:]).transpose(dim, dim + 1)
+    return full.reshape(s)
+
+
+def scatter_pieces_to_tp(x: torch.Tensor, group: str, dim: int, chunks: int) -> torch.Tensor:
+    """Keep this rank's part of each of the ``chunks`` pieces of ``x`` along ``dim``."""
+    return torch.cat([M.scatter_to_tp(p, group, dim) for p in x.chunk(chunks, dim)], dim)
+
+
+def _redistribute_call(have, need, group):
+    """(function, extra args) turning placement ``have`` into ``need``."""
+    if isinstance(have, Partial) and isinstance(need, Replicate):
+        return M.reduce_from_tp, (group,)
+    if isinstance(have, Shard) and isinstance(need, Replicate):
+        if have.chunks > 1:
+            return gather_pieces_from_tp, (group, have.dim, have.chunks)
+        return M.gather_from_tp, (group, have.dim)
+    if isinstance(have, Replicate) and isinstance(need, Shard):
+        if need.chunks > 1:
+            return scatter_pieces_to_tp, (group, need.dim, need.chunks)
+        return M.scatter_to_tp, (group, need.dim)
+    return None
+
+
+class _Rewriter:
+    def __init__(self, gm: fx.GraphModule, plan: GraphPlan, group: str, rank: int):
+        self.gm, self.g, self.plan, self.group, self.rank = gm, gm.graph, plan, group, rank
+        self.info = plan.prop.info
+        self.cache: dict = {}
+        self.alias: dict = {}  # a rewritten node -> the node that now carries its value
+
+    def _call(self, before, fn, *args, name=None):
+        with self.g.inserting_before(before):
+            n = self.g.call_function(fn, args)
+        n.meta["tp_mapping"] = fn.__name__
+        if "stack_trace" in before.meta:
+            n.meta["stack_trace"] = before.meta["stack_trace"]
+        return n
+
+    def _placed(self, x, need, consumer):
+        """``x`` as the consumer needs it: itself, or a (cached) mapping op node."""
+        have = self.info[x].out if x in self.info else None
+        if have is None or have == need:
+            return x
+        key = (x, need)
+        if key not in self.cache:
+            call = _redistribute_call(have, need, self.group)
+            if call is None:  # Shard(a) -> Shard(b), or Partial -> Shard: go through Replicate
+                mid = self._placed(x, Replicate(), consumer)
+                self.info[mid] = NodeInfo(Replicate())
+                call = _redistribute_call(Replicate(), need, self.group)
+                self.cache[key] = self._call(consumer, call[0], mid, *call[1])
+            else:
+                self.cache[key] = self._call(consumer, call[0], x, *call[1])
+        return self.cache[key]
+
+    def run(self) -> fx.GraphModule:
+        for node in list(self.g.nodes):
+            ni = self.info.get(node)
+            if ni is None or node.op in ("placeholder", "get_attr"):
+                continue
+            for x, need in ni.need.items():
+                x = self.alias.get(x, x)
+                new = self._placed(x, need, node)
+                if new is not x:
+                    node.replace_input_with(x, new)
+            getattr(self, "_" + ni.kind, lambda n, i: None)(node, ni)
+        self.g.lint()
+        self.gm.recompile()
+        return self.gm
+
+    # --- per-rule rewrites -------------------------------------------------------------
+    def _colwise(self, node, ni):
+        x = node.args[0]
+        key = (x, "f")
+        if key not in self.cache:
+            self.cache[key] = self._call(node, M.copy_to_tp, x, self.group)
+        node.replace_input_with(x, self.cache[key])
+
+    def _rowwise(self, node, ni):
+        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        node.args, node.kwargs = (node.args[0], node.args[1], None), {}
+        users = list(node.users)
+        with self.g.inserting_after(node):
+            red = self.g.call_function(M.reduce_from_tp, (node, self.group))
+        red.meta.update(tp_mapping="reduce_from_tp", stack_trace=node.meta.get("stack_trace"))
+        out = red
+        if bias is not None:
+            with self.g.inserting_after(red):
+                out = self.g.call_function(operator.add, (red, bias))
+        for u in users:
+            u.replace_input_with(node, out)
+        self.alias[node] = out
+        self.info[out] = NodeInfo(Replicate())
+
+    def _vocab(self, node, ni):
+        idx, w = node.args[:2]
+        rows = int(shape(w)[0]) // self.plan.tp
+        node.target = V.vocab_parallel_embedding
+        node.args, node.kwargs = (idx, w, self.rank * rows, self.group), {}
+
+    def _vocab_ce(self, node, ni):
+        a = list(node.args) + [None] * (8 - len(node.args))
+        kw = node.kwargs
+        x, target = a[0], a[1]
+        ignore_index = kw.get("ignore_index", a[4] if a[4] is not None else -100)
+        reduction = kw.get("reduction", a[6] if a[6] is not None else "mean")
+        smoothing = kw.get("label_smoothing", a[7] if a[7] is not None else 0.0)
+        class_dim = 0 if value(x).dim() == 1 else 1
+        vocab = int(shape(x)[class_dim])
+        node.target = V.vocab_parallel_cross_entropy
+        node.args = (x, target, self.rank * (vocab // self.plan.tp), vocab, self.group)
+        node.kwargs = {"ignore_index": ignore_index, "reduction": reduction, "label_smoothing": smoothing}
+
+    def _view(self, node, ni):
+        sizes = ni.extra.get("sizes")
+        if not sizes:
+            return
+        args = list(node.args)
+        if node.target in ("unflatten", torch.unflatten):
+            lst = list(args[2])
+            for (_, k), v in sizes.items():
+                lst[k] = v
+            args[2] = type(node.args[2])(lst)
+        elif len(args) == 2 and isinstance(args[1], (tuple, list)):
+            lst = list(args[1])
+            for o, v in sizes.items():
+                lst[o] = v
+            args[1] = type(node.args[1])(lst)
+        else:
+            for o, v in sizes.items():
+                args[1 + o] = v
+        node.args = tuple(args)
+
+    def _split(self, node, ni):
+        if not ni.extra.get("local_split") or node.target in ("chunk", torch.chunk, "unbind", torch.unbind):
+            return
+        sizes = node.args[1]
+        tp = self.plan.tp
+        new = [s // tp for s in sizes] if isinstance(sizes, (list, tuple)) else sizes // tp
+        node.args = (node.args[0], new, *node.args[2:])
+
+
+def rewrite(gm: fx.GraphModule, plan: GraphPlan, group: str, rank: int) -> fx.GraphModule:
+    """Rewrite ``gm`` (in place) into rank ``rank``'s local program for ``plan``."""
+    return _Rewriter(gm, plan, group, rank).run()

@@ -1,0 +1,190 @@
+"""``tp_compile``: the one call a user makes."""
+from __future__ import annotations
+
+import copy
+import hashlib
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from tpcompile.backend import Backend, GraphRecord, TPShardingError, shard_tensor
+from tpcompile.passes.plan import GraphPlan, ParamPlan
+
+
+class TPInputMismatchError(RuntimeError):
+    """The TP ranks were handed different inputs (e.g. a data loader seeded per rank)."""
+
+
+def _resolve_group(group) -> dist.ProcessGroup:
+    if group is None:
+        return dist.group.WORLD
+    if hasattr(group, "get_group"):  # DeviceMesh
+        if group.ndim != 1:
+            raise ValueError(f"tp_compile(group=...) takes a 1-D DeviceMesh; got {group.ndim}-D. Pass mesh['tp'].")
+        return group.get_group()
+    return group
+
+
+def _ghost(p: torch.Tensor, device: torch.device) -> nn.Parameter:
+    """A Parameter of ``p``'s logical shape that owns one element of memory (stride 0)."""
+    g = torch.empty((), dtype=p.dtype, device=device).expand(p.shape)
+    return nn.Parameter(g, requires_grad=p.requires_grad)
+
+
+class TensorParallel:
+    """State behind a tp-compiled module: the group, the ghost twin Dynamo traces, the plan."""
+
+    def __init__(self, model: nn.Module, group, plan: dict | None, broadcast_inputs: bool, compile_options: dict):
+        self.group = _resolve_group(group)
+        self.group_name = self.group.group_name
+        self.tp = dist.get_world_size(self.group)
+        self.rank = dist.get_rank(self.group)
+        self.overrides = dict(plan or {})
+        self.broadcast_inputs = broadcast_inputs
+        self.inner_backend = compile_options.pop("backend", "inductor")
+        self.records: list[GraphRecord] = []
+        self.plan: dict[str, ParamPlan] = {}
+        self.fqn_of: dict[int, str] = {}
+        self.params: dict[str, nn.Parameter] = {}
+        for fqn, p in model.named_parameters(remove_duplicate=False):
+            if id(p) not in self.fqn_of:
+                self.fqn_of[id(p)] = fqn
+                self.params[fqn] = p
+        device = self.device
+        memo: dict[int, Any] = {}
+        self.real_of_ghost: dict[int, nn.Parameter] = {}
+        for p in self.params.values():
+            g = _ghost(p, p.device if p.device.type != "meta" else device)
+            memo[id(p)] = g
+            self.real_of_ghost[id(g)] = p
+        for b in model.buffers():
+            memo[id(b)] = b
+        self.twin = copy.deepcopy(model, memo)
+        self._pairs = list(zip(model.modules(), self.twin.modules()))
+        self._ghosts = [memo[id(p)] for p in self.params.values()]  # keep ids stable
+        self.compiled = torch.compile(self.twin, backend=Backend(self), **compile_options)
+        self._inputs_checked = False
+
+    @property
+    def device(self) -> torch.device:
+        if dist.get_backend(self.group) == "nccl" and torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    # ----------------------------------------------------------------- called by the backend
+    def apply_plan(self, plan: GraphPlan) -> None:
+        """Store each parameter the way the plan says (first graph that uses it decides)."""
+        for pp in plan.params.values():
+            known = self.plan.get(pp.fqn)
+            if known is not None:
+                if (known.style, known.dim, known.chunks) != (pp.style, pp.dim, pp.chunks):
+                    raise TPShardingError(
+                        f"{pp.fqn}: a later graph needs it {pp.style} but it is stored {known.style}; "
+                        f"pin one with plan={{{pp.fqn!r}: {known.style!r}}}."
+                    )
+                continue
+            p = self.params[pp.fqn]
+            if pp.style != "replicate":
+                if p.grad is not None:
+                    raise TPShardingError(f"{pp.fqn}: first used after training started; cannot reshard it now.")
+                p.data = shard_tensor(p.data, pp, self.rank, self.tp)
+            self.plan[pp.fqn] = pp
+
+    # ----------------------------------------------------------------- the module's forward
+    def forward(self, *args, **kwargs):
+        for m, t in self._pairs:
+            t.training = m.training
+        if self.broadcast_inputs:
+            args, kwargs = self._broadcast(args, kwargs)
+        elif not self._inputs_checked:
+            self._check_inputs(args, kwargs)
+            self._inputs_checked = True
+        try:
+            return self.compiled(*args, **kwargs)
+        except torch._dynamo.exc.BackendCompilerFailed as e:
+            inner = getattr(e, "inner_exception", None)
+            if isinstance(inner, (TPShardingError, ValueError, NotImplementedError)):
+                raise inner from None
+            raise
+
+    def _broadcast(self, args, kwargs):
+        """Megatron's broadcast_data: every rank computes on the first rank's inputs."""
+        flat, spec = tree_flatten((args, kwargs))
+        src = dist.get_global_rank(self.group, 0)
+        self._check_inputs(args, kwargs, shapes_only=True)
+        out = []
+        for x in flat:
+            if isinstance(x, torch.Tensor):
+                x = x.detach().clone().to(self.device)
+                dist.broadcast(x, src=src, group=self.group)
+            out.append(x)
+        return tree_unflatten(out, spec)
+
+    def _check_inputs(self, args, kwargs, shapes_only: bool = False) -> None:
+        """Fail loudly if ranks were given different inputs (the classic silent TP bug)."""
+        flat, _ = tree_flatten((args, kwargs))
+        h = hashlib.sha256()
+        for x in flat:
+            if isinstance(x, torch.Tensor):
+                h.update(repr((tuple(x.shape), x.dtype)).encode())
+                if not shapes_only:
+                    h.update(x.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            elif isinstance(x, (int, float, str, bool, type(None))):
+                h.update(repr(x).encode())
+        digest = torch.tensor(list(h.digest()[:8]), dtype=torch.int64, device=self.device)
+        gathered = [torch.empty_like(digest) for _ in range(self.tp)]
+        dist.all_gather(gathered, digest, group=self.group)
+        differ = [r for r, d in enumerate(gathered) if not torch.equal(d, gathered[0])]
+        if differ:
+            what = "input shapes" if shapes_only else "inputs"
+            raise TPInputMismatchError(
+                f"tp_compile: TP ranks {differ} got different {what} from TP rank 0. Every rank of a "
+                f"tensor-parallel group must see the same batch: seed the data loader the same on all TP "
+                f"ranks, or pass tp_compile(..., broadcast_inputs=True) to use the first rank's inputs."
+            )
+
+
+def tp_compile(
+    model: nn.Module,
+    *,
+    group: Any = None,
+    plan: dict[str, str] | None = None,
+    sequence_parallel: bool = False,
+    broadcast_inputs: bool = False,
+    **compile_options: Any,
+) -> nn.Module:
+    """Make ``model`` run tensor-parallel over ``group`` (default: WORLD), compiled.
+
+    Returns the same module object. On the first call, the model is captured with logical
+    shapes, planned (column / row / vocab / replicate per parameter), and each parameter is
+    resharded *in place*: the ``Parameter`` objects stay the same, so an optimizer built
+    right after ``tp_compile`` works, and from then on they hold only this rank's shard.
+
+    ``plan``: per-FQN overrides, e.g. ``{"lm_head": "replicate"}`` (globs allowed).
+    ``broadcast_inputs``: broadcast every input from the group's first rank each call
+    instead of checking, on the first call, that all ranks got the same inputs.
+    ``compile_options``: passed to ``torch.compile`` (``dynamic``, ``mode``, ``fullgraph``,
+    ...); ``backend`` picks what compiles the rewritten graph: ``"inductor"`` (default),
+    ``"aot_eager"`` or ``"eager"``.
+    """
+    if sequence_parallel:
+        raise NotImplementedError("tp_compile(sequence_parallel=True) is not available yet (issue: sequence parallelism).")
+    if not dist.is_initialized():
+        raise RuntimeError("tp_compile needs torch.distributed initialised (torchrun + dist.init_process_group()).")
+    if getattr(model, "_tp_state", None) is not None:
+        raise RuntimeError("tp_compile: this module is already tensor-parallel.")
+    state = TensorParallel(model, group, plan, broadcast_inputs, dict(compile_options))
+    model._tp_state = state
+    model.forward = state.forward
+    return model
+
+
+def tp_state(model: nn.Module) -> TensorParallel:
+    """The ``TensorParallel`` state of a tp-compiled module (plan, graph records, group)."""
+    state = getattr(model, "_tp_state", None)
+    if state is None:
+        raise ValueError("not a tp_compile'd module")
+    return state

@@ -2,3 +2,38 @@
 
 Every op here works in eager code too, so a user can build TP by hand with them.
 """
+
+from .mappings import (
+    all_to_all_tp,
+    broadcast_from_first,
+    copy_to_tp,
+    gather_from_sp,
+    gather_from_tp,
+    group_name,
+    group_rank,
+    group_size,
+    reduce_from_tp,
+    reduce_scatter_to_sp,
+    reduce_scatter_to_tp,
+    scatter_to_sp,
+    scatter_to_tp,
+)
+from .vocab_parallel import vocab_parallel_cross_entropy, vocab_parallel_embedding
+
+__all__ = [
+    "all_to_all_tp",
+    "broadcast_from_first",
+    "copy_to_tp",
+    "gather_from_sp",
+    "gather_from_tp",
+    "group_name",
+    "group_rank",
+    "group_size",
+    "reduce_from_tp",
+    "reduce_scatter_to_sp",
+    "reduce_scatter_to_tp",
+    "scatter_to_sp",
+    "scatter_to_tp",
+    "vocab_parallel_cross_entropy",
+    "vocab_parallel_embedding",
+]

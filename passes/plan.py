@@ -48,6 +48,7 @@ class GraphPlan:
     params: dict  # placeholder node -> ParamPlan
     prop: Propagation
     tp: int
+    unsupported: dict  # op node with no rule -> column linears kept replicated because of it
 
 
 def _style_for_fqn(fqn: str, overrides: dict) -> str | None:
@@ -107,6 +108,7 @@ def make_plan(gm: fx.GraphModule, tp: int, param_fqns: dict, overrides: dict | N
     chunks = {n: _fused_chunks(n) for n in linears}
 
     replicated: set = set()
+    unsupported: dict = {}
     first = True
     while True:
 
@@ -129,14 +131,18 @@ def make_plan(gm: fx.GraphModule, tp: int, param_fqns: dict, overrides: dict | N
 
         prop = propagate(gm, tp, params, style_of, lambda n: chunks.get(n, 1))
         if first:
+            _param_plans(gm, prop, tp, param_fqns)  # parameter sizes first: the clearer error
             _check_views(prop, tp, param_fqns)
             first = False
         tried = {n for n in linears if prop.info[n].kind == "colwise"}
         dropped = {n for n in tried if n not in prop.good_sinks and n.args[1] not in forced and n.args[1] not in vocab_weights}
+        for lin in dropped - replicated:
+            for op in prop.blocked.get(lin, ()):
+                unsupported.setdefault(op, []).append(param_fqns[lin.args[1]].rsplit(".", 1)[0])
         if dropped <= replicated:
             break
         replicated |= dropped
-    return GraphPlan(_param_plans(gm, prop, tp, param_fqns), prop, tp)
+    return GraphPlan(_param_plans(gm, prop, tp, param_fqns), prop, tp, unsupported)
 
 
 def _check_views(prop: Propagation, tp: int, param_fqns: dict) -> None:
@@ -147,13 +153,17 @@ def _check_views(prop: Propagation, tp: int, param_fqns: dict) -> None:
             continue
         size = int(bad[1])
         origin = sorted(param_fqns[o.args[1]].rsplit(".", 1)[0] for o in prop.origins.get(node.args[0], ()))
-        ok = [d for d in divisors(size)]
         fix = ", ".join(f"{o!r}: 'replicate'" for o in origin)
+        what = f"{size} heads" if value(node).dim() > value(node.args[0]).dim() else f"a dim of size {size}"
         raise TPShardingError(
             f"{source_line(node)}: the output of {', '.join(origin) or node.args[0].name} is split into "
-            f"{size} heads (shape {tuple(int(s) for s in shape(node))}), and {size} is not divisible by tp={tp}. "
-            f"Use tp in {set(ok)}, or keep these projections whole: plan={{{fix}}}."
+            f"{what} (shape {tuple(int(s) for s in shape(node))}), and {size} is not divisible by tp={tp}. "
+            f"Use tp in {_set(divisors(size))}, or keep these projections whole: plan={{{fix}}}."
         )
+
+
+def _set(xs) -> str:
+    return "{" + ", ".join(str(x) for x in sorted(xs)) + "}"
 
 
 def _param_plans(gm, prop: Propagation, tp: int, param_fqns: dict) -> dict:
@@ -175,7 +185,7 @@ def _param_plans(gm, prop: Propagation, tp: int, param_fqns: dict) -> dict:
         if size % (tp * p.chunks):
             what = {"vocab": "vocabulary rows", "rowwise": "input features"}.get(style, "output features")
             module = fqn.rsplit(".", 1)[0]
-            valid = {d for d in divisors(size // p.chunks if size % p.chunks == 0 else size)}
+            valid = _set(divisors(size // p.chunks if size % p.chunks == 0 else size))
             raise TPShardingError(
                 f"{fqn}: {size} {what}{f' in {p.chunks} fused pieces' if p.chunks > 1 else ''} are not divisible "
                 f"by tp={tp} ({style}). Use tp in {valid}, or plan={{{module!r}: 'replicate'}}."

@@ -43,7 +43,8 @@ class Propagation:
     info: dict  # node -> NodeInfo
     origins: dict  # node -> frozenset of column-parallel linear nodes whose shard it carries
     good_sinks: set  # column linears whose shard reaches a row linear or a vocab-parallel loss
-    fallbacks: list  # (node, message): ops with no rule that had to gather / reduce
+    fallbacks: list  # ops with no rule that had to gather / reduce
+    blocked: dict = field(default_factory=dict)  # column linear -> ops with no rule its shard ran into
 
     def placement(self, node):
         return self.info[node].out if node in self.info else None
@@ -519,6 +520,7 @@ def propagate(gm: fx.GraphModule, tp: int, params: set, style_of: Callable, chun
     good: set = set()
     bad: set = set()
     fallbacks: list = []
+    blocked: dict = {}
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             p = None if node in params or not is_tensor(node) else R
@@ -539,6 +541,9 @@ def propagate(gm: fx.GraphModule, tp: int, params: set, style_of: Callable, chun
                 have = ctx.pl(x)
                 if isinstance(have, Shard) and need != have:
                     bad |= origins.get(x, frozenset())
+                    if ni.kind == "fallback":
+                        for o in origins.get(x, ()):
+                            blocked.setdefault(o, []).append(node)
                 if ni.kind in ("rowwise", "vocab_ce") and isinstance(have, Shard) and need == have:
                     good |= origins.get(x, frozenset())
             if ni.kind == "fallback" and any(isinstance(ctx.pl(x), (Shard, Partial)) and ni.need.get(x) != ctx.pl(x) for x in ni.need):
@@ -546,4 +551,4 @@ def propagate(gm: fx.GraphModule, tp: int, params: set, style_of: Callable, chun
             info[node] = ni
             origins[node] = frozenset({node}) if ni.kind == "colwise" else _merge_origins(origins, node, ni)
         ctx.place[node] = info[node].out
-    return Propagation(info, origins, good, fallbacks)
+    return Propagation(info, origins, good, fallbacks, blocked)

@@ -2,7 +2,7 @@
 
     model = tpcompile.tp_compile(model)   # under torchrun; same batch on every TP rank
 """
-from tpcompile.api import TensorParallel, TPInputMismatchError, tp_compile, tp_state
+from tpcompile.api import TensorParallel, TPEagerFallbackError, TPInputMismatchError, tp_compile, tp_state
 from tpcompile.backend import Collective, GraphRecord, TPWarning
 from tpcompile.passes.propagate import TPShardingError
 
@@ -14,5 +14,6 @@ __all__ = [
     "Collective",
     "TPShardingError",
     "TPInputMismatchError",
+    "TPEagerFallbackError",
     "TPWarning",
 ]

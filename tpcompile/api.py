@@ -14,6 +14,10 @@ from tpcompile.backend import Backend, GraphRecord, TPShardingError, shard_tenso
 from tpcompile.passes.plan import GraphPlan, ParamPlan
 
 
+class TPEagerFallbackError(RuntimeError):
+    """Dynamo ran part of the model eagerly, outside any graph tpcompile rewrote."""
+
+
 class TPInputMismatchError(RuntimeError):
     """The TP ranks were handed different inputs (e.g. a data loader seeded per rank)."""
 
@@ -29,8 +33,13 @@ def _resolve_group(group) -> dist.ProcessGroup:
 
 
 def _ghost(p: torch.Tensor, device: torch.device) -> nn.Parameter:
-    """A Parameter of ``p``'s logical shape that owns one element of memory (stride 0)."""
-    g = torch.empty((), dtype=p.dtype, device=device).expand(p.shape)
+    """A Parameter of ``p``'s logical shape that owns one element of memory (stride 0).
+
+    The element is NaN (floats), so code that Dynamo leaves to run eagerly on a ghost
+    poisons its result instead of quietly computing with garbage; ``forward`` checks.
+    """
+    fill = float("nan") if p.dtype.is_floating_point else 0
+    g = torch.full((), fill, dtype=p.dtype, device=device).expand(p.shape)
     return nn.Parameter(g, requires_grad=p.requires_grad)
 
 
@@ -102,13 +111,32 @@ class TensorParallel:
         elif not self._inputs_checked:
             self._check_inputs(args, kwargs)
             self._inputs_checked = True
+        n_graphs = len(self.records)
         try:
-            return self.compiled(*args, **kwargs)
+            with torch._dynamo.config.patch(nested_graph_breaks=True):
+                out = self.compiled(*args, **kwargs)
         except torch._dynamo.exc.BackendCompilerFailed as e:
             inner = getattr(e, "inner_exception", None)
             if isinstance(inner, (TPShardingError, ValueError, NotImplementedError)):
                 raise inner from None
             raise
+        if len(self.records) != n_graphs:  # something (re)compiled: make sure nothing ran on ghosts
+            self._check_no_eager_ghosts(out)
+        return out
+
+    def _check_no_eager_ghosts(self, out) -> None:
+        """A frame Dynamo skipped (e.g. a graph break inside a loop) runs eagerly on the ghosts."""
+        flat, _ = tree_flatten(out)
+        poisoned = any(isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all() for t in flat)
+        seen = {fqn for r in self.records for fqn in r.plan}
+        unseen = [f for f in self.params if f not in seen]
+        if poisoned and unseen:
+            raise TPEagerFallbackError(
+                f"tp_compile: parameters {unseen[:6]}{'...' if len(unseen) > 6 else ''} were used outside every "
+                f"compiled graph: Dynamo ran that code eagerly (typically a graph break inside a loop makes it "
+                f"skip the whole frame), where tensor parallelism cannot apply. Remove the graph break "
+                f"(TORCH_LOGS=graph_breaks shows it) or move it out of the loop."
+            )
 
     def _broadcast(self, args, kwargs):
         """Megatron's broadcast_data: every rank computes on the first rank's inputs."""

@@ -130,6 +130,7 @@ class Backend:
         normalize(gm, set(fqns))
         plan = make_plan(gm, st.tp, fqns, st.overrides)
         fallbacks = [self._warn_fallback(n, plan) for n in plan.prop.fallbacks]
+        fallbacks += [self._warn_unsupported(n, mods) for n, mods in plan.unsupported.items()]
         st.apply_plan(plan)
         rewrite(gm, plan, st.group_name, st.rank)
         record = GraphRecord(
@@ -148,6 +149,16 @@ class Backend:
             return compiled(*args)
 
         return run
+
+    @staticmethod
+    def _warn_unsupported(node: fx.Node, modules: list) -> str:
+        op = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+        msg = (
+            f"tpcompile: no tensor-parallel rule for `{op}` at {source_line(node)}; "
+            f"{', '.join(sorted(set(modules)))} stay replicated (correct, but not sharded)."
+        )
+        warnings.warn(msg, TPWarning, stacklevel=2)
+        return msg
 
     @staticmethod
     def _warn_fallback(node: fx.Node, plan: GraphPlan) -> str:

@@ -1,0 +1,162 @@
+"""Correct or loud, on 2 gloo ranks: inputs that differ across ranks, new input shapes,
+inference, an op with no placement rule, a graph break. Each is checked against the
+single-device model (fp32, atol 1e-5). ``aot_eager`` keeps these fast; Inductor is
+covered by test_parity / test_floor.
+"""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import gpt
+import tpcompile
+from multirank import run_ranks
+
+TOL = 1e-5
+
+
+def _inputs_shapes_inference(rank, world):
+    out = {}
+    # 1. a data loader seeded per rank: loud on the first call
+    model, (x, y) = gpt.make_model()
+    model = tpcompile.tp_compile(model, backend="aot_eager")
+    try:
+        model(x + rank, y)
+        out["mismatch"] = None
+    except tpcompile.TPInputMismatchError as e:
+        out["mismatch"] = str(e)
+    # 2. broadcast_inputs=True: every rank computes on rank 0's batch
+    model, (x, y) = gpt.make_model()
+    ref = copy.deepcopy(model)
+    model = tpcompile.tp_compile(model, backend="aot_eager", broadcast_inputs=True)
+    out["broadcast"] = (model((x + rank) % 256, y).item(), ref(x, y).item())
+    # 3. new input shapes recompile and stay right; 4. eval + no_grad returns whole logits
+    model, (x, y) = gpt.make_model()
+    ref = copy.deepcopy(model)
+    model = tpcompile.tp_compile(model, backend="aot_eager")
+    out["shapes"] = []
+    for b, t in [(4, 32), (2, 16), (3, 8)]:
+        xs, ys = x[:b, :t].contiguous(), y[:b, :t].contiguous()
+        out["shapes"].append((model(xs, ys).item(), ref(xs, ys).item()))
+    model.eval()
+    ref.eval()
+    with torch.no_grad():
+        logits, ref_logits = model(x), ref(x)
+    out["logits_shape"] = tuple(logits.shape)
+    out["logits_err"] = (logits - ref_logits).abs().max().item()
+    out["graphs"] = len(tpcompile.tp_state(model).records)
+    return out
+
+
+def test_inputs_shapes_and_inference():
+    for r in run_ranks(_inputs_shapes_inference, 2):
+        assert "TP ranks [1] got different inputs" in r["mismatch"] and "broadcast_inputs=True" in r["mismatch"]
+        tp_loss, ref_loss = r["broadcast"]
+        assert abs(tp_loss - ref_loss) <= TOL * ref_loss
+        for tp_loss, ref_loss in r["shapes"]:
+            assert abs(tp_loss - ref_loss) <= TOL * ref_loss
+        assert r["logits_shape"] == (4, 32, 256)
+        assert r["logits_err"] <= TOL
+        assert r["graphs"] >= 3  # a second shape recompiled (dynamic), inference compiled again
+
+
+class CumsumMLP(nn.Module):
+    """An MLP with an op tpcompile has no placement rule for (cumsum over the hidden dim)."""
+
+    def __init__(self, mlp):
+        super().__init__()
+        self.fc, self.proj = mlp.fc, mlp.proj
+
+    def forward(self, x):
+        return self.proj(torch.cumsum(F.gelu(self.fc(x)), dim=-1) * 0.01)
+
+
+class BreakingMLP(nn.Module):
+    """An MLP that graph-breaks between its two projections."""
+
+    def __init__(self, mlp):
+        super().__init__()
+        self.fc, self.proj = mlp.fc, mlp.proj
+
+    def forward(self, x):
+        h = F.gelu(self.fc(x))
+        torch._dynamo.graph_break()
+        return self.proj(h)
+
+
+class Net(nn.Module):
+    """Embedding, two residual MLPs called one after the other (no loop), untied head, loss."""
+
+    def __init__(self, mlp2_cls):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(256, 64)
+        self.mlp1 = gpt.MLP(gpt.GPTConfig())
+        self.mlp2 = mlp2_cls(gpt.MLP(gpt.GPTConfig()))
+        self.head = nn.Linear(64, 256, bias=False)
+
+    def forward(self, idx, targets):
+        x = self.emb(idx)
+        x = x + self.mlp1(x)
+        x = x + self.mlp2(x)
+        return F.cross_entropy(self.head(x).view(-1, 256), targets.view(-1))
+
+
+def _train(model, x, y, steps=3):
+    ref = copy.deepcopy(model)
+    model = tpcompile.tp_compile(model, backend="aot_eager")
+    opt, ref_opt = (torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, ref))
+    losses = []
+    for _ in range(steps):
+        loss, ref_loss = model(x, y), ref(x, y)
+        loss.backward()
+        ref_loss.backward()
+        losses.append((loss.item(), ref_loss.item()))
+        for o in (opt, ref_opt):
+            o.step()
+            o.zero_grad()
+    return losses, tpcompile.tp_state(model)
+
+
+def _unsupported_and_break(rank, world):
+    import warnings
+
+    out = {}
+    _, (x, y) = gpt.make_model()
+    model, _ = gpt.make_model()
+    model.h[0].mlp = CumsumMLP(model.h[0].mlp)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out["losses"], st = _train(model, x, y)
+    out["warnings"] = [str(w.message) for w in caught if issubclass(w.category, tpcompile.TPWarning)]
+    out["plan"] = {k: v.style for k, v in st.plan.items()}
+    # a graph break between two projections: values crossing it are made whole
+    out["break_losses"], st = _train(Net(BreakingMLP), x, y)
+    out["break_graphs"] = len(st.records)
+    out["break_plan"] = {k: v.style for k, v in st.plan.items()}
+    # a graph break inside the loop over blocks: Dynamo runs GPT.forward eagerly -> loud
+    model, _ = gpt.make_model()
+    model.h[1].mlp = BreakingMLP(model.h[1].mlp)
+    model = tpcompile.tp_compile(model, backend="aot_eager")
+    try:
+        model(x, y)
+        out["loop_break"] = None
+    except tpcompile.TPEagerFallbackError as e:
+        out["loop_break"] = str(e)
+    return out
+
+
+def test_unsupported_op_and_graph_break_stay_correct():
+    for r in run_ranks(_unsupported_and_break, 2):
+        for tp_loss, ref_loss in r["losses"] + r["break_losses"]:
+            assert abs(tp_loss - ref_loss) <= TOL * ref_loss
+        (msg,) = [w for w in r["warnings"] if "cumsum" in w]
+        assert "test_behaviour.py" in msg and "h.0.mlp.fc" in msg and "replicated" in msg
+        assert r["plan"]["h.0.mlp.fc.weight"] == "replicate"
+        assert r["plan"]["h.1.mlp.fc.weight"] == "colwise"  # the rest of the model is still sharded
+        assert r["plan"]["h.0.attn.o_proj.weight"] == "rowwise"
+        assert r["break_graphs"] >= 2
+        assert r["break_plan"]["emb.weight"] == "vocab" and r["break_plan"]["mlp1.fc.weight"] == "colwise"
+        assert "wte.weight" in r["loop_break"] and "graph break" in r["loop_break"]

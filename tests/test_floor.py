@@ -71,3 +71,13 @@ def test_plan_override_keeps_a_module_replicated():
     assert plan["layers.0.attention.q_proj.weight"].style == "colwise"
     assert tuple(model.layers[0].feed_forward.down.weight.shape) == (64, 128)
     assert tuple(model.layers[0].attention.o_proj.weight.shape) == (64, 32)
+
+
+def test_plan_override_names_a_tied_weight_by_either_name():
+    with fake_group(world_size=2):
+        model, args = gpt.make_model()
+        model = tpcompile.tp_compile(model, backend="eager", plan={"lm_head": "replicate"})
+        model(*args)
+        plan = tpcompile.tp_state(model).plan
+    assert plan["wte.weight"].style == "replicate"  # lm_head.weight is wte.weight
+    assert plan["h.0.mlp.fc.weight"].style == "colwise"

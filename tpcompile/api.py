@@ -62,6 +62,8 @@ class TensorParallel:
             if id(p) not in self.fqn_of:
                 self.fqn_of[id(p)] = fqn
                 self.params[fqn] = p
+            elif fqn != self.fqn_of[id(p)]:  # a tied weight: an override may name any of its names
+                self._alias_overrides(fqn, self.fqn_of[id(p)])
         device = self.device
         memo: dict[int, Any] = {}
         self.real_of_ghost: dict[int, nn.Parameter] = {}
@@ -76,6 +78,13 @@ class TensorParallel:
         self._ghosts = [memo[id(p)] for p in self.params.values()]  # keep ids stable
         self.compiled = torch.compile(self.twin, backend=Backend(self), **compile_options)
         self._inputs_checked = False
+
+    def _alias_overrides(self, alias: str, fqn: str) -> None:
+        from tpcompile.passes.plan import _style_for_fqn
+
+        style = _style_for_fqn(alias, self.overrides)
+        if style is not None and _style_for_fqn(fqn, self.overrides) is None:
+            self.overrides[fqn] = style
 
     @property
     def device(self) -> torch.device:

@@ -11,7 +11,6 @@ plan pass runs this propagation to choose those styles.
 """
 from __future__ import annotations
 
-import math
 import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -21,9 +20,9 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .graph_utils import is_tensor, norm_dim, shape, source_line, value
+from .graph_utils import is_tensor, norm_dim, shape, value
 from .normalize import LINEAR, SDPA
-from .placements import P, R, Partial, Placement, Replicate, Shard
+from .placements import R, Partial, Placement, Replicate, Shard
 
 
 class TPShardingError(ValueError):

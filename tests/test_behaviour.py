@@ -5,7 +5,6 @@ covered by test_parity / test_floor.
 """
 import copy
 
-import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F

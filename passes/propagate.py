@@ -264,10 +264,10 @@ def split(node, ctx) -> NodeInfo:
     if not isinstance(p, Shard):
         return NodeInfo(tuple(R for _ in range(n)), {x: R}, "split")
     nd = value(x).dim()
-    default_dim = 0
-    dim = norm_dim(_arg(node, 2, "dim", default_dim) if node.target not in ("unbind", torch.unbind) else _arg(node, 1, "dim", 0), nd)
+    unbind = node.target in ("unbind", torch.unbind)
+    dim = norm_dim(_arg(node, 1, "dim", 0) if unbind else _arg(node, 2, "dim", 0), nd)
     if dim != p.dim:
-        o = p.dim - (1 if node.target in ("unbind", torch.unbind) and dim < p.dim else 0)
+        o = p.dim - (1 if unbind and dim < p.dim else 0)
         return NodeInfo(tuple(Shard(o) if p.chunks == 1 else Shard(o, p.chunks) for _ in range(n)), {x: p}, "split")
     if p.chunks == n and len({int(s[dim]) for s in (v.shape for v in value(node))}) == 1:
         return NodeInfo(tuple(Shard(dim) for _ in range(n)), {x: p}, "split", {"local_split": True})
@@ -441,18 +441,17 @@ _POINTWISE_FNS = [
     torch.rsqrt, torch.sqrt, torch.pow, torch.where, torch.abs, torch.sin, torch.cos, torch.erf, torch.clamp,
     torch.masked_fill, torch.maximum, torch.minimum, torch.logical_not, torch.square, torch.reciprocal,
     F.gelu, F.silu, F.relu, F.sigmoid, F.tanh, F.softplus, F.leaky_relu, F.elu, F.mish, F.hardtanh, F.relu6,
-    torch._C._nn.gelu, torch.relu, torch.erf, torch.exp2, torch.log1p, torch.expm1,
+    torch._C._nn.gelu, torch.relu, torch.exp2, torch.log1p, torch.expm1,
 ]
 _POINTWISE_METHODS = [
     "add", "sub", "mul", "div", "neg", "exp", "log", "tanh", "sigmoid", "rsqrt", "sqrt", "pow", "abs", "sin",
     "cos", "masked_fill", "masked_fill_", "clamp", "relu", "add_", "mul_", "sub_", "div_", "__and__", "__or__",
     "eq", "ne", "lt", "le", "gt", "ge", "square", "reciprocal", "where", "logical_not", "erf", "maximum", "minimum",
-    "sign", "log1p", "expm1", "masked_fill",
+    "sign", "log1p", "expm1",
 ]
 _UNARY = [
     "float", "half", "bfloat16", "double", "int", "long", "bool", "to", "type", "type_as", "contiguous", "clone",
-    "detach", F.dropout, torch.nn.functional.dropout, torch.dropout, torch.clone, torch._C._nn.gelu,
-    "requires_grad_", "float_", "view_as", "reshape_as", "expand_as",
+    "detach", F.dropout, torch.nn.functional.dropout, torch.dropout, torch.clone, "requires_grad_",
 ]
 
 RULES: dict[Any, Callable[[fx.Node, Ctx], NodeInfo]] = {
@@ -477,11 +476,6 @@ RULES: dict[Any, Callable[[fx.Node, Ctx], NodeInfo]] = {
     F.cross_entropy: cross_entropy,
     operator.getitem: getitem,
 }
-# `view_as` / `reshape_as` / `expand_as` follow their first argument's placement only when shapes agree
-for _m in ("view_as", "reshape_as", "expand_as"):
-    RULES[_m] = lambda node, ctx: _replicate_all(node, ctx, "fallback" if isinstance(ctx.pl(node.args[0]), Shard) else "replicate")
-
-
 def rule_for(node: fx.Node):
     if node.op == "output":
         return output

@@ -67,7 +67,7 @@ class _Rewriter:
         self.cache: dict = {}
         self.alias: dict = {}  # a rewritten node -> the node that now carries its value
 
-    def _call(self, before, fn, *args, name=None):
+    def _call(self, before, fn, *args):
         with self.g.inserting_before(before):
             n = self.g.call_function(fn, args)
         n.meta["tp_mapping"] = fn.__name__

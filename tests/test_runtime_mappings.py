@@ -7,12 +7,12 @@ and computes the expected values itself.
 """
 from __future__ import annotations
 
-import functools
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from graphs import collective_names, recording_aot_eager
 from multirank import run_ranks
 
 TP = 2
@@ -84,26 +84,8 @@ def _expected(name: str, xs, gs, r: int):
 # ---------------------------------------------------------------- rank side
 
 
-def _recording_aot_eager(graphs: dict):
-    """aot_eager with its forward/backward compilers recording the post-AOT graphs."""
-    from torch._dynamo.backends.debugging import aot_eager, boxed_nop
-
-    def rec(kind):
-        def compiler(gm, example_inputs):
-            graphs.setdefault(kind, []).append(_collectives(gm))
-            return boxed_nop(gm, example_inputs)
-
-        return compiler
-
-    return functools.partial(aot_eager, fw_compiler=rec("fw"), bw_compiler=rec("bw"))
 
 
-def _collectives(gm: torch.fx.GraphModule) -> list[str]:
-    return [
-        str(n.target).split(".")[1]
-        for n in gm.graph.nodes
-        if n.op == "call_function" and str(n.target).startswith("_c10d_functional.")
-    ]
 
 
 def _run_ops(rank: int, backend, pg) -> dict:
@@ -159,7 +141,7 @@ def _run_compile_fx(rank: int, name: str) -> dict:
     graphs: dict = {}
 
     def inner(gm, example_inputs, **kwargs):
-        graphs["bw" if kwargs.get("is_backward") else "fw"] = _collectives(gm)
+        graphs["bw" if kwargs.get("is_backward") else "fw"] = collective_names(gm)
         return compile_fx_inner(gm, example_inputs, **kwargs)
 
     x, w1, w2, gy = _fx_data(rank)
@@ -181,7 +163,7 @@ def _worker(rank: int, world_size: int) -> dict:
     name = pg.group_name
     res: dict = {"eager": _run_ops(rank, None, pg)}
     graphs: dict = {}
-    res["aot_eager"] = _run_ops(rank, _recording_aot_eager(graphs), pg)
+    res["aot_eager"] = _run_ops(rank, recording_aot_eager(graphs), pg)
     res["aot_graphs"] = graphs
     torch._dynamo.reset()
     res["inductor"] = _run_ops(rank, "inductor", pg)

@@ -9,13 +9,13 @@ logits and compares the loss and the gradient slices.
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from graphs import recording_aot_eager
 from multirank import run_ranks
 
 # name: (logits shape with "V" for the class dim, V, reduction, label_smoothing, ignore_index, dtype)
@@ -86,26 +86,8 @@ def _emb_data(tp: int, rank: int | None):
 # ---------------------------------------------------------------- rank side
 
 
-def _collectives(gm: torch.fx.GraphModule) -> list[str]:
-    return [
-        str(n.target).split(".")[1]
-        for n in gm.graph.nodes
-        if n.op == "call_function" and str(n.target).startswith("_c10d_functional.")
-    ]
 
 
-def _recording_aot_eager(graphs: dict):
-    """aot_eager with its forward/backward compilers recording the post-AOT graphs."""
-    from torch._dynamo.backends.debugging import aot_eager, boxed_nop
-
-    def rec(kind):
-        def compiler(gm, example_inputs):
-            graphs.setdefault(kind, []).append(_collectives(gm))
-            return boxed_nop(gm, example_inputs)
-
-        return compiler
-
-    return functools.partial(aot_eager, fw_compiler=rec("fw"), bw_compiler=rec("bw"))
 
 
 def _run(rank: int, tp: int, backend, cases) -> dict:
@@ -150,7 +132,7 @@ def _worker(rank: int, tp: int, compiled: bool) -> dict:
     res = {"eager": _run(rank, tp, None, list(CASES))}
     if compiled:
         graphs: dict = {}
-        res["aot_eager"] = _run(rank, tp, _recording_aot_eager(graphs), list(CASES))
+        res["aot_eager"] = _run(rank, tp, recording_aot_eager(graphs), list(CASES))
         res["aot_graphs"] = graphs
         torch._dynamo.reset()
         res["inductor"] = _run(rank, tp, "inductor", INDUCTOR_CASES)

@@ -71,6 +71,10 @@ def collectives_of(gm: fx.GraphModule, phase: str) -> list[Collective]:
     return out
 
 
+def _op_name(node: fx.Node) -> str:
+    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+
+
 def _symbolic(t: torch.Tensor) -> bool:
     return any(isinstance(s, torch.SymInt) for s in t.shape)
 
@@ -152,9 +156,8 @@ class Backend:
 
     @staticmethod
     def _warn_unsupported(node: fx.Node, modules: list) -> str:
-        op = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
         msg = (
-            f"tpcompile: no tensor-parallel rule for `{op}` at {source_line(node)}; "
+            f"tpcompile: no tensor-parallel rule for `{_op_name(node)}` at {source_line(node)}; "
             f"{', '.join(sorted(set(modules)))} stay replicated (correct, but not sharded)."
         )
         warnings.warn(msg, TPWarning, stacklevel=2)
@@ -162,10 +165,9 @@ class Backend:
 
     @staticmethod
     def _warn_fallback(node: fx.Node, plan: GraphPlan) -> str:
-        op = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
         ins = {x.name: plan.prop.info[x].out for x in plan.prop.info[node].need if x in plan.prop.info}
         msg = (
-            f"tpcompile: no tensor-parallel rule for `{op}` at {source_line(node)} (inputs {ins}); "
+            f"tpcompile: no tensor-parallel rule for `{_op_name(node)}` at {source_line(node)} (inputs {ins}); "
             f"its inputs are made whole first (extra collective), so the result stays correct. "
             f"To avoid the collective, keep the projections around it replicated with plan={{...: 'replicate'}}."
         )

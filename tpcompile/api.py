@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import os
 from typing import Any
 
 import torch
@@ -46,18 +47,23 @@ def _ghost(p: torch.Tensor, device: torch.device) -> nn.Parameter:
 class TensorParallel:
     """State behind a tp-compiled module: the group, the ghost twin Dynamo traces, the plan."""
 
-    def __init__(self, model: nn.Module, group, plan: dict | None, broadcast_inputs: bool, compile_options: dict):
+    def __init__(self, model: nn.Module, group, plan: dict | None, broadcast_inputs: bool, compile_options: dict,
+                 trace_only: bool = False):
+        # trace_only (explain): plan and trace only; the model's parameters are never touched
+        self.trace_only = trace_only
+        self.dump_dir = compile_options.pop("dump_dir", None) or os.environ.get("TPCOMPILE_DUMP_DIR") or None
         self.group = _resolve_group(group)
         self.group_name = self.group.group_name
         self.tp = dist.get_world_size(self.group)
         self.rank = dist.get_rank(self.group)
         self.overrides = dict(plan or {})
-        self.broadcast_inputs = broadcast_inputs
+        self.broadcast_inputs = broadcast_inputs and not trace_only
         self.inner_backend = compile_options.pop("backend", "inductor")
         self.records: list[GraphRecord] = []
         self.plan: dict[str, ParamPlan] = {}
         self.fqn_of: dict[int, str] = {}
         self.params: dict[str, nn.Parameter] = {}
+        self.standins: dict[str, nn.Parameter] = {}  # trace_only: local-shaped ghosts
         for fqn, p in model.named_parameters(remove_duplicate=False):
             if id(p) not in self.fqn_of:
                 self.fqn_of[id(p)] = fqn
@@ -66,18 +72,23 @@ class TensorParallel:
                 self._alias_overrides(fqn, self.fqn_of[id(p)])
         device = self.device
         memo: dict[int, Any] = {}
+        self.name_of: dict[int, str] = {}  # ghost / buffer id -> FQN, for readable graphs
         self.real_of_ghost: dict[int, nn.Parameter] = {}
         for p in self.params.values():
             g = _ghost(p, p.device if p.device.type != "meta" else device)
             memo[id(p)] = g
             self.real_of_ghost[id(g)] = p
+            self.name_of[id(g)] = self.fqn_of[id(p)]
         for b in model.buffers():
-            memo[id(b)] = b
+            # tracing a model built on meta: buffers become ghosts too (their values are never read)
+            memo[id(b)] = _ghost(b, device) if trace_only and b.device.type == "meta" else b
+        for fqn, b in model.named_buffers():
+            self.name_of.setdefault(id(memo[id(b)]), fqn)
         self.twin = copy.deepcopy(model, memo)
         self._pairs = list(zip(model.modules(), self.twin.modules()))
         self._ghosts = [memo[id(p)] for p in self.params.values()]  # keep ids stable
         self.compiled = torch.compile(self.twin, backend=Backend(self), **compile_options)
-        self._inputs_checked = False
+        self._inputs_checked = trace_only  # one process: nothing to compare
 
     def _alias_overrides(self, alias: str, fqn: str) -> None:
         from tpcompile.passes.plan import _style_for_fqn
@@ -105,11 +116,23 @@ class TensorParallel:
                     )
                 continue
             p = self.params[pp.fqn]
-            if pp.style != "replicate":
+            if self.trace_only:
+                ghost = _ghost(p, p.device if p.device.type != "meta" else self.device)
+                self.standins[pp.fqn] = nn.Parameter(ghost[tuple(slice(0, n) for n in pp.local_shape)], p.requires_grad)
+            elif pp.style != "replicate":
                 if p.grad is not None:
                     raise TPShardingError(f"{pp.fqn}: first used after training started; cannot reshard it now.")
                 p.data = shard_tensor(p.data, pp, self.rank, self.tp)
             self.plan[pp.fqn] = pp
+
+    def local_param(self, fqn: str) -> nn.Parameter:
+        """What a compiled graph takes for ``fqn``: this rank's shard (or, trace_only, its ghost)."""
+        return self.standins[fqn] if self.trace_only else self.params[fqn]
+
+    def dump(self, index: int, record: GraphRecord) -> None:
+        from tpcompile.dump import dump_record
+
+        dump_record(record, self.dump_dir, self.rank, index)
 
     # ----------------------------------------------------------------- the module's forward
     def forward(self, *args, **kwargs):
@@ -129,7 +152,7 @@ class TensorParallel:
             if isinstance(inner, (TPShardingError, ValueError, NotImplementedError)):
                 raise inner from None
             raise
-        if len(self.records) != n_graphs:  # something (re)compiled: make sure nothing ran on ghosts
+        if len(self.records) != n_graphs and not self.trace_only:  # something (re)compiled: make sure nothing ran on ghosts
             self._check_no_eager_ghosts(out)
         return out
 

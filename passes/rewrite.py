@@ -79,6 +79,8 @@ class _Rewriter:
             n = self.g.call_function(fn, args)
         n.meta["tp_mapping"] = fn.__name__
         _inherit_meta(n, before)
+        if value(args[0]) is not None:  # meta values stay logical (full) shapes: unchanged by a mapping
+            n.meta["example_value"] = value(args[0])
         return n
 
     def _placed(self, x, need, consumer):
@@ -129,10 +131,13 @@ class _Rewriter:
             red = self.g.call_function(M.reduce_from_tp, (node, self.group))
         red.meta["tp_mapping"] = "reduce_from_tp"
         _inherit_meta(red, node)
+        red.meta["example_value"] = value(node)
         out = red
         if bias is not None:
             with self.g.inserting_after(red):
                 out = self.g.call_function(operator.add, (red, bias))
+            _inherit_meta(out, node)
+            out.meta["example_value"] = value(node)
         for u in users:
             u.replace_input_with(node, out)
         self.alias[node] = out

@@ -10,22 +10,26 @@ import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import Tensor
 
-from .mappings import Group, _sync, group_name, reduce_from_tp
+from .mappings import Group, _sync, group_name, reduce_from_tp, reduce_scatter_to_sp
 
 __all__ = ["vocab_parallel_embedding", "vocab_parallel_cross_entropy"]
 
 
-def vocab_parallel_embedding(idx: Tensor, weight: Tensor, vocab_start: int, group: Group) -> Tensor:
+def vocab_parallel_embedding(idx: Tensor, weight: Tensor, vocab_start: int, group: Group,
+                             sp_dim: int | None = None) -> Tensor:
     """Embedding lookup with ``weight`` holding rows ``[vocab_start, vocab_start + rows)``.
 
     Ids outside this rank's rows look up row 0 and are zeroed; the sum over ranks
-    (``reduce_from_tp``, one all-reduce) then gives the replicated embedding. The local
-    weight rows get exactly their slice of the single-device gradient.
+    (``reduce_from_tp``, one all-reduce) then gives the replicated embedding. With
+    ``sp_dim`` (sequence parallelism) the sum is a reduce-scatter over that token dim
+    instead. The local weight rows get exactly their slice of the single-device gradient.
     """
     local = idx - vocab_start
     outside = (local < 0) | (local >= weight.shape[0])
-    out = F.embedding(local.masked_fill(outside, 0), weight)
-    return reduce_from_tp(out.masked_fill(outside.unsqueeze(-1), 0.0), group)
+    out = F.embedding(local.masked_fill(outside, 0), weight).masked_fill(outside.unsqueeze(-1), 0.0)
+    if sp_dim is not None:
+        return reduce_scatter_to_sp(out, group, sp_dim)
+    return reduce_from_tp(out, group)
 
 
 class _VocabParallelCE(torch.autograd.Function):

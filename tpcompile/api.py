@@ -48,9 +48,10 @@ class TensorParallel:
     """State behind a tp-compiled module: the group, the ghost twin Dynamo traces, the plan."""
 
     def __init__(self, model: nn.Module, group, plan: dict | None, broadcast_inputs: bool, compile_options: dict,
-                 trace_only: bool = False):
+                 trace_only: bool = False, sequence_parallel: bool = False):
         # trace_only (explain): plan and trace only; the model's parameters are never touched
         self.trace_only = trace_only
+        self.sequence_parallel = sequence_parallel
         self.dump_dir = compile_options.pop("dump_dir", None) or os.environ.get("TPCOMPILE_DUMP_DIR") or None
         self.group = _resolve_group(group)
         self.group_name = self.group.group_name
@@ -224,19 +225,21 @@ def tp_compile(
     right after ``tp_compile`` works, and from then on they hold only this rank's shard.
 
     ``plan``: per-FQN overrides, e.g. ``{"lm_head": "replicate"}`` (globs allowed).
+    ``sequence_parallel``: shard the residual stream (norms, dropout, residual adds) over
+    tokens between TP regions (Megatron-SP): all-gather / reduce-scatter instead of
+    all-reduce, activations there shrink by tp. The sequence length must divide by tp.
     ``broadcast_inputs``: broadcast every input from the group's first rank each call
     instead of checking, on the first call, that all ranks got the same inputs.
     ``compile_options``: passed to ``torch.compile`` (``dynamic``, ``mode``, ``fullgraph``,
     ...); ``backend`` picks what compiles the rewritten graph: ``"inductor"`` (default),
     ``"aot_eager"`` or ``"eager"``.
     """
-    if sequence_parallel:
-        raise NotImplementedError("tp_compile(sequence_parallel=True) is not available yet (issue: sequence parallelism).")
     if not dist.is_initialized():
         raise RuntimeError("tp_compile needs torch.distributed initialised (torchrun + dist.init_process_group()).")
     if getattr(model, "_tp_state", None) is not None:
         raise RuntimeError("tp_compile: this module is already tensor-parallel.")
-    state = TensorParallel(model, group, plan, broadcast_inputs, dict(compile_options))
+    state = TensorParallel(model, group, plan, broadcast_inputs, dict(compile_options),
+                           sequence_parallel=sequence_parallel)
     model._tp_state = state
     model.forward = state.forward
     return model

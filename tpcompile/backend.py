@@ -23,6 +23,7 @@ from tpcompile.passes.normalize import normalize
 from tpcompile.passes.plan import GraphPlan, ParamPlan, make_plan
 from tpcompile.passes.propagate import TPShardingError
 from tpcompile.passes.rewrite import rewrite
+from tpcompile.passes.sequence_parallel import floor_with_sp, sequence_parallel
 
 COLLECTIVES = {
     "all_reduce": "all_reduce",
@@ -70,7 +71,9 @@ def collectives_of(gm: fx.GraphModule, phase: str) -> list[Collective]:
         kind = COLLECTIVES.get(n.target._opname)
         if kind is None:
             continue
-        val = n.meta.get("val")
+        # nbytes: the whole buffer a collective reduces or gathers (a reduce-scatter's input), so
+        # that an all-reduce of N bytes and its SP pair (all-gather + reduce-scatter) both read N
+        val = (n.args[0] if kind == "reduce_scatter" else n).meta.get("val")
         nbytes = val.numel() * val.element_size() if isinstance(val, torch.Tensor) and not _symbolic(val) else -1
         out.append(Collective(kind, phase, int(nbytes), source_line(n), module_path(n)))
     return out
@@ -181,6 +184,9 @@ class Backend:
         st.apply_plan(plan)
         floor = communication_floor(plan)
         rewrite(gm, plan, st.group_name, st.rank)
+        if st.sequence_parallel:
+            sp = sequence_parallel(gm, st.group_name, st.tp)
+            floor = floor_with_sp(sp, floor["forward"].get("vocab-parallel loss", 0))
         record = GraphRecord(
             {pp.fqn: pp for pp in plan.params.values()}, original_code, readable_code(gm.graph, names), fallbacks,
             time.perf_counter() - t0, floor, names, gm,

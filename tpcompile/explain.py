@@ -128,8 +128,6 @@ def explain(
     The model is not modified (its parameters stay bitwise the same; one built on
     ``meta`` stays on ``meta``). ``plan``: the same overrides ``tp_compile`` takes.
     """
-    if sequence_parallel:
-        raise NotImplementedError("explain(sequence_parallel=True): sequence parallelism is not available yet.")
     if getattr(model, "_tp_state", None) is not None:
         raise RuntimeError("explain() takes the plain model, before tp_compile (this one is already tensor-parallel).")
     if dist.is_initialized():
@@ -145,7 +143,8 @@ def explain(
     breaks_before = Counter(torch._dynamo.utils.counters["graph_break"])
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
     try:
-        state = TensorParallel(model, None, plan, False, {"backend": "trace", "dump_dir": dump_dir}, trace_only=True)
+        state = TensorParallel(model, None, plan, False, {"backend": "trace", "dump_dir": dump_dir}, trace_only=True,
+                               sequence_parallel=sequence_parallel)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             state.forward(*args, **kwargs)

@@ -142,8 +142,11 @@ class Backend:
         )
         st.records.append(record)
         inputs = list(example_inputs)
+        fake_mode = torch._guards.detect_fake_mode(example_inputs)
         for i, real in subs:
-            inputs[i] = real
+            # fakify the local shard ourselves, with static shapes: left to AOTAutograd it gets
+            # fresh symbols with no source, and a shape guard on one of them fails to build
+            inputs[i] = fake_mode.from_tensor(real, static_shapes=True) if fake_mode is not None else real
         compiled = _compile(gm, inputs, record, st.inner_backend)
 
         def run(*args):

@@ -135,6 +135,9 @@ class Backend:
         plan = make_plan(gm, st.tp, fqns, st.overrides)
         fallbacks = [self._warn_fallback(n, plan) for n in plan.prop.fallbacks]
         fallbacks += [self._warn_unsupported(n, mods) for n, mods in plan.unsupported.items()]
+        for msg in plan.notes:
+            warnings.warn(msg, TPWarning, stacklevel=2)
+            fallbacks.append(msg)
         st.apply_plan(plan)
         rewrite(gm, plan, st.group_name, st.rank)
         record = GraphRecord(

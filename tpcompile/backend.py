@@ -154,6 +154,10 @@ def shard_tensor(t: torch.Tensor, pp: ParamPlan, rank: int, tp: int) -> torch.Te
     """This rank's slice of a full parameter, as a fresh tensor (the full one can be freed)."""
     if pp.style == "replicate":
         return t
+    if pp.padded_shape is not None:  # a vocabulary tp does not divide: zero rows past the end
+        n = pp.local_shape[pp.dim]
+        pad = [0, 0] * (t.dim() - 1 - pp.dim) + [0, n * tp - t.shape[pp.dim]]
+        return torch.nn.functional.pad(t, pad).narrow(pp.dim, rank * n, n).clone()
     pieces = t.chunk(pp.chunks, pp.dim)
     local = [p.narrow(pp.dim, rank * (p.shape[pp.dim] // tp), p.shape[pp.dim] // tp) for p in pieces]
     return torch.cat(local, pp.dim).clone() if len(local) > 1 else local[0].clone()
@@ -181,6 +185,9 @@ class Backend:
         plan = make_plan(gm, st.tp, fqns, st.overrides)
         fallbacks = [self._warn_fallback(n, plan) for n in plan.prop.fallbacks]
         fallbacks += [self._warn_unsupported(n, mods) for n, mods in plan.unsupported.items()]
+        for msg in plan.notes:
+            warnings.warn(msg, TPWarning, stacklevel=2)
+            fallbacks.append(msg)
         st.apply_plan(plan)
         floor = communication_floor(plan)
         rewrite(gm, plan, st.group_name, st.rank)
@@ -194,8 +201,11 @@ class Backend:
         st.records.append(record)
         subs = [(i, st.local_param(st.fqn_of[id(real)])) for i, real in subs]
         inputs = list(example_inputs)
+        fake_mode = torch._guards.detect_fake_mode(example_inputs)
         for i, real in subs:
-            inputs[i] = real
+            # fakify the local shard ourselves, with static shapes: left to AOTAutograd it gets
+            # fresh symbols with no source, and a shape guard on one of them fails to build
+            inputs[i] = fake_mode.from_tensor(real, static_shapes=True) if fake_mode is not None else real
         on_graph = functools.partial(st.dump, len(st.records) - 1) if st.dump_dir else None
         if on_graph:
             on_graph(record)

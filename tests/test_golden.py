@@ -192,13 +192,13 @@ layers.0.feed_forward.down.weight  rowwise   dim 1           [64, 128] -> [64, 6
 norm.weight                        replicate                 [64]
 output.weight                      colwise   dim 0           [256, 64] -> [128, 64]
 # collectives
-forward  all_reduce        dynamic  tok_embeddings              examples/llama.py:141 `h = self.tok_embeddings(tokens)`
-forward  all_reduce        dynamic  layers.0.attention.o_proj   examples/llama.py:93 `return self.o_proj(out)`
-forward  all_reduce        dynamic  layers.0.feed_forward.down  examples/llama.py:104 `return self.down(F.silu(self.gate(x)) * self.up(x))`
+forward  all_reduce       32.0 KiB  tok_embeddings              examples/llama.py:141 `h = self.tok_embeddings(tokens)`
+forward  all_reduce       32.0 KiB  layers.0.attention.o_proj   examples/llama.py:93 `return self.o_proj(out)`
+forward  all_reduce       32.0 KiB  layers.0.feed_forward.down  examples/llama.py:104 `return self.down(F.silu(self.gate(x)) * self.up(x))`
 forward  all_gather        3.0 KiB  (model)                     examples/llama.py:152 `return loss_fn(logits.view(-1, self.config.vocab_size), labels.view(-1))`
-backward all_reduce        dynamic  output                      examples/llama.py:147 `logits = self.output(h).float()`
-backward all_reduce        dynamic  layers.0.feed_forward.gate  examples/llama.py:104 `return self.down(F.silu(self.gate(x)) * self.up(x))`
-backward all_reduce        dynamic  layers.0.attention.q_proj   examples/llama.py:82 `q = self.q_proj(x).view(bsz, seqlen, self.n_heads, self.head_dim).transpose(1, 2)`
+backward all_reduce       32.0 KiB  output                      examples/llama.py:147 `logits = self.output(h).float()`
+backward all_reduce       32.0 KiB  layers.0.feed_forward.gate  examples/llama.py:104 `return self.down(F.silu(self.gate(x)) * self.up(x))`
+backward all_reduce       32.0 KiB  layers.0.attention.q_proj   examples/llama.py:82 `q = self.q_proj(x).view(bsz, seqlen, self.n_heads, self.head_dim).transpose(1, 2)`
 # graph
 def forward(self, tokens, tok_embeddings_weight, rope_cos, rope_sin, layers_0_attention_norm_weight, layers_0_attention_q_proj_weight, layers_0_attention_k_proj_weight, layers_0_attention_v_proj_weight, layers_0_attention_o_proj_weight, layers_0_ffn_norm_weight, layers_0_feed_forward_gate_weight, layers_0_feed_forward_up_weight, layers_0_feed_forward_down_weight, norm_weight, output_weight, labels):
     h = tpcompile_runtime_vocab_parallel_vocab_parallel_embedding(tokens, tok_embeddings_weight, 128, '0')

@@ -45,17 +45,14 @@ def _n_stats(with_sum: bool) -> int:
 # ---------------------------------------------------------------- forward: local statistics
 
 
-@torch.library.custom_op("tpcompile::ce_stats", mutates_args=())
-def ce_stats(logits: Tensor, target: Tensor, vocab_start: int, valid: int, with_sum: bool) -> Tensor:
-    """Per row over the first ``valid`` columns: max ``m``, ``sum exp(x - m)``, the target
-    logit (0 when the target is not in this rank's range) and, if ``with_sum``, ``sum x``.
-    Returns fp32 ``[3 or 4, N]``; a rank with no valid column gives ``(-inf, 0, 0, 0)``."""
+def _stats_into(out: Tensor, logits: Tensor, target: Tensor, vocab_start: int, valid: int) -> None:
+    """Fill ``out`` (fp32 ``[3 or 4, N]``) chunk by chunk: at most ``CHUNK_ELEMS`` logits
+    are upcast at a time."""
     n = logits.shape[0]
-    out = torch.empty((_n_stats(with_sum), n), dtype=torch.float32, device=logits.device)
     if valid == 0:
         out.zero_()
         out[0] = float("-inf")
-        return out
+        return
     local_t = target - vocab_start
     hit = (local_t >= 0) & (local_t < valid)
     idx = local_t.clamp(0, valid - 1)
@@ -67,8 +64,17 @@ def ce_stats(logits: Tensor, target: Tensor, vocab_start: int, valid: int, with_
         out[0, a:b] = m
         out[1, a:b] = (x - m.unsqueeze(1)).exp_().sum(1)
         out[2, a:b] = x.gather(1, idx[a:b].unsqueeze(1)).squeeze(1).masked_fill_(~hit[a:b], 0.0)
-        if with_sum:
+        if out.shape[0] == 4:
             out[3, a:b] = x.sum(1)
+
+
+@torch.library.custom_op("tpcompile::ce_stats", mutates_args=())
+def ce_stats(logits: Tensor, target: Tensor, vocab_start: int, valid: int, with_sum: bool) -> Tensor:
+    """Per row over the first ``valid`` columns: max ``m``, ``sum exp(x - m)``, the target
+    logit (0 when the target is not in this rank's range) and, if ``with_sum``, ``sum x``.
+    Returns fp32 ``[3 or 4, N]``; a rank with no valid column gives ``(-inf, 0, 0, 0)``."""
+    out = torch.empty((_n_stats(with_sum), logits.shape[0]), dtype=torch.float32, device=logits.device)
+    _stats_into(out, logits, target, vocab_start, valid)
     return out
 
 

@@ -129,6 +129,23 @@ if triton is not None:
         _launch_grad(logits, logits, target, lse, scale, vocab_start, valid, eps, vocab_size)
 
 
+if triton is not None:
+    # triton_op's own fake impl runs ``fn`` on fake tensors; under TRITON_INTERPRET=1
+    # ``wrap_triton`` hands back the interpreted kernel, which cannot run on fake tensors.
+    # Shapes only, for every mode (on CUDA, AOTAutograd still decomposes ``fn`` for Inductor).
+    @ce_stats_triton.register_fake
+    def _(logits, target, vocab_start, valid, with_sum):
+        return logits.new_empty((4 if with_sum else 3, logits.shape[0]), dtype=torch.float32)
+
+    @ce_grad_triton.register_fake
+    def _(logits, target, lse, scale, vocab_start, valid, eps, vocab_size):
+        return torch.empty_like(logits)
+
+    @ce_grad_triton_.register_fake
+    def _(logits, target, lse, scale, vocab_start, valid, eps, vocab_size):
+        return None
+
+
 def require():
     """``(stats, grad, grad_)`` Triton ops, or a clear error when triton is missing."""
     if triton is None:

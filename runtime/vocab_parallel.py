@@ -70,6 +70,10 @@ class _VocabParallelCE(torch.autograd.Function):
         x = _rows(logits, cd)
         rows_t = target.reshape(-1)
         stats_op, _, _ = ce_kernels.ops(impl)
+        if impl == "te":
+            from . import te
+
+            te.check_shards(x.shape[1], vocab_start, vocab_size)
         stats = stats_op(x, rows_t, vocab_start, valid, eps > 0)  # fp32 [k, N]
         k = stats.shape[0]
         packed = _sync(funcol.all_gather_single(stats, 0, name)).unflatten(0, (-1, k))  # [tp, k, N]

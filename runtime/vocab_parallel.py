@@ -140,12 +140,14 @@ def vocab_parallel_cross_entropy(
     ``inplace_backward=True`` writes the gradient over ``logits`` (no second logits-sized
     buffer in the backward): only when nothing reads ``logits`` after the loss's backward
     (autograd raises if another op saved them for its backward; a reference the caller
-    kept would silently change). Ignored under ``torch.compile``, where AOTAutograd
-    functionalises the graph and Inductor plans the buffers.
+    kept would silently change). Ignored for a leaf tensor (its storage is the caller's,
+    and would become its own ``.grad``) and under ``torch.compile``, where AOTAutograd
+    functionalises the graph and Inductor plans the buffers. N-d logits are copied to
+    ``[rows, classes]`` first, so there the copy is overwritten, not ``logits``.
     """
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     return _VocabParallelCE.apply(
         logits, target, vocab_start, vocab_size, group_name(group), ignore_index, reduction, label_smoothing,
-        ce_kernels.impl_for(logits, impl), inplace_backward,
+        ce_kernels.impl_for(logits, impl), inplace_backward and not logits.is_leaf,
     )

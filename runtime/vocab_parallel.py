@@ -48,6 +48,36 @@ def _unrows(grad: Tensor, shape: tuple, cd: int) -> Tensor:
     return grad.view(shape[:cd] + shape[cd + 1 :] + shape[cd : cd + 1]).movedim(-1, cd)
 
 
+def combine_stats(stats: Tensor, rows_t: Tensor, name: str, vocab_size: int, ignore_index: int,
+                  reduction: str, eps: float) -> tuple[Tensor, Tensor]:
+    """The one collective: all-gather each rank's ``[k, N]`` row statistics and combine
+    them into the loss (reduced as asked, fp32) and the per-row global log-sum-exp."""
+    k = stats.shape[0]
+    packed = _sync(funcol.all_gather_single(stats, 0, name)).unflatten(0, (-1, k))  # [tp, k, N]
+    m_all, s_all, t_all = packed[:, 0], packed[:, 1], packed[:, 2]
+    big_m = m_all.amax(0)
+    lse = big_m + (s_all * (m_all - big_m).exp()).sum(0).log()
+    loss = lse - (1.0 - eps) * t_all.sum(0)
+    if eps > 0:
+        loss = loss - (eps / vocab_size) * packed[:, 3].sum(0)
+    ignored = rows_t == ignore_index
+    loss = loss.masked_fill(ignored, 0.0)
+    if reduction == "sum":
+        loss = loss.sum()
+    elif reduction == "mean":
+        loss = loss.sum() / (~ignored).sum()
+    return loss, lse
+
+
+def row_scale(grad_out: Tensor, rows_t: Tensor, ignore_index: int, reduction: str) -> Tensor:
+    """Per-row factor of the backward: upstream grad, / count for 'mean', 0 if ignored."""
+    ignored = rows_t == ignore_index
+    g = grad_out.float()
+    if reduction == "mean":
+        g = g / (~ignored).sum()
+    return g.reshape(-1).expand(rows_t.shape).masked_fill(ignored, 0.0).contiguous()
+
+
 class _VocabParallelCE(torch.autograd.Function):
     """Cross-entropy over class-sharded logits with one collective in the forward.
 
@@ -75,21 +105,8 @@ class _VocabParallelCE(torch.autograd.Function):
 
             te.check_shards(x.shape[1], vocab_start, vocab_size)
         stats = stats_op(x, rows_t, vocab_start, valid, eps > 0)  # fp32 [k, N]
-        k = stats.shape[0]
-        packed = _sync(funcol.all_gather_single(stats, 0, name)).unflatten(0, (-1, k))  # [tp, k, N]
-        m_all, s_all, t_all = packed[:, 0], packed[:, 1], packed[:, 2]
-        big_m = m_all.amax(0)
-        lse = big_m + (s_all * (m_all - big_m).exp()).sum(0).log()
-        loss = lse - (1.0 - eps) * t_all.sum(0)
-        if eps > 0:
-            loss = loss - (eps / vocab_size) * packed[:, 3].sum(0)
-        ignored = rows_t == ignore_index
-        loss = loss.masked_fill(ignored, 0.0)
-        if reduction == "sum":
-            loss = loss.sum()
-        elif reduction == "mean":
-            loss = loss.sum() / (~ignored).sum()
-        else:
+        loss, lse = combine_stats(stats, rows_t, name, vocab_size, ignore_index, reduction, eps)
+        if reduction == "none":
             loss = loss.view(target.shape)
 
         ctx.save_for_backward(x, lse, rows_t)
@@ -101,11 +118,7 @@ class _VocabParallelCE(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, lse, rows_t = ctx.saved_tensors
         cd, valid, vocab_start, vocab_size, ignore_index, reduction, eps, impl, inplace = ctx.args
-        ignored = rows_t == ignore_index
-        g = grad_out.float()
-        if reduction == "mean":
-            g = g / (~ignored).sum()
-        scale = g.reshape(-1).expand(rows_t.shape).masked_fill(ignored, 0.0).contiguous()
+        scale = row_scale(grad_out, rows_t, ignore_index, reduction)
         _, grad_op, grad_op_ = ce_kernels.ops(impl)
         if inplace and not torch.compiler.is_compiling():
             grad_op_(x, rows_t, lse, scale, vocab_start, valid, eps, vocab_size)

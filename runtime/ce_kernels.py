@@ -30,8 +30,8 @@ from torch import Tensor
 __all__ = ["ce_stats", "ce_grad", "ce_grad_", "impl_for", "IMPLS", "CHUNK_ELEMS"]
 
 IMPLS = ("auto", "torch", "triton", "te")
-# Largest number of logits the torch impl upcasts at once (16 MiB of fp32).
-CHUNK_ELEMS = 1 << 22
+# Largest number of logits the torch impl upcasts at once (4 MiB of fp32).
+CHUNK_ELEMS = 1 << 20
 
 
 def _rows_per_chunk(cols: int) -> int:

@@ -4,6 +4,7 @@
     python benchmarks/bench_cross_entropy.py                  # CPU, default sizes, ~3 min
     python benchmarks/bench_cross_entropy.py --sizes 1024x8192 --reps 3
     python benchmarks/bench_cross_entropy.py --device cuda    # needs 2 GPUs for the TP=2 rows
+    python benchmarks/bench_cross_entropy.py --methods lin,fused --marker bench-fused --sizes 4096x32768
 
 Each method runs in its own process(es) (TP=2 methods: 2 processes on gloo, or NCCL on CUDA)
 over all sizes. Time: median (min-max) of ``--reps`` timed fwd+bwd steps after ``--warmup``
@@ -32,11 +33,16 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# name: (label, ranks, the method its ratios are taken against)
 METHODS = {
-    "torch": ("F.cross_entropy, gathered logits", 1),
-    "dtensor": ("DTensor loss_parallel, TP=2", 2),
-    "ours": ("tpcompile vocab_parallel_cross_entropy, TP=2", 2),
+    "torch": ("F.cross_entropy, gathered logits", 1, "ours"),
+    "dtensor": ("DTensor loss_parallel, TP=2", 2, "ours"),
+    "ours": ("tpcompile vocab_parallel_cross_entropy, TP=2", 2, "ours"),
+    # LM head + loss (--methods lin,fused; hidden size --hidden): the inputs are hidden and weight
+    "lin": ("LM head matmul + vocab_parallel_cross_entropy, TP=2", 2, "lin"),
+    "fused": ("fused_linear_cross_entropy (chunk 4096), TP=2", 2, "lin"),
 }
+DEFAULT_METHODS = "torch,dtensor,ours"
 DEFAULT_SIZES = "1024x8192,1024x32768,1024x65536,4096x8192,4096x32768,4096x65536"
 
 
@@ -74,7 +80,7 @@ def _measure(step, reps: int, warmup: int, cuda: bool) -> dict:
 
 
 def _rank(rank: int, world: int, method: str, sizes: list, reps: int, warmup: int, device: str, store: str,
-          threads: int, out_dir: str) -> None:
+          threads: int, out_dir: str, hidden: int) -> None:
     import torch
     import torch.distributed as dist
     import torch.nn.functional as F
@@ -91,7 +97,11 @@ def _rank(rank: int, world: int, method: str, sizes: list, reps: int, warmup: in
     for n, v in sizes:
         g = torch.Generator(device=dev).manual_seed(rank)
         local_v = v // world
-        x = torch.randn(n, local_v, generator=g, device=dev).requires_grad_()
+        if method in ("lin", "fused"):
+            h = torch.randn(n, hidden, generator=g, device=dev).requires_grad_()
+            x = (torch.randn(local_v, hidden, generator=g, device=dev) / hidden**0.5).requires_grad_()  # weight
+        else:
+            x = torch.randn(n, local_v, generator=g, device=dev).requires_grad_()
         target = torch.randint(0, v, (n,), generator=torch.Generator(device=dev).manual_seed(99), device=dev)
         target[::7] = -100
 
@@ -112,7 +122,7 @@ def _rank(rank: int, world: int, method: str, sizes: list, reps: int, warmup: in
                     xd = DTensor.from_local(x, mesh, [Shard(1)], run_check=False)
                     F.cross_entropy(xd, t_d).backward()
                 x.grad = None
-        else:
+        elif method == "ours":
             from tpcompile.runtime import vocab_parallel_cross_entropy
 
             name = dist.group.WORLD.group_name
@@ -120,9 +130,25 @@ def _rank(rank: int, world: int, method: str, sizes: list, reps: int, warmup: in
             def step():
                 vocab_parallel_cross_entropy(x, target, rank * local_v, v, name).backward()
                 x.grad = None
+        elif method == "lin":
+            from tpcompile.runtime import vocab_parallel_cross_entropy
+
+            name = dist.group.WORLD.group_name
+
+            def step():
+                vocab_parallel_cross_entropy(h @ x.t(), target, rank * local_v, v, name).backward()
+                x.grad = h.grad = None
+        else:
+            from tpcompile.runtime.fused_linear_ce import fused_linear_cross_entropy
+
+            name = dist.group.WORLD.group_name
+
+            def step():
+                fused_linear_cross_entropy(h, x, target, rank * local_v, v, name).backward()
+                x.grad = h.grad = None
 
         res = _measure(step, reps, warmup, cuda)
-        res["input_bytes"] = x.numel() * x.element_size()
+        res["input_bytes"] = x.numel() * x.element_size() + (h.numel() * h.element_size() if method in ("lin", "fused") else 0)
         results.append(res)
         del x, target, step
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
@@ -140,7 +166,8 @@ def _child(args) -> None:
     threads = max(1, cores // world) if args.device == "cpu" else 1
     with tempfile.TemporaryDirectory() as tmp:
         sizes = _sizes(args.sizes)
-        a = (world, args.method, sizes, args.reps, args.warmup, args.device, os.path.join(tmp, "store"), threads, tmp)
+        a = (world, args.method, sizes, args.reps, args.warmup, args.device, os.path.join(tmp, "store"), threads, tmp,
+             args.hidden)
         if world == 1:
             _rank(0, *a)
         else:
@@ -161,28 +188,29 @@ def _sizes(text: str) -> list:
     return [tuple(int(a) for a in s.split("x")) for s in text.split(",")]
 
 
-def _table(results: dict, sizes) -> str:
+def _table(results: dict, sizes, methods) -> str:
     ms = lambda t: f"{1e3 * statistics.median(t):.1f} ({1e3 * min(t):.1f}-{1e3 * max(t):.1f})"  # noqa: E731
     mib = lambda b: f"{b / 2**20:.0f}"  # noqa: E731
     lines = [
-        "| N x V | method | fwd+bwd ms, median (min-max) | time / ours | logits held per process, MiB "
-        "| peak above inputs per process, MiB | peak / ours |",
+        "| N x V | method | fwd+bwd ms, median (min-max) | time / ref | inputs per process, MiB "
+        "| peak above inputs per process, MiB | peak / ref |",
         "|---|---|---|---|---|---|---|",
     ]
     for n, v in sizes:
-        ours = results.get(("ours", n, v))
-        for m, (label, _) in METHODS.items():
+        for m in methods:
+            label, _, ref = METHODS[m]
+            ours = results.get((ref, n, v))
             r = results.get((m, n, v))
             if r is None:
                 continue
             t_ratio = statistics.median(r["times"]) / statistics.median(ours["times"]) if ours else float("nan")
             p_ratio = r["peak"] / ours["peak"] if ours and ours["peak"] > 0 else float("nan")
-            lines.append(f"| {n} x {v} | {label} | {ms(r['times'])} | {t_ratio:.2f} | {mib(r['input_bytes'])} "
+            lines.append(f"| {n} x {v} | {label}{' (ref)' if m == ref else ''} | {ms(r['times'])} | {t_ratio:.2f} | {mib(r['input_bytes'])} "
                          f"| {mib(r['peak'])} | {p_ratio:.2f} |")
     return "\n".join(lines)
 
 
-def _plot(results: dict, sizes, path: str) -> None:
+def _plot(results: dict, sizes, methods, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -190,9 +218,10 @@ def _plot(results: dict, sizes, path: str) -> None:
 
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4))
     labels = [f"{n}x{v // 1024}k" for n, v in sizes]
-    width = 0.27
-    for i, (m, (label, _)) in enumerate(METHODS.items()):
-        xs = [j + (i - 1) * width for j in range(len(sizes))]
+    width = 0.8 / len(methods)
+    for i, m in enumerate(methods):
+        label = METHODS[m][0]
+        xs = [j + (i - (len(methods) - 1) / 2) * width for j in range(len(sizes))]
         t = [1e3 * statistics.median(results[(m, n, v)]["times"]) if (m, n, v) in results else 0 for n, v in sizes]
         p = [results[(m, n, v)]["peak"] / 2**20 if (m, n, v) in results else 0 for n, v in sizes]
         ax_t.bar(xs, t, width, label=label)
@@ -209,12 +238,14 @@ def _plot(results: dict, sizes, path: str) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes", default=DEFAULT_SIZES, help="comma-separated NxV (V divisible by 2)")
-    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--reps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated, of {', '.join(METHODS)}")
+    p.add_argument("--hidden", type=int, default=256, help="hidden size of the lin/fused methods")
     p.add_argument("--doc", default=os.path.join(ROOT, "docs", "cross_entropy.md"))
     p.add_argument("--plot", default=os.path.join(ROOT, "docs", "cross_entropy.png"))
+    p.add_argument("--marker", default="bench", help="write between <!-- MARKER:start/end --> in --doc")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--method", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -224,9 +255,11 @@ def main() -> None:
     sizes = _sizes(args.sizes)
     results = {}
     start = time.time()
-    for m in args.methods.split(","):
+    methods = args.methods.split(",")
+    for m in methods:
         cmd = [sys.executable, os.path.abspath(__file__), "--child", "--method", m, "--sizes", args.sizes,
-               "--reps", str(args.reps), "--warmup", str(args.warmup), "--device", args.device]
+               "--reps", str(args.reps), "--warmup", str(args.warmup), "--device", args.device,
+               "--hidden", str(args.hidden)]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
         if proc.returncode != 0:
             print(f"{m} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
@@ -244,7 +277,7 @@ def main() -> None:
         machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {platform.system()}"
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     cmd = "python benchmarks/bench_cross_entropy.py " + " ".join(sys.argv[1:])
-    table = _table(results, sizes)
+    table = _table(results, sizes, methods)
     block = (
         f"Measured {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC on {machine} "
         f"(load average {load:.1f} at the end), torch {torch.__version__}, fp32, {args.reps} timed steps after "
@@ -253,15 +286,18 @@ def main() -> None:
     print(table)
     if args.plot:
         try:
-            _plot(results, sizes, args.plot)
+            _plot(results, sizes, methods, args.plot)
             block += f"\n![cross-entropy benchmark]({os.path.relpath(args.plot, os.path.dirname(args.doc))})\n"
         except ImportError:
             print("matplotlib is not installed (pip install tpcompile[bench]): no plot", file=sys.stderr)
     if args.doc:
-        text = open(args.doc).read() if os.path.exists(args.doc) else "# Cross-entropy\n\n<!-- bench:start -->\n<!-- bench:end -->\n"
-        a, b = text.index("<!-- bench:start -->"), text.index("<!-- bench:end -->")
+        start, end = f"<!-- {args.marker}:start -->", f"<!-- {args.marker}:end -->"
+        text = open(args.doc).read() if os.path.exists(args.doc) else ""
+        if start not in text:
+            text += f"\n{start}\n{end}\n"
+        a, b = text.index(start), text.index(end)
         with open(args.doc, "w") as f:
-            f.write(text[: a + len("<!-- bench:start -->")] + "\n" + block + text[b:])
+            f.write(text[: a + len(start)] + "\n" + block + text[b:])
 
 
 if __name__ == "__main__":

@@ -459,6 +459,16 @@ _UNARY = [
     "detach", F.dropout, torch.nn.functional.dropout, torch.dropout, torch.clone, "requires_grad_",
 ]
 
+def dropout(node, ctx) -> NodeInfo:
+    """Dropout keeps its input's placement. On a plain shard it becomes the runtime's
+    ``sharded_dropout`` (an independent mask per rank, RNG streams kept in step)."""
+    x = node.args[0]
+    p = ctx.pl(x)
+    if isinstance(p, Shard) and p.chunks == 1 and not p.pad:
+        return NodeInfo(p, {x: p}, "dropout")
+    return unary(node, ctx)
+
+
 RULES: dict[Any, Callable[[fx.Node, Ctx], NodeInfo]] = {
     **{f: pointwise for f in _POINTWISE_FNS},
     **{m: pointwise for m in _POINTWISE_METHODS},
@@ -478,6 +488,8 @@ RULES: dict[Any, Callable[[fx.Node, Ctx], NodeInfo]] = {
     getattr(F, "rms_norm", F.layer_norm): layer_norm,
     LINEAR: linear,
     LINEAR_IO: linear,
+    F.dropout: dropout,
+    torch.dropout: dropout,
     F.embedding: embedding,
     F.cross_entropy: cross_entropy,
     operator.getitem: getitem,

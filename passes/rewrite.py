@@ -18,6 +18,7 @@ import torch
 import torch.fx as fx
 
 from tpcompile.runtime import mappings as M
+from tpcompile.runtime import random as R_
 from tpcompile.runtime import vocab_parallel as V
 
 from .graph_utils import shape, value
@@ -167,6 +168,17 @@ class _Rewriter:
         node.target = V.vocab_parallel_cross_entropy
         node.args = (x, target, self.rank * local_size(vocab, self.plan.tp), vocab, self.group)
         node.kwargs = {"ignore_index": ignore_index, "reduction": reduction, "label_smoothing": smoothing}
+
+    def _dropout(self, node, ni):
+        x = node.args[0]
+        a = list(node.args) + [None] * 3
+        p = node.kwargs.get("p", a[1] if a[1] is not None else 0.5)
+        training = node.kwargs.get("training", node.kwargs.get("train", a[2] if a[2] is not None else True))
+        if node.kwargs.get("inplace", a[3]) or not isinstance(p, (int, float)) or not isinstance(training, bool):
+            return  # symbolic p / training or in-place: leave it (rare; not seen in models so far)
+        d = ni.out.dim
+        node.target = R_.sharded_dropout
+        node.args, node.kwargs = (x, float(p), training, d, int(shape(x)[d]), self.rank), {}
 
     def _view(self, node, ni):
         sizes = ni.extra.get("sizes")

@@ -142,6 +142,8 @@ class Backend:
         for msg in plan.notes:
             warnings.warn(msg, TPWarning, stacklevel=2)
             fallbacks.append(msg)
+        fallbacks += [self._warn_subgraph(n, fqns) for n in gm.graph.nodes
+                      if n.op == "call_function" and isinstance(n.target, torch._ops.HigherOrderOperator)]
         st.apply_plan(plan)
         rewrite(gm, plan, st.group_name, st.rank)
         record = GraphRecord(
@@ -169,6 +171,20 @@ class Backend:
         msg = (
             f"tpcompile: no tensor-parallel rule for `{_op_name(node)}` at {source_line(node)}; "
             f"{', '.join(sorted(set(modules)))} stay replicated (correct, but not sharded)."
+        )
+        warnings.warn(msg, TPWarning, stacklevel=2)
+        return msg
+
+    @staticmethod
+    def _warn_subgraph(node: fx.Node, fqns: dict) -> str:
+        """A higher-order op (``torch.utils.checkpoint`` block, ...) runs its own subgraph, which the
+        passes do not rewrite yet: it computes on whole values with replicated parameters."""
+        inside = [fqns[x] for x in node.all_input_nodes if x in fqns]
+        shown = ", ".join(inside[:3]) + (", ..." if len(inside) > 3 else "")
+        msg = (
+            f"tpcompile: `{_op_name(node)}` at {source_line(node)} runs a subgraph that is not rewritten "
+            f"(e.g. an activation-checkpointed block); its {len(inside)} parameters ({shown}) stay replicated "
+            f"(correct, but not sharded)."
         )
         warnings.warn(msg, TPWarning, stacklevel=2)
         return msg

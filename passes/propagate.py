@@ -116,7 +116,7 @@ def pointwise(node, ctx) -> NodeInfo:
         if d < 0 or shape(x)[d] == 1:
             need[x] = R
         else:
-            need[x] = Shard(d, s0.chunks, s0.pad)
+            need[x] = s0.moved(d)
     return NodeInfo(s0.moved(o), need, "pointwise")
 
 
@@ -271,8 +271,9 @@ def split(node, ctx) -> NodeInfo:
     dim = norm_dim(_arg(node, 1, "dim", 0) if unbind else _arg(node, 2, "dim", 0), nd)
     if dim != p.dim:
         o = p.dim - (1 if unbind and dim < p.dim else 0)
-        return NodeInfo(tuple(Shard(o) if p.chunks == 1 else Shard(o, p.chunks) for _ in range(n)), {x: p}, "split")
-    if p.chunks == n and len({int(s[dim]) for s in (v.shape for v in value(node))}) == 1:
+        return NodeInfo(tuple(p.moved(o) for _ in range(n)), {x: p}, "split")
+    piece_sizes = tuple(int(v.shape[dim]) for v in value(node))
+    if p.chunks == n and (len(set(piece_sizes)) == 1 if p.sizes is None else p.sizes == piece_sizes):
         return NodeInfo(tuple(Shard(dim) for _ in range(n)), {x: p}, "split", {"local_split": True})
     return NodeInfo(tuple(R for _ in range(n)), {x: R}, "fallback")
 
@@ -384,13 +385,14 @@ def linear(node, ctx) -> NodeInfo:
     od = weight_out_dim(node)  # [out, in] (nn.Linear) or [in, out] (Conv1D, x @ W)
     need = {}
     if style == "colwise":
-        chunks = ctx.chunks_of(node)
+        c = ctx.chunks_of(node)  # k equal pieces, or a tuple of unequal piece sizes
+        chunks, sizes = (len(c), tuple(c)) if isinstance(c, tuple) else (c, None)
         pad = chunks == 1 and int(shape(w)[od]) % ctx.tp != 0  # allowed for a vocabulary only (plan checks)
         need[x] = R
-        need[w] = Shard(od, chunks, pad)
+        need[w] = Shard(od, chunks, pad, sizes)
         if isinstance(b, fx.Node):
-            need[b] = Shard(0, chunks, pad)
-        return NodeInfo(Shard(value(node).dim() - 1, chunks, pad), need, "colwise")
+            need[b] = Shard(0, chunks, pad, sizes)
+        return NodeInfo(Shard(value(node).dim() - 1, chunks, pad, sizes), need, "colwise")
     if style == "rowwise":
         need[x] = Shard(nd - 1)
         need[w] = Shard(1 - od)
@@ -459,6 +461,17 @@ _UNARY = [
     "detach", F.dropout, torch.nn.functional.dropout, torch.dropout, torch.clone, "requires_grad_",
 ]
 
+def repeat_interleave(node, ctx) -> NodeInfo:
+    """``k.repeat_interleave(n_rep, dim=heads)`` (GQA): each rank repeats its own kv heads, which
+    are exactly the ones its query heads use; any other dim keeps the shard as well."""
+    x = node.args[0]
+    p = ctx.pl(x)
+    repeats, dim = _arg(node, 1, "repeats"), _arg(node, 2, "dim")
+    if isinstance(p, Shard) and isinstance(repeats, int) and dim is not None and p.chunks == 1 and not p.pad:
+        return NodeInfo(p, {x: p}, "pointwise")
+    return _replicate_all(node, ctx, "fallback" if isinstance(p, Shard) else "replicate")
+
+
 def dropout(node, ctx) -> NodeInfo:
     """Dropout keeps its input's placement. On a plain shard it becomes the runtime's
     ``sharded_dropout`` (an independent mask per rank, RNG streams kept in step)."""
@@ -489,6 +502,8 @@ RULES: dict[Any, Callable[[fx.Node, Ctx], NodeInfo]] = {
     LINEAR: linear,
     LINEAR_IO: linear,
     F.dropout: dropout,
+    "repeat_interleave": repeat_interleave,
+    torch.repeat_interleave: repeat_interleave,
     torch.dropout: dropout,
     F.embedding: embedding,
     F.cross_entropy: cross_entropy,

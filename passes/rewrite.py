@@ -27,23 +27,23 @@ from .placements import Partial, Replicate, Shard, local_size
 from .propagate import NodeInfo
 
 
-def gather_pieces_from_tp(x: torch.Tensor, group: str, dim: int, chunks: int) -> torch.Tensor:
+def gather_pieces_from_tp(x: torch.Tensor, group: str, dim: int, chunks: int, sizes: tuple | None = None) -> torch.Tensor:
     """All-gather a ``chunks``-piece shard and put the pieces back in logical order.
 
     Each rank holds [p0_r, p1_r, ...]; the gather gives [p0_0, p1_0, .., p0_1, ..] and the
-    logical order is [p0_0, p0_1, .., p1_0, ..].
+    logical order is [p0_0, p0_1, .., p1_0, ..]. ``sizes``: logical piece sizes if unequal.
     """
     full = M.gather_from_tp(x, group, dim)
     tp = full.shape[dim] // x.shape[dim]
-    n = x.shape[dim] // chunks
-    s = list(full.shape)
-    full = full.reshape(s[:dim] + [tp, chunks, n] + s[dim + 1:]).transpose(dim, dim + 1)
-    return full.reshape(s)
+    local = [s // tp for s in sizes] if sizes else [x.shape[dim] // chunks] * chunks
+    per_rank = [r.split(local, dim) for r in full.split(x.shape[dim], dim)]
+    return torch.cat([per_rank[r][i] for i in range(len(local)) for r in range(tp)], dim)
 
 
-def scatter_pieces_to_tp(x: torch.Tensor, group: str, dim: int, chunks: int) -> torch.Tensor:
+def scatter_pieces_to_tp(x: torch.Tensor, group: str, dim: int, chunks: int, sizes: tuple | None = None) -> torch.Tensor:
     """Keep this rank's part of each of the ``chunks`` pieces of ``x`` along ``dim``."""
-    return torch.cat([M.scatter_to_tp(p, group, dim) for p in x.chunk(chunks, dim)], dim)
+    pieces = x.split(list(sizes), dim) if sizes else x.chunk(chunks, dim)
+    return torch.cat([M.scatter_to_tp(p, group, dim) for p in pieces], dim)
 
 
 def gather_padded_from_tp(x: torch.Tensor, group: str, dim: int, full: int) -> torch.Tensor:
@@ -69,11 +69,11 @@ def _redistribute_call(have, need, group, full=None):
         return M.reduce_from_tp, (group,)
     if isinstance(have, Shard) and isinstance(need, Replicate):
         if have.chunks > 1:
-            return gather_pieces_from_tp, (group, have.dim, have.chunks)
+            return gather_pieces_from_tp, (group, have.dim, have.chunks, have.sizes)
         return M.gather_from_tp, (group, have.dim)
     if isinstance(have, Replicate) and isinstance(need, Shard):
         if need.chunks > 1:
-            return scatter_pieces_to_tp, (group, need.dim, need.chunks)
+            return scatter_pieces_to_tp, (group, need.dim, need.chunks, need.sizes)
         return M.scatter_to_tp, (group, need.dim)
     return None
 

@@ -97,6 +97,26 @@ class BaddbmmInOut(_MLP):  # baddbmm with a broadcast parameter: no sharding rul
         return torch.baddbmm(self.b2, h, self.w2.expand(h.shape[0], H, D))
 
 
+class FusedQKVGQA(nn.Module):
+    """One fused projection for q (4 heads) and k, v (2 heads each): unequal pieces [16, 8, 8];
+    kv heads repeated with ``repeat_interleave``; SDPA; output projection."""
+
+    def __init__(self, dim=D, heads=4, kv_heads=2):
+        super().__init__()
+        self.h, self.kv, self.hd = heads, kv_heads, dim // heads
+        self.qkv = nn.Linear(dim, (heads + 2 * kv_heads) * self.hd)
+        self.o = nn.Linear(dim, D)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split([self.h * self.hd, self.kv * self.hd, self.kv * self.hd], dim=-1)
+        q = q.view(B, T, self.h, self.hd).transpose(1, 2)
+        k = k.view(B, T, self.kv, self.hd).transpose(1, 2).repeat_interleave(self.h // self.kv, dim=1)
+        v = v.view(B, T, self.kv, self.hd).transpose(1, 2).repeat_interleave(self.h // self.kv, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o(y.transpose(1, 2).reshape(B, T, C)).pow(2).mean()
+
+
 SHARDED = {  # spelling -> (up weight style/dim, down weight style/dim)
     ModuleLinear: (("l1.weight", "colwise", 0), ("l2.weight", "rowwise", 1)),
     FunctionalLinear: (("w1", "colwise", 0), ("w2", "rowwise", 1)),
@@ -105,7 +125,8 @@ SHARDED = {  # spelling -> (up weight style/dim, down weight style/dim)
     AddmmConv1D: (("w1", "colwise", 1), ("w2", "rowwise", 0)),
 }
 REPLICATED = [EinsumInOut, BaddbmmInOut]
-ALL = list(SHARDED) + REPLICATED
+FUSED = [FusedQKVGQA]
+ALL = list(SHARDED) + REPLICATED + FUSED
 
 
 def make(cls, seed: int = 0):

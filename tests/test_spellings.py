@@ -44,6 +44,40 @@ def test_every_spelling_matches_single_device_on_gloo():
         for name, (loss, ref, err, styles) in res.items():
             assert abs(loss - ref) <= 1e-5 * abs(ref), f"rank {rank} {name}: {loss} vs {ref}"
             assert err <= 1e-5, f"rank {rank} {name}: gradient off by {err}"
-            sharded = name in {c.__name__ for c in spellings.SHARDED}
+            sharded = name in {c.__name__ for c in list(spellings.SHARDED) + spellings.FUSED}
             assert ("rowwise" in styles.values()) == sharded, (name, styles)
     assert torch.tensor([r["AddmmConv1D"][0] for r in results]).unique().numel() == 1
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_fused_qkv_with_unequal_pieces(world):
+    """q [16] bigger than k, v [8 each] (GQA). TP=2: each piece split on its own; TP=4: 2 kv heads
+    cannot be split, so the fused projection stays replicated, with a warning."""
+    with fake_group(world_size=world):
+        model, x = spellings.make(spellings.FusedQKVGQA)
+        model = tpcompile.tp_compile(model, backend="eager")
+        with pytest.warns(tpcompile.TPWarning) if world == 4 else _no_warning():
+            model(x)
+        plan = tpcompile.tp_state(model).plan
+    qkv, o = plan["qkv.weight"], plan["o.weight"]
+    if world == 2:
+        assert (qkv.style, qkv.dim, qkv.chunks, qkv.pieces, qkv.local_shape) == ("colwise", 0, 3, (16, 8, 8), (16, 16))
+        assert plan["qkv.bias"].pieces == (16, 8, 8) and o.style == "rowwise"
+        w = model.qkv.weight.detach()
+        torch.manual_seed(0)
+        full = spellings.FusedQKVGQA().qkv.weight.detach()  # rank 0 keeps q[:8], k[:4], v[:4]
+        assert torch.equal(w, torch.cat([full[:8], full[16:20], full[24:28]]))
+    else:
+        assert qkv.style == "replicate" and o.style == "replicate"
+
+
+class _no_warning:
+    def __enter__(self):
+        import warnings
+
+        self._cm = warnings.catch_warnings()
+        self._cm.__enter__()
+        warnings.simplefilter("error", tpcompile.TPWarning)
+
+    def __exit__(self, *a):
+        return self._cm.__exit__(*a)

@@ -113,7 +113,7 @@ def shard_tensor(t: torch.Tensor, pp: ParamPlan, rank: int, tp: int) -> torch.Te
         n = pp.local_shape[pp.dim]
         pad = [0, 0] * (t.dim() - 1 - pp.dim) + [0, n * tp - t.shape[pp.dim]]
         return torch.nn.functional.pad(t, pad).narrow(pp.dim, rank * n, n).clone()
-    pieces = t.chunk(pp.chunks, pp.dim)
+    pieces = t.split(list(pp.pieces), pp.dim) if pp.pieces else t.chunk(pp.chunks, pp.dim)
     local = [p.narrow(pp.dim, rank * (p.shape[pp.dim] // tp), p.shape[pp.dim] // tp) for p in pieces]
     return torch.cat(local, pp.dim).clone() if len(local) > 1 else local[0].clone()
 

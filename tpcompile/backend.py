@@ -54,6 +54,8 @@ class GraphRecord:
     rewrite_seconds: float
     collectives: list = field(default_factory=list)  # Collective, filled as AOT graphs compile
     compiled_graphs: list = field(default_factory=list)  # (phase, fx.GraphModule) Inductor / AOT compiled
+    ends_at: str = ""  # the user's source line of the graph's last op (where a graph break, if any, is)
+    exit_mappings: list = field(default_factory=list)  # mapping ops that make outputs whole at the graph's end
 
 
 def collectives_of(gm: fx.GraphModule, phase: str) -> list[Collective]:
@@ -149,6 +151,10 @@ class Backend:
         record = GraphRecord(
             {pp.fqn: pp for pp in plan.params.values()}, original_code, gm.code, fallbacks, time.perf_counter() - t0
         )
+        out_node = next(n for n in gm.graph.nodes if n.op == "output")
+        record.exit_mappings = [n.meta["tp_mapping"] for n in out_node.all_input_nodes if "tp_mapping" in n.meta]
+        last = [n for n in gm.graph.nodes if n.op == "call_function" and n.meta.get("stack_trace")]
+        record.ends_at = source_line(last[-1]) if last else ""
         st.records.append(record)
         inputs = list(example_inputs)
         fake_mode = torch._guards.detect_fake_mode(example_inputs)

@@ -59,6 +59,18 @@ def scatter_padded_to_tp(x: torch.Tensor, group: str, dim: int) -> torch.Tensor:
     return M.scatter_to_tp(torch.nn.functional.pad(x, pad), group, dim)
 
 
+def kv_for_rank(kv: torch.Tensor, group: str, dim: int, q_heads: int, rank: int) -> torch.Tensor:
+    """The kv heads that this rank's query heads use, repeated to one per query head.
+
+    For SDPA ``enable_gqa`` when tp does not divide the kv heads: ``kv`` is whole on every
+    rank; Megatron's f (all-reduce backward) makes its gradient whole again.
+    """
+    tp = M.group_size(group)
+    n_rep, local = q_heads // kv.shape[dim], q_heads // tp
+    kv = M.copy_to_tp(kv, group).repeat_interleave(n_rep, dim)
+    return kv.narrow(dim, rank * local, local)
+
+
 def _redistribute_call(have, need, group, full=None):
     """(function, extra args) turning placement ``have`` into ``need``."""
     if isinstance(have, Shard) and have.pad and isinstance(need, Replicate):
@@ -168,6 +180,12 @@ class _Rewriter:
         node.target = V.vocab_parallel_cross_entropy
         node.args = (x, target, self.rank * local_size(vocab, self.plan.tp), vocab, self.group)
         node.kwargs = {"ignore_index": ignore_index, "reduction": reduction, "label_smoothing": smoothing}
+
+    def _sdpa_gqa(self, node, ni):
+        args = list(node.args)
+        for i in (1, 2):
+            args[i] = self._call(node, kv_for_rank, args[i], self.group, ni.extra["dim"], ni.extra["q_heads"], self.rank)
+        node.args = tuple(args)
 
     def _dropout(self, node, ni):
         x = node.args[0]

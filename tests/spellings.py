@@ -117,6 +117,24 @@ class FusedQKVGQA(nn.Module):
         return self.o(y.transpose(1, 2).reshape(B, T, C)).pow(2).mean()
 
 
+class SDPAEnableGQA(nn.Module):
+    """Separate q/k/v projections, 4 q heads and 2 kv heads, SDPA's own ``enable_gqa``."""
+
+    def __init__(self, heads=4, kv_heads=2):
+        super().__init__()
+        self.h, self.kv, self.hd = heads, kv_heads, D // heads
+        self.q, self.k = nn.Linear(D, D), nn.Linear(D, kv_heads * self.hd)
+        self.v, self.o = nn.Linear(D, kv_heads * self.hd), nn.Linear(D, D)
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        q = self.q(x).view(B, T, self.h, self.hd).transpose(1, 2)
+        k = self.k(x).view(B, T, self.kv, self.hd).transpose(1, 2)
+        v = self.v(x).view(B, T, self.kv, self.hd).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return self.o(y.transpose(1, 2).reshape(B, T, D)).pow(2).mean()
+
+
 SHARDED = {  # spelling -> (up weight style/dim, down weight style/dim)
     ModuleLinear: (("l1.weight", "colwise", 0), ("l2.weight", "rowwise", 1)),
     FunctionalLinear: (("w1", "colwise", 0), ("w2", "rowwise", 1)),
@@ -125,7 +143,7 @@ SHARDED = {  # spelling -> (up weight style/dim, down weight style/dim)
     AddmmConv1D: (("w1", "colwise", 1), ("w2", "rowwise", 0)),
 }
 REPLICATED = [EinsumInOut, BaddbmmInOut]
-FUSED = [FusedQKVGQA]
+FUSED = [FusedQKVGQA, SDPAEnableGQA]
 ALL = list(SHARDED) + REPLICATED + FUSED
 
 
@@ -134,7 +152,7 @@ def make(cls, seed: int = 0):
     return cls(), torch.randn(2, 8, D, generator=torch.Generator().manual_seed(1))
 
 
-def parity_all(rank: int, world: int) -> dict:
+def parity_all(rank: int, world: int, names: list | None = None) -> dict:
     """Loss and gradient error of every spelling against single device, on one gloo rank."""
     import copy
 
@@ -143,6 +161,8 @@ def parity_all(rank: int, world: int) -> dict:
 
     out = {}
     for cls in ALL:
+        if names is not None and cls.__name__ not in names:
+            continue
         model, x = make(cls)
         ref = copy.deepcopy(model)
         model = tpcompile.tp_compile(model, backend="aot_eager")

@@ -81,3 +81,13 @@ class _no_warning:
 
     def __exit__(self, *a):
         return self._cm.__exit__(*a)
+
+
+def test_sdpa_enable_gqa_with_fewer_kv_heads_than_tp_on_gloo():
+    """TP=4, 2 kv heads: k/v projections stay whole (warned), each rank feeds SDPA the kv heads of
+    its own query heads; loss and gradients equal single device."""
+    for rank, res in enumerate(run_ranks(spellings.parity_all, 4, ["SDPAEnableGQA"])):
+        loss, ref, err, styles = res["SDPAEnableGQA"]
+        assert abs(loss - ref) <= 1e-5 * abs(ref) and err <= 1e-5, (rank, loss, ref, err)
+        assert styles["q.weight"] == "colwise" and styles["o.weight"] == "rowwise"
+        assert styles["k.weight"] == styles["v.weight"] == "replicate"

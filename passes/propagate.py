@@ -282,15 +282,17 @@ def cat(node, ctx) -> NodeInfo:
     xs = node.args[0]
     nd = value(node).dim()
     dim = norm_dim(_arg(node, 1, "dim", 0), nd)
-    pls = {ctx.pl(x) for x in xs}
     stack = node.target in (torch.stack,)
+    # ``cat`` skips 1-D empty tensors (a fresh KV cache is ``torch.tensor([])``): they stay as they are
+    empty = set() if stack else {x for x in xs if isinstance(x, fx.Node) and tuple(shape(x)) == (0,)}
+    pls = {ctx.pl(x) for x in xs if x not in empty}
     if len(pls) == 1:
         (p,) = pls
         if isinstance(p, Shard) and p.chunks == 1:
             if stack:
                 return NodeInfo(Shard(p.dim + (1 if dim <= p.dim else 0)), {x: p for x in xs}, "pointwise")
             if p.dim != dim:
-                return NodeInfo(p, {x: p for x in xs}, "pointwise")
+                return NodeInfo(p, {x: R if x in empty else p for x in xs}, "pointwise")
         elif isinstance(p, Replicate):
             return NodeInfo(R, {x: R for x in xs}, "pointwise")
     return _replicate_all(node, ctx, "fallback")

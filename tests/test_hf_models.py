@@ -39,8 +39,12 @@ def trained(request):
     """All three families in one gloo job per TP degree (Inductor for Llama at TP=2)."""
     world = request.param
     cases = [(f, {"backend": "inductor" if (f, world) == ("llama", 2) else "aot_eager"}) for f in FAMILIES]
+    names = list(FAMILIES)
+    if world == 2:  # HF's default use_cache=True: the forward also builds and returns a KV cache
+        cases.append(("llama", {"use_cache": True}))
+        names.append("llama-cache")
     by_rank = run_ranks(hf_models.train_many, world, cases)
-    return world, {f: [r[i] for r in by_rank] for i, f in enumerate(FAMILIES)}
+    return world, {f: [r[i] for r in by_rank] for i, f in enumerate(names)}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -81,6 +85,17 @@ def test_hf_training_matches_single_device(trained, family):
             assert "model.layers.1.self_attn.v_proj has 2 heads" in " ".join(w)
         else:
             assert w == []
+
+
+@pytest.mark.parametrize("trained", [2], indirect=True, ids=["tp2"])
+def test_hf_kv_cache_built_in_the_forward(trained):
+    """``use_cache=True``: the cache starts as ``torch.tensor([])`` and is ``cat``-ed with the
+    head-sharded k / v; that keeps them sharded (the returned cache is gathered at the end)."""
+    world, by_family = trained
+    results = by_family["llama-cache"]
+    plan = _check_parity(results, world)
+    assert plan["model.layers.0.self_attn.k_proj.weight"][0] == "colwise"
+    assert results[0]["warnings"] == []
 
 
 def test_hf_bf16_params_and_autocast():

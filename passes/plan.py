@@ -42,6 +42,7 @@ class ParamPlan:
     full_shape: tuple
     local_shape: tuple
     padded_shape: tuple | None = None  # a vocabulary tp does not divide: the zero-padded shape that is split
+    pieces: tuple | None = None  # logical sizes of unequal fused pieces along ``dim`` (each split on its own)
 
 
 @dataclass
@@ -75,8 +76,9 @@ def _indices_from_data(idx, params) -> bool:
     return False
 
 
-def _fused_chunks(lin: fx.Node) -> int:
-    """k if the linear's output is only ever split into k equal pieces on its last dim (fused QKV).
+def _fused_chunks(lin: fx.Node) -> int | tuple:
+    """k if the linear's output is only ever split into k equal pieces on its last dim (fused QKV);
+    the tuple of piece sizes if they differ (fused QKV of grouped-query attention).
 
     Reshapes that keep the last dim in between are looked through (HF Conv1D: ``addmm`` on
     ``x.view(-1, in)``, then ``view(B, T, 3 * C).split(C, dim=2)``).
@@ -98,7 +100,7 @@ def _fused_chunks(lin: fx.Node) -> int:
         return 1
     pieces = value(sp)
     if len({tuple(p.shape) for p in pieces}) != 1:
-        return 1
+        return tuple(int(p.shape[-1]) for p in pieces)
     return len(pieces)
 
 
@@ -123,6 +125,11 @@ def make_plan(gm: fx.GraphModule, tp: int, param_fqns: dict, overrides: dict | N
     replicated: set = set()
     unsupported: dict = {}
     notes: list = []
+    for lin, c in chunks.items():  # unequal fused pieces that tp does not divide (kv heads < tp): keep whole
+        if isinstance(c, tuple) and any(s % tp for s in c) and lin.args[1] not in forced:
+            replicated.add(lin)
+            notes.append(f"tpcompile: {param_fqns[lin.args[1]].rsplit('.', 1)[0]} is a fused projection split into "
+                         f"pieces of {list(c)}, not all divisible by tp={tp}: it stays replicated (correct, not sharded).")
     first = True
     while True:
 
@@ -146,7 +153,7 @@ def make_plan(gm: fx.GraphModule, tp: int, param_fqns: dict, overrides: dict | N
         prop = propagate(gm, tp, params, style_of, lambda n: chunks.get(n, 1))
         if first:
             _param_plans(gm, prop, tp, param_fqns)  # parameter sizes first: the clearer error
-        few = {n: h for n, h in _few_kv_heads(prop, tp, forced).items() if n not in replicated}
+        few = {n: h for n, h in _few_kv_heads(prop, tp, forced, chunks).items() if n not in replicated}
         if few:  # GQA / MQA with fewer kv heads than tp: keep k/v whole, plan again
             replicated |= set(few)
             for lin in sorted(few, key=lambda n: n.name):
@@ -181,7 +188,7 @@ def _unsplittable_heads(prop: Propagation, tp: int) -> dict:
     return out
 
 
-def _few_kv_heads(prop: Propagation, tp: int, forced: dict) -> dict:
+def _few_kv_heads(prop: Propagation, tp: int, forced: dict, chunks: dict) -> dict:
     """Key/value projections of grouped-query attention whose head count tp does not divide.
 
     Recognised by a sibling: another column-parallel linear on the same input (the query
@@ -195,7 +202,7 @@ def _few_kv_heads(prop: Propagation, tp: int, forced: dict) -> dict:
             continue
         siblings = [u for u in lin.args[0].users if u is not lin and u.op == "call_function" and u.target is lin.target
                     and prop.info.get(u) is not None and prop.info[u].kind == "colwise" and u not in bad]
-        if siblings:
+        if siblings or isinstance(chunks.get(lin), tuple):  # separate q/k/v, or one fused GQA projection
             few[lin] = heads
     return few
 
@@ -248,7 +255,12 @@ def _param_plans(gm, prop: Propagation, tp: int, param_fqns: dict) -> dict:
             padded[p.dim] = local[p.dim] * tp
             out[node] = ParamPlan(fqn, style, p.dim, 1, full, tuple(local), tuple(padded))
             continue
-        if size % (tp * p.chunks):
+        if p.sizes and all(s % tp == 0 for s in p.sizes):
+            local = list(full)
+            local[p.dim] = size // tp
+            out[node] = ParamPlan(fqn, style, p.dim, p.chunks, full, tuple(local), None, p.sizes)
+            continue
+        if size % (tp * p.chunks) or p.sizes:
             what = {"vocab": "vocabulary rows", "rowwise": "input features"}.get(style, "output features")
             module = fqn.rsplit(".", 1)[0]
             valid = _set(divisors(size // p.chunks if size % p.chunks == 0 else size))

@@ -116,7 +116,7 @@ def pointwise(node, ctx) -> NodeInfo:
         if d < 0 or shape(x)[d] == 1:
             need[x] = R
         else:
-            need[x] = Shard(d, s0.chunks, s0.pad)
+            need[x] = s0.moved(d)
     return NodeInfo(s0.moved(o), need, "pointwise")
 
 
@@ -271,8 +271,9 @@ def split(node, ctx) -> NodeInfo:
     dim = norm_dim(_arg(node, 1, "dim", 0) if unbind else _arg(node, 2, "dim", 0), nd)
     if dim != p.dim:
         o = p.dim - (1 if unbind and dim < p.dim else 0)
-        return NodeInfo(tuple(Shard(o) if p.chunks == 1 else Shard(o, p.chunks) for _ in range(n)), {x: p}, "split")
-    if p.chunks == n and len({int(s[dim]) for s in (v.shape for v in value(node))}) == 1:
+        return NodeInfo(tuple(p.moved(o) for _ in range(n)), {x: p}, "split")
+    piece_sizes = tuple(int(v.shape[dim]) for v in value(node))
+    if p.chunks == n and (len(set(piece_sizes)) == 1 if p.sizes is None else p.sizes == piece_sizes):
         return NodeInfo(tuple(Shard(dim) for _ in range(n)), {x: p}, "split", {"local_split": True})
     return NodeInfo(tuple(R for _ in range(n)), {x: R}, "fallback")
 
@@ -281,15 +282,17 @@ def cat(node, ctx) -> NodeInfo:
     xs = node.args[0]
     nd = value(node).dim()
     dim = norm_dim(_arg(node, 1, "dim", 0), nd)
-    pls = {ctx.pl(x) for x in xs}
     stack = node.target in (torch.stack,)
+    # ``cat`` skips 1-D empty tensors (a fresh KV cache is ``torch.tensor([])``): they stay as they are
+    empty = set() if stack else {x for x in xs if isinstance(x, fx.Node) and tuple(shape(x)) == (0,)}
+    pls = {ctx.pl(x) for x in xs if x not in empty}
     if len(pls) == 1:
         (p,) = pls
         if isinstance(p, Shard) and p.chunks == 1:
             if stack:
                 return NodeInfo(Shard(p.dim + (1 if dim <= p.dim else 0)), {x: p for x in xs}, "pointwise")
             if p.dim != dim:
-                return NodeInfo(p, {x: p for x in xs}, "pointwise")
+                return NodeInfo(p, {x: R if x in empty else p for x in xs}, "pointwise")
         elif isinstance(p, Replicate):
             return NodeInfo(R, {x: R for x in xs}, "pointwise")
     return _replicate_all(node, ctx, "fallback")
@@ -349,11 +352,18 @@ def sdpa(node, ctx) -> NodeInfo:
     if not isinstance(pq, Shard) or pq.dim >= nd - 2:
         return _replicate_all(node, ctx, "fallback" if isinstance(pq, Shard) else "replicate")
     need = {q: pq, k: Shard(pq.dim), v: Shard(pq.dim)}
+    kind, extra = "pointwise", {}
+    gqa = node.kwargs.get("enable_gqa", False) and int(shape(k)[pq.dim]) != int(shape(q)[pq.dim])
+    if gqa and not isinstance(ctx.pl(k), Shard) and int(shape(k)[pq.dim]) % ctx.tp:
+        # SDPA's own GQA with fewer kv heads than tp (k/v projections kept whole): each rank
+        # takes the kv heads of its own query heads (see rewrite ``kv_for_rank``)
+        need[k] = need[v] = R
+        kind, extra = "sdpa_gqa", {"dim": pq.dim, "q_heads": int(shape(q)[pq.dim])}
     mask = _arg(node, 3, "attn_mask")
     if isinstance(mask, fx.Node):
         md = pq.dim - (nd - value(mask).dim())
         need[mask] = R if md < 0 or shape(mask)[md] == 1 else Shard(md)
-    return NodeInfo(Shard(pq.dim), need, "pointwise")
+    return NodeInfo(Shard(pq.dim), need, kind, extra)
 
 
 def layer_norm(node, ctx) -> NodeInfo:
@@ -384,13 +394,14 @@ def linear(node, ctx) -> NodeInfo:
     od = weight_out_dim(node)  # [out, in] (nn.Linear) or [in, out] (Conv1D, x @ W)
     need = {}
     if style == "colwise":
-        chunks = ctx.chunks_of(node)
+        c = ctx.chunks_of(node)  # k equal pieces, or a tuple of unequal piece sizes
+        chunks, sizes = (len(c), tuple(c)) if isinstance(c, tuple) else (c, None)
         pad = chunks == 1 and int(shape(w)[od]) % ctx.tp != 0  # allowed for a vocabulary only (plan checks)
         need[x] = R
-        need[w] = Shard(od, chunks, pad)
+        need[w] = Shard(od, chunks, pad, sizes)
         if isinstance(b, fx.Node):
-            need[b] = Shard(0, chunks, pad)
-        return NodeInfo(Shard(value(node).dim() - 1, chunks, pad), need, "colwise")
+            need[b] = Shard(0, chunks, pad, sizes)
+        return NodeInfo(Shard(value(node).dim() - 1, chunks, pad, sizes), need, "colwise")
     if style == "rowwise":
         need[x] = Shard(nd - 1)
         need[w] = Shard(1 - od)
@@ -459,6 +470,27 @@ _UNARY = [
     "detach", F.dropout, torch.nn.functional.dropout, torch.dropout, torch.clone, "requires_grad_",
 ]
 
+def repeat_interleave(node, ctx) -> NodeInfo:
+    """``k.repeat_interleave(n_rep, dim=heads)`` (GQA): each rank repeats its own kv heads, which
+    are exactly the ones its query heads use; any other dim keeps the shard as well."""
+    x = node.args[0]
+    p = ctx.pl(x)
+    repeats, dim = _arg(node, 1, "repeats"), _arg(node, 2, "dim")
+    if isinstance(p, Shard) and isinstance(repeats, int) and dim is not None and p.chunks == 1 and not p.pad:
+        return NodeInfo(p, {x: p}, "pointwise")
+    return _replicate_all(node, ctx, "fallback" if isinstance(p, Shard) else "replicate")
+
+
+def dropout(node, ctx) -> NodeInfo:
+    """Dropout keeps its input's placement. On a plain shard it becomes the runtime's
+    ``sharded_dropout`` (an independent mask per rank, RNG streams kept in step)."""
+    x = node.args[0]
+    p = ctx.pl(x)
+    if isinstance(p, Shard) and p.chunks == 1 and not p.pad:
+        return NodeInfo(p, {x: p}, "dropout")
+    return unary(node, ctx)
+
+
 RULES: dict[Any, Callable[[fx.Node, Ctx], NodeInfo]] = {
     **{f: pointwise for f in _POINTWISE_FNS},
     **{m: pointwise for m in _POINTWISE_METHODS},
@@ -478,6 +510,10 @@ RULES: dict[Any, Callable[[fx.Node, Ctx], NodeInfo]] = {
     getattr(F, "rms_norm", F.layer_norm): layer_norm,
     LINEAR: linear,
     LINEAR_IO: linear,
+    F.dropout: dropout,
+    "repeat_interleave": repeat_interleave,
+    torch.repeat_interleave: repeat_interleave,
+    torch.dropout: dropout,
     F.embedding: embedding,
     F.cross_entropy: cross_entropy,
     operator.getitem: getitem,

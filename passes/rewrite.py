@@ -18,6 +18,7 @@ import torch
 import torch.fx as fx
 
 from tpcompile.runtime import mappings as M
+from tpcompile.runtime import random as R_
 from tpcompile.runtime import vocab_parallel as V
 
 from .graph_utils import shape, value
@@ -26,23 +27,23 @@ from .placements import Partial, Replicate, Shard, local_size
 from .propagate import NodeInfo
 
 
-def gather_pieces_from_tp(x: torch.Tensor, group: str, dim: int, chunks: int) -> torch.Tensor:
+def gather_pieces_from_tp(x: torch.Tensor, group: str, dim: int, chunks: int, sizes: tuple | None = None) -> torch.Tensor:
     """All-gather a ``chunks``-piece shard and put the pieces back in logical order.
 
     Each rank holds [p0_r, p1_r, ...]; the gather gives [p0_0, p1_0, .., p0_1, ..] and the
-    logical order is [p0_0, p0_1, .., p1_0, ..].
+    logical order is [p0_0, p0_1, .., p1_0, ..]. ``sizes``: logical piece sizes if unequal.
     """
     full = M.gather_from_tp(x, group, dim)
     tp = full.shape[dim] // x.shape[dim]
-    n = x.shape[dim] // chunks
-    s = list(full.shape)
-    full = full.reshape(s[:dim] + [tp, chunks, n] + s[dim + 1:]).transpose(dim, dim + 1)
-    return full.reshape(s)
+    local = [s // tp for s in sizes] if sizes else [x.shape[dim] // chunks] * chunks
+    per_rank = [r.split(local, dim) for r in full.split(x.shape[dim], dim)]
+    return torch.cat([per_rank[r][i] for i in range(len(local)) for r in range(tp)], dim)
 
 
-def scatter_pieces_to_tp(x: torch.Tensor, group: str, dim: int, chunks: int) -> torch.Tensor:
+def scatter_pieces_to_tp(x: torch.Tensor, group: str, dim: int, chunks: int, sizes: tuple | None = None) -> torch.Tensor:
     """Keep this rank's part of each of the ``chunks`` pieces of ``x`` along ``dim``."""
-    return torch.cat([M.scatter_to_tp(p, group, dim) for p in x.chunk(chunks, dim)], dim)
+    pieces = x.split(list(sizes), dim) if sizes else x.chunk(chunks, dim)
+    return torch.cat([M.scatter_to_tp(p, group, dim) for p in pieces], dim)
 
 
 def gather_padded_from_tp(x: torch.Tensor, group: str, dim: int, full: int) -> torch.Tensor:
@@ -58,6 +59,18 @@ def scatter_padded_to_tp(x: torch.Tensor, group: str, dim: int) -> torch.Tensor:
     return M.scatter_to_tp(torch.nn.functional.pad(x, pad), group, dim)
 
 
+def kv_for_rank(kv: torch.Tensor, group: str, dim: int, q_heads: int, rank: int) -> torch.Tensor:
+    """The kv heads that this rank's query heads use, repeated to one per query head.
+
+    For SDPA ``enable_gqa`` when tp does not divide the kv heads: ``kv`` is whole on every
+    rank; Megatron's f (all-reduce backward) makes its gradient whole again.
+    """
+    tp = M.group_size(group)
+    n_rep, local = q_heads // kv.shape[dim], q_heads // tp
+    kv = M.copy_to_tp(kv, group).repeat_interleave(n_rep, dim)
+    return kv.narrow(dim, rank * local, local)
+
+
 def _redistribute_call(have, need, group, full=None):
     """(function, extra args) turning placement ``have`` into ``need``."""
     if isinstance(have, Shard) and have.pad and isinstance(need, Replicate):
@@ -68,11 +81,11 @@ def _redistribute_call(have, need, group, full=None):
         return M.reduce_from_tp, (group,)
     if isinstance(have, Shard) and isinstance(need, Replicate):
         if have.chunks > 1:
-            return gather_pieces_from_tp, (group, have.dim, have.chunks)
+            return gather_pieces_from_tp, (group, have.dim, have.chunks, have.sizes)
         return M.gather_from_tp, (group, have.dim)
     if isinstance(have, Replicate) and isinstance(need, Shard):
         if need.chunks > 1:
-            return scatter_pieces_to_tp, (group, need.dim, need.chunks)
+            return scatter_pieces_to_tp, (group, need.dim, need.chunks, need.sizes)
         return M.scatter_to_tp, (group, need.dim)
     return None
 
@@ -179,6 +192,23 @@ class _Rewriter:
         node.target = V.vocab_parallel_cross_entropy
         node.args = (x, target, self.rank * local_size(vocab, self.plan.tp), vocab, self.group)
         node.kwargs = {"ignore_index": ignore_index, "reduction": reduction, "label_smoothing": smoothing}
+
+    def _sdpa_gqa(self, node, ni):
+        args = list(node.args)
+        for i in (1, 2):
+            args[i] = self._call(node, kv_for_rank, args[i], self.group, ni.extra["dim"], ni.extra["q_heads"], self.rank)
+        node.args = tuple(args)
+
+    def _dropout(self, node, ni):
+        x = node.args[0]
+        a = list(node.args) + [None] * 3
+        p = node.kwargs.get("p", a[1] if a[1] is not None else 0.5)
+        training = node.kwargs.get("training", node.kwargs.get("train", a[2] if a[2] is not None else True))
+        if node.kwargs.get("inplace", a[3]) or not isinstance(p, (int, float)) or not isinstance(training, bool):
+            return  # symbolic p / training or in-place: leave it (rare; not seen in models so far)
+        d = ni.out.dim
+        node.target = R_.sharded_dropout
+        node.args, node.kwargs = (x, float(p), training, d, int(shape(x)[d]), self.rank), {}
 
     def _view(self, node, ni):
         sizes = ni.extra.get("sizes")

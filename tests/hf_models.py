@@ -106,3 +106,15 @@ def train_hf_beside_reference(rank: int, world: int, family: str, steps: int = 3
     out["n_graphs"] = len(st.records)
     out["warnings"] = [str(w.message) for w in caught if issubclass(w.category, tpcompile.TPWarning)]
     return out
+
+
+def train_many(rank: int, world: int, cases: list) -> list:
+    """``train_hf_beside_reference`` for each ``(family, kwargs)`` in ``cases``, in one gloo job
+    (one process start and one ``transformers`` import per rank for all of them)."""
+    import torch._dynamo
+
+    out = []
+    for family, kw in cases:
+        out.append(train_hf_beside_reference(rank, world, family, **kw))
+        torch._dynamo.reset()
+    return out

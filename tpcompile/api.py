@@ -170,7 +170,28 @@ class TensorParallel:
             raise
         if len(self.records) != n_graphs and not self.trace_only:  # something (re)compiled: make sure nothing ran on ghosts
             self._check_no_eager_ghosts(out)
+            if len(self.records) - n_graphs > 1:
+                self._warn_graph_breaks(self.records[n_graphs:])
         return out
+
+    def _warn_graph_breaks(self, records: list) -> None:
+        """One call captured several graphs: say where each one ends and what its end costs."""
+        import warnings
+
+        from tpcompile.backend import TPWarning
+
+        parts = []
+        for i, r in enumerate(records[:-1]):
+            cost = f"{len(r.exit_mappings)} value(s) made whole there ({', '.join(r.exit_mappings)})" if r.exit_mappings \
+                else "nothing sharded crosses it"
+            parts.append(f"graph {i + 1} ends at {r.ends_at}: {cost}")
+        msg = (
+            f"tpcompile: the model was captured as {len(records)} graphs (graph breaks); each is planned on its own, "
+            f"so a projection whose shard would cross a break stays replicated. " + "; ".join(parts) +
+            ". TORCH_LOGS=graph_breaks shows why Dynamo broke the graph."
+        )
+        warnings.warn(msg, TPWarning, stacklevel=3)
+        records[0].fallbacks.append(msg)
 
     def _check_no_eager_ghosts(self, out) -> None:
         """A frame Dynamo skipped (e.g. a graph break inside a loop) runs eagerly on the ghosts."""

@@ -60,6 +60,8 @@ class GraphRecord:
     rewritten: fx.GraphModule | None = None
     collectives: list = field(default_factory=list)  # Collective, filled as AOT graphs compile
     compiled_graphs: list = field(default_factory=list)  # (phase, fx.GraphModule) Inductor / AOT compiled
+    ends_at: str = ""  # the user's source line of the graph's last op (where a graph break, if any, is)
+    exit_mappings: list = field(default_factory=list)  # mapping ops that make outputs whole at the graph's end
 
 
 def collectives_of(gm: fx.GraphModule, phase: str) -> list[Collective]:
@@ -158,7 +160,7 @@ def shard_tensor(t: torch.Tensor, pp: ParamPlan, rank: int, tp: int) -> torch.Te
         n = pp.local_shape[pp.dim]
         pad = [0, 0] * (t.dim() - 1 - pp.dim) + [0, n * tp - t.shape[pp.dim]]
         return torch.nn.functional.pad(t, pad).narrow(pp.dim, rank * n, n).clone()
-    pieces = t.chunk(pp.chunks, pp.dim)
+    pieces = t.split(list(pp.pieces), pp.dim) if pp.pieces else t.chunk(pp.chunks, pp.dim)
     local = [p.narrow(pp.dim, rank * (p.shape[pp.dim] // tp), p.shape[pp.dim] // tp) for p in pieces]
     return torch.cat(local, pp.dim).clone() if len(local) > 1 else local[0].clone()
 
@@ -188,6 +190,8 @@ class Backend:
         for msg in plan.notes:
             warnings.warn(msg, TPWarning, stacklevel=2)
             fallbacks.append(msg)
+        fallbacks += [self._warn_subgraph(n, fqns) for n in gm.graph.nodes
+                      if n.op == "call_function" and isinstance(n.target, torch._ops.HigherOrderOperator)]
         st.apply_plan(plan)
         floor = communication_floor(plan)
         rewrite(gm, plan, st.group_name, st.rank)
@@ -198,6 +202,10 @@ class Backend:
             {pp.fqn: pp for pp in plan.params.values()}, original_code, readable_code(gm.graph, names), fallbacks,
             time.perf_counter() - t0, floor, names, gm,
         )
+        out_node = next(n for n in gm.graph.nodes if n.op == "output")
+        record.exit_mappings = [n.meta["tp_mapping"] for n in out_node.all_input_nodes if "tp_mapping" in n.meta]
+        last = [n for n in gm.graph.nodes if n.op == "call_function" and n.meta.get("stack_trace")]
+        record.ends_at = source_line(last[-1]) if last else ""
         st.records.append(record)
         subs = [(i, st.local_param(st.fqn_of[id(real)])) for i, real in subs]
         inputs = list(example_inputs)
@@ -224,6 +232,20 @@ class Backend:
         msg = (
             f"tpcompile: no tensor-parallel rule for `{_op_name(node)}` at {source_line(node)}; "
             f"{', '.join(sorted(set(modules)))} stay replicated (correct, but not sharded)."
+        )
+        warnings.warn(msg, TPWarning, stacklevel=2)
+        return msg
+
+    @staticmethod
+    def _warn_subgraph(node: fx.Node, fqns: dict) -> str:
+        """A higher-order op (``torch.utils.checkpoint`` block, ...) runs its own subgraph, which the
+        passes do not rewrite yet: it computes on whole values with replicated parameters."""
+        inside = [fqns[x] for x in node.all_input_nodes if x in fqns]
+        shown = ", ".join(inside[:3]) + (", ..." if len(inside) > 3 else "")
+        msg = (
+            f"tpcompile: `{_op_name(node)}` at {source_line(node)} runs a subgraph that is not rewritten "
+            f"(e.g. an activation-checkpointed block); its {len(inside)} parameters ({shown}) stay replicated "
+            f"(correct, but not sharded)."
         )
         warnings.warn(msg, TPWarning, stacklevel=2)
         return msg

@@ -1,0 +1,93 @@
+"""Every spelling of a linear layer gets Megatron's column -> row pattern, the shard dim following
+the weight's actual layout (``[out, in]`` or ``[in, out]``); spellings with no rule (``einsum``,
+``baddbmm`` with a parameter operand) stay replicated and correct."""
+import pytest
+import torch
+
+import spellings
+import tpcompile
+from fakepg import fake_group
+from multirank import run_ranks
+
+
+@pytest.mark.parametrize("cls", list(spellings.SHARDED), ids=lambda c: c.__name__)
+@pytest.mark.parametrize("world", [2, 4])
+def test_plan_follows_weight_layout(cls, world):
+    with fake_group(world_size=world):
+        model, x = spellings.make(cls)
+        model = tpcompile.tp_compile(model, backend="eager")
+        model(x)
+        plan = tpcompile.tp_state(model).plan
+    (w1, s1, d1), (w2, s2, d2) = spellings.SHARDED[cls]
+    assert (plan[w1].style, plan[w1].dim) == (s1, d1)
+    assert (plan[w2].style, plan[w2].dim) == (s2, d2)
+    local = list(plan[w1].full_shape)
+    local[d1] //= world
+    assert plan[w1].local_shape == tuple(local)
+    assert tuple(dict(model.named_parameters())[w1].shape) == tuple(local)
+
+
+@pytest.mark.parametrize("cls", spellings.REPLICATED, ids=lambda c: c.__name__)
+def test_no_rule_spellings_stay_replicated(cls):
+    with fake_group(world_size=2):
+        model, x = spellings.make(cls)
+        model = tpcompile.tp_compile(model, backend="eager")
+        model(x)
+        plan = tpcompile.tp_state(model).plan
+    assert {pp.style for pp in plan.values()} == {"replicate"}
+
+
+def test_every_spelling_matches_single_device_on_gloo():
+    results = run_ranks(spellings.parity_all, 2)
+    for rank, res in enumerate(results):
+        assert set(res) == {c.__name__ for c in spellings.ALL}
+        for name, (loss, ref, err, styles) in res.items():
+            assert abs(loss - ref) <= 1e-5 * abs(ref), f"rank {rank} {name}: {loss} vs {ref}"
+            assert err <= 1e-5, f"rank {rank} {name}: gradient off by {err}"
+            sharded = name in {c.__name__ for c in list(spellings.SHARDED) + spellings.FUSED}
+            assert ("rowwise" in styles.values()) == sharded, (name, styles)
+    assert torch.tensor([r["AddmmConv1D"][0] for r in results]).unique().numel() == 1
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_fused_qkv_with_unequal_pieces(world):
+    """q [16] bigger than k, v [8 each] (GQA). TP=2: each piece split on its own; TP=4: 2 kv heads
+    cannot be split, so the fused projection stays replicated, with a warning."""
+    with fake_group(world_size=world):
+        model, x = spellings.make(spellings.FusedQKVGQA)
+        model = tpcompile.tp_compile(model, backend="eager")
+        with pytest.warns(tpcompile.TPWarning) if world == 4 else _no_warning():
+            model(x)
+        plan = tpcompile.tp_state(model).plan
+    qkv, o = plan["qkv.weight"], plan["o.weight"]
+    if world == 2:
+        assert (qkv.style, qkv.dim, qkv.chunks, qkv.pieces, qkv.local_shape) == ("colwise", 0, 3, (16, 8, 8), (16, 16))
+        assert plan["qkv.bias"].pieces == (16, 8, 8) and o.style == "rowwise"
+        w = model.qkv.weight.detach()
+        torch.manual_seed(0)
+        full = spellings.FusedQKVGQA().qkv.weight.detach()  # rank 0 keeps q[:8], k[:4], v[:4]
+        assert torch.equal(w, torch.cat([full[:8], full[16:20], full[24:28]]))
+    else:
+        assert qkv.style == "replicate" and o.style == "replicate"
+
+
+class _no_warning:
+    def __enter__(self):
+        import warnings
+
+        self._cm = warnings.catch_warnings()
+        self._cm.__enter__()
+        warnings.simplefilter("error", tpcompile.TPWarning)
+
+    def __exit__(self, *a):
+        return self._cm.__exit__(*a)
+
+
+def test_sdpa_enable_gqa_with_fewer_kv_heads_than_tp_on_gloo():
+    """TP=4, 2 kv heads: k/v projections stay whole (warned), each rank feeds SDPA the kv heads of
+    its own query heads; loss and gradients equal single device."""
+    for rank, res in enumerate(run_ranks(spellings.parity_all, 4, ["SDPAEnableGQA"])):
+        loss, ref, err, styles = res["SDPAEnableGQA"]
+        assert abs(loss - ref) <= 1e-5 * abs(ref) and err <= 1e-5, (rank, loss, ref, err)
+        assert styles["q.weight"] == "colwise" and styles["o.weight"] == "rowwise"
+        assert styles["k.weight"] == styles["v.weight"] == "replicate"

@@ -18,12 +18,14 @@ from .mappings import (
     scatter_to_sp,
     scatter_to_tp,
 )
+from .fused_linear_ce import fused_linear_cross_entropy
 from .vocab_parallel import vocab_parallel_cross_entropy, vocab_parallel_embedding
 
 __all__ = [
     "all_to_all_tp",
     "broadcast_from_first",
     "copy_to_tp",
+    "fused_linear_cross_entropy",
     "gather_from_sp",
     "gather_from_tp",
     "group_name",

@@ -1,0 +1,668 @@
+"""tpcompile beside its peers: step time, compile time, communication and memory, as ratios.
+
+One invocation runs the same model, batch, optimizer and steps under every configuration,
+each in fresh processes spawned from this one (gloo ranks on CPU, NCCL ranks on GPUs, the
+same code), so the machine's noise hits them alike:
+
+    single            the plain model on one device, torch.compile (Inductor)
+    dtensor-eager     DTensor TP, torch's own plan for the model (below, in full), eager
+    dtensor-compiled  the same, torch.compile (Inductor)
+    dtensor-lossp     the same, compiled, with the LM head left sharded and loss_parallel()
+    hf-auto           Hugging Face from_pretrained(..., tp_plan="auto") on a Llama of the same size
+    tpcompile         tpcompile.tp_compile(model), nothing else
+    tpcompile-sp      tpcompile.tp_compile(model, sequence_parallel=True)
+
+    python benchmarks/bench_tp.py                       # TP=2, small: the issue's target row
+    python benchmarks/bench_tp.py --tp 1 2 4 --sizes small medium
+    python benchmarks/bench_tp.py --quick               # fewer steps, for a smoke run
+
+Writes docs/benchmarks.md (markdown tables, every figure also as a ratio to tpcompile) and
+docs/img/*.png. Every configuration starts with an empty Inductor cache, so "compile" is
+what a user pays on a fresh machine.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import math
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+CONFIGS = ["single", "dtensor-eager", "dtensor-compiled", "dtensor-lossp", "hf-auto", "tpcompile", "tpcompile-sp"]
+HF_CONFIGS = ["hf-single", "hf-auto", "hf-tpcompile"]  # the Llama section: HF's own model under each
+
+
+@dataclass(frozen=True)
+class Size:
+    n_layers: int
+    dim: int
+    n_heads: int
+    vocab: int
+    batch: int
+    seq: int
+
+
+SIZES = {
+    # the issue's target: torch's test Transformer, 4 layers, dim 256, 8 heads, vocab 8192, batch 8x128
+    "small": Size(n_layers=4, dim=256, n_heads=8, vocab=8192, batch=8, seq=128),
+    "medium": Size(n_layers=8, dim=512, n_heads=8, vocab=16384, batch=8, seq=128),
+    "tiny": Size(n_layers=2, dim=64, n_heads=4, vocab=512, batch=4, seq=32),  # for checking the script
+}
+
+
+# ----------------------------------------------------------------------------- the models
+def build_transformer(size: Size) -> nn.Module:
+    """torch's own test Transformer (common_dtensor), dropout off so every configuration trains alike."""
+    from torch.testing._internal.distributed._tensor.common_dtensor import ModelArgs, Transformer
+
+    torch.manual_seed(0)
+    args = ModelArgs(n_layers=size.n_layers, vocab_size=size.vocab, max_seq_len=size.seq, dim=size.dim,
+                     n_heads=size.n_heads, dropout_p=0.0, weight_tying=True)
+    return Transformer(args)
+
+
+class WithLoss(nn.Module):
+    """The user's training forward: logits, then the loss (inside the compiled region)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = self.model(tokens)
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+def dtensor_parallelize(model: nn.Module, tp_mesh, loss_parallel: bool = False) -> nn.Module:
+    """What a DTensor user writes for this model: torch's own plan for it (``Transformer.parallelize``,
+    without sequence parallelism), spelled out. This is the code tpcompile makes unnecessary."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    parallelize_module(model, tp_mesh, {
+        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
+        "pos_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
+        # loss_parallel() wants the logits left sharded over the vocabulary, as a DTensor
+        "output": ColwiseParallel(output_layouts=Shard(-1), use_local_output=False) if loss_parallel
+        else ColwiseParallel(output_layouts=Replicate()),
+    })
+    for layer in model.layers:
+        parallelize_module(layer, tp_mesh, {
+            "attention.wq": ColwiseParallel(),
+            "attention.wk": ColwiseParallel(),
+            "attention.wv": ColwiseParallel(),
+            "attention.wo": RowwiseParallel(),
+            "feed_forward.w1": ColwiseParallel(),
+            "feed_forward.w2": RowwiseParallel(),
+        })
+        # Attention.forward does .view(bsz, seq_len, self.n_heads, head_dim) on *local* q/k/v now
+        layer.attention.n_heads = model.model_args.n_heads // tp_mesh.size()
+    model.output.weight = model.tok_embeddings.weight  # parallelize_module replaced both: tie them again
+    return model
+
+
+def hf_llama_config(size: Size):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=size.vocab, hidden_size=size.dim, intermediate_size=4 * size.dim,
+                       num_hidden_layers=size.n_layers, num_attention_heads=size.n_heads,
+                       num_key_value_heads=size.n_heads, max_position_embeddings=size.seq,
+                       tie_word_embeddings=False, attn_implementation="sdpa", use_cache=False)
+
+
+def save_hf_checkpoint(size: Size, path: str) -> None:
+    """A random-weight Llama checkpoint on disk: tp_plan="auto" only works through from_pretrained."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(hf_llama_config(size)).save_pretrained(path)
+
+
+class HFWithLoss(nn.Module):
+    """HF's causal-LM forward with our (unshifted) targets, so every row computes the same kind of loss."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = self.model(input_ids=tokens, use_cache=False).logits
+        if hasattr(logits, "full_tensor"):  # a DTensor (HF's plan keeps the head replicated; just in case)
+            logits = logits.full_tensor()
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
+# ----------------------------------------------------------------------------- counting collectives
+COLL_KINDS = {  # functional collectives (DTensor, tpcompile, Inductor) and c10d ops (dist.* calls)
+    "all_reduce": "all_reduce", "all_reduce_": "all_reduce", "allreduce_": "all_reduce",
+    "all_gather_into_tensor": "all_gather", "all_gather_into_tensor_out": "all_gather",
+    "allgather_": "all_gather", "_allgather_base_": "all_gather", "allgather_into_tensor_coalesced_": "all_gather",
+    "reduce_scatter_tensor": "reduce_scatter", "reduce_scatter_": "reduce_scatter",
+    "_reduce_scatter_base_": "reduce_scatter", "all_to_all_single": "all_to_all", "alltoall_base_": "all_to_all",
+    "broadcast_": "broadcast",
+}
+
+
+def _nbytes(x) -> int:
+    if isinstance(x, torch.Tensor):
+        return x.numel() * x.element_size()
+    if isinstance(x, (list, tuple)):
+        return sum(_nbytes(t) for t in x)
+    return 0
+
+
+class CollectiveCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts collectives as they are dispatched (eager code: DTensor, HF); bytes = the output's size."""
+
+    def __init__(self):
+        super().__init__()
+        self.phase = "forward"
+        self.seen: list[tuple[str, str, int]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        ns = func.namespace
+        if ns in ("_c10d_functional", "c10d"):
+            kind = COLL_KINDS.get(func._opname)
+            if kind is not None:
+                # c10d ops return (tensors, work): their output is the first element
+                res = out[0] if ns == "c10d" and isinstance(out, tuple) else out
+                self.seen.append((self.phase, kind, _nbytes(res)))
+        return out
+
+
+def recording_inductor(seen: list):
+    """torch.compile backend = Inductor, recording the collectives of each AOT forward/backward graph."""
+    from torch._inductor.compile_fx import compile_fx, compile_fx_inner
+    from tpcompile.backend import collectives_of
+
+    def inner(gm, example_inputs, *args, **kwargs):
+        phase = "backward" if kwargs.get("is_backward", False) else "forward"
+        seen.extend((c.phase, c.kind, c.nbytes) for c in collectives_of(gm, phase))
+        return compile_fx_inner(gm, example_inputs, *args, **kwargs)
+
+    return lambda gm, example_inputs: compile_fx(gm, example_inputs, inner_compile=inner)
+
+
+# ----------------------------------------------------------------------------- one configuration, one rank
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _local_bytes(model: nn.Module) -> int:
+    seen, n = set(), 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        t = p.to_local() if hasattr(p, "to_local") else p
+        n += t.numel() * t.element_size()
+    return n
+
+
+def _batches(size: Size, n: int, device) -> list:
+    """A few fixed batches, cycled: the loss falls, so 'same loss after K steps' means something."""
+    g = torch.Generator().manual_seed(1234)
+    out = []
+    for _ in range(n):
+        x = torch.randint(0, size.vocab, (size.batch, size.seq + 1), generator=g)
+        out.append((x[:, :-1].contiguous().to(device), x[:, 1:].contiguous().to(device)))
+    return out
+
+
+def setup(config: str, size: Size, world: int, device, hf_path: str | None):
+    """Build the model for ``config``; return (module, step_fn(tokens, targets, counter) -> loss, info)."""
+    info: dict = {}
+    seen: list = []  # collectives recorded by a compiler (compiled configs)
+    ctx = contextlib.nullcontext
+    if config in ("single", "dtensor-eager", "dtensor-compiled", "dtensor-lossp", "tpcompile", "tpcompile-sp"):
+        model = WithLoss(build_transformer(size)).to(device)
+    if config == "single":
+        fwd = torch.compile(model, backend=recording_inductor(seen))
+    elif config.startswith("dtensor"):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor.parallel import loss_parallel
+
+        mesh = init_device_mesh(device.type, (world,))
+        lossp = config == "dtensor-lossp"
+        dtensor_parallelize(model.model, mesh, loss_parallel=lossp)
+        fwd = model if config == "dtensor-eager" else torch.compile(model, backend=recording_inductor(seen))
+        if lossp:
+            ctx = loss_parallel
+    elif config.startswith("tpcompile"):
+        import tpcompile
+
+        model = tpcompile.tp_compile(model, sequence_parallel=config == "tpcompile-sp")
+        fwd = model
+    elif config.startswith("hf"):
+        from transformers import LlamaForCausalLM
+
+        if config == "hf-auto":
+            # the deprecated spelling still works and is the one the docs show; DistributedConfig is the new one
+            try:
+                from transformers.distributed import DistributedConfig
+
+                hf = LlamaForCausalLM.from_pretrained(hf_path, distributed_config=DistributedConfig(tp_plan="auto"))
+            except ImportError:
+                hf = LlamaForCausalLM.from_pretrained(hf_path, tp_plan="auto")
+            model = HFWithLoss(hf)
+            fwd = model
+        else:
+            model = HFWithLoss(LlamaForCausalLM.from_pretrained(hf_path)).to(device)
+            if config == "hf-single":
+                fwd = torch.compile(model, backend=recording_inductor(seen))
+            else:
+                import tpcompile
+
+                fwd = tpcompile.tp_compile(model)
+    else:
+        raise ValueError(config)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def step(tokens, targets, counter=None):
+        times = {}
+        with ctx():
+            t0 = time.perf_counter()
+            if counter is not None:
+                counter.phase = "forward"
+            loss = fwd(tokens, targets)
+            _sync(device)
+            t1 = time.perf_counter()
+            if counter is not None:
+                counter.phase = "backward"
+            loss.backward()
+            _sync(device)
+            t2 = time.perf_counter()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _sync(device)
+        t3 = time.perf_counter()
+        times.update(fwd=t1 - t0, bwd=t2 - t1, opt=t3 - t2, step=t3 - t0)
+        return loss, times
+
+    return model, step, seen, info
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_config(rank: int, world: int, config: str, size: Size, warmup: int, steps: int, hf_path: str | None) -> dict:
+    """One configuration on one rank: first step (compile), warm-up, timed steps, one counted step."""
+    device = torch.device("cuda", rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    rss0 = _rss_mib()
+    model, step, seen, info = setup(config, size, world, device, hf_path)
+    batches = _batches(size, 4, device)
+    losses, times = [], []
+    t0 = time.perf_counter()
+    loss, first = step(*batches[0])
+    compile_s = time.perf_counter() - t0
+    losses.append(loss.item())
+    for i in range(1, warmup + steps):
+        if world > 1:
+            dist.barrier()  # start each step together; not timed
+        loss, t = step(*batches[i % len(batches)])
+        losses.append(loss.item())
+        if i >= warmup:
+            times.append(t)
+    out = {
+        "config": config, "rank": rank, "world": world, "compile_s": compile_s, "first": first, "times": times,
+        "losses": losses, "param_bytes": _local_bytes(model), "rss0_mib": rss0, "threads": torch.get_num_threads(),
+    }
+    # Communication: compiled configs report what their compiler put in the graphs (recorded once, at
+    # compile time); eager configs are counted by a dispatch mode around one more (untimed) step.
+    if config.startswith("tpcompile") or config == "hf-tpcompile":
+        import tpcompile
+
+        recs = tpcompile.tp_state(model if config != "hf-tpcompile" else model).records
+        out["collectives"] = [(c.phase, c.kind, c.nbytes) for r in recs for c in r.collectives]
+        out["count_method"] = "compiled graphs (tp_state(model).records)"
+        out["rewrite_s"] = sum(r.rewrite_seconds for r in recs)
+        out["graphs"] = len(recs)
+        out["fallbacks"] = [m for r in recs for m in r.fallbacks]
+    elif config in ("dtensor-eager", "hf-auto"):
+        counter = CollectiveCounter()
+        with counter:
+            step(*batches[0], counter)
+        out["collectives"] = counter.seen
+        out["count_method"] = "TorchDispatchMode around one step"
+    else:
+        out["collectives"] = list(seen)
+        out["count_method"] = "compiled graphs (AOT fwd/bwd)"
+    if device.type == "cuda":
+        out["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        out["peak_kind"] = "max_memory_allocated"
+    else:
+        out["peak_mib"] = _peak_rss_mib()
+        out["peak_kind"] = "peak RSS"
+    from torch._dynamo.utils import compilation_time_metrics
+
+    out["compile_breakdown"] = {k: sum(v) for k, v in compilation_time_metrics.items()}
+    out.update(info)
+    return out
+
+
+# ----------------------------------------------------------------------------- spawning ranks
+def _entry(rank, world, store_path, queue, threads, cache_dir, args):
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache_dir  # an empty cache: compile time from scratch
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    torch.set_num_threads(threads)
+    try:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if world > 1 or args[0].startswith(("dtensor", "tpcompile", "hf-auto", "hf-tpcompile")):
+            for k, v in {"RANK": rank, "WORLD_SIZE": world, "LOCAL_RANK": rank, "LOCAL_WORLD_SIZE": world}.items():
+                os.environ[k] = str(v)
+            store = dist.FileStore(store_path, world)
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world)
+        try:
+            res = run_config(rank, world, *args)
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        queue.put((rank, True, res))
+    except BaseException:  # noqa: BLE001 - every failure becomes an "n/a" row with its reason
+        queue.put((rank, False, traceback.format_exc()))
+
+
+THREADS = 0  # intra-op threads per rank; 0: the cores divided by the ranks
+
+
+def spawn(world: int, config: str, size: Size, warmup: int, steps: int, hf_path, timeout: float) -> list | str:
+    """Run one configuration on ``world`` fresh ranks; results by rank, or the first failure's text."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    threads = THREADS or max(1, (os.cpu_count() or 1) // world)
+    with tempfile.TemporaryDirectory(prefix="bench-tp-") as tmp:
+        procs = [ctx.Process(target=_entry, args=(r, world, os.path.join(tmp, "store"), queue, threads,
+                                                   os.path.join(tmp, "inductor"),
+                                                   (config, size, warmup, steps, hf_path)))
+                 for r in range(world)]
+        for p in procs:
+            p.start()
+        results, error = {}, None
+        try:
+            for _ in range(world):
+                r, ok, val = queue.get(timeout=timeout)
+                if not ok:
+                    error = val
+                    break
+                results[r] = val
+        except Exception as e:  # noqa: BLE001 - queue.Empty on a hang
+            error = f"no result in {timeout:.0f} s ({type(e).__name__})"
+        finally:
+            for p in procs:
+                p.join(timeout=5 if error else timeout)
+                if p.is_alive():
+                    p.kill()
+    if error:
+        return error
+    return [results[r] for r in range(world)]
+
+
+def reason(err: str) -> str:
+    """The last line of a traceback: the exception, short enough for a table cell."""
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    last = lines[-1] if lines else err
+    return last.replace("|", "/")[:160]
+
+
+# ----------------------------------------------------------------------------- summarising
+def summarise(res: list, size: Size) -> dict:
+    r0 = res[0]
+    step = [t["step"] for t in r0["times"]]
+    fwd = [t["fwd"] for t in r0["times"]]
+    bwd = [t["bwd"] for t in r0["times"]]
+    opt = [t["opt"] for t in r0["times"]]
+    med = statistics.median(step)
+    coll = {}
+    for phase, kind, nbytes in r0["collectives"]:
+        c = coll.setdefault(phase, [0, 0])
+        c[0] += 1
+        c[1] += max(nbytes, 0)
+    return {
+        "compile_s": max(r["compile_s"] for r in res),
+        "step_ms": med * 1e3, "step_min_ms": min(step) * 1e3, "step_max_ms": max(step) * 1e3,
+        "fwd_ms": statistics.median(fwd) * 1e3, "bwd_ms": statistics.median(bwd) * 1e3,
+        "opt_ms": statistics.median(opt) * 1e3,
+        "tok_s": size.batch * size.seq / med,
+        "coll_fwd": coll.get("forward", [0, 0])[0], "bytes_fwd": coll.get("forward", [0, 0])[1],
+        "coll_bwd": coll.get("backward", [0, 0])[0], "bytes_bwd": coll.get("backward", [0, 0])[1],
+        "count_method": r0["count_method"],
+        "param_mib": max(r["param_bytes"] for r in res) / 2**20,
+        "peak_mib": max(r["peak_mib"] for r in res), "peak_kind": r0["peak_kind"],
+        "rss0_mib": max(r["rss0_mib"] for r in res),
+        "loss0": r0["losses"][0], "lossK": r0["losses"][-1], "K": len(r0["losses"]),
+        "rank_losses_equal": all(r["losses"] == r0["losses"] for r in res),
+        "rewrite_s": r0.get("rewrite_s"), "graphs": r0.get("graphs"), "fallbacks": r0.get("fallbacks", []),
+        "threads": r0["threads"], "n_steps": len(step),
+    }
+
+
+def _mib(b: int) -> str:
+    return f"{b / 2**20:.2f}"
+
+
+def _ratio(a, b) -> str:
+    if a is None or b is None or b == 0:
+        return "–"
+    return f"{a / b:.2f}x"
+
+
+def table(rows: dict, base: str = "tpcompile") -> str:
+    """One markdown table: a row per configuration, each figure followed by its ratio to ``base``."""
+    b = rows.get(base) if isinstance(rows.get(base), dict) else None
+    head = ("| configuration | compile s (first step) | step ms median [min–max] | fwd / bwd / opt ms | tokens/s "
+            "| collectives fwd / bwd | MiB moved fwd / bwd | param MiB / rank | peak MiB / rank | "
+            "loss step 0 → K |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for name, s in rows.items():
+        if not isinstance(s, dict):
+            lines.append(f"| {name} | n/a: {s} |" + " |" * 8)
+            continue
+
+        def r(key):
+            return f" ({_ratio(s[key], b[key])})" if b else ""
+
+        lines.append(
+            f"| {name} | {s['compile_s']:.1f}{r('compile_s')} "
+            f"| {s['step_ms']:.1f} [{s['step_min_ms']:.1f}–{s['step_max_ms']:.1f}]{r('step_ms')} "
+            f"| {s['fwd_ms']:.1f} / {s['bwd_ms']:.1f} / {s['opt_ms']:.1f} "
+            f"| {s['tok_s']:.0f}{r('tok_s')} "
+            f"| {s['coll_fwd']} / {s['coll_bwd']} "
+            f"| {_mib(s['bytes_fwd'])} / {_mib(s['bytes_bwd'])} "
+            f"| {s['param_mib']:.2f}{r('param_mib')} | {s['peak_mib']:.0f}{r('peak_mib')} "
+            f"| {s['loss0']:.4f} → {s['lossK']:.4f}{'' if s['rank_losses_equal'] else ' (ranks differ!)'} |"
+        )
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- plots
+def plots(results: dict, img_dir: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(img_dir, exist_ok=True)
+    written = []
+    for key, label, fname in [("step_ms", "steady step time (ms, median; bars: min–max)", "step_time.png"),
+                              ("compile_s", "compile time: first step (s)", "compile_time.png"),
+                              ("peak_mib", "peak memory per rank (MiB)", "memory.png")]:
+        groups = [(k, v) for k, v in results.items() if any(isinstance(s, dict) for s in v.values())]
+        fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4), squeeze=False)
+        for ax, ((size, tp), rows) in zip(axes[0], groups):
+            names = [n for n, s in rows.items() if isinstance(s, dict)]
+            vals = [rows[n][key] for n in names]
+            colors = ["tab:red" if n.startswith("tpcompile") else "tab:gray" if n == "single" else "tab:blue"
+                      for n in names]
+            yerr = None
+            if key == "step_ms":
+                yerr = [[rows[n]["step_ms"] - rows[n]["step_min_ms"] for n in names],
+                        [rows[n]["step_max_ms"] - rows[n]["step_ms"] for n in names]]
+            ax.bar(range(len(names)), vals, color=colors, yerr=yerr, capsize=3)
+            ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)
+            ax.set_title(f"{size}, TP={tp}", fontsize=10)
+        fig.suptitle(label, fontsize=11)
+        fig.tight_layout()
+        path = os.path.join(img_dir, fname)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+# ----------------------------------------------------------------------------- main
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = f", {torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    return f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores ({cpu}){gpu}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tp", type=int, nargs="+", default=[2])
+    p.add_argument("--sizes", nargs="+", default=["small"], choices=list(SIZES))
+    p.add_argument("--configs", nargs="+", default=CONFIGS, choices=CONFIGS)
+    p.add_argument("--hf", action=argparse.BooleanOptionalAction, default=True,
+                   help="the Llama section: HF single / tp_plan=auto / tpcompile on HF's LlamaForCausalLM")
+    p.add_argument("--warmup", type=int, default=3, help="steps after the first (compile) step, not timed")
+    p.add_argument("--steps", type=int, default=10, help="timed steps")
+    p.add_argument("--quick", action="store_true", help="warm-up 1, 4 timed steps")
+    p.add_argument("--timeout", type=float, default=900)
+    p.add_argument("--threads", type=int, default=1,
+                   help="intra-op threads per rank (0: cores // ranks). 1 keeps a busy 2-core machine from "
+                        "thrashing OpenMP; single device then also gets one core")
+    p.add_argument("--out", default=os.path.join(ROOT, "docs", "benchmarks.md"))
+    p.add_argument("--img", default=os.path.join(ROOT, "docs", "img"))
+    p.add_argument("--json", default=None, help="also dump every raw result here")
+    args = p.parse_args(argv)
+    global THREADS
+    THREADS = args.threads
+    if args.quick:
+        args.warmup, args.steps = 1, 4
+    warmup = args.warmup + 1  # the first step (compile) is never timed
+    cmd = "python benchmarks/bench_tp.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    started = time.perf_counter()
+    results: dict = {}  # (size, tp) -> {config: summary | reason}
+    hf_results: dict = {}
+    raw: dict = {}
+    single_cache: dict = {}
+    for size_name in args.sizes:
+        size = SIZES[size_name]
+        hf_dir = tempfile.mkdtemp(prefix="bench-hf-")
+        hf_path = None
+        try:
+            if args.hf or "hf-auto" in args.configs:
+                try:
+                    save_hf_checkpoint(size, hf_dir)
+                    hf_path = hf_dir
+                except Exception as e:  # noqa: BLE001
+                    hf_path = None
+                    hf_err = f"{type(e).__name__}: {e}"
+            for tp in args.tp:
+                rows = results.setdefault((size_name, tp), {})
+                for config in args.configs:
+                    if config == "single" and size_name in single_cache:
+                        rows[config] = single_cache[size_name]
+                        continue
+                    if config.startswith("hf") and hf_path is None:
+                        rows[config] = f"checkpoint: {hf_err}"
+                        continue
+                    world = 1 if config == "single" else tp
+                    t = time.perf_counter()
+                    out = spawn(world, config, size, warmup, args.steps, hf_path, args.timeout)
+                    dt = time.perf_counter() - t
+                    if isinstance(out, str):
+                        rows[config] = reason(out)
+                        print(f"[{size_name} tp={tp}] {config}: n/a ({dt:.0f} s)\n{out}", flush=True)
+                    else:
+                        rows[config] = summarise(out, size)
+                        raw[f"{size_name}/tp{tp}/{config}"] = out
+                        s = rows[config]
+                        print(f"[{size_name} tp={tp}] {config}: compile {s['compile_s']:.1f} s, step "
+                              f"{s['step_ms']:.1f} ms, loss {s['lossK']:.4f} ({dt:.0f} s)", flush=True)
+                    if config == "single":
+                        single_cache[size_name] = rows[config]
+                if args.hf and tp > 1 and hf_path is not None:
+                    hrows = hf_results.setdefault((size_name, tp), {})
+                    for config in ["hf-single", "hf-tpcompile"]:
+                        world = 1 if config == "hf-single" else tp
+                        out = spawn(world, config, size, warmup, args.steps, hf_path, args.timeout)
+                        if isinstance(out, str):
+                            hrows[config] = reason(out)
+                            print(f"[{size_name} tp={tp}] {config}: n/a\n{out}", flush=True)
+                        else:
+                            hrows[config] = summarise(out, size)
+                            raw[f"{size_name}/tp{tp}/{config}"] = out
+                    hrows["hf-auto"] = rows.get("hf-auto", "not run")
+        finally:
+            shutil.rmtree(hf_dir, ignore_errors=True)
+    total = time.perf_counter() - started
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(raw, f, indent=1, default=str)
+    imgs = plots(results, args.img)
+    write_markdown(args, cmd, results, hf_results, imgs, total)
+    print(f"wrote {args.out} and {', '.join(imgs)} in {total:.0f} s")
+    return 0
+
+
+def write_markdown(args, cmd: str, results: dict, hf_results: dict, imgs: list, total: float) -> None:
+    L = ["# Benchmarks: tpcompile beside its peers", ""]
+    L += [f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
+          f"- machine: {machine()}",
+          f"- torch {torch.__version__}, backend {'nccl' if torch.cuda.is_available() else 'gloo'}",
+          f"- command: `{cmd}` ({total / 60:.1f} min in all)",
+          f"- steps: 1 first step (compile, timed alone), {args.warmup} warm-up, {args.steps} timed; "
+          "AdamW (lr 1e-3); 4 fixed batches cycled; fp32; dropout off; every configuration in fresh processes "
+          "with an empty Inductor cache, all spawned by this one command.", ""]
+    for (size_name, tp), rows in results.items():
+        size = SIZES[size_name]
+        L += [f"## {size_name}: {size.n_layers} layers, dim {size.dim}, {size.n_heads} heads, vocab {size.vocab}, "
+              f"batch {size.batch}x{size.seq}, TP={tp}", "",
+              "Ratios in brackets are to tpcompile (for tokens/s higher is better, for the rest lower).", "",
+              table(rows), ""]
+    for (size_name, tp), rows in hf_results.items():
+        L += [f"## Hugging Face Llama ({size_name} size), TP={tp}", "", table(rows, base="hf-tpcompile"), ""]
+    if imgs:
+        L += ["## Plots", ""] + [f"![{os.path.basename(i)}](img/{os.path.basename(i)})" for i in imgs] + [""]
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        f.write("\n".join(L))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

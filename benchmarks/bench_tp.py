@@ -4,13 +4,17 @@ One invocation runs the same model, batch, optimizer and steps under every confi
 each in fresh processes spawned from this one (gloo ranks on CPU, NCCL ranks on GPUs, the
 same code), so the machine's noise hits them alike:
 
+on torch's own test Transformer (common_dtensor.Transformer):
     single            the plain model on one device, torch.compile (Inductor)
-    dtensor-eager     DTensor TP, torch's own plan for the model (below, in full), eager
+    dtensor-eager     DTensor TP, torch's own plan for the model (dtensor_parallelize below), eager
     dtensor-compiled  the same, torch.compile (Inductor)
-    dtensor-lossp     the same, compiled, with the LM head left sharded and loss_parallel()
-    hf-auto           Hugging Face from_pretrained(..., tp_plan="auto") on a Llama of the same size
+    dtensor-lossp     the same, compiled, the LM head left sharded and the loss under loss_parallel()
     tpcompile         tpcompile.tp_compile(model), nothing else
     tpcompile-sp      tpcompile.tp_compile(model, sequence_parallel=True)
+and on Hugging Face's LlamaForCausalLM of the same size (a random-weight checkpoint saved first):
+    hf-single         from_pretrained(path), one device, torch.compile
+    hf-auto           from_pretrained(path, tp_plan="auto"): HF's own TP plan, eager
+    hf-tpcompile      tpcompile.tp_compile(from_pretrained(path))
 
     python benchmarks/bench_tp.py                       # TP=2, small: the issue's target row
     python benchmarks/bench_tp.py --tp 1 2 4 --sizes small medium
@@ -47,8 +51,8 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-CONFIGS = ["single", "dtensor-eager", "dtensor-compiled", "dtensor-lossp", "hf-auto", "tpcompile", "tpcompile-sp"]
-HF_CONFIGS = ["hf-single", "hf-auto", "hf-tpcompile"]  # the Llama section: HF's own model under each
+CONFIGS = ["single", "dtensor-eager", "dtensor-compiled", "dtensor-lossp", "tpcompile", "tpcompile-sp"]
+HF_CONFIGS = ["hf-single", "hf-auto", "hf-tpcompile"]  # the Llama table: HF's own model under each
 
 
 @dataclass(frozen=True)
@@ -313,7 +317,8 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def run_config(rank: int, world: int, config: str, size: Size, warmup: int, steps: int, hf_path: str | None) -> dict:
+def run_config(rank: int, world: int, config: str, size: Size, warmup: int, steps: int, hf_path: str | None,
+               profile: bool = False) -> dict:
     """One configuration on one rank: first step (compile), warm-up, timed steps, one counted step."""
     device = torch.device("cuda", rank) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
@@ -366,6 +371,17 @@ def run_config(rank: int, world: int, config: str, size: Size, warmup: int, step
     from torch._dynamo.utils import compilation_time_metrics
 
     out["compile_breakdown"] = {k: sum(v) for k, v in compilation_time_metrics.items()}
+    from torch._dynamo.utils import counters
+
+    out["dynamo_graphs"] = counters["stats"]["unique_graphs"]
+    out["graph_breaks"] = sum(counters["graph_break"].values())
+    if profile:  # where one steady step spends its time (after everything above: it perturbs nothing timed)
+        from torch.profiler import ProfilerActivity, profile as prof_ctx
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with prof_ctx(activities=acts) as prof:
+            step(*batches[1])
+        out["profile"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60)
     out.update(info)
     return out
 
@@ -395,7 +411,8 @@ def _entry(rank, world, store_path, queue, threads, cache_dir, args):
 THREADS = 0  # intra-op threads per rank; 0: the cores divided by the ranks
 
 
-def spawn(world: int, config: str, size: Size, warmup: int, steps: int, hf_path, timeout: float) -> list | str:
+def spawn(world: int, config: str, size: Size, warmup: int, steps: int, hf_path, timeout: float,
+          profile: bool = False) -> list | str:
     """Run one configuration on ``world`` fresh ranks; results by rank, or the first failure's text."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
@@ -403,7 +420,7 @@ def spawn(world: int, config: str, size: Size, warmup: int, steps: int, hf_path,
     with tempfile.TemporaryDirectory(prefix="bench-tp-") as tmp:
         procs = [ctx.Process(target=_entry, args=(r, world, os.path.join(tmp, "store"), queue, threads,
                                                    os.path.join(tmp, "inductor"),
-                                                   (config, size, warmup, steps, hf_path)))
+                                                   (config, size, warmup, steps, hf_path, profile)))
                  for r in range(world)]
         for p in procs:
             p.start()
@@ -463,6 +480,7 @@ def summarise(res: list, size: Size) -> dict:
         "rank_losses_equal": all(r["losses"] == r0["losses"] for r in res),
         "rewrite_s": r0.get("rewrite_s"), "graphs": r0.get("graphs"), "fallbacks": r0.get("fallbacks", []),
         "threads": r0["threads"], "n_steps": len(step),
+        "dynamo_graphs": r0.get("dynamo_graphs", 0), "graph_breaks": r0.get("graph_breaks", 0),
     }
 
 
@@ -481,11 +499,11 @@ def table(rows: dict, base: str = "tpcompile") -> str:
     b = rows.get(base) if isinstance(rows.get(base), dict) else None
     head = ("| configuration | compile s (first step) | step ms median [min–max] | fwd / bwd / opt ms | tokens/s "
             "| collectives fwd / bwd | MiB moved fwd / bwd | param MiB / rank | peak MiB / rank | "
-            "loss step 0 → K |")
+            "loss step 0 → K | Dynamo graphs / breaks |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for name, s in rows.items():
         if not isinstance(s, dict):
-            lines.append(f"| {name} | n/a: {s} |" + " |" * 8)
+            lines.append(f"| {name} | n/a: {s} |" + " |" * 9)
             continue
 
         def r(key):
@@ -499,26 +517,30 @@ def table(rows: dict, base: str = "tpcompile") -> str:
             f"| {s['coll_fwd']} / {s['coll_bwd']} "
             f"| {_mib(s['bytes_fwd'])} / {_mib(s['bytes_bwd'])} "
             f"| {s['param_mib']:.2f}{r('param_mib')} | {s['peak_mib']:.0f}{r('peak_mib')} "
-            f"| {s['loss0']:.4f} → {s['lossK']:.4f}{'' if s['rank_losses_equal'] else ' (ranks differ!)'} |"
+            f"| {s['loss0']:.4f} → {s['lossK']:.4f}{'' if s['rank_losses_equal'] else ' (ranks differ!)'} "
+            f"| {s['dynamo_graphs']} / {s['graph_breaks']} |"
         )
     return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- plots
 def plots(results: dict, img_dir: str) -> list[str]:
+    """Bar charts, one panel per (size, TP): step time (with min–max), compile time, peak memory."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     os.makedirs(img_dir, exist_ok=True)
+    sizes = list(dict.fromkeys(k[0] for k in results))
+    tps = list(dict.fromkeys(k[1] for k in results))
     written = []
-    for key, label, fname in [("step_ms", "steady step time (ms, median; bars: min–max)", "step_time.png"),
-                              ("compile_s", "compile time: first step (s)", "compile_time.png"),
-                              ("peak_mib", "peak memory per rank (MiB)", "memory.png")]:
-        groups = [(k, v) for k, v in results.items() if any(isinstance(s, dict) for s in v.values())]
-        fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4), squeeze=False)
-        for ax, ((size, tp), rows) in zip(axes[0], groups):
+    for key, label, fname in [("step_ms", "steady step time, ms (median; bars: min–max)", "step_time.png"),
+                              ("compile_s", "compile time: the first step, s", "compile_time.png"),
+                              ("peak_mib", "peak memory per rank, MiB", "memory.png")]:
+        fig, axes = plt.subplots(len(sizes), len(tps), figsize=(4.2 * len(tps), 3.6 * len(sizes)), squeeze=False)
+        for (size_name, tp), rows in results.items():
+            ax = axes[sizes.index(size_name)][tps.index(tp)]
             names = [n for n, s in rows.items() if isinstance(s, dict)]
             vals = [rows[n][key] for n in names]
             colors = ["tab:red" if n.startswith("tpcompile") else "tab:gray" if n == "single" else "tab:blue"
@@ -528,12 +550,15 @@ def plots(results: dict, img_dir: str) -> list[str]:
                 yerr = [[rows[n]["step_ms"] - rows[n]["step_min_ms"] for n in names],
                         [rows[n]["step_max_ms"] - rows[n]["step_ms"] for n in names]]
             ax.bar(range(len(names)), vals, color=colors, yerr=yerr, capsize=3)
-            ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)
-            ax.set_title(f"{size}, TP={tp}", fontsize=10)
+            ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+            ax.set_title(f"{size_name}, TP={tp}", fontsize=9)
+        for ax in axes.flat:
+            if not ax.has_data():
+                ax.set_visible(False)
         fig.suptitle(label, fontsize=11)
         fig.tight_layout()
         path = os.path.join(img_dir, fname)
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=100)
         plt.close(fig)
         written.append(path)
     return written
@@ -553,15 +578,20 @@ def machine() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tp", type=int, nargs="+", default=[2])
-    p.add_argument("--sizes", nargs="+", default=["small"], choices=list(SIZES))
-    p.add_argument("--configs", nargs="+", default=CONFIGS, choices=CONFIGS)
+    p.add_argument("--tp", type=int, nargs="+", default=[2], help="TP degrees (the scaling grid)")
+    p.add_argument("--sizes", nargs="+", default=["small"], choices=list(SIZES), help="model sizes (the grid)")
+    p.add_argument("--configs", nargs="+", default=CONFIGS, choices=CONFIGS,
+                   help="configurations at the headline point (first size, TP=2 if listed, else the first TP)")
+    p.add_argument("--scaling-configs", nargs="+", default=["single", "dtensor-compiled", "tpcompile"],
+                   choices=CONFIGS, help="configurations at every other point of the grid")
     p.add_argument("--hf", action=argparse.BooleanOptionalAction, default=True,
-                   help="the Llama section: HF single / tp_plan=auto / tpcompile on HF's LlamaForCausalLM")
-    p.add_argument("--warmup", type=int, default=3, help="steps after the first (compile) step, not timed")
-    p.add_argument("--steps", type=int, default=10, help="timed steps")
+                   help="at the headline point, HF's LlamaForCausalLM: single device, tp_plan='auto' and "
+                        "tpcompile (the same model in all three, so the ratios compare like with like)")
+    p.add_argument("--warmup", type=int, default=2, help="steps after the first (compile) step, not timed")
+    p.add_argument("--steps", type=int, default=8, help="timed steps")
     p.add_argument("--quick", action="store_true", help="warm-up 1, 4 timed steps")
-    p.add_argument("--timeout", type=float, default=900)
+    p.add_argument("--profile", action="store_true", help="profile one extra steady step per configuration")
+    p.add_argument("--timeout", type=float, default=900, help="seconds per configuration before it is n/a")
     p.add_argument("--threads", type=int, default=1,
                    help="intra-op threads per rank (0: cores // ranks). 1 keeps a busy 2-core machine from "
                         "thrashing OpenMP; single device then also gets one core")
@@ -575,88 +605,121 @@ def main(argv: list[str] | None = None) -> int:
         args.warmup, args.steps = 1, 4
     warmup = args.warmup + 1  # the first step (compile) is never timed
     cmd = "python benchmarks/bench_tp.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    head = (args.sizes[0], 2 if 2 in args.tp else args.tp[0])
     started = time.perf_counter()
     results: dict = {}  # (size, tp) -> {config: summary | reason}
-    hf_results: dict = {}
     raw: dict = {}
-    single_cache: dict = {}
-    for size_name in args.sizes:
+    single: dict = {}  # size -> the single-device row (the same for every TP degree)
+
+    def one(size_name: str, tp: int, config: str, hf_path: str | None):
         size = SIZES[size_name]
-        hf_dir = tempfile.mkdtemp(prefix="bench-hf-")
-        hf_path = None
-        try:
-            if args.hf or "hf-auto" in args.configs:
-                try:
-                    save_hf_checkpoint(size, hf_dir)
-                    hf_path = hf_dir
-                except Exception as e:  # noqa: BLE001
-                    hf_path = None
-                    hf_err = f"{type(e).__name__}: {e}"
-            for tp in args.tp:
-                rows = results.setdefault((size_name, tp), {})
-                for config in args.configs:
-                    if config == "single" and size_name in single_cache:
-                        rows[config] = single_cache[size_name]
-                        continue
-                    if config.startswith("hf") and hf_path is None:
-                        rows[config] = f"checkpoint: {hf_err}"
-                        continue
-                    world = 1 if config == "single" else tp
-                    t = time.perf_counter()
-                    out = spawn(world, config, size, warmup, args.steps, hf_path, args.timeout)
-                    dt = time.perf_counter() - t
-                    if isinstance(out, str):
-                        rows[config] = reason(out)
-                        print(f"[{size_name} tp={tp}] {config}: n/a ({dt:.0f} s)\n{out}", flush=True)
-                    else:
-                        rows[config] = summarise(out, size)
-                        raw[f"{size_name}/tp{tp}/{config}"] = out
-                        s = rows[config]
-                        print(f"[{size_name} tp={tp}] {config}: compile {s['compile_s']:.1f} s, step "
-                              f"{s['step_ms']:.1f} ms, loss {s['lossK']:.4f} ({dt:.0f} s)", flush=True)
-                    if config == "single":
-                        single_cache[size_name] = rows[config]
-                if args.hf and tp > 1 and hf_path is not None:
-                    hrows = hf_results.setdefault((size_name, tp), {})
-                    for config in ["hf-single", "hf-tpcompile"]:
-                        world = 1 if config == "hf-single" else tp
-                        out = spawn(world, config, size, warmup, args.steps, hf_path, args.timeout)
-                        if isinstance(out, str):
-                            hrows[config] = reason(out)
-                            print(f"[{size_name} tp={tp}] {config}: n/a\n{out}", flush=True)
-                        else:
-                            hrows[config] = summarise(out, size)
-                            raw[f"{size_name}/tp{tp}/{config}"] = out
-                    hrows["hf-auto"] = rows.get("hf-auto", "not run")
-        finally:
-            shutil.rmtree(hf_dir, ignore_errors=True)
+        if config == "single" and size_name in single:
+            return single[size_name]
+        world = 1 if config in ("single", "hf-single") else tp
+        t = time.perf_counter()
+        out = spawn(world, config, size, warmup, args.steps, hf_path, args.timeout, args.profile)
+        dt = time.perf_counter() - t
+        if isinstance(out, str):
+            print(f"[{size_name} tp={tp}] {config}: n/a ({dt:.0f} s)\n{out}", flush=True)
+            row = reason(out)
+        else:
+            raw[f"{size_name}/tp{tp}/{config}"] = out
+            row = summarise(out, size)
+            print(f"[{size_name} tp={tp}] {config}: compile {row['compile_s']:.1f} s, step {row['step_ms']:.1f} ms, "
+                  f"loss {row['lossK']:.4f} ({dt:.0f} s)", flush=True)
+        if config == "single":
+            single[size_name] = row
+        return row
+
+    hf_rows: dict = {}
+    for size_name in args.sizes:
+        for tp in args.tp:
+            configs = args.configs if (size_name, tp) == head else args.scaling_configs
+            rows = results.setdefault((size_name, tp), {})
+            for config in configs:
+                rows[config] = one(size_name, tp, config, None)
+    if args.hf:
+        size_name, tp = head
+        with tempfile.TemporaryDirectory(prefix="bench-hf-") as hf_dir:
+            try:
+                save_hf_checkpoint(SIZES[size_name], hf_dir)
+            except Exception as e:  # noqa: BLE001 - e.g. transformers not installed
+                hf_rows = {c: f"{type(e).__name__}: {e}" for c in HF_CONFIGS}
+            else:
+                for config in HF_CONFIGS:
+                    hf_rows[config] = one(size_name, tp, config, hf_dir)
     total = time.perf_counter() - started
     if args.json:
         with open(args.json, "w") as f:
             json.dump(raw, f, indent=1, default=str)
     imgs = plots(results, args.img)
-    write_markdown(args, cmd, results, hf_results, imgs, total)
+    write_markdown(args, cmd, head, results, hf_rows, raw, imgs, total)
     print(f"wrote {args.out} and {', '.join(imgs)} in {total:.0f} s")
     return 0
 
 
-def write_markdown(args, cmd: str, results: dict, hf_results: dict, imgs: list, total: float) -> None:
-    L = ["# Benchmarks: tpcompile beside its peers", ""]
+def scaling_table(results: dict) -> str:
+    """One line per (size, TP, configuration): the cost curve, plus tpcompile's rewrite share of compile."""
+    lines = ["| size | TP | configuration | compile s | step ms median [min–max] | tokens/s | param MiB / rank "
+             "| peak MiB / rank | vs tpcompile: step / compile / peak | rewrite passes, share of compile |",
+             "|" + "---|" * 10]
+    for (size_name, tp), rows in results.items():
+        b = rows.get("tpcompile") if isinstance(rows.get("tpcompile"), dict) else None
+        for name, s in rows.items():
+            if not isinstance(s, dict):
+                lines.append(f"| {size_name} | {tp} | {name} | n/a: {s} |" + " |" * 6)
+                continue
+            rat = (f"{_ratio(s['step_ms'], b['step_ms'])} / {_ratio(s['compile_s'], b['compile_s'])} / "
+                   f"{_ratio(s['peak_mib'], b['peak_mib'])}") if b else "–"
+            rw = (f"{s['rewrite_s'] * 1e3:.0f} ms = {100 * s['rewrite_s'] / s['compile_s']:.2f}%"
+                  if s.get("rewrite_s") is not None else "")
+            lines.append(f"| {size_name} | {tp} | {name} | {s['compile_s']:.1f} | {s['step_ms']:.1f} "
+                         f"[{s['step_min_ms']:.1f}–{s['step_max_ms']:.1f}] | {s['tok_s']:.0f} | {s['param_mib']:.2f} "
+                         f"| {s['peak_mib']:.0f} | {rat} | {rw} |")
+    return "\n".join(lines)
+
+
+def write_markdown(args, cmd: str, head: tuple, results: dict, hf_rows: dict, raw: dict, imgs: list,
+                   total: float) -> None:
+    size_name, tp = head
+    size = SIZES[size_name]
+    L = ["# Benchmarks: tpcompile beside its peers", "",
+         "Generated by `benchmarks/bench_tp.py` (`make bench`); do not edit by hand.", ""]
     L += [f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
-          f"- machine: {machine()}",
+          f"- machine: {machine()}; {args.threads or 'cores // ranks'} intra-op thread(s) per rank",
           f"- torch {torch.__version__}, backend {'nccl' if torch.cuda.is_available() else 'gloo'}",
           f"- command: `{cmd}` ({total / 60:.1f} min in all)",
-          f"- steps: 1 first step (compile, timed alone), {args.warmup} warm-up, {args.steps} timed; "
-          "AdamW (lr 1e-3); 4 fixed batches cycled; fp32; dropout off; every configuration in fresh processes "
-          "with an empty Inductor cache, all spawned by this one command.", ""]
-    for (size_name, tp), rows in results.items():
-        size = SIZES[size_name]
-        L += [f"## {size_name}: {size.n_layers} layers, dim {size.dim}, {size.n_heads} heads, vocab {size.vocab}, "
-              f"batch {size.batch}x{size.seq}, TP={tp}", "",
-              "Ratios in brackets are to tpcompile (for tokens/s higher is better, for the rest lower).", "",
-              table(rows), ""]
-    for (size_name, tp), rows in hf_results.items():
-        L += [f"## Hugging Face Llama ({size_name} size), TP={tp}", "", table(rows, base="hf-tpcompile"), ""]
+          f"- each configuration: 1 first step (includes compiling; timed alone), {args.warmup} warm-up steps, "
+          f"{args.steps} timed steps (median, [min–max], rank 0; the ranks start each step together); "
+          "AdamW (lr 1e-3), 4 fixed batches cycled, fp32, dropout off; fresh processes with an empty Inductor "
+          "cache, all spawned by this one command, one configuration at a time.",
+          "- collectives: compiled configurations: counted in the AOT forward/backward graphs the compiler "
+          "produced (tpcompile: `tp_state(model).records`; others: a recording Inductor backend); eager ones "
+          "(DTensor eager, HF): a `TorchDispatchMode` around one extra step, counting `_c10d_functional` and "
+          "`c10d` collectives. Bytes are each collective's output size. Memory: "
+          + ("`torch.cuda.max_memory_allocated`" if torch.cuda.is_available() else
+             "peak RSS of the rank's process (includes ~300-400 MiB of torch itself and Inductor's compile)") + ".",
+          ""]
+    L += [f"## Headline: torch's test Transformer, {size_name} ({size.n_layers} layers, dim {size.dim}, "
+          f"{size.n_heads} heads, vocab {size.vocab}, batch {size.batch}x{size.seq}), TP={tp}", "",
+          "In brackets: the ratio to tpcompile (tokens/s: higher is better; everything else: lower).", "",
+          table(results[head]), ""]
+    if hf_rows:
+        L += [f"## Hugging Face `LlamaForCausalLM` of the same size, TP={tp}", "",
+              "`hf-auto` is `from_pretrained(path, tp_plan=\"auto\")` (eager; HF's own plan); `hf-single` the same "
+              "checkpoint on one device, compiled; `hf-tpcompile` it under `tpcompile.tp_compile`. "
+              "Ratios are to hf-tpcompile.", "", table(hf_rows, base="hf-tpcompile"), ""]
+    if len(results) > 1:
+        L += ["## Scaling: TP degree and model size", "",
+              "Sizes: " + "; ".join(f"{n}: {SIZES[n].n_layers} layers, dim {SIZES[n].dim}, {SIZES[n].n_heads} heads, "
+                                    f"vocab {SIZES[n].vocab}, batch {SIZES[n].batch}x{SIZES[n].seq}"
+                                    for n in args.sizes) + ". The single-device row is the same at every TP.", "",
+              scaling_table(results), ""]
+    prof = {k: v[0]["profile"] for k, v in raw.items() if v[0].get("profile")}
+    if prof:
+        L += ["## Where a steady step spends its time (rank 0, `torch.profiler`, top ops by self CPU time)", ""]
+        for k, t in prof.items():
+            L += [f"### {k}", "", "```", t.strip(), "```", ""]
     if imgs:
         L += ["## Plots", ""] + [f"![{os.path.basename(i)}](img/{os.path.basename(i)})" for i in imgs] + [""]
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

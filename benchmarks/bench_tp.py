@@ -68,7 +68,8 @@ class Size:
 SIZES = {
     # the target: torch's test Transformer, 4 layers, dim 256, 8 heads, vocab 8192, batch 8x128
     "small": Size(n_layers=4, dim=256, n_heads=8, vocab=8192, batch=8, seq=128),
-    "medium": Size(n_layers=8, dim=512, n_heads=8, vocab=16384, batch=8, seq=128),
+    # twice as wide, twice the vocabulary, same depth (so compile time stays comparable)
+    "medium": Size(n_layers=4, dim=512, n_heads=8, vocab=16384, batch=8, seq=128),
     "tiny": Size(n_layers=2, dim=64, n_heads=4, vocab=512, batch=4, seq=32),  # for checking the script
 }
 
@@ -590,7 +591,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2, help="steps after the first (compile) step, not timed")
     p.add_argument("--steps", type=int, default=8, help="timed steps")
     p.add_argument("--quick", action="store_true", help="warm-up 1, 4 timed steps")
-    p.add_argument("--profile", action="store_true", help="profile one extra steady step per configuration")
+    p.add_argument("--profile", action="store_true", help="profile one extra steady step of each configuration at the headline point")
     p.add_argument("--timeout", type=float, default=900, help="seconds per configuration before it is n/a")
     p.add_argument("--threads", type=int, default=1,
                    help="intra-op threads per rank (0: cores // ranks). 1 keeps a busy 2-core machine from "
@@ -617,7 +618,8 @@ def main(argv: list[str] | None = None) -> int:
             return single[size_name]
         world = 1 if config in ("single", "hf-single") else tp
         t = time.perf_counter()
-        out = spawn(world, config, size, warmup, args.steps, hf_path, args.timeout, args.profile)
+        out = spawn(world, config, size, warmup, args.steps, hf_path, args.timeout,
+                    args.profile and (size_name, tp) == head)
         dt = time.perf_counter() - t
         if isinstance(out, str):
             print(f"[{size_name} tp={tp}] {config}: n/a ({dt:.0f} s)\n{out}", flush=True)
@@ -692,7 +694,8 @@ def write_markdown(args, cmd: str, head: tuple, results: dict, hf_rows: dict, ra
           f"- each configuration: 1 first step (includes compiling; timed alone), {args.warmup} warm-up steps, "
           f"{args.steps} timed steps (median, [min–max], rank 0; the ranks start each step together); "
           "AdamW (lr 1e-3), 4 fixed batches cycled, fp32, dropout off; fresh processes with an empty Inductor "
-          "cache, all spawned by this one command, one configuration at a time.",
+          "cache, all spawned by this one command, one configuration at a time. The loss column: step 0 and "
+          f"step K = {args.warmup + args.steps} (the last; rank 0; every rank reports the same unless marked).",
           "- collectives: compiled configurations: counted in the AOT forward/backward graphs the compiler "
           "produced (tpcompile: `tp_state(model).records`; others: a recording Inductor backend); eager ones "
           "(DTensor eager, HF): a `TorchDispatchMode` around one extra step, counting `_c10d_functional` and "

@@ -142,8 +142,11 @@ class Backend:
         )
         st.records.append(record)
         inputs = list(example_inputs)
+        fake_mode = torch._guards.detect_fake_mode(example_inputs)
         for i, real in subs:
-            inputs[i] = real
+            # Dynamo never saw the local shard, so AOTAutograd would give it fresh symbolic sizes with no
+            # guard source: dynamic kernels, and a guard on them fails (IndexError in produce_guards).
+            inputs[i] = fake_mode.from_tensor(real, static_shapes=True) if fake_mode is not None else real
         compiled = _compile(gm, inputs, record, st.inner_backend)
 
         def run(*args):

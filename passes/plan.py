@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import fnmatch
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch.fx as fx
 import torch.nn.functional as F
 
 from .graph_utils import divisors, is_tensor, shape, source_line, value
-from .normalize import LINEAR
-from .placements import STYLES, Replicate, Shard
+from .normalize import LINEARS, weight_out_dim
+from .placements import STYLES, Replicate, Shard, local_size
 from .propagate import Propagation, TPShardingError, propagate
 
 _INDEX_PASSTHROUGH = {"view", "reshape", "to", "long", "int", "contiguous", "clone", "flatten", "unsqueeze"}
@@ -41,6 +41,7 @@ class ParamPlan:
     chunks: int
     full_shape: tuple
     local_shape: tuple
+    padded_shape: tuple | None = None  # a vocabulary tp does not divide: the zero-padded shape that is split
 
 
 @dataclass
@@ -49,6 +50,7 @@ class GraphPlan:
     prop: Propagation
     tp: int
     unsupported: dict  # op node with no rule -> column linears kept replicated because of it
+    notes: list = field(default_factory=list)  # decisions the user should hear about (TPWarning)
 
 
 def _style_for_fqn(fqn: str, overrides: dict) -> str | None:
@@ -74,12 +76,23 @@ def _indices_from_data(idx, params) -> bool:
 
 
 def _fused_chunks(lin: fx.Node) -> int:
-    """k if the linear's output is only ever split into k equal pieces on its last dim (fused QKV)."""
-    users = list(lin.users)
+    """k if the linear's output is only ever split into k equal pieces on its last dim (fused QKV).
+
+    Reshapes that keep the last dim in between are looked through (HF Conv1D: ``addmm`` on
+    ``x.view(-1, in)``, then ``view(B, T, 3 * C).split(C, dim=2)``).
+    """
+    out = lin
+    while len(out.users) == 1:
+        (u,) = out.users
+        if u.op == "call_method" and u.target in ("view", "reshape") and shape(u)[-1:] == shape(out)[-1:]:
+            out = u
+            continue
+        break
+    users = list(out.users)
     if len(users) != 1 or users[0].op != "call_method" or users[0].target not in _SPLITS:
         return 1
     sp = users[0]
-    nd = value(lin).dim()
+    nd = value(out).dim()
     dim = sp.args[2] if len(sp.args) > 2 else sp.kwargs.get("dim", 0)
     if dim % nd != nd - 1:
         return 1
@@ -95,7 +108,7 @@ def make_plan(gm: fx.GraphModule, tp: int, param_fqns: dict, overrides: dict | N
     params = set(param_fqns)
     forced = {n: s for n, f in param_fqns.items() if (s := _style_for_fqn(f, overrides)) is not None}
 
-    linears = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is LINEAR and n.args[1] in params]
+    linears = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in LINEARS and n.args[1] in params]
     embeds = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is F.embedding and n.args[1] in params]
     vocab_weights = set()
     for e in embeds:
@@ -109,6 +122,7 @@ def make_plan(gm: fx.GraphModule, tp: int, param_fqns: dict, overrides: dict | N
 
     replicated: set = set()
     unsupported: dict = {}
+    notes: list = []
     first = True
     while True:
 
@@ -123,7 +137,7 @@ def make_plan(gm: fx.GraphModule, tp: int, param_fqns: dict, overrides: dict | N
             if node in replicated:
                 return "replicate"
             nd = value(node.args[0]).dim()
-            if isinstance(px, Shard) and px.dim == nd - 1 and px.chunks == 1:
+            if isinstance(px, Shard) and px.dim == nd - 1 and px.chunks == 1 and not px.pad:
                 return "rowwise"
             if px is None or isinstance(px, Replicate):
                 return "colwise"
@@ -132,6 +146,17 @@ def make_plan(gm: fx.GraphModule, tp: int, param_fqns: dict, overrides: dict | N
         prop = propagate(gm, tp, params, style_of, lambda n: chunks.get(n, 1))
         if first:
             _param_plans(gm, prop, tp, param_fqns)  # parameter sizes first: the clearer error
+        few = {n: h for n, h in _few_kv_heads(prop, tp, forced).items() if n not in replicated}
+        if few:  # GQA / MQA with fewer kv heads than tp: keep k/v whole, plan again
+            replicated |= set(few)
+            for lin in sorted(few, key=lambda n: n.name):
+                notes.append(
+                    f"tpcompile: {param_fqns[lin.args[1]].rsplit('.', 1)[0]} has {few[lin]} heads, not divisible "
+                    f"by tp={tp} (grouped-query attention): it stays replicated and each rank takes the kv heads "
+                    f"its query heads need (correct, costs its full weight per rank)."
+                )
+            continue
+        if first:
             _check_views(prop, tp, param_fqns)
             first = False
         tried = {n for n in linears if prop.info[n].kind == "colwise"}
@@ -142,7 +167,37 @@ def make_plan(gm: fx.GraphModule, tp: int, param_fqns: dict, overrides: dict | N
         if dropped <= replicated:
             break
         replicated |= dropped
-    return GraphPlan(_param_plans(gm, prop, tp, param_fqns), prop, tp, unsupported)
+    return GraphPlan(_param_plans(gm, prop, tp, param_fqns), prop, tp, unsupported, notes)
+
+
+def _unsplittable_heads(prop: Propagation, tp: int) -> dict:
+    """Column linear -> (view node, size) for head splits of its output that tp does not divide."""
+    out = {}
+    for node, ni in prop.info.items():
+        bad = ni.extra.get("unsplittable")
+        if bad and isinstance(bad[1], int) and int(bad[1]) % tp and value(node).dim() > value(node.args[0]).dim():
+            for o in prop.origins.get(node.args[0], ()):
+                out[o] = (node, int(bad[1]))
+    return out
+
+
+def _few_kv_heads(prop: Propagation, tp: int, forced: dict) -> dict:
+    """Key/value projections of grouped-query attention whose head count tp does not divide.
+
+    Recognised by a sibling: another column-parallel linear on the same input (the query
+    projection) whose heads do split. Those k/v projections are better replicated than an
+    error: the query heads stay sharded and each rank uses the kv heads they map to.
+    """
+    bad = _unsplittable_heads(prop, tp)
+    few = {}
+    for lin, (_, heads) in bad.items():
+        if lin.args[1] in forced:
+            continue
+        siblings = [u for u in lin.args[0].users if u is not lin and u.op == "call_function" and u.target is lin.target
+                    and prop.info.get(u) is not None and prop.info[u].kind == "colwise" and u not in bad]
+        if siblings:
+            few[lin] = heads
+    return few
 
 
 def _check_views(prop: Propagation, tp: int, param_fqns: dict) -> None:
@@ -175,13 +230,24 @@ def _param_plans(gm, prop: Propagation, tp: int, param_fqns: dict) -> dict:
             out[node] = ParamPlan(fqn, "replicate", None, 1, full, full)
             continue
         users = [u for u in node.users if u.op == "call_function"]
+        lins = [u for u in users if u.target in LINEARS and u.args[1] is node]
         if any(u.target is F.embedding for u in users):
             style = "vocab"
-        elif any(u.target is LINEAR and u.args[1] is node for u in users):
-            style = "colwise" if p.dim == 0 else "rowwise"
+        elif lins:
+            style = "colwise" if p.dim == weight_out_dim(lins[0]) else "rowwise"
         else:
             style = "colwise"  # a bias / scale that follows a column-parallel output
         size = full[p.dim]
+        # padding is for a vocabulary: the embedding, or an LM head whose shard reaches the loss
+        vocab_like = style == "vocab" or any(u in prop.vocab_sinks for u in lins) or any(
+            u.args[2] is node and u in prop.vocab_sinks for u in users if u.target in LINEARS and len(u.args) > 2)
+        if p.pad and vocab_like:
+            local = list(full)
+            local[p.dim] = local_size(size, tp)
+            padded = list(full)
+            padded[p.dim] = local[p.dim] * tp
+            out[node] = ParamPlan(fqn, style, p.dim, 1, full, tuple(local), tuple(padded))
+            continue
         if size % (tp * p.chunks):
             what = {"vocab": "vocabulary rows", "rowwise": "input features"}.get(style, "output features")
             module = fqn.rsplit(".", 1)[0]

@@ -22,7 +22,7 @@ from tpcompile.runtime import vocab_parallel as V
 
 from .graph_utils import shape, value
 from .plan import GraphPlan
-from .placements import Partial, Replicate, Shard
+from .placements import Partial, Replicate, Shard, local_size
 from .propagate import NodeInfo
 
 
@@ -45,8 +45,25 @@ def scatter_pieces_to_tp(x: torch.Tensor, group: str, dim: int, chunks: int) -> 
     return torch.cat([M.scatter_to_tp(p, group, dim) for p in x.chunk(chunks, dim)], dim)
 
 
-def _redistribute_call(have, need, group):
+def gather_padded_from_tp(x: torch.Tensor, group: str, dim: int, full: int) -> torch.Tensor:
+    """All-gather a padded vocabulary shard and drop the padding past the ``full`` entries."""
+    return M.gather_from_tp(x, group, dim).narrow(dim, 0, full)
+
+
+def scatter_padded_to_tp(x: torch.Tensor, group: str, dim: int) -> torch.Tensor:
+    """This rank's part of ``x`` along ``dim``, zero-padded so that every rank's part has the same size."""
+    tp = M.group_size(group)
+    n = -(-x.shape[dim] // tp)
+    pad = [0, 0] * (x.dim() - 1 - dim) + [0, n * tp - x.shape[dim]]
+    return M.scatter_to_tp(torch.nn.functional.pad(x, pad), group, dim)
+
+
+def _redistribute_call(have, need, group, full=None):
     """(function, extra args) turning placement ``have`` into ``need``."""
+    if isinstance(have, Shard) and have.pad and isinstance(need, Replicate):
+        return gather_padded_from_tp, (group, have.dim, full)
+    if isinstance(have, Replicate) and isinstance(need, Shard) and need.pad:
+        return scatter_padded_to_tp, (group, need.dim)
     if isinstance(have, Partial) and isinstance(need, Replicate):
         return M.reduce_from_tp, (group,)
     if isinstance(have, Shard) and isinstance(need, Replicate):
@@ -60,6 +77,13 @@ def _redistribute_call(have, need, group):
     return None
 
 
+def _inherit_meta(new: fx.Node, src: fx.Node) -> None:
+    """A mapping op reports the user's line and module of the op it serves (explain, errors)."""
+    for k in ("stack_trace", "nn_module_stack"):
+        if k in src.meta:
+            new.meta[k] = src.meta[k]
+
+
 class _Rewriter:
     def __init__(self, gm: fx.GraphModule, plan: GraphPlan, group: str, rank: int):
         self.gm, self.g, self.plan, self.group, self.rank = gm, gm.graph, plan, group, rank
@@ -71,8 +95,9 @@ class _Rewriter:
         with self.g.inserting_before(before):
             n = self.g.call_function(fn, args)
         n.meta["tp_mapping"] = fn.__name__
-        if "stack_trace" in before.meta:
-            n.meta["stack_trace"] = before.meta["stack_trace"]
+        _inherit_meta(n, before)
+        if value(args[0]) is not None:  # meta values stay logical (full) shapes: unchanged by a mapping
+            n.meta["example_value"] = value(args[0])
         return n
 
     def _placed(self, x, need, consumer):
@@ -82,7 +107,8 @@ class _Rewriter:
             return x
         key = (x, need)
         if key not in self.cache:
-            call = _redistribute_call(have, need, self.group)
+            full = int(shape(x)[have.dim]) if isinstance(have, Shard) else None
+            call = _redistribute_call(have, need, self.group, full)
             if call is None:  # Shard(a) -> Shard(b), or Partial -> Shard: go through Replicate
                 mid = self._placed(x, Replicate(), consumer)
                 self.info[mid] = NodeInfo(Replicate())
@@ -121,11 +147,15 @@ class _Rewriter:
         users = list(node.users)
         with self.g.inserting_after(node):
             red = self.g.call_function(M.reduce_from_tp, (node, self.group))
-        red.meta.update(tp_mapping="reduce_from_tp", stack_trace=node.meta.get("stack_trace"))
+        red.meta["tp_mapping"] = "reduce_from_tp"
+        _inherit_meta(red, node)
+        red.meta["example_value"] = value(node)
         out = red
         if bias is not None:
             with self.g.inserting_after(red):
                 out = self.g.call_function(operator.add, (red, bias))
+            _inherit_meta(out, node)
+            out.meta["example_value"] = value(node)
         for u in users:
             u.replace_input_with(node, out)
         self.alias[node] = out
@@ -133,7 +163,7 @@ class _Rewriter:
 
     def _vocab(self, node, ni):
         idx, w = node.args[:2]
-        rows = int(shape(w)[0]) // self.plan.tp
+        rows = local_size(shape(w)[0], self.plan.tp)
         node.target = V.vocab_parallel_embedding
         node.args, node.kwargs = (idx, w, self.rank * rows, self.group), {}
 
@@ -147,7 +177,7 @@ class _Rewriter:
         class_dim = 0 if value(x).dim() == 1 else 1
         vocab = int(shape(x)[class_dim])
         node.target = V.vocab_parallel_cross_entropy
-        node.args = (x, target, self.rank * (vocab // self.plan.tp), vocab, self.group)
+        node.args = (x, target, self.rank * local_size(vocab, self.plan.tp), vocab, self.group)
         node.kwargs = {"ignore_index": ignore_index, "reduction": reduction, "label_smoothing": smoothing}
 
     def _view(self, node, ni):

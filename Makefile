@@ -24,7 +24,7 @@ test: $(STAMP)
 
 # The peers side by side (docs/benchmarks.md, docs/img/*.png). torch is already in the venv
 # (the stamp installs it first), so the [bench] extra cannot pull another torch.
-BENCH_ARGS ?= --tp 1 2 4 --sizes small medium --profile --json docs/benchmarks.json
+BENCH_ARGS ?= --tp 1 2 4 --sizes small medium --profile
 BENCH_STAMP := $(VENV)/.bench-installed
 $(BENCH_STAMP): $(STAMP) pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[test,bench]"

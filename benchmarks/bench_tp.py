@@ -176,7 +176,10 @@ def _nbytes(x) -> int:
 
 
 class CollectiveCounter(torch.utils._python_dispatch.TorchDispatchMode):
-    """Counts collectives as they are dispatched (eager code: DTensor, HF); bytes = the output's size."""
+    """Counts collectives as they are dispatched (eager code: DTensor, HF).
+
+    Bytes as tpcompile's records count them: the whole buffer reduced or gathered (a
+    reduce-scatter's input, every other collective's output)."""
 
     def __init__(self):
         super().__init__()
@@ -191,6 +194,8 @@ class CollectiveCounter(torch.utils._python_dispatch.TorchDispatchMode):
             if kind is not None:
                 # c10d ops return (tensors, work): their output is the first element
                 res = out[0] if ns == "c10d" and isinstance(out, tuple) else out
+                if kind == "reduce_scatter":
+                    res = args[1] if ns == "c10d" else args[0]  # c10d: (outputs, inputs, ...)
                 self.seen.append((self.phase, kind, _nbytes(res)))
         return out
 
@@ -634,12 +639,24 @@ def main(argv: list[str] | None = None) -> int:
         return row
 
     hf_rows: dict = {}
-    for size_name in args.sizes:
-        for tp in args.tp:
-            configs = args.configs if (size_name, tp) == head else args.scaling_configs
-            rows = results.setdefault((size_name, tp), {})
-            for config in configs:
-                rows[config] = one(size_name, tp, config, None)
+    grid = [(n, t) for n in args.sizes for t in args.tp]
+    for size_name, tp in grid:
+        results[(size_name, tp)] = {}
+
+    def flush(final: bool = False) -> list:
+        """Write what there is so far: a run cut short still leaves a table."""
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(raw, f, indent=1, default=str)
+        done = {k: v for k, v in results.items() if v}
+        imgs = plots(done, args.img) if final else []
+        write_markdown(args, cmd, head, done, hf_rows, raw, imgs, time.perf_counter() - started, final)
+        return imgs
+
+    # the headline point first, then the Hugging Face table, then the rest of the grid
+    for config in args.configs:
+        results[head][config] = one(*head, config, None)
+        flush()
     if args.hf:
         size_name, tp = head
         with tempfile.TemporaryDirectory(prefix="bench-hf-") as hf_dir:
@@ -650,12 +667,15 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 for config in HF_CONFIGS:
                     hf_rows[config] = one(size_name, tp, config, hf_dir)
+                    flush()
+    for size_name, tp in grid:
+        if (size_name, tp) == head:
+            continue
+        for config in args.scaling_configs:
+            results[(size_name, tp)][config] = one(size_name, tp, config, None)
+            flush()
+    imgs = flush(final=True)
     total = time.perf_counter() - started
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(raw, f, indent=1, default=str)
-    imgs = plots(results, args.img)
-    write_markdown(args, cmd, head, results, hf_rows, raw, imgs, total)
     print(f"wrote {args.out} and {', '.join(imgs)} in {total:.0f} s")
     return 0
 
@@ -682,7 +702,7 @@ def scaling_table(results: dict) -> str:
 
 
 def write_markdown(args, cmd: str, head: tuple, results: dict, hf_rows: dict, raw: dict, imgs: list,
-                   total: float) -> None:
+                   total: float, final: bool = True) -> None:
     size_name, tp = head
     size = SIZES[size_name]
     L = ["# Benchmarks: tpcompile beside its peers", "",
@@ -690,7 +710,7 @@ def write_markdown(args, cmd: str, head: tuple, results: dict, hf_rows: dict, ra
     L += [f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
           f"- machine: {machine()}; {args.threads or 'cores // ranks'} intra-op thread(s) per rank",
           f"- torch {torch.__version__}, backend {'nccl' if torch.cuda.is_available() else 'gloo'}",
-          f"- command: `{cmd}` ({total / 60:.1f} min in all)",
+          f"- command: `{cmd}` ({total / 60:.1f} min in all{'' if final else '; INCOMPLETE: still running or cut short'})",
           f"- each configuration: 1 first step (includes compiling; timed alone), {args.warmup} warm-up steps, "
           f"{args.steps} timed steps (median, [min–max], rank 0; the ranks start each step together); "
           "AdamW (lr 1e-3), 4 fixed batches cycled, fp32, dropout off; fresh processes with an empty Inductor "
@@ -699,14 +719,15 @@ def write_markdown(args, cmd: str, head: tuple, results: dict, hf_rows: dict, ra
           "- collectives: compiled configurations: counted in the AOT forward/backward graphs the compiler "
           "produced (tpcompile: `tp_state(model).records`; others: a recording Inductor backend); eager ones "
           "(DTensor eager, HF): a `TorchDispatchMode` around one extra step, counting `_c10d_functional` and "
-          "`c10d` collectives. Bytes are each collective's output size. Memory: "
+          "`c10d` collectives. Bytes: the whole buffer each collective reduces or gathers (a reduce-scatter's "
+          "input, otherwise the output), summed. Memory: "
           + ("`torch.cuda.max_memory_allocated`" if torch.cuda.is_available() else
              "peak RSS of the rank's process (includes ~300-400 MiB of torch itself and Inductor's compile)") + ".",
           ""]
     L += [f"## Headline: torch's test Transformer, {size_name} ({size.n_layers} layers, dim {size.dim}, "
           f"{size.n_heads} heads, vocab {size.vocab}, batch {size.batch}x{size.seq}), TP={tp}", "",
           "In brackets: the ratio to tpcompile (tokens/s: higher is better; everything else: lower).", "",
-          table(results[head]), ""]
+          table(results.get(head, {})), ""]
     if hf_rows:
         L += [f"## Hugging Face `LlamaForCausalLM` of the same size, TP={tp}", "",
               "`hf-auto` is `from_pretrained(path, tp_plan=\"auto\")` (eager; HF's own plan); `hf-single` the same "

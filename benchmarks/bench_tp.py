@@ -504,7 +504,7 @@ def table(rows: dict, base: str = "tpcompile") -> str:
     """One markdown table: a row per configuration, each figure followed by its ratio to ``base``."""
     b = rows.get(base) if isinstance(rows.get(base), dict) else None
     head = ("| configuration | compile s (first step) | step ms median [min–max] | fwd / bwd / opt ms | tokens/s "
-            "| collectives fwd / bwd | MiB moved fwd / bwd | param MiB / rank | peak MiB / rank | "
+            "| collectives fwd / bwd | collective buffers MiB fwd / bwd | param MiB / rank | peak MiB / rank | "
             "loss step 0 → K | Dynamo graphs / breaks |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for name, s in rows.items():
@@ -701,6 +701,20 @@ def scaling_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def verdict(rows: dict) -> list[str]:
+    """The issue's targets at the headline point, measured: step <= 0.9x and compile <= 0.8x of
+    DTensor compiled, with the same losses."""
+    t, d = rows.get("tpcompile"), rows.get("dtensor-compiled")
+    if not (isinstance(t, dict) and isinstance(d, dict)):
+        return []
+    step, comp = t["step_ms"] / d["step_ms"], t["compile_s"] / d["compile_s"]
+    same = abs(t["lossK"] - d["lossK"]) <= 1e-4 * abs(d["lossK"])
+    return [f"Targets (issue 6), tpcompile / dtensor-compiled: steady step {step:.2f}x "
+            f"({'met' if step <= 0.9 else 'missed'}: <= 0.9x), compile {comp:.2f}x "
+            f"({'met' if comp <= 0.8 else 'missed'}: <= 0.8x), loss at step K {t['lossK']:.6f} vs {d['lossK']:.6f} "
+            f"({'same' if same else 'DIFFERENT'} to 1e-4 relative).", ""]
+
+
 def write_markdown(args, cmd: str, head: tuple, results: dict, hf_rows: dict, raw: dict, imgs: list,
                    total: float, final: bool = True) -> None:
     size_name, tp = head
@@ -720,14 +734,15 @@ def write_markdown(args, cmd: str, head: tuple, results: dict, hf_rows: dict, ra
           "produced (tpcompile: `tp_state(model).records`; others: a recording Inductor backend); eager ones "
           "(DTensor eager, HF): a `TorchDispatchMode` around one extra step, counting `_c10d_functional` and "
           "`c10d` collectives. Bytes: the whole buffer each collective reduces or gathers (a reduce-scatter's "
-          "input, otherwise the output), summed. Memory: "
+          "input, otherwise the output), summed; on a ring an all-reduce of N sends what an all-gather plus a "
+          "reduce-scatter of N send together, so SP rows read twice the buffer MiB for the same traffic. Memory: "
           + ("`torch.cuda.max_memory_allocated`" if torch.cuda.is_available() else
              "peak RSS of the rank's process (includes ~300-400 MiB of torch itself and Inductor's compile)") + ".",
           ""]
     L += [f"## Headline: torch's test Transformer, {size_name} ({size.n_layers} layers, dim {size.dim}, "
           f"{size.n_heads} heads, vocab {size.vocab}, batch {size.batch}x{size.seq}), TP={tp}", "",
           "In brackets: the ratio to tpcompile (tokens/s: higher is better; everything else: lower).", "",
-          table(results.get(head, {})), ""]
+          table(results.get(head, {})), ""] + verdict(results.get(head, {}))
     if hf_rows:
         L += [f"## Hugging Face `LlamaForCausalLM` of the same size, TP={tp}", "",
               "`hf-auto` is `from_pretrained(path, tp_plan=\"auto\")` (eager; HF's own plan); `hf-single` the same "

@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,6 +21,19 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+# The peers side by side (docs/benchmarks.md, docs/img/*.png). torch is already in the venv
+# (the stamp installs it first), so the [bench] extra cannot pull another torch.
+BENCH_ARGS ?= --tp 1 2 4 --sizes small medium --profile
+BENCH_STAMP := $(VENV)/.bench-installed
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/python -m pip install -q -e ".[test,bench]"
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(BIN)/python benchmarks/bench_tp.py $(BENCH_ARGS)
+	# the vocab-parallel cross-entropy micro-benchmark (issue 6, item 5), once it exists
+	if [ -f benchmarks/bench_cross_entropy.py ]; then $(BIN)/python benchmarks/bench_cross_entropy.py; fi
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -28,10 +28,11 @@ import torch
 import torch.fx as fx
 
 from tpcompile.runtime import mappings as M
+from tpcompile.runtime import random as R_
 from tpcompile.runtime import vocab_parallel as V
 
 from .graph_utils import source_line, value
-from .propagate import TPShardingError, layer_norm, pointwise, rule_for, unary
+from .propagate import TPShardingError, dropout, layer_norm, pointwise, rule_for, unary
 
 _REDUCTIONS = {"sum", "mean", "amax", "amin", torch.sum, torch.mean, torch.amax, torch.amin}
 
@@ -60,7 +61,7 @@ def _token_wise(node: fx.Node, tokens: int) -> bool:
     if not isinstance(v, torch.Tensor) or v.dim() < 2 or v.shape[-2] != tokens:
         return False
     rule = rule_for(node)
-    if rule in (pointwise, unary):
+    if rule in (pointwise, unary, dropout):
         return not (node.target == "to" and any(isinstance(a, (torch.device, str)) for a in node.args[1:]))
     if rule is layer_norm:
         norm_shape = node.args[1] if len(node.args) > 1 else node.kwargs.get("normalized_shape")
@@ -73,7 +74,22 @@ def _token_wise(node: fx.Node, tokens: int) -> bool:
     return False
 
 
-def sequence_parallel(gm: fx.GraphModule, group: str, tp: int) -> SPResult:
+_DROPOUTS = {torch.nn.functional.dropout}
+
+
+def _sp_dropout(n: fx.Node, dim: int, tokens: int, rank: int) -> None:
+    """Dropout on this rank's tokens draws the full-sequence mask and keeps its slice, so
+    the answer is single-device dropout (ranks get independent masks, streams stay in step)."""
+    a = list(n.args) + [None] * 3
+    p = n.kwargs.get("p", a[1] if a[1] is not None else 0.5)
+    training = n.kwargs.get("training", a[2] if a[2] is not None else True)
+    if n.kwargs.get("inplace", a[3]) or not isinstance(p, (int, float)) or not isinstance(training, bool):
+        return
+    n.target = R_.sharded_dropout
+    n.args, n.kwargs = (n.args[0], float(p), training, dim, tokens, rank), {}
+
+
+def sequence_parallel(gm: fx.GraphModule, group: str, tp: int, rank: int = 0) -> SPResult:
     """Turn the replicated regions of a TP-rewritten ``gm`` into token-sharded ones (in place)."""
     g = gm.graph
     res = SPResult()
@@ -128,6 +144,8 @@ def sequence_parallel(gm: fx.GraphModule, group: str, tp: int) -> SPResult:
             n.kwargs = {**n.kwargs, "sp_dim": tdim(n)}
             res.entries.append(n)
         else:
+            if n.target in _DROPOUTS:
+                _sp_dropout(n, tdim(n), T, rank)
             for x in n.all_input_nodes:  # values from outside the region
                 if x in region or not isinstance(value(x), torch.Tensor):
                     continue

@@ -94,3 +94,23 @@ def test_a_non_token_wise_consumer_gets_the_whole_value():
     rep = tpcompile.explain(Hidden(), idx, world_size=2, sequence_parallel=True)
     assert "gather_from_tp(" in rep.graph_code
     assert rep.above_floor()["forward"] == 1  # that gather is the one collective above the floor
+
+
+def _sp_dropout_ranks(rank, world):
+    """Dropout in the token-sharded residual stream equals single-device dropout under the same seed."""
+    import copy
+
+    model, (x, y) = gpt.make_model(dropout=0.2)
+    ref = copy.deepcopy(model)
+    model = tpcompile.tp_compile(model, backend="aot_eager", sequence_parallel=True,
+                                 plan={"h.*": "replicate", "wte": "replicate"})  # only SP regions differ
+    torch.manual_seed(7)
+    loss = model(x, y).item()
+    torch.manual_seed(7)
+    ref_loss = ref(x, y).item()
+    return loss, ref_loss, "sharded_dropout" in tpcompile.tp_state(model).records[0].graph_code
+
+
+def test_dropout_in_the_token_sharded_stream_matches_single_device():
+    for loss, ref_loss, sharded in run_ranks(_sp_dropout_ranks, 2):
+        assert sharded and abs(loss - ref_loss) <= 1e-5 * abs(ref_loss)

@@ -196,7 +196,7 @@ class Backend:
         floor = communication_floor(plan)
         rewrite(gm, plan, st.group_name, st.rank)
         if st.sequence_parallel:
-            sp = sequence_parallel(gm, st.group_name, st.tp)
+            sp = sequence_parallel(gm, st.group_name, st.tp, st.rank)
             floor = floor_with_sp(sp, floor["forward"].get("vocab-parallel loss", 0))
         record = GraphRecord(
             {pp.fqn: pp for pp in plan.params.values()}, original_code, readable_code(gm.graph, names), fallbacks,

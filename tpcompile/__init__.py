@@ -4,6 +4,7 @@
 """
 from tpcompile.api import TensorParallel, TPEagerFallbackError, TPInputMismatchError, tp_compile, tp_state
 from tpcompile.backend import Collective, GraphRecord, TPWarning
+from tpcompile.checkpoint import TPCheckpointError, full_state_dict, load_checkpoint, save_checkpoint
 from tpcompile.passes.propagate import TPShardingError
 
 __all__ = [
@@ -16,4 +17,8 @@ __all__ = [
     "TPInputMismatchError",
     "TPEagerFallbackError",
     "TPWarning",
+    "load_checkpoint",
+    "save_checkpoint",
+    "full_state_dict",
+    "TPCheckpointError",
 ]

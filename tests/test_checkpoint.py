@@ -1,0 +1,305 @@
+"""Checkpoints (issue 7): meta-device init, per-rank safetensors slices, DTensor state dicts, DCP reshard.
+
+Multi-rank checks run on gloo ranks; the errors run in this process (plain model or fake group).
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import types
+
+import pytest
+import torch
+import torch.nn as nn
+from safetensors.torch import save_file
+
+import gpt
+import tpcompile
+from fakepg import fake_group
+from multirank import run_ranks
+from tpcompile.checkpoint import TPCheckpointError, optim_state_dict, reset_parameters
+from tpcompile.passes.plan import ParamPlan
+
+
+# ----------------------------------------------------------------------------- helpers (run on ranks)
+def _out(obj) -> bytes:
+    """Tensors leave a rank as bytes (the mp queue would share their memory with a dying process)."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _ranks(fn, world: int, *args) -> list:
+    return [torch.load(io.BytesIO(b)) for b in run_ranks(fn, world, *args)]
+
+
+def _gpt_sweeps(model: gpt.GPT) -> list:
+    """GPT's own init as per-module sweeps: construction resets, ``_init_weights``, scaled projections."""
+    names = {id(m): n for n, m in model.named_modules()}
+    std = 0.02 / math.sqrt(2 * model.config.n_layer)
+
+    def scaled(m):
+        if names[id(m)].endswith(("attn.o_proj", "mlp.proj")):
+            torch.nn.init.normal_(m.weight, mean=0.0, std=std)
+
+    return [reset_parameters, model._init_weights, scaled]
+
+
+def _meta_gpt(example, **kw) -> gpt.GPT:
+    with torch.device("meta"):
+        model = gpt.GPT(gpt.GPTConfig())
+    init = _gpt_sweeps(model) if kw.pop("init", False) else None
+    return tpcompile.tp_compile(model, example_inputs=example, init_weights=init, backend="aot_eager", **kw)
+
+
+def _fused(rank: int, tp: int, init: bool = True) -> nn.Module:
+    """A Linear stored as a fused (3-piece, strided) column-parallel shard, as a fused QKV is."""
+    with torch.random.fork_rng():
+        torch.manual_seed(5)
+        m = nn.Sequential(nn.Linear(8, 24))
+    m = tpcompile.tp_compile(m)
+    st = tpcompile.tp_state(m)
+    pp = ParamPlan("0.weight", "colwise", 0, 3, (24, 8), (24 // tp, 8))
+    st.apply_plan(types.SimpleNamespace(params={0: pp}))
+    if not init:
+        st.params["0.weight"].data.fill_(float("nan"))
+    return m
+
+
+def _gathered_optim(model, opt) -> dict:
+    out = {}
+    for fqn, s in optim_state_dict(model, opt)["state"].items():
+        out[fqn] = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in s.items()}
+    return out
+
+
+def _train_step(model, opt, x, y) -> float:
+    loss = model(x, y)
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    return loss.item()
+
+
+def _meta_init_worker(rank: int, world: int) -> dict:
+    _, (x, y) = gpt.make_model()
+    torch.manual_seed(0)
+    model = _meta_gpt((x, y), init=True)
+    rng_after = torch.get_rng_state()
+    st = tpcompile.tp_state(model)
+    shapes = {n: (tuple(p.shape), st.plan[n].local_shape, p.device.type) for n, p in model.named_parameters()}
+    loss = model(x, y).item()
+    return _out({"full": tpcompile.full_state_dict(model, rank0_only=False), "rng": rng_after, "shapes": shapes,
+            "loss": loss})
+
+
+def _save_worker(rank: int, world: int, path: str) -> dict:
+    model, (x, y) = gpt.make_model()
+    model = tpcompile.tp_compile(model, example_inputs=(x, y), backend="aot_eager")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    _train_step(model, opt, x, y)
+    tpcompile.save_checkpoint(model, os.path.join(path, "gpt"), optimizer=opt)
+    fused = _fused(rank, world)
+    tpcompile.save_checkpoint(fused, os.path.join(path, "fused"))
+    sd = model.state_dict()
+    placements = {k: [repr(p) for p in v.placements] for k, v in sd.items() if hasattr(v, "placements")}
+    fused_dt = fused.state_dict()["0.weight"]
+    return _out({"full": tpcompile.full_state_dict(model), "optim": _gathered_optim(model, opt),
+            "placements": placements, "fused": tpcompile.full_state_dict(fused),
+            "fused_dtensor_full": fused_dt.full_tensor(), "fused_placement": repr(fused_dt.placements[0])})
+
+
+def _load_worker(rank: int, world: int, path: str) -> dict:
+    _, (x, y) = gpt.make_model()
+    model = _meta_gpt((x, y))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)  # lr is restored from the checkpoint
+    tpcompile.load_checkpoint(model, os.path.join(path, "gpt"), optimizer=opt)
+    fused = _fused(rank, world, init=False)
+    tpcompile.load_checkpoint(fused, os.path.join(path, "fused"))
+    return _out({"full": tpcompile.full_state_dict(model), "optim": _gathered_optim(model, opt),
+            "lr": opt.param_groups[0]["lr"], "fused": tpcompile.full_state_dict(fused),
+            "fused_local": fused[0].weight.detach().clone()})
+
+
+def _safetensors_worker(rank: int, world: int, path: str) -> dict:
+    _, (x, y) = gpt.make_model()
+    model = _meta_gpt((x, y))
+    try:
+        model(x, y)
+        unloaded = "no error"
+    except RuntimeError as e:
+        unloaded = str(e)
+    tpcompile.load_checkpoint(model, os.path.join(path, "model.safetensors"))
+    numel = sum(p.numel() for p in model.parameters())
+    loss = model(x, y).item()
+    out = os.path.join(path, "resaved")
+    tpcompile.save_checkpoint(model, out, format="safetensors")
+    fused = _fused(rank, world, init=False)
+    tpcompile.load_checkpoint(fused, os.path.join(path, "fused.safetensors"))
+    return _out({"loss": loss, "full": tpcompile.full_state_dict(model), "unloaded": unloaded, "numel": numel,
+            "fused": tpcompile.full_state_dict(fused)})
+
+
+# ----------------------------------------------------------------------------- multi-rank tests
+def test_meta_init_equals_single_device_init():
+    """Meta-built GPT, GPT's own init replayed per module at TP=2: the *full* tensors equal
+    ``torch.manual_seed(0); GPT(config)`` bit for bit; each rank allocated only its shards."""
+    results = _ranks(_meta_init_worker, 2)
+    torch.manual_seed(0)
+    ref = gpt.GPT(gpt.GPTConfig())
+    ref_rng = torch.get_rng_state()
+    _, (x, y) = gpt.make_model()
+    ref_loss = ref(x, y).item()
+    for r in results:
+        assert r["full"].keys() == ref.state_dict().keys()
+        for k, v in ref.state_dict().items():
+            assert torch.equal(r["full"][k], v), k
+        assert torch.equal(r["rng"], ref_rng)  # the RNG continues where single-device init left it
+        assert all(shape == local and dev == "cpu" for shape, local, dev in r["shapes"].values()), r["shapes"]
+        assert abs(r["loss"] - ref_loss) <= 1e-5 * abs(ref_loss)
+    assert results[0]["shapes"]["wte.weight"][0] == (128, 64)
+
+
+def test_dcp_save_tp4_load_tp2_and_tp1(tmp_path):
+    """TP=4 save (model + AdamW state, a fused strided weight) -> TP=2 meta load -> plain TP=1 load:
+    bitwise-equal full tensors and optimizer state."""
+    saved = _ranks(_save_worker, 4, str(tmp_path))[0]
+    assert saved["placements"]["h.0.attn.q_proj.weight"] == ["Shard(dim=0)"]
+    assert saved["placements"]["h.0.attn.o_proj.weight"] == ["Shard(dim=1)"]
+    assert saved["placements"]["wte.weight"] == saved["placements"]["lm_head.weight"] == ["Shard(dim=0)"]
+    assert "ln_f.weight" not in saved["placements"]  # replicated: a plain tensor
+    assert "_StridedShard" in saved["fused_placement"]
+    torch.manual_seed(5)
+    fused_ref = nn.Linear(8, 24).weight.detach()
+    assert torch.equal(saved["fused"]["0.weight"], fused_ref)
+    assert torch.equal(saved["fused_dtensor_full"], fused_ref)
+
+    loaded = _ranks(_load_worker, 2, str(tmp_path))
+    for k, v in saved["full"].items():
+        assert torch.equal(loaded[0]["full"][k], v), k
+    for fqn, s in saved["optim"].items():
+        for name, v in s.items():
+            assert torch.equal(loaded[0]["optim"][fqn][name], v), (fqn, name)
+    assert loaded[0]["lr"] == 1e-2
+    assert torch.equal(loaded[0]["fused"]["0.weight"], fused_ref)
+    # rank 1 of 2 holds rows 4:8, 12:16, 20:24 (its half of each fused piece)
+    assert torch.equal(loaded[1]["fused_local"], torch.cat([fused_ref[4:8], fused_ref[12:16], fused_ref[20:24]]))
+
+    plain, _ = gpt.make_model(seed=7)
+    opt = torch.optim.AdamW(plain.parameters(), lr=1e-3)
+    tpcompile.load_checkpoint(plain, tmp_path / "gpt", optimizer=opt)
+    for k, v in saved["full"].items():
+        assert torch.equal(plain.state_dict()[k], v), k
+    names = {id(p): n for n, p in plain.named_parameters()}
+    for p, s in opt.state.items():
+        for name, v in s.items():
+            assert torch.equal(v, saved["optim"][names[id(p)]][name]), (names[id(p)], name)
+    assert len(opt.state) == len(saved["optim"])
+
+
+def test_single_device_safetensors_to_tp2(tmp_path):
+    """A single-device GPT saved as safetensors loads into a meta-built TP=2 model: same loss,
+    bitwise full state dict; forward before loading is refused; save_checkpoint(safetensors) round-trips."""
+    ref, (x, y) = gpt.make_model()
+    sd = {k: v for k, v in ref.state_dict().items() if k != "lm_head.weight"}  # tied: saved once
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    torch.manual_seed(5)
+    fused_ref = nn.Linear(8, 24).weight.detach()
+    save_file({"0.weight": fused_ref, "0.bias": torch.zeros(24)}, str(tmp_path / "fused.safetensors"))
+    results = _ranks(_safetensors_worker, 2, str(tmp_path))
+    ref_loss = ref(x, y).item()
+    full_numel = sum(p.numel() for p in ref.parameters())
+    for r in results:
+        assert abs(r["loss"] - ref_loss) <= 1e-5 * abs(ref_loss), (r["loss"], ref_loss)
+        assert "never loaded" in r["unloaded"] and "load_checkpoint" in r["unloaded"]
+        assert r["numel"] < 0.6 * full_numel
+    for k, v in ref.state_dict().items():
+        assert torch.equal(results[0]["full"][k], v), k
+    assert torch.equal(results[0]["fused"]["0.weight"], fused_ref)
+    from safetensors.torch import load_file
+
+    resaved = load_file(str(tmp_path / "resaved" / "model.safetensors"))
+    assert resaved.keys() == sd.keys()
+    assert all(torch.equal(resaved[k], v) for k, v in sd.items())
+
+
+# ----------------------------------------------------------------------------- bad input (one process)
+def _plain_gpt_files(tmp_path, **drop_or_change) -> tuple[gpt.GPT, dict]:
+    model, _ = gpt.make_model()
+    sd = {k: v.clone() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    return model, sd
+
+
+def _snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _unchanged(model, before) -> bool:
+    return all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_bad_checkpoints_name_the_tensor_and_load_nothing(tmp_path):
+    model, sd = _plain_gpt_files(tmp_path)
+    other, _ = gpt.make_model(seed=3)
+    cases = {
+        "missing": ({k: v for k, v in sd.items() if k != "h.1.mlp.fc.bias"}, "missing key: h.1.mlp.fc.bias"),
+        "unexpected": ({**sd, "h.9.extra": torch.zeros(3)}, "unexpected keys"),
+        "shape": ({**sd, "h.0.attn.q_proj.weight": torch.zeros(64, 32)},
+                  "size mismatch for h.0.attn.q_proj.weight"),
+    }
+    for name, (tensors, msg) in cases.items():
+        fn = tmp_path / f"{name}.safetensors"
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(fn))
+        before = _snapshot(other)
+        with pytest.raises(TPCheckpointError, match=msg.replace("(", r"\(")):
+            tpcompile.load_checkpoint(other, fn)
+        assert _unchanged(other, before), name  # every check runs before the first copy
+
+    fn = tmp_path / "unexpected.safetensors"
+    tpcompile.load_checkpoint(other, fn, strict=False)  # extra keys are allowed when asked
+    assert all(torch.equal(other.state_dict()[k], v) for k, v in sd.items())
+
+    good = tmp_path / "good.safetensors"
+    save_file(sd, str(good))
+    data = good.read_bytes()
+    bad = tmp_path / "truncated.safetensors"
+    bad.write_bytes(data[: len(data) - 1000])
+    before = _snapshot(other)
+    with pytest.raises(TPCheckpointError, match="truncated.safetensors: corrupt or truncated"):
+        tpcompile.load_checkpoint(other, bad)
+    assert _unchanged(other, before)
+
+    shards = tmp_path / "sharded"
+    shards.mkdir()
+    (shards / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"wte.weight": "model-00001-of-00002.safetensors"}}))
+    with pytest.raises(TPCheckpointError, match="model-00001-of-00002.safetensors.*wte.weight"):
+        tpcompile.load_checkpoint(other, shards)
+
+
+def test_meta_model_errors_on_a_fake_group(tmp_path):
+    import llama
+
+    _, (x, y) = gpt.make_model()
+    with fake_group(2, rank=1):
+        with torch.device("meta"):
+            m = gpt.GPT(gpt.GPTConfig())
+        with pytest.raises(ValueError, match="meta device; pass example_inputs"):
+            tpcompile.tp_compile(m, backend="aot_eager")
+    with fake_group(2, rank=1):
+        with torch.device("meta"):
+            m = llama.Llama(llama.LlamaConfig())
+        with pytest.raises(ValueError, match=r"non-persistent buffers \['rope_cos', 'rope_sin'\]"):
+            tpcompile.tp_compile(m, example_inputs=(x, y), backend="aot_eager")
+    with fake_group(2, rank=1):
+        m = _meta_gpt((x, y))
+        bad = {"h.0.mlp.fc.weight": torch.zeros(128, 64)}
+        with pytest.raises(RuntimeError, match=r"h.0.mlp.fc.weight: .*\(128, 64\).*logical.*\(256, 64\)"):
+            m.load_state_dict(bad, strict=False)
+        sd = {k: v for k, v in gpt.make_model()[0].state_dict().items() if k != "lm_head.weight"}
+        sd["h.1.attn.o_proj.weight"] = torch.zeros(64, 32)  # a rank's shard is not a checkpoint
+        save_file(sd, str(tmp_path / "m.safetensors"))
+        with pytest.raises(TPCheckpointError, match=r"h.1.attn.o_proj.weight.*\(64, 32\).*\(64, 64\)"):
+            tpcompile.load_checkpoint(m, tmp_path / "m.safetensors")

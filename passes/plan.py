@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import fnmatch
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch.fx as fx
 import torch.nn.functional as F
@@ -49,6 +49,7 @@ class GraphPlan:
     prop: Propagation
     tp: int
     unsupported: dict  # op node with no rule -> column linears kept replicated because of it
+    notes: list = field(default_factory=list)  # decisions the user should hear about (TPWarning)
 
 
 def _style_for_fqn(fqn: str, overrides: dict) -> str | None:
@@ -109,6 +110,7 @@ def make_plan(gm: fx.GraphModule, tp: int, param_fqns: dict, overrides: dict | N
 
     replicated: set = set()
     unsupported: dict = {}
+    notes: list = []
     first = True
     while True:
 
@@ -132,6 +134,17 @@ def make_plan(gm: fx.GraphModule, tp: int, param_fqns: dict, overrides: dict | N
         prop = propagate(gm, tp, params, style_of, lambda n: chunks.get(n, 1))
         if first:
             _param_plans(gm, prop, tp, param_fqns)  # parameter sizes first: the clearer error
+        few = {n: h for n, h in _few_kv_heads(prop, tp, forced).items() if n not in replicated}
+        if few:  # GQA / MQA with fewer kv heads than tp: keep k/v whole, plan again
+            replicated |= set(few)
+            for lin in sorted(few, key=lambda n: n.name):
+                notes.append(
+                    f"tpcompile: {param_fqns[lin.args[1]].rsplit('.', 1)[0]} has {few[lin]} heads, not divisible "
+                    f"by tp={tp} (grouped-query attention): it stays replicated and each rank takes the kv heads "
+                    f"its query heads need (correct, costs its full weight per rank)."
+                )
+            continue
+        if first:
             _check_views(prop, tp, param_fqns)
             first = False
         tried = {n for n in linears if prop.info[n].kind == "colwise"}
@@ -142,7 +155,37 @@ def make_plan(gm: fx.GraphModule, tp: int, param_fqns: dict, overrides: dict | N
         if dropped <= replicated:
             break
         replicated |= dropped
-    return GraphPlan(_param_plans(gm, prop, tp, param_fqns), prop, tp, unsupported)
+    return GraphPlan(_param_plans(gm, prop, tp, param_fqns), prop, tp, unsupported, notes)
+
+
+def _unsplittable_heads(prop: Propagation, tp: int) -> dict:
+    """Column linear -> (view node, size) for head splits of its output that tp does not divide."""
+    out = {}
+    for node, ni in prop.info.items():
+        bad = ni.extra.get("unsplittable")
+        if bad and isinstance(bad[1], int) and int(bad[1]) % tp and value(node).dim() > value(node.args[0]).dim():
+            for o in prop.origins.get(node.args[0], ()):
+                out[o] = (node, int(bad[1]))
+    return out
+
+
+def _few_kv_heads(prop: Propagation, tp: int, forced: dict) -> dict:
+    """Key/value projections of grouped-query attention whose head count tp does not divide.
+
+    Recognised by a sibling: another column-parallel linear on the same input (the query
+    projection) whose heads do split. Those k/v projections are better replicated than an
+    error: the query heads stay sharded and each rank uses the kv heads they map to.
+    """
+    bad = _unsplittable_heads(prop, tp)
+    few = {}
+    for lin, (_, heads) in bad.items():
+        if lin.args[1] in forced:
+            continue
+        siblings = [u for u in lin.args[0].users if u is not lin and u.op == "call_function" and u.target is lin.target
+                    and prop.info.get(u) is not None and prop.info[u].kind == "colwise" and u not in bad]
+        if siblings:
+            few[lin] = heads
+    return few
 
 
 def _check_views(prop: Propagation, tp: int, param_fqns: dict) -> None:

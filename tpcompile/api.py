@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import logging
 from typing import Any
 
 import torch
@@ -20,6 +21,20 @@ class TPEagerFallbackError(RuntimeError):
 
 class TPInputMismatchError(RuntimeError):
     """The TP ranks were handed different inputs (e.g. a data loader seeded per rank)."""
+
+
+def _quiet_logging() -> set:
+    """Logger methods Dynamo may drop inside the compiled model instead of graph-breaking.
+
+    A graph break splits the model into graphs planned apart (values crossing it are made
+    whole), so a harmless ``logger.warning_once(...)`` in a library model (Hugging Face's
+    loss selection does this) would cost collectives. Inside compiled code those messages
+    are skipped; eager runs still print them.
+    """
+    names = ("debug", "info", "warning", "warn", "error", "critical", "exception", "log", "warning_once", "info_once",
+             "warning_advice")
+    fns = {getattr(logging.Logger, n) for n in names if hasattr(logging.Logger, n)}
+    return set(torch._dynamo.config.ignore_logging_functions) | fns
 
 
 def _resolve_group(group) -> dist.ProcessGroup:
@@ -122,7 +137,7 @@ class TensorParallel:
             self._inputs_checked = True
         n_graphs = len(self.records)
         try:
-            with torch._dynamo.config.patch(nested_graph_breaks=True):
+            with torch._dynamo.config.patch(nested_graph_breaks=True, ignore_logging_functions=_quiet_logging()):
                 out = self.compiled(*args, **kwargs)
         except torch._dynamo.exc.BackendCompilerFailed as e:
             inner = getattr(e, "inner_exception", None)

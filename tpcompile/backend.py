@@ -135,6 +135,9 @@ class Backend:
         plan = make_plan(gm, st.tp, fqns, st.overrides)
         fallbacks = [self._warn_fallback(n, plan) for n in plan.prop.fallbacks]
         fallbacks += [self._warn_unsupported(n, mods) for n, mods in plan.unsupported.items()]
+        for msg in plan.notes:
+            warnings.warn(msg, TPWarning, stacklevel=2)
+            fallbacks.append(msg)
         st.apply_plan(plan)
         rewrite(gm, plan, st.group_name, st.rank)
         record = GraphRecord(
@@ -142,8 +145,11 @@ class Backend:
         )
         st.records.append(record)
         inputs = list(example_inputs)
+        fake_mode = torch._guards.detect_fake_mode(example_inputs)
         for i, real in subs:
-            inputs[i] = real
+            # fakify the local shard ourselves, with static shapes: left to AOTAutograd it gets
+            # fresh symbols with no source, and a shape guard on one of them fails to build
+            inputs[i] = fake_mode.from_tensor(real, static_shapes=True) if fake_mode is not None else real
         compiled = _compile(gm, inputs, record, st.inner_backend)
 
         def run(*args):

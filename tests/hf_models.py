@@ -1,0 +1,107 @@
+"""Tiny 2-layer Hugging Face models built from configs (random weights, no downloads).
+
+One per family the parity tests cover:
+- ``gpt2``: Conv1D ``[in, out]`` weights (``torch.addmm``), fused ``c_attn`` QKV split, learned
+  position embeddings, tied LM head, vocabulary 250 (not divisible by 4);
+- ``llama``: GQA (8 q heads, 4 kv heads), RoPE, SwiGLU, RMSNorm, untied LM head;
+- ``qwen2``: q/k/v biases, 4 q heads and 2 kv heads (fewer kv heads than tp at TP=4).
+"""
+from __future__ import annotations
+
+import torch
+
+FAMILIES = ("gpt2", "llama", "qwen2")
+
+
+def make_config(family: str, **overrides):
+    import transformers as tf
+
+    common = dict(attn_implementation="sdpa", use_cache=False)
+    if family == "gpt2":
+        cfg = tf.GPT2Config(vocab_size=250, n_positions=64, n_embd=64, n_layer=2, n_head=4,
+                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, **common)
+    elif family == "llama":
+        cfg = tf.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=64,
+                             tie_word_embeddings=False, **common)
+    elif family == "qwen2":
+        cfg = tf.Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                             tie_word_embeddings=False, **common)
+    else:
+        raise ValueError(family)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def make_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    cfg = make_config(family, **overrides)
+    cls = {"gpt2": tf.GPT2LMHeadModel, "llama": tf.LlamaForCausalLM, "qwen2": tf.Qwen2ForCausalLM}[family]
+    model = cls(cfg)
+    if family == "qwen2":  # HF initialises biases to zero: make them matter
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n.endswith("bias"):
+                    p.normal_(0, 0.1)
+    return model.train()
+
+
+def train_hf_beside_reference(rank: int, world: int, family: str, steps: int = 3, lr: float = 0.1,
+                              backend: str = "aot_eager", batch: tuple = (2, 16), dtype=None,
+                              autocast: bool = False, **overrides) -> dict:
+    """SGD steps of a tp-compiled HF model and its single-device copy, called the HF way:
+    ``model(input_ids=..., labels=...).loss``. Runs inside one gloo rank (``multirank.run_ranks``).
+
+    Returns per-step losses of both, the largest gradient error against the matching slice of
+    the single-device gradient, the plan, parameter element counts and the warnings.
+    """
+    import copy
+    import warnings
+
+    import tpcompile
+    from tpcompile.backend import shard_tensor
+
+    model = make_model(family, **overrides)
+    if dtype is not None:
+        model = model.to(dtype)
+    ref = copy.deepcopy(model)
+    vocab = model.config.vocab_size
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = tpcompile.tp_compile(model, backend=backend)
+        opt = torch.optim.SGD(model.parameters(), lr=lr)
+        ref_opt = torch.optim.SGD(ref.parameters(), lr=lr)
+        ref_params = dict(ref.named_parameters())
+        g = torch.Generator().manual_seed(1234)
+        out = {"loss": [], "ref_loss": [], "grad_err": 0.0, "logits_err": 0.0}
+        for _ in range(steps):
+            ids = torch.randint(0, vocab, batch, generator=g)
+            labels = ids.clone()
+            labels[:, :2] = -100  # ignored positions, as padding in a real batch
+            ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else torch.autocast("cpu", enabled=False)
+            with ctx:
+                res = model(input_ids=ids, labels=labels)
+                ref_res = ref(input_ids=ids, labels=labels)
+            res.loss.backward()
+            ref_res.loss.backward()
+            out["logits_err"] = max(out["logits_err"], (res.logits.float() - ref_res.logits.float()).abs().max().item())
+            st = tpcompile.tp_state(model)
+            for fqn, p in st.params.items():
+                want = shard_tensor(ref_params[fqn].grad, st.plan[fqn], rank, world)
+                out["grad_err"] = max(out["grad_err"], (p.grad.float() - want.float()).abs().max().item())
+            out["loss"].append(res.loss.item())
+            out["ref_loss"].append(ref_res.loss.item())
+            for o in (opt, ref_opt):
+                o.step()
+                o.zero_grad()
+    st = tpcompile.tp_state(model)
+    out["local_numel"] = sum(p.numel() for p in model.parameters())
+    out["full_numel"] = sum(p.numel() for p in ref_params.values())
+    out["plan"] = {fqn: (pp.style, pp.dim, pp.chunks, pp.local_shape) for fqn, pp in st.plan.items()}
+    out["n_graphs"] = len(st.records)
+    out["warnings"] = [str(w.message) for w in caught if issubclass(w.category, tpcompile.TPWarning)]
+    return out

@@ -220,6 +220,52 @@ def test_single_device_safetensors_to_tp2(tmp_path):
     assert all(torch.equal(resaved[k], v) for k, v in sd.items())
 
 
+def _hf_worker(rank: int, world: int, path: str) -> bytes:
+    import transformers as tf
+
+    cfg = tf.AutoConfig.from_pretrained(path)  # config.json, as published
+    with torch.device("meta"):
+        model = tf.LlamaForCausalLM(cfg)
+    ids, labels = torch.load(os.path.join(path, "batch.pt"))
+    # HF's own per-module init (it also sets the rotary inv_freq buffer, which no checkpoint holds)
+    model = tpcompile.tp_compile(model, example_inputs={"input_ids": ids, "labels": labels},
+                                 init_weights=model._init_weights, backend="aot_eager")
+    tpcompile.load_checkpoint(model, path)
+    loss = model(input_ids=ids, labels=labels).loss.item()
+    plan = {k: pp.style for k, pp in tpcompile.tp_state(model).plan.items()}
+    return _out({"loss": loss, "full": tpcompile.full_state_dict(model), "plan": plan,
+                 "numel": sum(p.numel() for p in model.parameters())})
+
+
+def test_hf_save_pretrained_sharded_loads_into_meta_tp2(tmp_path):
+    """Acceptance: ``save_pretrained`` (several files + index) -> meta-built LlamaForCausalLM,
+    tp_compiled at TP=2, load_checkpoint: same loss as the original, full state dict bitwise equal."""
+    from hf_models import make_model as make_hf
+
+    ref = make_hf("llama", num_key_value_heads=8)  # MHA: every projection shards at TP=2
+    ref.save_pretrained(tmp_path, max_shard_size="100KB")
+    files = sorted(p.name for p in tmp_path.glob("*.safetensors"))
+    assert len(files) >= 3 and (tmp_path / "model.safetensors.index.json").exists(), files
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, ref.config.vocab_size, (2, 16), generator=g)
+    labels = torch.randint(0, ref.config.vocab_size, (2, 16), generator=g)
+    torch.save((ids, labels), tmp_path / "batch.pt")
+    ref_loss = ref(input_ids=ids, labels=labels).loss.item()
+    results = _ranks(_hf_worker, 2, str(tmp_path))
+    ref_sd = ref.state_dict()
+    full_numel = sum(p.numel() for p in ref.parameters())
+    for r in results:
+        assert abs(r["loss"] - ref_loss) <= 1e-5 * abs(ref_loss), (r["loss"], ref_loss)
+        assert r["numel"] < 0.6 * full_numel
+    assert results[0]["full"].keys() == ref_sd.keys()
+    for k, v in ref_sd.items():
+        assert torch.equal(results[0]["full"][k], v), k
+    plan = results[0]["plan"]
+    assert plan["model.layers.0.self_attn.k_proj.weight"] == "colwise"
+    assert plan["model.layers.1.mlp.down_proj.weight"] == "rowwise"
+    assert plan["model.embed_tokens.weight"] == "vocab"
+
+
 # ----------------------------------------------------------------------------- bad input (one process)
 def _plain_gpt_files(tmp_path, **drop_or_change) -> tuple[gpt.GPT, dict]:
     model, _ = gpt.make_model()

@@ -23,6 +23,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils._pytree import tree_map
 
+from tpcompile.api import _quiet_logging
 from tpcompile.backend import shard_tensor
 from tpcompile.passes.normalize import normalize
 from tpcompile.passes.plan import ParamPlan, make_plan
@@ -749,8 +750,8 @@ def _plan_now(model: nn.Module, state, example_inputs) -> None:
         t.training = m.training
     planner = torch.compile(state.twin, backend=_PlanOnly(state), dynamic=False)
     try:
-        with torch._dynamo.config.patch(nested_graph_breaks=True):
-            planner(*args, **kwargs)
+        with torch._dynamo.config.patch(nested_graph_breaks=True, ignore_logging_functions=_quiet_logging()):
+            planner(*args, **kwargs)  # the same Dynamo settings as TensorParallel.forward: the same graphs
     except torch._dynamo.exc.BackendCompilerFailed as e:
         inner = getattr(e, "inner_exception", None)
         if inner is not None:

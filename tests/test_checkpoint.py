@@ -126,6 +126,7 @@ def _safetensors_worker(rank: int, world: int, path: str) -> dict:
         unloaded = "no error"
     except RuntimeError as e:
         unloaded = str(e)
+    tpcompile.checkpoint._BLOCK_BYTES = 300  # read in blocks of one or two rows: the blocking must be exact
     tpcompile.load_checkpoint(model, os.path.join(path, "model.safetensors"))
     numel = sum(p.numel() for p in model.parameters())
     loss = model(x, y).item()

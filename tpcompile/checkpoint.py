@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 from typing import Any, Callable, Sequence
 
@@ -293,14 +294,35 @@ def _read_headers(files: list[str]) -> dict[str, tuple[str, tuple, str]]:
     return found
 
 
-def _read_local(f, name: str, pp: ParamPlan | None, rank: int, tp: int) -> torch.Tensor:
-    """This rank's slice of ``name``: one ``get_slice`` read per fused piece, nothing more."""
-    if pp is None:
-        return f.get_tensor(name)
+_BLOCK_BYTES = 16 * 1024 * 1024
+
+
+def _copy_local(f, name: str, dest: torch.Tensor, pp: ParamPlan | None, rank: int, tp: int) -> None:
+    """Copy this rank's slice of ``name`` into ``dest`` with ``get_slice`` reads of <= 16 MiB.
+
+    Only the rank's rows / columns are read (one span per fused piece), and in blocks of
+    rows, so loading costs the local shards plus one block, not a full tensor.
+    """
     sl = f.get_slice(name)
-    lead = (slice(None),) * pp.dim
-    pieces = [sl[lead + (slice(start, start + length),)] for start, length in _ranges(pp, rank, tp)]
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, pp.dim)
+    shape = tuple(sl.get_shape())
+    if not shape:
+        dest.copy_(f.get_tensor(name))
+        return
+    dim = 0 if pp is None else pp.dim
+    spans = [(0, 0, shape[0])] if pp is None else [(s, c * n, n) for c, (s, n) in enumerate(_ranges(pp, rank, tp))]
+    row = max(1, math.prod(shape[1:]) * dest.element_size())  # bytes of one full row (dim 0)
+    for src, dst, n in spans:
+        if dim == 0:
+            step = max(1, _BLOCK_BYTES // row)
+            for o in range(0, n, step):
+                k = min(step, n - o)
+                dest.narrow(0, dst + o, k).copy_(sl[src + o : src + o + k])
+        else:
+            step = max(1, _BLOCK_BYTES // max(1, row * n // shape[dim]))
+            for o in range(0, shape[0], step):
+                k = min(step, shape[0] - o)
+                index = (slice(o, o + k),) + (slice(None),) * (dim - 1) + (slice(src, src + n),)
+                dest.narrow(0, o, k).narrow(dim, dst, n).copy_(sl[index])
 
 
 @torch.no_grad()
@@ -333,7 +355,7 @@ def _load_safetensors(model: nn.Module, path: str, strict: bool) -> list[str]:
     for src, t, fn in plan:
         # one open per tensor: the mmap (and the pages it touched) is released after each
         with safe_open(fn, framework="pt", device="cpu") as f:
-            t.copy_(_read_local(f, src, _plan_of(model, t), rank, tp))
+            _copy_local(f, src, t.data, _plan_of(model, t), rank, tp)
     _mark_loaded(model)
     return unexpected
 

@@ -294,20 +294,28 @@ def _read_headers(files: list[str]) -> dict[str, tuple[str, tuple, str]]:
     return found
 
 
-_BLOCK_BYTES = 16 * 1024 * 1024
+_BLOCK_BYTES = 4 * 1024 * 1024
 
 
-def _copy_local(f, name: str, dest: torch.Tensor, pp: ParamPlan | None, rank: int, tp: int) -> None:
-    """Copy this rank's slice of ``name`` into ``dest`` with ``get_slice`` reads of <= 16 MiB.
+def _copy_local(fn: str, name: str, dest: torch.Tensor, pp: ParamPlan | None, rank: int, tp: int) -> None:
+    """Copy this rank's slice of ``name`` into ``dest`` with ``get_slice`` reads of <= 4 MiB.
 
-    Only the rank's rows / columns are read (one span per fused piece), and in blocks of
-    rows, so loading costs the local shards plus one block, not a full tensor.
+    Only the rank's rows / columns are read (one span per fused piece), in blocks of rows,
+    and the file is opened per block: safetensors maps the whole file, and the pages a read
+    touches count as this process's memory until the map is closed. So loading costs the
+    local shards plus one block, not a full tensor.
     """
-    sl = f.get_slice(name)
-    shape = tuple(sl.get_shape())
-    if not shape:
-        dest.copy_(f.get_tensor(name))
-        return
+    from safetensors import safe_open
+
+    def read(index):
+        with safe_open(fn, framework="pt", device="cpu") as f:
+            return f.get_slice(name)[index]
+
+    with safe_open(fn, framework="pt", device="cpu") as f:
+        shape = tuple(f.get_slice(name).get_shape())
+        if not shape:
+            dest.copy_(f.get_tensor(name))
+            return
     dim = 0 if pp is None else pp.dim
     spans = [(0, 0, shape[0])] if pp is None else [(s, c * n, n) for c, (s, n) in enumerate(_ranges(pp, rank, tp))]
     row = max(1, math.prod(shape[1:]) * dest.element_size())  # bytes of one full row (dim 0)
@@ -316,19 +324,17 @@ def _copy_local(f, name: str, dest: torch.Tensor, pp: ParamPlan | None, rank: in
             step = max(1, _BLOCK_BYTES // row)
             for o in range(0, n, step):
                 k = min(step, n - o)
-                dest.narrow(0, dst + o, k).copy_(sl[src + o : src + o + k])
+                dest.narrow(0, dst + o, k).copy_(read(slice(src + o, src + o + k)))
         else:
             step = max(1, _BLOCK_BYTES // max(1, row * n // shape[dim]))
             for o in range(0, shape[0], step):
                 k = min(step, shape[0] - o)
                 index = (slice(o, o + k),) + (slice(None),) * (dim - 1) + (slice(src, src + n),)
-                dest.narrow(0, o, k).narrow(dim, dst, n).copy_(sl[index])
+                dest.narrow(0, o, k).narrow(dim, dst, n).copy_(read(index))
 
 
 @torch.no_grad()
 def _load_safetensors(model: nn.Module, path: str, strict: bool) -> list[str]:
-    from safetensors import safe_open
-
     files = _safetensors_files(path)
     found = _read_headers(files)
     entries = _entries(model)
@@ -353,9 +359,7 @@ def _load_safetensors(model: nn.Module, path: str, strict: bool) -> list[str]:
         raise TPCheckpointError(f"load_checkpoint({path!r}): nothing was loaded:\n  " + "\n  ".join(errors))
     rank, tp = _rank_tp(model)
     for src, t, fn in plan:
-        # one open per tensor: the mmap (and the pages it touched) is released after each
-        with safe_open(fn, framework="pt", device="cpu") as f:
-            _copy_local(f, src, t.data, _plan_of(model, t), rank, tp)
+        _copy_local(fn, src, t.data, _plan_of(model, t), rank, tp)
     _mark_loaded(model)
     return unexpected
 

@@ -19,6 +19,7 @@ import gpt
 import tpcompile
 from fakepg import fake_group
 from multirank import run_ranks
+from tpcompile.backend import shard_tensor
 from tpcompile.checkpoint import TPCheckpointError, optim_state_dict, reset_parameters
 from tpcompile.passes.plan import ParamPlan
 
@@ -120,7 +121,7 @@ def _load_worker(rank: int, world: int, path: str) -> dict:
 
 def _safetensors_worker(rank: int, world: int, path: str) -> dict:
     _, (x, y) = gpt.make_model()
-    model = _meta_gpt((x, y))
+    model = _meta_gpt((x[:1, :8].clone(), y[:1, :8].clone()))  # plan on a small batch, run on (4, 32)
     try:
         model(x, y)
         unloaded = "no error"
@@ -268,7 +269,7 @@ def test_hf_save_pretrained_sharded_loads_into_meta_tp2(tmp_path):
 
 
 # ----------------------------------------------------------------------------- bad input (one process)
-def _plain_gpt_files(tmp_path, **drop_or_change) -> tuple[gpt.GPT, dict]:
+def _plain_gpt_files() -> tuple[gpt.GPT, dict]:
     model, _ = gpt.make_model()
     sd = {k: v.clone() for k, v in model.state_dict().items() if k != "lm_head.weight"}
     return model, sd
@@ -283,7 +284,7 @@ def _unchanged(model, before) -> bool:
 
 
 def test_bad_checkpoints_name_the_tensor_and_load_nothing(tmp_path):
-    model, sd = _plain_gpt_files(tmp_path)
+    model, sd = _plain_gpt_files()
     other, _ = gpt.make_model(seed=3)
     cases = {
         "missing": ({k: v for k, v in sd.items() if k != "h.1.mlp.fc.bias"}, "missing key: h.1.mlp.fc.bias"),
@@ -337,6 +338,15 @@ def test_meta_model_errors_on_a_fake_group(tmp_path):
             tpcompile.tp_compile(m, example_inputs=(x, y), backend="aot_eager")
     with fake_group(2, rank=1):
         m = _meta_gpt((x, y))
+        ref = gpt.make_model(seed=4)[0]
+        m.load_state_dict(ref.state_dict())  # plain full tensors in: each rank keeps its slice
+        st = tpcompile.tp_state(m)
+        for fqn, p in st.params.items():
+            assert torch.equal(p, shard_tensor(ref.state_dict()[fqn], st.plan[fqn], 1, 2)), fqn
+        sd = m.state_dict()
+        assert tuple(sd["h.0.attn.o_proj.weight"].shape) == (64, 64)  # logical shape outside
+        assert torch.equal(sd["h.0.attn.o_proj.weight"].to_local(), m.h[0].attn.o_proj.weight)
+        m.load_state_dict(sd)  # its own DTensors back in
         bad = {"h.0.mlp.fc.weight": torch.zeros(128, 64)}
         with pytest.raises(RuntimeError, match=r"h.0.mlp.fc.weight: .*\(128, 64\).*logical.*\(256, 64\)"):
             m.load_state_dict(bad, strict=False)

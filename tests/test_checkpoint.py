@@ -355,3 +355,26 @@ def test_meta_model_errors_on_a_fake_group(tmp_path):
         save_file(sd, str(tmp_path / "m.safetensors"))
         with pytest.raises(TPCheckpointError, match=r"h.1.attn.o_proj.weight.*\(64, 32\).*\(64, 64\)"):
             tpcompile.load_checkpoint(m, tmp_path / "m.safetensors")
+
+
+def test_bad_dcp_checkpoints_load_nothing(tmp_path):
+    model, _ = gpt.make_model()
+    tpcompile.save_checkpoint(model, tmp_path / "no_optim")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    tpcompile.save_checkpoint(model, tmp_path / "ckpt", optimizer=opt)
+
+    deeper, _ = gpt.make_model(seed=3, n_layer=3)
+    before = _snapshot(deeper)
+    with pytest.raises(TPCheckpointError, match=r"missing key: h\.2\."):
+        tpcompile.load_checkpoint(deeper, tmp_path / "ckpt")
+    assert _unchanged(deeper, before)
+
+    other, _ = gpt.make_model(seed=3)
+    before = _snapshot(other)
+    partial = torch.optim.SGD(other.h.parameters(), lr=0.1)
+    with pytest.raises(TPCheckpointError, match="parameter groups .* differ"):
+        tpcompile.load_checkpoint(other, tmp_path / "ckpt", optimizer=partial)
+    with pytest.raises(TPCheckpointError, match="holds no optimizer state"):
+        tpcompile.load_checkpoint(other, tmp_path / "no_optim", optimizer=torch.optim.SGD(other.parameters(), lr=1))
+    assert _unchanged(other, before)
+

@@ -394,13 +394,28 @@ def optim_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict
     return {"state": state, "param_groups": json.dumps(groups, default=float)}
 
 
-def _load_optimizer_dcp(model: nn.Module, optimizer: torch.optim.Optimizer, path: str, reader) -> None:
+def _saved_param_groups(model: nn.Module, optimizer: torch.optim.Optimizer, path: str, reader) -> list:
+    """The saved ``param_groups``, checked against ``optimizer`` before anything is loaded."""
+    import torch.distributed.checkpoint as dcp
+
+    if "optim.param_groups" not in reader.read_metadata().state_dict_metadata:
+        raise TPCheckpointError(f"{path}: holds no optimizer state (saved without save_checkpoint(optimizer=...))")
+    sd = {"optim": {"param_groups": ""}}
+    dcp.load(sd, checkpoint_id=path)
+    groups = json.loads(sd["optim"]["param_groups"])
+    names = _optim_fqns(model, optimizer)
+    if [g["params"] for g in groups] != [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]:
+        raise TPCheckpointError(f"{path}: the optimizer's parameter groups (by FQN) differ from the saved ones; "
+                                f"nothing was loaded.")
+    return groups
+
+
+def _load_optimizer_dcp(model: nn.Module, optimizer: torch.optim.Optimizer, path: str, reader, groups) -> None:
+    """Optimizer state resharded to this rank: targets made from the checkpoint's metadata."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     md = reader.read_metadata().state_dict_metadata
-    if "optim.param_groups" not in md:
-        raise TPCheckpointError(f"{path}: holds no optimizer state (saved without save_checkpoint(optimizer=...))")
     names = _optim_fqns(model, optimizer)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     target: dict[str, Any] = {}
@@ -418,16 +433,12 @@ def _load_optimizer_dcp(model: nn.Module, optimizer: torch.optim.Optimizer, path
             else:
                 v = None
             target.setdefault(fqn, {})[key[len(pre):]] = v
-    sd = {"optim": {"state": target, "param_groups": ""}}
+    sd = {"optim": {"state": target}}
     dcp.load(sd, checkpoint_id=path)
-    loaded = sd["optim"]
     for p in params:
-        s = loaded["state"].get(names[id(p)])
+        s = sd["optim"]["state"].get(names[id(p)])
         if s:
             optimizer.state[p] = {k: (v.to_local() if hasattr(v, "to_local") else v) for k, v in s.items()}
-    groups = json.loads(loaded["param_groups"])
-    if [g["params"] for g in groups] != [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]:
-        raise TPCheckpointError(f"{path}: the optimizer's parameter groups differ from the saved ones")
     for g, saved in zip(optimizer.param_groups, groups):
         g.update({k: tuple(v) if isinstance(g.get(k), tuple) else v for k, v in saved.items() if k != "params"})
 
@@ -470,11 +481,12 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, *, strict: bool =
 
         reader = dcp.FileSystemReader(path)
         _check_dcp_keys(model, path, reader, strict)
+        groups = _saved_param_groups(model, optimizer, path, reader) if optimizer is not None else None
         sd = {"model": model.state_dict()}
         dcp.load(sd, checkpoint_id=path)
         model.load_state_dict(sd["model"], strict=strict)
         if optimizer is not None:
-            _load_optimizer_dcp(model, optimizer, path, reader)
+            _load_optimizer_dcp(model, optimizer, path, reader, groups)
         _mark_loaded(model)
         return
     if optimizer is not None:

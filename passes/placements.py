@@ -4,6 +4,8 @@ Replicate: every rank holds the whole value.
 Shard(dim, chunks): every rank holds 1/tp of ``dim``. With ``chunks=k`` the dim is k
     concatenated pieces (a fused QKV or gate-up output), each sharded on its own, so a
     rank holds [piece0_r, piece1_r, ...]: Megatron's ``stride``.
+Shard(dim, pad=True): a vocabulary that tp does not divide; every rank holds ceil(n / tp)
+    entries of ``dim``, the ones past n are padding (zero weights, masked out of the loss).
 Partial: every rank holds a summand; the value is their sum.
 """
 from __future__ import annotations
@@ -21,9 +23,20 @@ class Replicate:
 class Shard:
     dim: int
     chunks: int = 1
+    pad: bool = False  # the dim (a vocabulary) does not divide by tp: ranks hold ceil(n / tp), the last ones padded
 
     def __repr__(self) -> str:
-        return f"S({self.dim})" if self.chunks == 1 else f"S({self.dim},chunks={self.chunks})"
+        extra = (f",chunks={self.chunks}" if self.chunks != 1 else "") + (",pad" if self.pad else "")
+        return f"S({self.dim}{extra})"
+
+    def moved(self, dim: int) -> "Shard":
+        """The same shard (pieces, padding) on another dim: for ops that only move dims."""
+        return Shard(dim, self.chunks, self.pad)
+
+
+def local_size(full: int, tp: int) -> int:
+    """Per-rank size of a sharded dim of ``full`` elements (padded up when tp does not divide it)."""
+    return -(-int(full) // tp)
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from .graph_utils import divisors, is_tensor, shape, source_line, value
-from .normalize import LINEAR
-from .placements import STYLES, Replicate, Shard
+from .normalize import LINEARS, weight_out_dim
+from .placements import STYLES, Replicate, Shard, local_size
 from .propagate import Propagation, TPShardingError, propagate
 
 _INDEX_PASSTHROUGH = {"view", "reshape", "to", "long", "int", "contiguous", "clone", "flatten", "unsqueeze"}
@@ -41,6 +41,7 @@ class ParamPlan:
     chunks: int
     full_shape: tuple
     local_shape: tuple
+    padded_shape: tuple | None = None  # a vocabulary tp does not divide: the zero-padded shape that is split
 
 
 @dataclass
@@ -75,12 +76,23 @@ def _indices_from_data(idx, params) -> bool:
 
 
 def _fused_chunks(lin: fx.Node) -> int:
-    """k if the linear's output is only ever split into k equal pieces on its last dim (fused QKV)."""
-    users = list(lin.users)
+    """k if the linear's output is only ever split into k equal pieces on its last dim (fused QKV).
+
+    Reshapes that keep the last dim in between are looked through (HF Conv1D: ``addmm`` on
+    ``x.view(-1, in)``, then ``view(B, T, 3 * C).split(C, dim=2)``).
+    """
+    out = lin
+    while len(out.users) == 1:
+        (u,) = out.users
+        if u.op == "call_method" and u.target in ("view", "reshape") and shape(u)[-1:] == shape(out)[-1:]:
+            out = u
+            continue
+        break
+    users = list(out.users)
     if len(users) != 1 or users[0].op != "call_method" or users[0].target not in _SPLITS:
         return 1
     sp = users[0]
-    nd = value(lin).dim()
+    nd = value(out).dim()
     dim = sp.args[2] if len(sp.args) > 2 else sp.kwargs.get("dim", 0)
     if dim % nd != nd - 1:
         return 1
@@ -96,7 +108,7 @@ def make_plan(gm: fx.GraphModule, tp: int, param_fqns: dict, overrides: dict | N
     params = set(param_fqns)
     forced = {n: s for n, f in param_fqns.items() if (s := _style_for_fqn(f, overrides)) is not None}
 
-    linears = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is LINEAR and n.args[1] in params]
+    linears = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in LINEARS and n.args[1] in params]
     embeds = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is F.embedding and n.args[1] in params]
     vocab_weights = set()
     for e in embeds:
@@ -125,7 +137,7 @@ def make_plan(gm: fx.GraphModule, tp: int, param_fqns: dict, overrides: dict | N
             if node in replicated:
                 return "replicate"
             nd = value(node.args[0]).dim()
-            if isinstance(px, Shard) and px.dim == nd - 1 and px.chunks == 1:
+            if isinstance(px, Shard) and px.dim == nd - 1 and px.chunks == 1 and not px.pad:
                 return "rowwise"
             if px is None or isinstance(px, Replicate):
                 return "colwise"
@@ -218,13 +230,24 @@ def _param_plans(gm, prop: Propagation, tp: int, param_fqns: dict) -> dict:
             out[node] = ParamPlan(fqn, "replicate", None, 1, full, full)
             continue
         users = [u for u in node.users if u.op == "call_function"]
+        lins = [u for u in users if u.target in LINEARS and u.args[1] is node]
         if any(u.target is F.embedding for u in users):
             style = "vocab"
-        elif any(u.target is LINEAR and u.args[1] is node for u in users):
-            style = "colwise" if p.dim == 0 else "rowwise"
+        elif lins:
+            style = "colwise" if p.dim == weight_out_dim(lins[0]) else "rowwise"
         else:
             style = "colwise"  # a bias / scale that follows a column-parallel output
         size = full[p.dim]
+        # padding is for a vocabulary: the embedding, or an LM head whose shard reaches the loss
+        vocab_like = style == "vocab" or any(u in prop.vocab_sinks for u in lins) or any(
+            u.args[2] is node and u in prop.vocab_sinks for u in users if u.target in LINEARS and len(u.args) > 2)
+        if p.pad and vocab_like:
+            local = list(full)
+            local[p.dim] = local_size(size, tp)
+            padded = list(full)
+            padded[p.dim] = local[p.dim] * tp
+            out[node] = ParamPlan(fqn, style, p.dim, 1, full, tuple(local), tuple(padded))
+            continue
         if size % (tp * p.chunks):
             what = {"vocab": "vocabulary rows", "rowwise": "input features"}.get(style, "output features")
             module = fqn.rsplit(".", 1)[0]

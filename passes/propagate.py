@@ -21,8 +21,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from .graph_utils import is_tensor, norm_dim, shape, value
-from .normalize import LINEAR, SDPA
-from .placements import R, Partial, Placement, Replicate, Shard
+from .normalize import LINEAR, LINEAR_IO, SDPA, weight_out_dim
+from .placements import R, Partial, Placement, Replicate, Shard, local_size
 
 
 class TPShardingError(ValueError):
@@ -44,6 +44,7 @@ class Propagation:
     good_sinks: set  # column linears whose shard reaches a row linear or a vocab-parallel loss
     fallbacks: list  # ops with no rule that had to gather / reduce
     blocked: dict = field(default_factory=dict)  # column linear -> ops with no rule its shard ran into
+    vocab_sinks: set = field(default_factory=set)  # column linears whose shard reaches the vocab-parallel loss
 
     def placement(self, node):
         return self.info[node].out if node in self.info else None
@@ -115,8 +116,8 @@ def pointwise(node, ctx) -> NodeInfo:
         if d < 0 or shape(x)[d] == 1:
             need[x] = R
         else:
-            need[x] = Shard(d, s0.chunks)
-    return NodeInfo(Shard(o, s0.chunks), need, "pointwise")
+            need[x] = Shard(d, s0.chunks, s0.pad)
+    return NodeInfo(s0.moved(o), need, "pointwise")
 
 
 def unary(node, ctx) -> NodeInfo:
@@ -182,6 +183,8 @@ def view_like(node, ctx) -> NodeInfo:
         ok = ok and o is not None and _expr(out_shape[o]) == _expr(in_shape[p.dim]) and _prod(in_shape[p.dim:]) == _prod(out_shape[o:])
     else:
         o, ok = _map_dim(in_shape, out_shape, p.dim, ctx.tp)
+    if p.pad and o is not None and p.chunks == 1:
+        ok = not isinstance(out_shape[o], torch.SymInt)  # a padded vocabulary: ranks hold ceil(n / tp)
     if o is None or not ok:
         size = out_shape[o] if o is not None else None
         return NodeInfo(R, {x: R}, "view", {"unsplittable": (p, size)})
@@ -192,7 +195,7 @@ def view_like(node, ctx) -> NodeInfo:
         lit = sizes[o]
         full = int(out_shape[o])
         if isinstance(lit, int) and lit == full:
-            new_sizes[o] = full // ctx.tp
+            new_sizes[o] = local_size(full, ctx.tp)
         elif isinstance(lit, int) and lit == -1:
             pass
         else:
@@ -203,8 +206,8 @@ def view_like(node, ctx) -> NodeInfo:
         if dim <= o < dim + len(sizes):
             k = o - dim
             if sizes[k] != -1:
-                new_sizes[("unflatten", k)] = int(sizes[k]) // ctx.tp
-    return NodeInfo(Shard(o, p.chunks), {x: p}, "view", {"sizes": new_sizes})
+                new_sizes[("unflatten", k)] = local_size(sizes[k], ctx.tp)
+    return NodeInfo(p.moved(o), {x: p}, "view", {"sizes": new_sizes})
 
 
 def transpose(node, ctx) -> NodeInfo:
@@ -222,7 +225,7 @@ def transpose(node, ctx) -> NodeInfo:
         a, b = norm_dim(node.args[1], nd), norm_dim(node.args[2], nd)
         perm = list(range(nd))
         perm[a], perm[b] = perm[b], perm[a]
-    return NodeInfo(Shard(perm.index(p.dim), p.chunks), {x: p}, "pointwise")
+    return NodeInfo(p.moved(perm.index(p.dim)), {x: p}, "pointwise")
 
 
 def getitem(node, ctx) -> NodeInfo:
@@ -248,11 +251,11 @@ def getitem(node, ctx) -> NodeInfo:
             continue
         if in_d == p.dim:
             if i == slice(None):
-                return NodeInfo(Shard(out_d, p.chunks), {src: p}, "pointwise")
+                return NodeInfo(p.moved(out_d), {src: p}, "pointwise")
             return _replicate_all(node, ctx, "fallback")
         in_d += 1
         out_d += 0 if isinstance(i, int) else 1
-    return NodeInfo(Shard(out_d + (p.dim - in_d), p.chunks), {src: p}, "pointwise")
+    return NodeInfo(p.moved(out_d + (p.dim - in_d)), {src: p}, "pointwise")
 
 
 def split(node, ctx) -> NodeInfo:
@@ -316,7 +319,7 @@ def reduction(node, ctx) -> NodeInfo:
     if p.dim in dims or not is_tensor(node):
         return _replicate_all(node, ctx, "fallback")
     o = p.dim if keep else p.dim - sum(d < p.dim for d in dims)
-    return NodeInfo(Shard(o, p.chunks), {x: p}, "pointwise")
+    return NodeInfo(p.moved(o), {x: p}, "pointwise")
 
 
 def matmul(node, ctx) -> NodeInfo:
@@ -378,17 +381,19 @@ def linear(node, ctx) -> NodeInfo:
     nd = value(x).dim()
     px = ctx.pl(x)
     style = ctx.style_of(node, px)
+    od = weight_out_dim(node)  # [out, in] (nn.Linear) or [in, out] (Conv1D, x @ W)
     need = {}
     if style == "colwise":
         chunks = ctx.chunks_of(node)
+        pad = chunks == 1 and int(shape(w)[od]) % ctx.tp != 0  # allowed for a vocabulary only (plan checks)
         need[x] = R
-        need[w] = Shard(0, chunks)
+        need[w] = Shard(od, chunks, pad)
         if isinstance(b, fx.Node):
-            need[b] = Shard(0, chunks)
-        return NodeInfo(Shard(value(node).dim() - 1, chunks), need, "colwise")
+            need[b] = Shard(0, chunks, pad)
+        return NodeInfo(Shard(value(node).dim() - 1, chunks, pad), need, "colwise")
     if style == "rowwise":
         need[x] = Shard(nd - 1)
-        need[w] = Shard(1)
+        need[w] = Shard(1 - od)
         if isinstance(b, fx.Node):
             need[b] = R
         return NodeInfo(R, need, "rowwise")
@@ -406,7 +411,7 @@ def embedding(node, ctx) -> NodeInfo:
     idx, w = node.args[:2]
     style = ctx.style_of(node, ctx.pl(idx))
     if style == "vocab":
-        return NodeInfo(R, {idx: R, w: Shard(0)}, "vocab")
+        return NodeInfo(R, {idx: R, w: Shard(0, 1, int(shape(w)[0]) % ctx.tp != 0)}, "vocab")
     p = ctx.pl(idx)
     p = p if isinstance(p, Shard) else R
     return NodeInfo(p, {idx: p, w: R}, "replicate")
@@ -454,6 +459,16 @@ _UNARY = [
     "detach", F.dropout, torch.nn.functional.dropout, torch.dropout, torch.clone, "requires_grad_",
 ]
 
+def dropout(node, ctx) -> NodeInfo:
+    """Dropout keeps its input's placement. On a plain shard it becomes the runtime's
+    ``sharded_dropout`` (an independent mask per rank, RNG streams kept in step)."""
+    x = node.args[0]
+    p = ctx.pl(x)
+    if isinstance(p, Shard) and p.chunks == 1 and not p.pad:
+        return NodeInfo(p, {x: p}, "dropout")
+    return unary(node, ctx)
+
+
 RULES: dict[Any, Callable[[fx.Node, Ctx], NodeInfo]] = {
     **{f: pointwise for f in _POINTWISE_FNS},
     **{m: pointwise for m in _POINTWISE_METHODS},
@@ -472,6 +487,9 @@ RULES: dict[Any, Callable[[fx.Node, Ctx], NodeInfo]] = {
     F.layer_norm: layer_norm,
     getattr(F, "rms_norm", F.layer_norm): layer_norm,
     LINEAR: linear,
+    LINEAR_IO: linear,
+    F.dropout: dropout,
+    torch.dropout: dropout,
     F.embedding: embedding,
     F.cross_entropy: cross_entropy,
     operator.getitem: getitem,
@@ -492,6 +510,8 @@ def rule_for(node: fx.Node):
 def _merge_origins(prop_origins, node, info):
     """Column linears whose shard this node carries: the union over its sharded inputs."""
     src = set()
+    if node.target is operator.getitem and isinstance(node.args[0], fx.Node) and not info.need:
+        return prop_origins.get(node.args[0], frozenset())  # one piece of a split: its shard's origins
     for x, need in info.need.items():
         if isinstance(need, Shard):
             src |= prop_origins.get(x, frozenset())
@@ -511,6 +531,7 @@ def propagate(gm: fx.GraphModule, tp: int, params: set, style_of: Callable, chun
     info: dict = {}
     origins: dict = {}
     good: set = set()
+    vocab: set = set()
     bad: set = set()
     fallbacks: list = []
     blocked: dict = {}
@@ -539,9 +560,11 @@ def propagate(gm: fx.GraphModule, tp: int, params: set, style_of: Callable, chun
                             blocked.setdefault(o, []).append(node)
                 if ni.kind in ("rowwise", "vocab_ce") and isinstance(have, Shard) and need == have:
                     good |= origins.get(x, frozenset())
+                    if ni.kind == "vocab_ce":
+                        vocab |= origins.get(x, frozenset())
             if ni.kind == "fallback" and any(isinstance(ctx.pl(x), (Shard, Partial)) and ni.need.get(x) != ctx.pl(x) for x in ni.need):
                 fallbacks.append(node)
             info[node] = ni
             origins[node] = frozenset({node}) if ni.kind == "colwise" else _merge_origins(origins, node, ni)
         ctx.place[node] = info[node].out
-    return Propagation(info, origins, good, fallbacks, blocked)
+    return Propagation(info, origins, good, fallbacks, blocked, vocab)

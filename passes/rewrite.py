@@ -18,11 +18,12 @@ import torch
 import torch.fx as fx
 
 from tpcompile.runtime import mappings as M
+from tpcompile.runtime import random as R_
 from tpcompile.runtime import vocab_parallel as V
 
 from .graph_utils import shape, value
 from .plan import GraphPlan
-from .placements import Partial, Replicate, Shard
+from .placements import Partial, Replicate, Shard, local_size
 from .propagate import NodeInfo
 
 
@@ -45,8 +46,25 @@ def scatter_pieces_to_tp(x: torch.Tensor, group: str, dim: int, chunks: int) -> 
     return torch.cat([M.scatter_to_tp(p, group, dim) for p in x.chunk(chunks, dim)], dim)
 
 
-def _redistribute_call(have, need, group):
+def gather_padded_from_tp(x: torch.Tensor, group: str, dim: int, full: int) -> torch.Tensor:
+    """All-gather a padded vocabulary shard and drop the padding past the ``full`` entries."""
+    return M.gather_from_tp(x, group, dim).narrow(dim, 0, full)
+
+
+def scatter_padded_to_tp(x: torch.Tensor, group: str, dim: int) -> torch.Tensor:
+    """This rank's part of ``x`` along ``dim``, zero-padded so that every rank's part has the same size."""
+    tp = M.group_size(group)
+    n = -(-x.shape[dim] // tp)
+    pad = [0, 0] * (x.dim() - 1 - dim) + [0, n * tp - x.shape[dim]]
+    return M.scatter_to_tp(torch.nn.functional.pad(x, pad), group, dim)
+
+
+def _redistribute_call(have, need, group, full=None):
     """(function, extra args) turning placement ``have`` into ``need``."""
+    if isinstance(have, Shard) and have.pad and isinstance(need, Replicate):
+        return gather_padded_from_tp, (group, have.dim, full)
+    if isinstance(have, Replicate) and isinstance(need, Shard) and need.pad:
+        return scatter_padded_to_tp, (group, need.dim)
     if isinstance(have, Partial) and isinstance(need, Replicate):
         return M.reduce_from_tp, (group,)
     if isinstance(have, Shard) and isinstance(need, Replicate):
@@ -82,7 +100,8 @@ class _Rewriter:
             return x
         key = (x, need)
         if key not in self.cache:
-            call = _redistribute_call(have, need, self.group)
+            full = int(shape(x)[have.dim]) if isinstance(have, Shard) else None
+            call = _redistribute_call(have, need, self.group, full)
             if call is None:  # Shard(a) -> Shard(b), or Partial -> Shard: go through Replicate
                 mid = self._placed(x, Replicate(), consumer)
                 self.info[mid] = NodeInfo(Replicate())
@@ -133,7 +152,7 @@ class _Rewriter:
 
     def _vocab(self, node, ni):
         idx, w = node.args[:2]
-        rows = int(shape(w)[0]) // self.plan.tp
+        rows = local_size(shape(w)[0], self.plan.tp)
         node.target = V.vocab_parallel_embedding
         node.args, node.kwargs = (idx, w, self.rank * rows, self.group), {}
 
@@ -147,8 +166,19 @@ class _Rewriter:
         class_dim = 0 if value(x).dim() == 1 else 1
         vocab = int(shape(x)[class_dim])
         node.target = V.vocab_parallel_cross_entropy
-        node.args = (x, target, self.rank * (vocab // self.plan.tp), vocab, self.group)
+        node.args = (x, target, self.rank * local_size(vocab, self.plan.tp), vocab, self.group)
         node.kwargs = {"ignore_index": ignore_index, "reduction": reduction, "label_smoothing": smoothing}
+
+    def _dropout(self, node, ni):
+        x = node.args[0]
+        a = list(node.args) + [None] * 3
+        p = node.kwargs.get("p", a[1] if a[1] is not None else 0.5)
+        training = node.kwargs.get("training", node.kwargs.get("train", a[2] if a[2] is not None else True))
+        if node.kwargs.get("inplace", a[3]) or not isinstance(p, (int, float)) or not isinstance(training, bool):
+            return  # symbolic p / training or in-place: leave it (rare; not seen in models so far)
+        d = ni.out.dim
+        node.target = R_.sharded_dropout
+        node.args, node.kwargs = (x, float(p), training, d, int(shape(x)[d]), self.rank), {}
 
     def _view(self, node, ni):
         sizes = ni.extra.get("sizes")

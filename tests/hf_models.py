@@ -101,7 +101,8 @@ def train_hf_beside_reference(rank: int, world: int, family: str, steps: int = 3
     st = tpcompile.tp_state(model)
     out["local_numel"] = sum(p.numel() for p in model.parameters())
     out["full_numel"] = sum(p.numel() for p in ref_params.values())
-    out["plan"] = {fqn: (pp.style, pp.dim, pp.chunks, pp.local_shape) for fqn, pp in st.plan.items()}
+    out["plan"] = {fqn: (pp.style, pp.dim, pp.chunks, pp.local_shape, pp.padded_shape) for fqn, pp in st.plan.items()}
+    out["collectives"] = [(c.phase, c.kind) for r in st.records for c in r.collectives]
     out["n_graphs"] = len(st.records)
     out["warnings"] = [str(w.message) for w in caught if issubclass(w.category, tpcompile.TPWarning)]
     return out

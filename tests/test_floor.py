@@ -52,12 +52,17 @@ def test_heads_not_divisible_is_a_clear_error():
     assert "h.0.attn.q_proj': 'replicate'" in msg and "gpt.py" in msg
 
 
-def test_vocab_not_divisible_is_a_clear_error():
-    with fake_group(world_size=4):
+def test_vocab_not_divisible_is_padded():
+    """250 rows at tp=4: every rank holds 63 (the last one 61 real + 2 zero rows); the plan keeps
+    the full size and records the padded one. Loss parity: tests/test_hf_models.py (GPT-2, TP=4)."""
+    with fake_group(world_size=4, rank=3):
         model, args = gpt.make_model(vocab_size=250)
         model = tpcompile.tp_compile(model, backend="eager")
-        with pytest.raises(tpcompile.TPShardingError, match=r"wte.weight: 250 vocabulary rows .* tp=4.*plan=\{'wte': 'replicate'\}"):
-            model(*args)
+        model(*args)
+        pp = tpcompile.tp_state(model).plan["wte.weight"]
+    assert (pp.style, pp.full_shape, pp.local_shape, pp.padded_shape) == ("vocab", (250, 64), (63, 64), (252, 64))
+    assert tuple(model.wte.weight.shape) == (63, 64)
+    assert model.wte.weight[-2:].abs().sum().item() == 0.0  # padding rows of the last rank
 
 
 def test_plan_override_keeps_a_module_replicated():

@@ -109,6 +109,10 @@ def shard_tensor(t: torch.Tensor, pp: ParamPlan, rank: int, tp: int) -> torch.Te
     """This rank's slice of a full parameter, as a fresh tensor (the full one can be freed)."""
     if pp.style == "replicate":
         return t
+    if pp.padded_shape is not None:  # a vocabulary tp does not divide: zero rows past the end
+        n = pp.local_shape[pp.dim]
+        pad = [0, 0] * (t.dim() - 1 - pp.dim) + [0, n * tp - t.shape[pp.dim]]
+        return torch.nn.functional.pad(t, pad).narrow(pp.dim, rank * n, n).clone()
     pieces = t.chunk(pp.chunks, pp.dim)
     local = [p.narrow(pp.dim, rank * (p.shape[pp.dim] // tp), p.shape[pp.dim] // tp) for p in pieces]
     return torch.cat(local, pp.dim).clone() if len(local) > 1 else local[0].clone()

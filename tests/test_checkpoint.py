@@ -24,6 +24,8 @@ from tpcompile.checkpoint import TPCheckpointError, optim_state_dict, reset_para
 from tpcompile.passes.plan import ParamPlan
 
 
+V_ODD = 250  # a vocabulary TP=4 does not divide: padded to 252
+
 # ----------------------------------------------------------------------------- helpers (run on ranks)
 def _out(obj) -> bytes:
     """Tensors leave a rank as bytes (the mp queue would share their memory with a dying process)."""
@@ -48,9 +50,9 @@ def _gpt_sweeps(model: gpt.GPT) -> list:
     return [reset_parameters, model._init_weights, scaled]
 
 
-def _meta_gpt(example, **kw) -> gpt.GPT:
+def _meta_gpt(example, vocab_size: int = 256, **kw) -> gpt.GPT:
     with torch.device("meta"):
-        model = gpt.GPT(gpt.GPTConfig())
+        model = gpt.GPT(gpt.GPTConfig(vocab_size=vocab_size))
     init = _gpt_sweeps(model) if kw.pop("init", False) else None
     return tpcompile.tp_compile(model, example_inputs=example, init_weights=init, backend="aot_eager", **kw)
 
@@ -89,8 +91,11 @@ def _meta_init_worker(rank: int, world: int) -> dict:
 
 
 def _save_worker(rank: int, world: int, path: str) -> dict:
-    model, (x, y) = gpt.make_model()
-    model = tpcompile.tp_compile(model, example_inputs=(x, y), backend="aot_eager")
+    _, (x, y) = gpt.make_model(vocab_size=V_ODD)
+    model = _meta_gpt((x, y), vocab_size=V_ODD)  # 250 rows at TP=4: 63 per rank, the last 2 are padding
+    tpcompile.load_checkpoint(model, os.path.join(path, "ref.safetensors"))
+    loaded = tpcompile.full_state_dict(model)
+    wte = model.wte.weight.detach().clone()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     g = torch.Generator().manual_seed(1)  # the same stream on every rank: replicated grads agree
     for p in model.parameters():
@@ -103,13 +108,15 @@ def _save_worker(rank: int, world: int, path: str) -> dict:
     placements = {k: [repr(p) for p in v.placements] for k, v in sd.items() if hasattr(v, "placements")}
     fused_dt = fused.state_dict()["0.weight"]
     return _out({"full": tpcompile.full_state_dict(model), "optim": _gathered_optim(model, opt),
-            "placements": placements, "fused": tpcompile.full_state_dict(fused),
-            "fused_dtensor_full": fused_dt.full_tensor(), "fused_placement": repr(fused_dt.placements[0])})
+                 "placements": placements, "loaded": loaded, "wte": wte,
+                 "wte_plan": tuple(tpcompile.tp_state(model).plan["wte.weight"].__dict__.values()),
+                 "fused": tpcompile.full_state_dict(fused), "fused_dtensor_full": fused_dt.full_tensor(),
+                 "fused_placement": repr(fused_dt.placements[0])})
 
 
 def _load_worker(rank: int, world: int, path: str) -> dict:
-    _, (x, y) = gpt.make_model()
-    model = _meta_gpt((x, y))
+    _, (x, y) = gpt.make_model(vocab_size=V_ODD)
+    model = _meta_gpt((x, y), vocab_size=V_ODD)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)  # lr is restored from the checkpoint
     tpcompile.load_checkpoint(model, os.path.join(path, "gpt"), optimizer=opt)
     fused = _fused(rank, world, init=False)
@@ -160,9 +167,18 @@ def test_meta_init_equals_single_device_init():
 
 
 def test_dcp_save_tp4_load_tp2_and_tp1(tmp_path):
-    """TP=4 save (model + AdamW state, a fused strided weight) -> TP=2 meta load -> plain TP=1 load:
-    bitwise-equal full tensors and optimizer state."""
-    saved = _ranks(_save_worker, 4, str(tmp_path))[0]
+    """Single-device safetensors -> meta TP=4 with a padded vocabulary (250 rows) -> DCP save
+    (model + AdamW state, a fused strided weight) -> TP=2 meta load -> plain TP=1 load:
+    bitwise-equal full tensors and optimizer state at every step."""
+    ref, _ = gpt.make_model(vocab_size=V_ODD)
+    save_file({k: v for k, v in ref.state_dict().items() if k != "lm_head.weight"}, str(tmp_path / "ref.safetensors"))
+    ranks = _ranks(_save_worker, 4, str(tmp_path))
+    saved = ranks[0]
+    assert saved["wte_plan"] == ("wte.weight", "vocab", 0, 1, (250, 64), (63, 64), (252, 64))
+    for k, v in ref.state_dict().items():
+        assert torch.equal(saved["loaded"][k], v), k
+    last = ranks[3]["wte"]  # rank 3: rows 189..249, then two rows of zeros
+    assert torch.equal(last[:61], ref.wte.weight[189:]) and not last[61:].any()
     assert saved["placements"]["h.0.attn.q_proj.weight"] == ["Shard(dim=0)"]
     assert saved["placements"]["h.0.attn.o_proj.weight"] == ["Shard(dim=1)"]
     assert saved["placements"]["wte.weight"] == saved["placements"]["lm_head.weight"] == ["Shard(dim=0)"]
@@ -184,7 +200,7 @@ def test_dcp_save_tp4_load_tp2_and_tp1(tmp_path):
     # rank 1 of 2 holds rows 4:8, 12:16, 20:24 (its half of each fused piece)
     assert torch.equal(loaded[1]["fused_local"], torch.cat([fused_ref[4:8], fused_ref[12:16], fused_ref[20:24]]))
 
-    plain, _ = gpt.make_model(seed=7)
+    plain, _ = gpt.make_model(seed=7, vocab_size=V_ODD)
     opt = torch.optim.AdamW(plain.parameters(), lr=1e-3)
     tpcompile.load_checkpoint(plain, tmp_path / "gpt", optimizer=opt)
     for k, v in saved["full"].items():

@@ -55,10 +55,33 @@ def _rank_tp(model: nn.Module) -> tuple[int, int]:
 
 
 def _ranges(pp: ParamPlan, rank: int, tp: int) -> list[tuple[int, int]]:
-    """(start, length) along ``pp.dim`` of each piece this rank holds (one per fused chunk)."""
+    """(start, length) along ``pp.dim`` of each logical piece this rank holds (one per fused chunk).
+
+    A padded vocabulary shard holds ``local`` rows of the zero-padded tensor: the real rows are
+    the part below the logical size (possibly none), the rest is padding.
+    """
+    if getattr(pp, "padded_shape", None) is not None:
+        n, size = pp.local_shape[pp.dim], pp.full_shape[pp.dim]
+        return [(rank * n, max(0, min(n, size - rank * n)))]
     piece = pp.full_shape[pp.dim] // pp.chunks
     local = piece // tp
     return [(c * piece + rank * local, local) for c in range(pp.chunks)]
+
+
+def _real_rows(local: torch.Tensor, pp: ParamPlan, rank: int, tp: int) -> torch.Tensor:
+    """The part of a local shard that is in the logical tensor (drops vocabulary padding)."""
+    if getattr(pp, "padded_shape", None) is None:
+        return local
+    return local.narrow(pp.dim, 0, _ranges(pp, rank, tp)[0][1])
+
+
+def _pad_rows(real: torch.Tensor, pp: ParamPlan) -> torch.Tensor:
+    """A local shard from its real rows: zeros for the vocabulary padding (inverse of ``_real_rows``)."""
+    if getattr(pp, "padded_shape", None) is None or tuple(real.shape) == tuple(pp.local_shape):
+        return real
+    out = real.new_zeros(pp.local_shape)
+    out.narrow(pp.dim, 0, real.shape[pp.dim]).copy_(real)
+    return out
 
 
 def _entries(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -118,6 +141,8 @@ def to_dtensor(model: nn.Module, local: torch.Tensor, pp: ParamPlan):
     """This rank's shard as a DTensor of the logical shape (what DCP saves and reshards)."""
     from torch.distributed.tensor import DTensor
 
+    # a padded vocabulary shard is torch.chunk's uneven Shard(dim) once its padding is dropped
+    local = _real_rows(local, pp, *_rank_tp(model))
     dt = DTensor.from_local(local, _mesh(model), [_placement(pp)], run_check=False,
                             shape=torch.Size(pp.full_shape), stride=_contiguous_stride(pp.full_shape))
     if pp.chunks > 1:
@@ -191,7 +216,7 @@ def _load_pre_hook(module, sd, prefix, _meta, _strict, _missing, _unexpected, er
         if isinstance(v, DTensor):
             if tuple(v.shape) == tuple(pp.full_shape) and list(v.placements) == [_placement(pp)] \
                     and v.device_mesh.size() == tp:
-                sd[key] = v.to_local()
+                sd[key] = _pad_rows(v.to_local(), pp)
                 continue
             v = v.full_tensor()
         if tuple(v.shape) != tuple(pp.full_shape):
@@ -217,19 +242,20 @@ def _gather_full(model: nn.Module, local: torch.Tensor, pp: ParamPlan) -> torch.
     parts = [torch.empty_like(local) for _ in range(st.tp)]
     dist.all_gather(parts, local.contiguous(), group=st.group)
     pieces = [p.chunk(pp.chunks, pp.dim) for p in parts]  # [rank][chunk]
-    return torch.cat([pieces[r][c] for c in range(pp.chunks) for r in range(st.tp)], pp.dim)
+    full = torch.cat([pieces[r][c] for c in range(pp.chunks) for r in range(st.tp)], pp.dim)
+    return full.narrow(pp.dim, 0, pp.full_shape[pp.dim])  # drops vocabulary padding, if any
 
 
 @torch.no_grad()
 def full_state_dict(model: nn.Module, *, rank0_only: bool = True, cpu: bool = True) -> dict[str, torch.Tensor]:
-    """A plain single-device state dict (full tensors), gathered over the TP group.
+    """A plain single-device state dict of full tensors (copies, not views), gathered over the TP group.
 
     Every rank takes part in the gathers; with ``rank0_only`` the other ranks get ``{}``
     (and keep at most one full tensor at a time). Keys and shapes are the single-device ones.
     """
     sd = model.state_dict()
     if _state(model) is None:
-        return {k: (v.detach().cpu() if cpu else v.detach()) for k, v in sd.items()}
+        return {k: v.detach().to("cpu" if cpu else v.device, copy=True) for k, v in sd.items()}
     keep = not rank0_only or _state(model).rank == 0
     entries = _entries(model)
     out, done = {}, {}
@@ -239,10 +265,9 @@ def full_state_dict(model: nn.Module, *, rank0_only: bool = True, cpu: bool = Tr
         if pp is not None and id(t) in done:  # a tied weight, gathered under its first name
             full = done[id(t)]
         elif pp is None:
-            full = v.detach().cpu() if cpu else v.detach()
+            full = v.detach().to("cpu" if cpu else v.device, copy=True)
         else:
-            local = v.to_local() if hasattr(v, "to_local") else v
-            full = _gather_full(model, local.detach(), pp)
+            full = _gather_full(model, t.detach(), pp)  # the whole local shard, padding included
             full = full.cpu() if cpu else full
             done[id(t)] = full if keep else None
         if keep:
@@ -317,7 +342,14 @@ def _copy_local(fn: str, name: str, dest: torch.Tensor, pp: ParamPlan | None, ra
             dest.copy_(f.get_tensor(name))
             return
     dim = 0 if pp is None else pp.dim
-    spans = [(0, 0, shape[0])] if pp is None else [(s, c * n, n) for c, (s, n) in enumerate(_ranges(pp, rank, tp))]
+    if pp is None:
+        spans = [(0, 0, shape[0])]
+    else:
+        piece = pp.local_shape[dim] // pp.chunks  # local rows per fused piece
+        spans = [(s, c * piece, n) for c, (s, n) in enumerate(_ranges(pp, rank, tp))]
+        if getattr(pp, "padded_shape", None) is not None:  # vocabulary padding: zeros, not read
+            n = spans[0][2]
+            dest.narrow(dim, n, dest.shape[dim] - n).zero_()
     row = max(1, math.prod(shape[1:]) * dest.element_size())  # bytes of one full row (dim 0)
     for src, dst, n in spans:
         if dim == 0:
@@ -419,26 +451,29 @@ def _load_optimizer_dcp(model: nn.Module, optimizer: torch.optim.Optimizer, path
     names = _optim_fqns(model, optimizer)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     target: dict[str, Any] = {}
+    bufs: dict[str, dict] = {}
     for p in params:
         fqn, pp = names[id(p)], _plan_of(model, p)
         pre = f"optim.state.{fqn}."
         for key, m in md.items():
             if not key.startswith(pre) or "." in key[len(pre):]:
                 continue
+            buf = v = None
             if isinstance(m, TensorStorageMetadata):
                 if pp is not None and tuple(m.size) == tuple(pp.full_shape):
-                    v = to_dtensor(model, torch.zeros(p.shape, dtype=m.properties.dtype, device=p.device), pp)
+                    buf = torch.zeros(p.shape, dtype=m.properties.dtype, device=p.device)
+                    v = to_dtensor(model, buf, pp)  # its local tensor is a view of buf: DCP fills buf
                 else:
                     v = torch.zeros(tuple(m.size), dtype=m.properties.dtype, device=p.device if len(m.size) else "cpu")
-            else:
-                v = None
             target.setdefault(fqn, {})[key[len(pre):]] = v
+            bufs.setdefault(fqn, {})[key[len(pre):]] = buf
     sd = {"optim": {"state": target}}
     dcp.load(sd, checkpoint_id=path)
     for p in params:
-        s = sd["optim"]["state"].get(names[id(p)])
+        fqn = names[id(p)]
+        s = sd["optim"]["state"].get(fqn)
         if s:
-            optimizer.state[p] = {k: (v.to_local() if hasattr(v, "to_local") else v) for k, v in s.items()}
+            optimizer.state[p] = {k: v if bufs[fqn][k] is None else bufs[fqn][k] for k, v in s.items()}
     for g, saved in zip(optimizer.param_groups, groups):
         g.update({k: tuple(v) if isinstance(g.get(k), tuple) else v for k, v in saved.items() if k != "params"})
 

@@ -8,7 +8,6 @@ import io
 import json
 import math
 import os
-import types
 
 import pytest
 import torch
@@ -21,7 +20,6 @@ from fakepg import fake_group
 from multirank import run_ranks
 from tpcompile.backend import shard_tensor
 from tpcompile.checkpoint import TPCheckpointError, optim_state_dict, reset_parameters
-from tpcompile.passes.plan import ParamPlan
 
 
 V_ODD = 250  # a vocabulary TP=4 does not divide: padded to 252
@@ -57,18 +55,42 @@ def _meta_gpt(example, vocab_size: int = 256, **kw) -> gpt.GPT:
     return tpcompile.tp_compile(model, example_inputs=example, init_weights=init, backend="aot_eager", **kw)
 
 
-def _fused(rank: int, tp: int, init: bool = True) -> nn.Module:
-    """A Linear stored as a fused (3-piece, strided) column-parallel shard, as a fused QKV is."""
+class FusedLM(nn.Module):
+    """nanoGPT-style fused projections: ``qkv`` split in 3 and ``up`` chunked in 2 (strided shards)."""
+
+    def __init__(self, C: int = 32, H: int = 4, V: int = 64):
+        super().__init__()
+        self.emb, self.ln, self.qkv = nn.Embedding(V, C), nn.LayerNorm(C), nn.Linear(C, 3 * C)
+        self.o, self.ln2, self.up = nn.Linear(C, C), nn.LayerNorm(C), nn.Linear(C, 4 * C)
+        self.down, self.head, self.H, self.V = nn.Linear(2 * C, C), nn.Linear(C, V, bias=False), H, V
+
+    def forward(self, x, y):
+        h = self.emb(x)
+        B, T, C = h.shape
+        q, k, v = self.qkv(self.ln(h)).split(C, dim=2)
+        q, k, v = [t.view(B, T, self.H, C // self.H).transpose(1, 2) for t in (q, k, v)]
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        h = h + self.o(a.transpose(1, 2).contiguous().view(B, T, C))
+        g, u = self.up(self.ln2(h)).chunk(2, dim=-1)
+        h = h + self.down(torch.nn.functional.silu(g) * u)
+        return torch.nn.functional.cross_entropy(self.head(h).view(-1, self.V), y.view(-1))
+
+
+def _fused_ref() -> FusedLM:
     with torch.random.fork_rng():
         torch.manual_seed(5)
-        m = nn.Sequential(nn.Linear(8, 24))
-    m = tpcompile.tp_compile(m)
-    st = tpcompile.tp_state(m)
-    pp = ParamPlan("0.weight", "colwise", 0, 3, (24, 8), (24 // tp, 8))
-    st.apply_plan(types.SimpleNamespace(params={0: pp}))
-    if not init:
-        st.params["0.weight"].data.fill_(float("nan"))
-    return m
+        return FusedLM()
+
+
+def _fused(meta: bool) -> nn.Module:
+    """FusedLM tp-compiled and planned (example inputs), built either seeded or on meta."""
+    x = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    if meta:
+        with torch.device("meta"):
+            m = FusedLM()
+    else:
+        m = _fused_ref()
+    return tpcompile.tp_compile(m, example_inputs=(x, x), backend="aot_eager")
 
 
 def _gathered_optim(model, opt) -> dict:
@@ -102,16 +124,17 @@ def _save_worker(rank: int, world: int, path: str) -> dict:
         p.grad = torch.randn(p.shape, generator=g)
     opt.step()  # AdamW state (exp_avg, exp_avg_sq: shards; step: scalar) without compiling anything
     tpcompile.save_checkpoint(model, os.path.join(path, "gpt"), optimizer=opt)
-    fused = _fused(rank, world)
+    fused = _fused(meta=False)
     tpcompile.save_checkpoint(fused, os.path.join(path, "fused"))
     sd = model.state_dict()
     placements = {k: [repr(p) for p in v.placements] for k, v in sd.items() if hasattr(v, "placements")}
-    fused_dt = fused.state_dict()["0.weight"]
+    fused_dt = fused.state_dict()["qkv.weight"]
+    fused_plan = {k: (pp.style, pp.chunks) for k, pp in tpcompile.tp_state(fused).plan.items()}
     return _out({"full": tpcompile.full_state_dict(model), "optim": _gathered_optim(model, opt),
                  "placements": placements, "loaded": loaded, "wte": wte,
                  "wte_plan": tuple(tpcompile.tp_state(model).plan["wte.weight"].__dict__.values()),
                  "fused": tpcompile.full_state_dict(fused), "fused_dtensor_full": fused_dt.full_tensor(),
-                 "fused_placement": repr(fused_dt.placements[0])})
+                 "fused_placement": repr(fused_dt.placements[0]), "fused_plan": fused_plan})
 
 
 def _load_worker(rank: int, world: int, path: str) -> dict:
@@ -119,11 +142,11 @@ def _load_worker(rank: int, world: int, path: str) -> dict:
     model = _meta_gpt((x, y), vocab_size=V_ODD)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)  # lr is restored from the checkpoint
     tpcompile.load_checkpoint(model, os.path.join(path, "gpt"), optimizer=opt)
-    fused = _fused(rank, world, init=False)
+    fused = _fused(meta=True)
     tpcompile.load_checkpoint(fused, os.path.join(path, "fused"))
     return _out({"full": tpcompile.full_state_dict(model), "optim": _gathered_optim(model, opt),
             "lr": opt.param_groups[0]["lr"], "fused": tpcompile.full_state_dict(fused),
-            "fused_local": fused[0].weight.detach().clone()})
+            "fused_local": fused.qkv.weight.detach().clone()})
 
 
 def _safetensors_worker(rank: int, world: int, path: str) -> dict:
@@ -140,7 +163,7 @@ def _safetensors_worker(rank: int, world: int, path: str) -> dict:
     loss = model(x, y).item()
     out = os.path.join(path, "resaved")
     tpcompile.save_checkpoint(model, out, format="safetensors")
-    fused = _fused(rank, world, init=False)
+    fused = _fused(meta=True)
     tpcompile.load_checkpoint(fused, os.path.join(path, "fused.safetensors"))
     return _out({"loss": loss, "full": tpcompile.full_state_dict(model), "unloaded": unloaded, "numel": numel,
             "fused": tpcompile.full_state_dict(fused)})
@@ -183,11 +206,11 @@ def test_dcp_save_tp4_load_tp2_and_tp1(tmp_path):
     assert saved["placements"]["h.0.attn.o_proj.weight"] == ["Shard(dim=1)"]
     assert saved["placements"]["wte.weight"] == saved["placements"]["lm_head.weight"] == ["Shard(dim=0)"]
     assert "ln_f.weight" not in saved["placements"]  # replicated: a plain tensor
+    assert saved["fused_plan"]["qkv.weight"] == ("colwise", 3) and saved["fused_plan"]["up.weight"] == ("colwise", 2)
     assert "_StridedShard" in saved["fused_placement"]
-    torch.manual_seed(5)
-    fused_ref = nn.Linear(8, 24).weight.detach()
-    assert torch.equal(saved["fused"]["0.weight"], fused_ref)
-    assert torch.equal(saved["fused_dtensor_full"], fused_ref)
+    fused_ref = _fused_ref().state_dict()
+    assert all(torch.equal(saved["fused"][k], v) for k, v in fused_ref.items())
+    assert torch.equal(saved["fused_dtensor_full"], fused_ref["qkv.weight"])
 
     loaded = _ranks(_load_worker, 2, str(tmp_path))
     for k, v in saved["full"].items():
@@ -196,9 +219,10 @@ def test_dcp_save_tp4_load_tp2_and_tp1(tmp_path):
         for name, v in s.items():
             assert torch.equal(loaded[0]["optim"][fqn][name], v), (fqn, name)
     assert loaded[0]["lr"] == 1e-2
-    assert torch.equal(loaded[0]["fused"]["0.weight"], fused_ref)
-    # rank 1 of 2 holds rows 4:8, 12:16, 20:24 (its half of each fused piece)
-    assert torch.equal(loaded[1]["fused_local"], torch.cat([fused_ref[4:8], fused_ref[12:16], fused_ref[20:24]]))
+    assert all(torch.equal(loaded[0]["fused"][k], v) for k, v in fused_ref.items())
+    # rank 1 of 2 holds rows 16:32, 48:64, 80:96 of qkv (its half of each of q, k, v)
+    w = fused_ref["qkv.weight"]
+    assert torch.equal(loaded[1]["fused_local"], torch.cat([w[16:32], w[48:64], w[80:96]]))
 
     plain, _ = gpt.make_model(seed=7, vocab_size=V_ODD)
     opt = torch.optim.AdamW(plain.parameters(), lr=1e-3)
@@ -210,6 +234,9 @@ def test_dcp_save_tp4_load_tp2_and_tp1(tmp_path):
         for name, v in s.items():
             assert torch.equal(v, saved["optim"][names[id(p)]][name]), (names[id(p)], name)
     assert len(opt.state) == len(saved["optim"])
+    plain_fused = FusedLM()
+    tpcompile.load_checkpoint(plain_fused, tmp_path / "fused")
+    assert all(torch.equal(plain_fused.state_dict()[k], v) for k, v in fused_ref.items())
 
 
 def test_single_device_safetensors_to_tp2(tmp_path):
@@ -218,9 +245,8 @@ def test_single_device_safetensors_to_tp2(tmp_path):
     ref, (x, y) = gpt.make_model()
     sd = {k: v for k, v in ref.state_dict().items() if k != "lm_head.weight"}  # tied: saved once
     save_file(sd, str(tmp_path / "model.safetensors"))
-    torch.manual_seed(5)
-    fused_ref = nn.Linear(8, 24).weight.detach()
-    save_file({"0.weight": fused_ref, "0.bias": torch.zeros(24)}, str(tmp_path / "fused.safetensors"))
+    fused_ref = _fused_ref().state_dict()
+    save_file(fused_ref, str(tmp_path / "fused.safetensors"))
     results = _ranks(_safetensors_worker, 2, str(tmp_path))
     ref_loss = ref(x, y).item()
     full_numel = sum(p.numel() for p in ref.parameters())
@@ -230,7 +256,7 @@ def test_single_device_safetensors_to_tp2(tmp_path):
         assert r["numel"] < 0.6 * full_numel
     for k, v in ref.state_dict().items():
         assert torch.equal(results[0]["full"][k], v), k
-    assert torch.equal(results[0]["fused"]["0.weight"], fused_ref)
+    assert all(torch.equal(results[0]["fused"][k], v) for k, v in fused_ref.items())
     from safetensors.torch import load_file
 
     resaved = load_file(str(tmp_path / "resaved" / "model.safetensors"))

@@ -269,24 +269,38 @@ def _hf_worker(rank: int, world: int, path: str) -> bytes:
 
     cfg = tf.AutoConfig.from_pretrained(path)  # config.json, as published
     with torch.device("meta"):
-        model = tf.LlamaForCausalLM(cfg)
+        model = getattr(tf, cfg.architectures[0])(cfg)
     ids, labels = torch.load(os.path.join(path, "batch.pt"))
-    # HF's own per-module init (it also sets the rotary inv_freq buffer, which no checkpoint holds)
+    # HF's own per-module init (it also sets rotary inv_freq buffers, which no checkpoint holds)
     model = tpcompile.tp_compile(model, example_inputs={"input_ids": ids, "labels": labels},
                                  init_weights=model._init_weights, backend="aot_eager")
     tpcompile.load_checkpoint(model, path)
     loss = model(input_ids=ids, labels=labels).loss.item()
-    plan = {k: pp.style for k, pp in tpcompile.tp_state(model).plan.items()}
+    plan = {k: (pp.style, pp.chunks) for k, pp in tpcompile.tp_state(model).plan.items()}
     return _out({"loss": loss, "full": tpcompile.full_state_dict(model), "plan": plan,
                  "numel": sum(p.numel() for p in model.parameters())})
 
 
-def test_hf_save_pretrained_sharded_loads_into_meta_tp2(tmp_path):
-    """Acceptance: ``save_pretrained`` (several files + index) -> meta-built LlamaForCausalLM,
-    tp_compiled at TP=2, load_checkpoint: same loss as the original, full state dict bitwise equal."""
+HF_CASES = {
+    # MHA Llama: every projection shards at TP=2 (q/k/v/gate/up colwise, o/down rowwise, vocab)
+    "llama": (dict(num_key_value_heads=8), {"model.layers.0.self_attn.k_proj.weight": ("colwise", 1),
+                                             "model.layers.1.mlp.down_proj.weight": ("rowwise", 1),
+                                             "model.embed_tokens.weight": ("vocab", 1)}),
+    # GPT-2: Conv1D [in, out] weights, fused c_attn (a strided shard on dim 1), tied LM head
+    "gpt2": ({}, {"transformer.h.0.attn.c_attn.weight": ("colwise", 3),
+                  "transformer.h.1.mlp.c_proj.weight": ("rowwise", 1),
+                  "transformer.wte.weight": ("vocab", 1)}),
+}
+
+
+@pytest.mark.parametrize("family", list(HF_CASES))
+def test_hf_save_pretrained_sharded_loads_into_meta_tp2(tmp_path, family):
+    """Acceptance: ``save_pretrained`` (several files + index) -> the same architecture built on
+    meta, tp_compiled at TP=2, load_checkpoint: same loss as the original, full state dict bitwise."""
     from hf_models import make_model as make_hf
 
-    ref = make_hf("llama", num_key_value_heads=8)  # MHA: every projection shards at TP=2
+    overrides, expect_plan = HF_CASES[family]
+    ref = make_hf(family, **overrides)
     ref.save_pretrained(tmp_path, max_shard_size="100KB")
     files = sorted(p.name for p in tmp_path.glob("*.safetensors"))
     assert len(files) >= 3 and (tmp_path / "model.safetensors.index.json").exists(), files
@@ -304,10 +318,8 @@ def test_hf_save_pretrained_sharded_loads_into_meta_tp2(tmp_path):
     assert results[0]["full"].keys() == ref_sd.keys()
     for k, v in ref_sd.items():
         assert torch.equal(results[0]["full"][k], v), k
-    plan = results[0]["plan"]
-    assert plan["model.layers.0.self_attn.k_proj.weight"] == "colwise"
-    assert plan["model.layers.1.mlp.down_proj.weight"] == "rowwise"
-    assert plan["model.embed_tokens.weight"] == "vocab"
+    for k, want in expect_plan.items():
+        assert results[0]["plan"][k] == want, (k, results[0]["plan"][k])
 
 
 # ----------------------------------------------------------------------------- bad input (one process)

@@ -393,8 +393,10 @@ def test_meta_model_errors_on_a_fake_group(tmp_path):
     with fake_group(2, rank=1):
         m = _meta_gpt((x, y))
         ref = gpt.make_model(seed=4)[0]
-        m.load_state_dict(ref.state_dict())  # plain full tensors in: each rank keeps its slice
         st = tpcompile.tp_state(m)
+        assert "h.0.mlp.fc.weight" in st._uninitialised  # built on meta, not loaded yet
+        m.load_state_dict(ref.state_dict())  # plain full tensors in: each rank keeps its slice
+        assert st._uninitialised == set()
         for fqn, p in st.params.items():
             assert torch.equal(p, shard_tensor(ref.state_dict()[fqn], st.plan[fqn], 1, 2)), fqn
         sd = m.state_dict()

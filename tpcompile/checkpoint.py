@@ -207,8 +207,11 @@ def _load_pre_hook(module, sd, prefix, _meta, _strict, _missing, _unexpected, er
     from torch.distributed.tensor import DTensor
 
     rank, tp = _rank_tp(module)
+    st = _state(module)
     for name, t in _entries(module).items():
         key = prefix + name
+        if key in sd:  # a meta-built parameter that gets a value is no longer "never loaded"
+            getattr(st, "_uninitialised", set()).discard(st.fqn_of.get(id(t)))
         pp = _plan_of(module, t)
         if pp is None or key not in sd:
             continue

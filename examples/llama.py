@@ -164,13 +164,16 @@ def make_model(
 
     Weights and inputs depend only on ``seed`` (the global RNG is left as it was), so every
     process that calls this with the same arguments gets the same model and the same batch.
-    ``overrides`` replace fields of the config, e.g. ``make_model(n_layers=4)``.
+    ``device="meta"`` builds the model without memory (inputs stay on CPU). ``overrides`` replace
+    fields of the config, e.g. ``make_model(n_layers=4)``.
     """
     config = replace(config or LlamaConfig(), **overrides)
-    with torch.random.fork_rng(devices=[]):
+    meta = torch.device(device).type == "meta"  # no memory: for explain / checkpoint loading
+    with torch.random.fork_rng(devices=[]), torch.device("meta" if meta else "cpu"):
         torch.manual_seed(seed)
         model = Llama(config)
     model.to(device)
+    device = "cpu" if meta else device
     g = torch.Generator().manual_seed(seed + 1)
     shape = (batch_size, config.max_seq_len)
     tokens = torch.randint(0, config.vocab_size, shape, generator=g).to(device)

@@ -35,6 +35,20 @@ def source_line(node: fx.Node) -> str:
     return f"{short}:{line} `{code.strip()}`"
 
 
+def module_path(node: fx.Node) -> str:
+    """FQN of the innermost user module ``node`` ran in ("" for the top module).
+
+    Backward nodes carry their forward node's stack as ``fwd_nn_module_stack``.
+    """
+    stack = node.meta.get("nn_module_stack") or node.meta.get("fwd_nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    path = re.sub(r"^L\['self'\]", "", path)
+    path = re.sub(r"\._modules\['([^']+)'\]|\[['\"]?([^\]'\"]+)['\"]?\]", lambda m: "." + (m.group(1) or m.group(2)), path)
+    return path.lstrip(".")
+
+
 def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 

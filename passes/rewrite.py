@@ -78,6 +78,13 @@ def _redistribute_call(have, need, group, full=None):
     return None
 
 
+def _inherit_meta(new: fx.Node, src: fx.Node) -> None:
+    """A mapping op reports the user's line and module of the op it serves (explain, errors)."""
+    for k in ("stack_trace", "nn_module_stack"):
+        if k in src.meta:
+            new.meta[k] = src.meta[k]
+
+
 class _Rewriter:
     def __init__(self, gm: fx.GraphModule, plan: GraphPlan, group: str, rank: int):
         self.gm, self.g, self.plan, self.group, self.rank = gm, gm.graph, plan, group, rank
@@ -89,8 +96,9 @@ class _Rewriter:
         with self.g.inserting_before(before):
             n = self.g.call_function(fn, args)
         n.meta["tp_mapping"] = fn.__name__
-        if "stack_trace" in before.meta:
-            n.meta["stack_trace"] = before.meta["stack_trace"]
+        _inherit_meta(n, before)
+        if value(args[0]) is not None:  # meta values stay logical (full) shapes: unchanged by a mapping
+            n.meta["example_value"] = value(args[0])
         return n
 
     def _placed(self, x, need, consumer):
@@ -140,11 +148,15 @@ class _Rewriter:
         users = list(node.users)
         with self.g.inserting_after(node):
             red = self.g.call_function(M.reduce_from_tp, (node, self.group))
-        red.meta.update(tp_mapping="reduce_from_tp", stack_trace=node.meta.get("stack_trace"))
+        red.meta["tp_mapping"] = "reduce_from_tp"
+        _inherit_meta(red, node)
+        red.meta["example_value"] = value(node)
         out = red
         if bias is not None:
             with self.g.inserting_after(red):
                 out = self.g.call_function(operator.add, (red, bias))
+            _inherit_meta(out, node)
+            out.meta["example_value"] = value(node)
         for u in users:
             u.replace_input_with(node, out)
         self.alias[node] = out

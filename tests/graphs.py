@@ -14,12 +14,16 @@ def collective_names(gm: torch.fx.GraphModule) -> list[str]:
 
 
 def recording_aot_eager(graphs: dict):
-    """aot_eager whose forward/backward compilers append each graph's collectives to ``graphs``."""
+    """aot_eager whose forward/backward compilers append each graph's collectives to
+    ``graphs["fw"|"bw"]`` and its ``tpcompile::`` custom ops to ``graphs["fw"|"bw"_tpcompile_ops]``."""
     from torch._dynamo.backends.debugging import aot_eager, boxed_nop
 
     def rec(kind):
         def compiler(gm, example_inputs):
             graphs.setdefault(kind, []).append(collective_names(gm))
+            graphs.setdefault(kind + "_tpcompile_ops", []).append(
+                [str(n.target) for n in gm.graph.nodes if str(n.target).startswith("tpcompile.")]
+            )
             return boxed_nop(gm, example_inputs)
 
         return compiler

@@ -14,7 +14,8 @@ from tpcompile.backend import shard_tensor
 
 
 def train_beside_reference(rank: int, world: int, model_name: str, steps: int = 5, lr: float = 0.1,
-                           backend: str = "inductor", plan: dict | None = None, **overrides) -> dict:
+                           backend: str = "inductor", plan: dict | None = None, sequence_parallel: bool = False,
+                           **overrides) -> dict:
     """Run ``steps`` SGD steps of tp and single-device copies of ``examples/<model_name>.py``.
 
     Returns the per-step losses of both, the largest gradient error against the matching
@@ -23,7 +24,7 @@ def train_beside_reference(rank: int, world: int, model_name: str, steps: int = 
     mod = importlib.import_module(model_name)
     model, (x, y) = mod.make_model(**overrides)
     ref = copy.deepcopy(model)
-    model = tpcompile.tp_compile(model, backend=backend, plan=plan)
+    model = tpcompile.tp_compile(model, backend=backend, plan=plan, sequence_parallel=sequence_parallel)
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=lr)
     ref_params = dict(ref.named_parameters())

@@ -35,6 +35,10 @@ def test_collectives_on_inductor_graphs_hit_the_floor(make, layers_kw):
     }
     # the counts above come from the graphs handed to Inductor; Inductor itself ran
     assert sum(torch._dynamo.utils.counters["inductor"].values()) > before
+    # bytes: every all-reduce moves one B*T*C fp32 activation
+    B, T = args[0].shape
+    C = model.config.n_embd if hasattr(model.config, "n_embd") else model.config.dim
+    assert {c.nbytes for c in record.collectives if c.kind == "all_reduce"} == {B * T * C * 4}
     # the logits are never gathered: the one all-gather carries 3 floats per token row
     (gather,) = [c for c in record.collectives if c.kind == "all_gather"]
     n_rows = args[0].numel()

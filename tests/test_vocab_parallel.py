@@ -90,7 +90,7 @@ def _emb_data(tp: int, rank: int | None):
 
 
 
-def _run(rank: int, tp: int, backend, cases) -> dict:
+def _run(rank: int, tp: int, backend, cases, inplace: bool = False) -> dict:
     import torch.distributed as dist
 
     from tpcompile.runtime import vocab_parallel_cross_entropy, vocab_parallel_embedding
@@ -106,12 +106,17 @@ def _run(rank: int, tp: int, backend, cases) -> dict:
     idx, w, gy, w_start = _emb_data(tp, rank)
     w.requires_grad_()
 
+    inter = []  # inplace: a non-leaf per case, which the backward overwrites with its grad
+
     def fn(datas, idx, w):
+        if inplace:
+            inter[:] = [x * 1 for x, _, _ in datas]
         losses = [
             vocab_parallel_cross_entropy(
-                x, t, start, V, name, ignore_index=ign, reduction=red, label_smoothing=eps
+                y, t, start, V, name, ignore_index=ign, reduction=red, label_smoothing=eps,
+                inplace_backward=inplace,
             )
-            for (x, t, _), (start, V, red, eps, ign) in zip(datas, args)
+            for y, (_, t, _), (start, V, red, eps, ign) in zip(inter or [x for x, _, _ in datas], datas, args)
         ]
         return losses, vocab_parallel_embedding(idx, w, w_start, name)
 
@@ -125,11 +130,13 @@ def _run(rank: int, tp: int, backend, cases) -> dict:
         return t.detach().float().numpy()
 
     ce = {c: (str(loss.dtype), as_np(loss), as_np(x.grad)) for c, loss, (x, _, _) in zip(cases, losses, data)}
-    return {"ce": ce, "emb": (as_np(emb), as_np(w.grad))}
+    # which intermediates now hold their own gradient (2-D ones: written in place)
+    written = {c: torch.equal(y, x.grad) for c, y, (x, _, _) in zip(cases, inter, data)}
+    return {"ce": ce, "emb": (as_np(emb), as_np(w.grad)), "written": written}
 
 
 def _worker(rank: int, tp: int, compiled: bool) -> dict:
-    res = {"eager": _run(rank, tp, None, list(CASES))}
+    res = {"eager": _run(rank, tp, None, list(CASES)), "eager_inplace": _run(rank, tp, None, list(CASES), True)}
     if compiled:
         graphs: dict = {}
         res["aot_eager"] = _run(rank, tp, recording_aot_eager(graphs), list(CASES))
@@ -144,7 +151,7 @@ def results():
     return {2: run_ranks(_worker, 2, True), 3: run_ranks(_worker, 3, False)}
 
 
-RUNS = [(2, "eager"), (2, "aot_eager"), (2, "inductor"), (3, "eager")]
+RUNS = [(2, "eager"), (2, "eager_inplace"), (2, "aot_eager"), (2, "inductor"), (3, "eager"), (3, "eager_inplace")]
 
 
 # ---------------------------------------------------------------- tests
@@ -189,6 +196,19 @@ def test_cross_entropy_one_collective_forward_none_backward(results):
         # one all-gather per cross-entropy call, plus the embedding's all-reduce
         assert sorted(fw) == ["all_gather_into_tensor"] * len(CASES) + ["all_reduce"]
         assert graphs["bw"][0] == []  # neither op communicates in the backward
+        # the local halves reach the graphs as opaque custom ops (chunked torch impl on CPU)
+        assert graphs["fw_tpcompile_ops"][0] == ["tpcompile.ce_stats.default"] * len(CASES)
+        assert graphs["bw_tpcompile_ops"][0] == ["tpcompile.ce_grad.default"] * len(CASES)
+
+
+def test_inplace_backward_overwrites_logits(results):
+    """inplace_backward: 1-D and 2-D logits now hold their gradient; N-d logits are
+    reshaped into a copy first (the copy is overwritten), so theirs are untouched."""
+    for tp in (2, 3):
+        for r in range(tp):
+            written = results[tp][r]["eager_inplace"]["written"]
+            for case, shape in ((c, CASES[c][0]) for c in CASES):
+                assert written[case] == (len(shape) <= 2), (tp, r, case)
 
 
 @pytest.mark.parametrize("tp,mode", RUNS)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
+import os
 from typing import Any
 
 import torch
@@ -61,18 +62,24 @@ def _ghost(p: torch.Tensor, device: torch.device) -> nn.Parameter:
 class TensorParallel:
     """State behind a tp-compiled module: the group, the ghost twin Dynamo traces, the plan."""
 
-    def __init__(self, model: nn.Module, group, plan: dict | None, broadcast_inputs: bool, compile_options: dict):
+    def __init__(self, model: nn.Module, group, plan: dict | None, broadcast_inputs: bool, compile_options: dict,
+                 trace_only: bool = False, sequence_parallel: bool = False):
+        # trace_only (explain): plan and trace only; the model's parameters are never touched
+        self.trace_only = trace_only
+        self.sequence_parallel = sequence_parallel
+        self.dump_dir = compile_options.pop("dump_dir", None) or os.environ.get("TPCOMPILE_DUMP_DIR") or None
         self.group = _resolve_group(group)
         self.group_name = self.group.group_name
         self.tp = dist.get_world_size(self.group)
         self.rank = dist.get_rank(self.group)
         self.overrides = dict(plan or {})
-        self.broadcast_inputs = broadcast_inputs
+        self.broadcast_inputs = broadcast_inputs and not trace_only
         self.inner_backend = compile_options.pop("backend", "inductor")
         self.records: list[GraphRecord] = []
         self.plan: dict[str, ParamPlan] = {}
         self.fqn_of: dict[int, str] = {}
         self.params: dict[str, nn.Parameter] = {}
+        self.standins: dict[str, nn.Parameter] = {}  # trace_only: local-shaped ghosts
         for fqn, p in model.named_parameters(remove_duplicate=False):
             if id(p) not in self.fqn_of:
                 self.fqn_of[id(p)] = fqn
@@ -81,18 +88,23 @@ class TensorParallel:
                 self._alias_overrides(fqn, self.fqn_of[id(p)])
         device = self.device
         memo: dict[int, Any] = {}
+        self.name_of: dict[int, str] = {}  # ghost / buffer id -> FQN, for readable graphs
         self.real_of_ghost: dict[int, nn.Parameter] = {}
         for p in self.params.values():
             g = _ghost(p, p.device if p.device.type != "meta" else device)
             memo[id(p)] = g
             self.real_of_ghost[id(g)] = p
+            self.name_of[id(g)] = self.fqn_of[id(p)]
         for b in model.buffers():
-            memo[id(b)] = b
+            # tracing a model built on meta: buffers become ghosts too (their values are never read)
+            memo[id(b)] = _ghost(b, device) if trace_only and b.device.type == "meta" else b
+        for fqn, b in model.named_buffers():
+            self.name_of.setdefault(id(memo[id(b)]), fqn)
         self.twin = copy.deepcopy(model, memo)
         self._pairs = list(zip(model.modules(), self.twin.modules()))
         self._ghosts = [memo[id(p)] for p in self.params.values()]  # keep ids stable
         self.compiled = torch.compile(self.twin, backend=Backend(self), **compile_options)
-        self._inputs_checked = False
+        self._inputs_checked = trace_only  # one process: nothing to compare
 
     def _alias_overrides(self, alias: str, fqn: str) -> None:
         from tpcompile.passes.plan import _style_for_fqn
@@ -120,11 +132,23 @@ class TensorParallel:
                     )
                 continue
             p = self.params[pp.fqn]
-            if pp.style != "replicate":
+            if self.trace_only:
+                ghost = _ghost(p, p.device if p.device.type != "meta" else self.device)
+                self.standins[pp.fqn] = nn.Parameter(ghost[tuple(slice(0, n) for n in pp.local_shape)], p.requires_grad)
+            elif pp.style != "replicate":
                 if p.grad is not None:
                     raise TPShardingError(f"{pp.fqn}: first used after training started; cannot reshard it now.")
                 p.data = shard_tensor(p.data, pp, self.rank, self.tp)
             self.plan[pp.fqn] = pp
+
+    def local_param(self, fqn: str) -> nn.Parameter:
+        """What a compiled graph takes for ``fqn``: this rank's shard (or, trace_only, its ghost)."""
+        return self.standins[fqn] if self.trace_only else self.params[fqn]
+
+    def dump(self, index: int, record: GraphRecord) -> None:
+        from tpcompile.dump import dump_record
+
+        dump_record(record, self.dump_dir, self.rank, index)
 
     # ----------------------------------------------------------------- the module's forward
     def forward(self, *args, **kwargs):
@@ -144,7 +168,7 @@ class TensorParallel:
             if isinstance(inner, (TPShardingError, ValueError, NotImplementedError)):
                 raise inner from None
             raise
-        if len(self.records) != n_graphs:  # something (re)compiled: make sure nothing ran on ghosts
+        if len(self.records) != n_graphs and not self.trace_only:  # something (re)compiled: make sure nothing ran on ghosts
             self._check_no_eager_ghosts(out)
         return out
 
@@ -219,6 +243,9 @@ def tp_compile(
     right after ``tp_compile`` works, and from then on they hold only this rank's shard.
 
     ``plan``: per-FQN overrides, e.g. ``{"lm_head": "replicate"}`` (globs allowed).
+    ``sequence_parallel``: shard the residual stream (norms, dropout, residual adds) over
+    tokens between TP regions (Megatron-SP): all-gather / reduce-scatter instead of
+    all-reduce, activations there shrink by tp. The sequence length must divide by tp.
     ``broadcast_inputs``: broadcast every input from the group's first rank each call
     instead of checking, on the first call, that all ranks got the same inputs.
     ``example_inputs`` (args tuple, or kwargs dict): plan now rather than on the first call, so
@@ -229,13 +256,12 @@ def tp_compile(
     ...); ``backend`` picks what compiles the rewritten graph: ``"inductor"`` (default),
     ``"aot_eager"`` or ``"eager"``.
     """
-    if sequence_parallel:
-        raise NotImplementedError("tp_compile(sequence_parallel=True) is not available yet (issue: sequence parallelism).")
     if not dist.is_initialized():
         raise RuntimeError("tp_compile needs torch.distributed initialised (torchrun + dist.init_process_group()).")
     if getattr(model, "_tp_state", None) is not None:
         raise RuntimeError("tp_compile: this module is already tensor-parallel.")
-    state = TensorParallel(model, group, plan, broadcast_inputs, dict(compile_options))
+    state = TensorParallel(model, group, plan, broadcast_inputs, dict(compile_options),
+                           sequence_parallel=sequence_parallel)
     model._tp_state = state
     model.forward = state.forward
     from tpcompile import checkpoint  # checkpoint-facing side: state dicts, meta-device models

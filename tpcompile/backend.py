@@ -17,11 +17,13 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-from tpcompile.passes.graph_utils import source_line
+from tpcompile.dump import readable_code
+from tpcompile.passes.graph_utils import module_path, source_line
 from tpcompile.passes.normalize import normalize
 from tpcompile.passes.plan import GraphPlan, ParamPlan, make_plan
 from tpcompile.passes.propagate import TPShardingError
 from tpcompile.passes.rewrite import rewrite
+from tpcompile.passes.sequence_parallel import floor_with_sp, sequence_parallel
 
 COLLECTIVES = {
     "all_reduce": "all_reduce",
@@ -40,7 +42,8 @@ class Collective:
     kind: str  # all_reduce | all_gather | reduce_scatter | all_to_all
     phase: str  # forward | backward
     nbytes: int
-    source: str
+    source: str  # the user's file:line `code`
+    module: str = ""  # FQN of the module it serves ("" = the top module)
 
 
 @dataclass
@@ -52,6 +55,9 @@ class GraphRecord:
     graph_code: str
     fallbacks: list  # messages
     rewrite_seconds: float
+    floor: dict  # phase -> {reason: count}: the fewest collectives this plan can need (DESIGN.md)
+    names: dict  # placeholder name -> parameter / buffer FQN
+    rewritten: fx.GraphModule | None = None
     collectives: list = field(default_factory=list)  # Collective, filled as AOT graphs compile
     compiled_graphs: list = field(default_factory=list)  # (phase, fx.GraphModule) Inductor / AOT compiled
 
@@ -65,9 +71,11 @@ def collectives_of(gm: fx.GraphModule, phase: str) -> list[Collective]:
         kind = COLLECTIVES.get(n.target._opname)
         if kind is None:
             continue
-        val = n.meta.get("val")
+        # nbytes: the whole buffer a collective reduces or gathers (a reduce-scatter's input), so
+        # that an all-reduce of N bytes and its SP pair (all-gather + reduce-scatter) both read N
+        val = (n.args[0] if kind == "reduce_scatter" else n).meta.get("val")
         nbytes = val.numel() * val.element_size() if isinstance(val, torch.Tensor) and not _symbolic(val) else -1
-        out.append(Collective(kind, phase, int(nbytes), source_line(n)))
+        out.append(Collective(kind, phase, int(nbytes), source_line(n), module_path(n)))
     return out
 
 
@@ -79,30 +87,67 @@ def _symbolic(t: torch.Tensor) -> bool:
     return any(isinstance(s, torch.SymInt) for s in t.shape)
 
 
-def _recording(record: GraphRecord, compile_one: Callable) -> Callable:
+def communication_floor(plan: GraphPlan) -> dict:
+    """Megatron's minimum for this plan: per phase, how many collectives and why.
+
+    Forward: one reduction per row-parallel linear and per vocab-parallel embedding, one
+    collective per vocab-parallel loss. Backward: one reduction of the input gradient per
+    distinct activation that feeds column-parallel linears (q, k, v share one).
+    """
+    kinds = [ni.kind for ni in plan.prop.info.values()]
+    col_inputs = {n.args[0] for n, ni in plan.prop.info.items() if ni.kind == "colwise"}
+    fwd = {"row-parallel linear": kinds.count("rowwise"), "vocab-parallel embedding": kinds.count("vocab"),
+           "vocab-parallel loss": kinds.count("vocab_ce")}
+    bwd = {"column-parallel input": len(col_inputs)}
+    return {"forward": {k: v for k, v in fwd.items() if v}, "backward": {k: v for k, v in bwd.items() if v}}
+
+
+def _recording(record: GraphRecord, compile_one: Callable, on_graph: Callable | None = None) -> Callable:
     def inner(gm, example_inputs, *args, **kwargs):
         phase = "backward" if kwargs.get("is_backward", False) else "forward"
         record.compiled_graphs.append((phase, gm))
         record.collectives.extend(collectives_of(gm, phase))
+        if on_graph is not None:
+            on_graph(record)
         return compile_one(gm, example_inputs, *args, **kwargs)
 
     return inner
 
 
-def _compile(gm: fx.GraphModule, inputs: list, record: GraphRecord, inner: str):
+def _compile(gm: fx.GraphModule, inputs: list, record: GraphRecord, inner: str, on_graph: Callable | None = None):
     if inner == "inductor":
         from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 
-        return compile_fx(gm, inputs, inner_compile=_recording(record, compile_fx_inner))
-    if inner == "aot_eager":
+        return compile_fx(gm, inputs, inner_compile=_recording(record, compile_fx_inner, on_graph))
+    if inner in ("aot_eager", "trace"):
         from functorch.compile import make_boxed_func
         from torch._dynamo.backends.common import aot_autograd
 
-        rec = _recording(record, lambda g, ex, *a, **k: make_boxed_func(g.forward))
-        return aot_autograd(fw_compiler=rec, bw_compiler=functools.partial(rec, is_backward=True))(gm, inputs)
+        rec = _recording(record, lambda g, ex, *a, **k: make_boxed_func(g.forward), on_graph)
+        compiled = aot_autograd(fw_compiler=rec, bw_compiler=functools.partial(rec, is_backward=True))
+        if inner == "aot_eager":
+            return compiled(gm, inputs)
+        # "trace" (explain): build the real forward and backward graphs now, run nothing.
+        with torch._functorch.config.patch(force_non_lazy_backward_lowering=True):
+            compiled(gm, inputs)
+        return _fake_run(gm)
     if inner == "eager":
         return gm.forward
     raise ValueError(f"tp_compile(backend={inner!r}): use 'inductor', 'aot_eager' or 'eager'")
+
+
+def _fake_run(gm: fx.GraphModule) -> Callable:
+    """A stand-in for ``gm`` that returns zeros of the right shapes, computing nothing real."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def run(*args):
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            out = gm(*args)
+        flat, spec = torch.utils._pytree.tree_flatten(out)
+        real = [torch.zeros(o.shape, dtype=o.dtype, device=o.device) if isinstance(o, torch.Tensor) else o for o in flat]
+        return torch.utils._pytree.tree_unflatten(real, spec)
+
+    return run
 
 
 def shard_tensor(t: torch.Tensor, pp: ParamPlan, rank: int, tp: int) -> torch.Tensor:
@@ -134,7 +179,8 @@ class Backend:
             if real is not None:
                 fqns[node] = st.fqn_of[id(real)]
                 subs.append((i, real))
-        original_code = gm.code
+        names = {n.name: st.name_of[id(ex)] for n, ex in zip(placeholders, example_inputs) if id(ex) in st.name_of}
+        original_code = readable_code(gm.graph, names)
         normalize(gm, set(fqns))
         plan = make_plan(gm, st.tp, fqns, st.overrides)
         fallbacks = [self._warn_fallback(n, plan) for n in plan.prop.fallbacks]
@@ -143,18 +189,27 @@ class Backend:
             warnings.warn(msg, TPWarning, stacklevel=2)
             fallbacks.append(msg)
         st.apply_plan(plan)
+        floor = communication_floor(plan)
         rewrite(gm, plan, st.group_name, st.rank)
+        if st.sequence_parallel:
+            sp = sequence_parallel(gm, st.group_name, st.tp)
+            floor = floor_with_sp(sp, floor["forward"].get("vocab-parallel loss", 0))
         record = GraphRecord(
-            {pp.fqn: pp for pp in plan.params.values()}, original_code, gm.code, fallbacks, time.perf_counter() - t0
+            {pp.fqn: pp for pp in plan.params.values()}, original_code, readable_code(gm.graph, names), fallbacks,
+            time.perf_counter() - t0, floor, names, gm,
         )
         st.records.append(record)
+        subs = [(i, st.local_param(st.fqn_of[id(real)])) for i, real in subs]
         inputs = list(example_inputs)
         fake_mode = torch._guards.detect_fake_mode(example_inputs)
         for i, real in subs:
             # fakify the local shard ourselves, with static shapes: left to AOTAutograd it gets
             # fresh symbols with no source, and a shape guard on one of them fails to build
             inputs[i] = fake_mode.from_tensor(real, static_shapes=True) if fake_mode is not None else real
-        compiled = _compile(gm, inputs, record, st.inner_backend)
+        on_graph = functools.partial(st.dump, len(st.records) - 1) if st.dump_dir else None
+        if on_graph:
+            on_graph(record)
+        compiled = _compile(gm, inputs, record, st.inner_backend, on_graph)
 
         def run(*args):
             args = list(args)
@@ -185,4 +240,7 @@ class Backend:
         return msg
 
 
-__all__ = ["Backend", "GraphRecord", "Collective", "TPShardingError", "TPWarning", "collectives_of", "shard_tensor"]
+__all__ = [
+    "Backend", "GraphRecord", "Collective", "TPShardingError", "TPWarning", "collectives_of", "communication_floor",
+    "shard_tensor",
+]

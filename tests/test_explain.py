@@ -1,0 +1,128 @@
+"""explain(): one process, any TP degree, the caller's model untouched; the CLI; dumps."""
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import gpt
+import llama
+import tpcompile
+from fakepg import fake_group
+from test_behaviour import BreakingMLP, CumsumMLP, Net
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_three_layers_at_world_size_8_hits_the_floor_and_leaves_the_model_alone():
+    L = 3
+    model, args = gpt.make_model(n_layer=L, n_head=8, n_embd=128)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rep = tpcompile.explain(model, *args, world_size=8, rank=5)
+
+    assert rep.counts() == {
+        ("forward", "all_reduce"): 2 * L + 1,  # 2 per layer + the vocab-parallel embedding
+        ("forward", "all_gather"): 1,  # the loss: one gather of per-row statistics
+        ("backward", "all_reduce"): 2 * L + 1,  # 2 per layer + the LM head's input
+    }
+    assert rep.floor == {
+        "forward": {"row-parallel linear": 2 * L, "vocab-parallel embedding": 1, "vocab-parallel loss": 1},
+        "backward": {"column-parallel input": 2 * L + 1},
+    }
+    assert rep.above_floor() == {"forward": 0, "backward": 0}
+    # each collective names the module it serves and the user's source line
+    fwd_ar = [c for c in rep.collectives if c.phase == "forward" and c.kind == "all_reduce"]
+    assert [c.module for c in fwd_ar] == ["wte"] + [f"h.{i}.{m}" for i in range(L) for m in ("attn.o_proj", "mlp.proj")]
+    assert all(c.source.startswith("examples/gpt.py:") for c in rep.collectives)
+    assert all(c.nbytes == 4 * 32 * 128 * 4 for c in fwd_ar)  # B*T*C fp32
+    bwd = [c.module for c in rep.collectives if c.phase == "backward"]
+    assert Counter(bwd) == Counter(["lm_head"] + [f"h.{i}.{m}" for i in range(L) for m in ("attn.q_proj", "mlp.fc")])
+    # plan, local shapes of rank 5, bytes
+    assert rep.plan["h.2.attn.q_proj.weight"] == "colwise" and rep.plan["h.2.mlp.proj.weight"] == "rowwise"
+    assert rep.plan["wte.weight"] == "vocab" and rep.plan["h.0.ln_1.weight"] == "replicate"
+    assert rep.params["h.0.mlp.fc.weight"].local_shape == (64, 128)
+    assert "5 * 32" not in rep.graph_code and "(idx, wte_weight, 160, '0')" in rep.graph_code  # vocab start 5*32
+    assert rep.param_bytes_local < rep.param_bytes_full / 4
+    text = str(rep)
+    assert "rank 5 of 8" in text and text.count("at the floor") == 2 and "warnings: none" in text
+    # the caller's model: bitwise unchanged, still a plain module
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not hasattr(model, "_tp_state") and not dist.is_initialized()
+
+
+def test_a_model_on_meta_stays_on_meta():
+    model, args = llama.make_model(n_layers=2, device="meta")
+    rep = tpcompile.explain(model, *args, world_size=4, rank=3)
+    assert all(p.device.type == "meta" for p in model.parameters())
+    assert rep.plan["layers.1.feed_forward.down.weight"] == "rowwise"
+    assert rep.above_floor() == {"forward": 0, "backward": 0}
+    assert "(tokens, tok_embeddings_weight, 192, '0')" in rep.graph_code  # rank 3's vocab rows start at 3*64
+
+
+def test_fallbacks_and_graph_breaks_are_listed():
+    _, (x, y) = gpt.make_model()
+    model, _ = gpt.make_model()
+    model.h[0].mlp = CumsumMLP(model.h[0].mlp)
+    rep = tpcompile.explain(model, x, y, world_size=2)
+    assert any("cumsum" in w and "h.0.mlp.fc" in w for w in rep.warnings)
+    assert rep.plan["h.0.mlp.fc.weight"] == "replicate" and rep.plan["h.1.mlp.fc.weight"] == "colwise"
+
+    rep = tpcompile.explain(Net(BreakingMLP), x, y, world_size=2)
+    assert len(rep.records) == 2 and "# graph 1" in rep.graph_code
+    assert any(w.startswith("graph break") for w in rep.warnings)
+
+
+def test_clear_errors():
+    model, args = gpt.make_model(n_head=6, n_embd=96)
+    with pytest.raises(tpcompile.TPShardingError, match=r"6 heads.*tp=4"):
+        tpcompile.explain(model, *args, world_size=4)
+    assert not dist.is_initialized()  # the fake group is torn down on errors too
+    with fake_group(2):
+        with pytest.raises(RuntimeError, match="already initialised"):
+            tpcompile.explain(model, *args, world_size=2)
+    with pytest.raises(ValueError, match=r"rank=4"):
+        tpcompile.explain(model, *args, world_size=4, rank=4)
+
+
+def test_dump_dir_under_tp_compile_records_forward_and_backward(tmp_path, monkeypatch):
+    monkeypatch.setenv("TPCOMPILE_DUMP_DIR", str(tmp_path))
+    with fake_group(world_size=2, rank=1):
+        model, args = gpt.make_model(n_layer=1)
+        model = tpcompile.tp_compile(model, backend="aot_eager")
+        model(*args).backward()
+    folder = tmp_path / "rank1"
+    names = sorted(os.listdir(folder))
+    assert {"graph0.captured.py", "graph0.rewritten.py", "graph0.plan.json", "graph0.collectives.json",
+            "graph0.rewritten.dot"} <= set(names)
+    coll = json.loads((folder / "graph0.collectives.json").read_text())
+    phases = Counter((c["phase"], c["kind"]) for c in coll["collectives"])
+    assert phases == {("forward", "all_reduce"): 3, ("forward", "all_gather"): 1, ("backward", "all_reduce"): 3}
+    plan = {p["fqn"]: p["style"] for p in json.loads((folder / "graph0.plan.json").read_text())}
+    assert plan["h.0.attn.o_proj.weight"] == "rowwise"
+    assert "copy_to_tp" in (folder / "graph0.rewritten.py").read_text()
+    assert "copy_to_tp" not in (folder / "graph0.captured.py").read_text()
+
+
+def _cli(*argv, cwd=ROOT):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "tests"), os.path.join(ROOT, "examples")]))
+    return subprocess.run([sys.executable, "-m", "tpcompile", "explain", *argv], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_on_the_example_factory_and_a_meta_factory(tmp_path):
+    r = _cli("examples/gpt.py:make_model", "--world-size", "4", "--rank", "1", "--graph", "--dump", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert "rank 1 of 4" in r.stdout and r.stdout.count("at the floor") == 2
+    assert "h.0.attn.o_proj.weight  rowwise" in r.stdout and "rewritten graph:" in r.stdout
+    assert (tmp_path / "rank1" / "graph0.collectives.json").exists()
+    r = _cli("factories:meta_llama", "--world-size", "2", "--replicate", "layers.*.feed_forward.*")
+    assert r.returncode == 0, r.stderr
+    assert "layers.0.feed_forward.down.weight  replicate" in r.stdout
+    assert "layers.0.attention.o_proj.weight   rowwise" in r.stdout
+    r = _cli("examples/gpt.py:nope", "--world-size", "2")
+    assert r.returncode != 0 and "has no function 'nope'" in r.stderr

@@ -1,0 +1,186 @@
+"""``explain``: what ``tp_compile`` would do on rank ``rank`` of ``world_size``, in one process.
+
+Users need to see the plan and the collectives before they rent the GPUs. ``explain``
+runs the same capture and passes as ``tp_compile`` under a fake process group (every
+collective is a no-op), traces the real forward and backward graphs with AOTAutograd,
+and executes nothing: the caller's parameters are never read or written, so a model
+built on ``meta`` costs no parameter memory.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from tpcompile.api import TensorParallel
+from tpcompile.backend import Collective, GraphRecord
+from tpcompile.passes.plan import ParamPlan
+
+
+@dataclass
+class Report:
+    """What tpcompile did to one rank's program.
+
+    ``plan``: {param FQN: "colwise" | "rowwise" | "vocab" | "replicate"}; ``params`` has the
+    shard dim, fused chunks and shapes. ``collectives``: one per collective of the compiled
+    forward and backward graphs. ``floor``: per phase, the fewest collectives the plan
+    needs (DESIGN.md) and why.
+    """
+
+    world_size: int
+    rank: int
+    plan: dict[str, str]
+    params: dict[str, ParamPlan]
+    collectives: list[Collective]
+    floor: dict[str, dict[str, int]]
+    graph_code: str
+    original_code: str
+    param_bytes_local: int
+    param_bytes_full: int
+    warnings: list[str] = field(default_factory=list)
+    records: list[GraphRecord] = field(default_factory=list)
+
+    def counts(self) -> Counter:
+        """Collectives by (phase, kind)."""
+        return Counter((c.phase, c.kind) for c in self.collectives)
+
+    def above_floor(self) -> dict[str, int]:
+        """Collectives per phase beyond the floor (0 everywhere: the plan is optimal)."""
+        have = Counter(c.phase for c in self.collectives)
+        return {ph: have[ph] - sum(self.floor.get(ph, {}).values()) for ph in ("forward", "backward")}
+
+    def collectives_summary(self) -> str:
+        """One line per collective: phase, kind, bytes, the user's source line."""
+        width = max((len(c.module) for c in self.collectives), default=0)
+        return "\n".join(
+            f"{c.phase:<8} {c.kind:<14} {_bytes(c.nbytes):>10}  {c.module or '(model)':<{width}}  {c.source}"
+            for c in self.collectives
+        ) + "\n"
+
+    def plan_table(self) -> str:
+        width = max((len(f) for f in self.params), default=10)
+        rows = []
+        for fqn, pp in self.params.items():
+            shard = "" if pp.style == "replicate" else f"dim {pp.dim}" + (f" x{pp.chunks} fused" if pp.chunks > 1 else "")
+            local = "" if pp.local_shape == pp.full_shape else f" -> {list(pp.local_shape)}"
+            rows.append(f"{fqn:<{width}}  {pp.style:<9} {shard:<15} {list(pp.full_shape)}{local}")
+        return "\n".join(rows) + "\n"
+
+    def golden(self) -> str:
+        """Deterministic text to pin in a test: plan, collectives, rewritten graph."""
+        return f"# plan\n{self.plan_table()}# collectives\n{self.collectives_summary()}# graph\n{self.graph_code}"
+
+    def __str__(self) -> str:
+        c = self.counts()
+        lines = [
+            f"tpcompile.explain: rank {self.rank} of {self.world_size}, {len(self.records)} graph(s)",
+            f"parameters: {_bytes(self.param_bytes_local)} on this rank of {_bytes(self.param_bytes_full)} "
+            f"({100 * self.param_bytes_local / max(self.param_bytes_full, 1):.0f}%)",
+            "",
+            "plan:",
+            *("  " + r for r in self.plan_table().splitlines()),
+            "",
+            "collectives per step on this rank:",
+        ]
+        extra = self.above_floor()
+        for ph in ("forward", "backward"):
+            mine = [c for c in self.collectives if c.phase == ph]
+            kinds = ", ".join(f"{n} {k}" for (p, k), n in sorted(c.items()) if p == ph) or "none"
+            floor = self.floor.get(ph, {})
+            why = " + ".join(f"{n} {r}" for r, n in floor.items()) or "nothing"
+            verdict = "at the floor" if extra[ph] == 0 else f"{extra[ph]:+d} vs the floor"
+            lines.append(f"  {ph:<8} {kinds}; {_bytes(sum(max(x.nbytes, 0) for x in mine))}")
+            lines.append(f"           floor {sum(floor.values())} ({why}): {verdict}")
+        lines += ["", "where they come from:", *("  " + r for r in self.collectives_summary().splitlines())]
+        lines += ["", "warnings:" if self.warnings else "warnings: none", *("  " + w for w in self.warnings)]
+        return "\n".join(lines)
+
+
+def _bytes(n: int) -> str:
+    if n < 0:
+        return "dynamic"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def explain(
+    model: nn.Module,
+    *args: Any,
+    world_size: int,
+    rank: int = 0,
+    sequence_parallel: bool = False,
+    plan: dict[str, str] | None = None,
+    dump_dir: str | None = None,
+    **kwargs: Any,
+) -> Report:
+    """Plan, rewrite and trace ``model(*args, **kwargs)`` as rank ``rank`` of ``world_size``.
+
+    One process, no GPU, no torchrun: a fake process group stands in for the TP group.
+    The model is not modified (its parameters stay bitwise the same; one built on
+    ``meta`` stays on ``meta``). ``plan``: the same overrides ``tp_compile`` takes.
+    """
+    if getattr(model, "_tp_state", None) is not None:
+        raise RuntimeError("explain() takes the plain model, before tp_compile (this one is already tensor-parallel).")
+    if dist.is_initialized():
+        raise RuntimeError(
+            "explain() runs in one process with a fake process group, but torch.distributed is already "
+            "initialised. Call it before init_process_group (or in a separate script / `python -m tpcompile "
+            "explain`); under torchrun, set TPCOMPILE_DUMP_DIR=dir to dump each rank's rewrite instead."
+        )
+    if not 0 <= rank < world_size:
+        raise ValueError(f"explain(rank={rank}) must be in [0, {world_size}).")
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    breaks_before = Counter(torch._dynamo.utils.counters["graph_break"])
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+    try:
+        state = TensorParallel(model, None, plan, False, {"backend": "trace", "dump_dir": dump_dir}, trace_only=True,
+                               sequence_parallel=sequence_parallel)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            state.forward(*args, **kwargs)
+    finally:
+        dist.destroy_process_group()
+        torch._dynamo.reset()  # drop the twin's cache entries (they guard on a fake group)
+    breaks = Counter(torch._dynamo.utils.counters["graph_break"]) - breaks_before
+    return _report(state, model, world_size, rank, caught, breaks)
+
+
+def _report(state: TensorParallel, model: nn.Module, world_size: int, rank: int, caught, breaks) -> Report:
+    records = state.records
+    if not records:
+        raise RuntimeError("explain(): Dynamo captured no graph from this model (it ran entirely eagerly).")
+    params = {fqn: state.plan[fqn] for fqn in state.params if fqn in state.plan}
+    size = {fqn: p.element_size() for fqn, p in state.params.items()}
+    full = sum(math.prod(pp.full_shape) * size[f] for f, pp in params.items())
+    local = sum(math.prod(pp.local_shape) * size[f] for f, pp in params.items())
+    floor: dict[str, Counter] = {"forward": Counter(), "backward": Counter()}
+    for r in records:
+        for ph, why in r.floor.items():
+            floor[ph].update(why)
+    msgs = [str(w.message) for w in caught if "tpcompile" in str(w.message)]
+    msgs += [f"graph break ({n}x): {reason}" for reason, n in breaks.items()]
+    multi = len(records) > 1
+    return Report(
+        world_size=world_size,
+        rank=rank,
+        plan={f: pp.style for f, pp in params.items()},
+        params=params,
+        collectives=[c for r in records for c in r.collectives],
+        floor={ph: dict(v) for ph, v in floor.items()},
+        graph_code="".join((f"# graph {i}\n" if multi else "") + r.graph_code for i, r in enumerate(records)),
+        original_code="".join((f"# graph {i}\n" if multi else "") + r.original_code for i, r in enumerate(records)),
+        param_bytes_local=local,
+        param_bytes_full=full,
+        warnings=list(dict.fromkeys(msgs)),
+        records=records,
+    )

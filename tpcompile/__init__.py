@@ -5,6 +5,7 @@
 """
 from tpcompile.api import TensorParallel, TPEagerFallbackError, TPInputMismatchError, tp_compile, tp_state
 from tpcompile.backend import Collective, GraphRecord, TPWarning
+from tpcompile.checkpoint import TPCheckpointError, full_state_dict, load_checkpoint, save_checkpoint
 from tpcompile.explain import Report, explain
 from tpcompile import testing
 from tpcompile.passes.propagate import TPShardingError
@@ -22,4 +23,8 @@ __all__ = [
     "TPInputMismatchError",
     "TPEagerFallbackError",
     "TPWarning",
+    "load_checkpoint",
+    "save_checkpoint",
+    "full_state_dict",
+    "TPCheckpointError",
 ]

@@ -251,6 +251,9 @@ def tp_compile(
     plan: dict[str, str] | None = None,
     sequence_parallel: bool = False,
     broadcast_inputs: bool = False,
+    example_inputs: Any = None,
+    init_weights: Any = None,
+    device: Any = None,
     **compile_options: Any,
 ) -> nn.Module:
     """Make ``model`` run tensor-parallel over ``group`` (default: WORLD), compiled.
@@ -266,6 +269,10 @@ def tp_compile(
     all-reduce, activations there shrink by tp. The sequence length must divide by tp.
     ``broadcast_inputs``: broadcast every input from the group's first rank each call
     instead of checking, on the first call, that all ranks got the same inputs.
+    ``example_inputs`` (args tuple, or kwargs dict): plan now rather than on the first call, so
+    the parameters are sharded (and a ``meta``-device model's shards allocated, on ``device``,
+    default the group's) before ``tp_compile`` returns; ``init_weights`` initialises those:
+    see ``tpcompile.checkpoint.prepare`` and docs/checkpoints.md.
     ``compile_options``: passed to ``torch.compile`` (``dynamic``, ``mode``, ``fullgraph``,
     ...); ``backend`` picks what compiles the rewritten graph: ``"inductor"`` (default),
     ``"aot_eager"`` or ``"eager"``.
@@ -278,6 +285,10 @@ def tp_compile(
                            sequence_parallel=sequence_parallel)
     model._tp_state = state
     model.forward = state.forward
+    from tpcompile import checkpoint  # checkpoint-facing side: state dicts, meta-device models
+
+    checkpoint.install_state_dict_hooks(model)
+    checkpoint.prepare(model, state, example_inputs, init_weights, device)
     return model
 
 

@@ -97,20 +97,20 @@ def test_a_non_token_wise_consumer_gets_the_whole_value():
 
 
 def _sp_dropout_ranks(rank, world):
-    """Dropout in the token-sharded residual stream equals single-device dropout under the same seed."""
-    import copy
-
+    """Dropout in the token-sharded residual stream: a full-sequence mask, this rank's tokens."""
     model, (x, y) = gpt.make_model(dropout=0.2)
-    ref = copy.deepcopy(model)
-    model = tpcompile.tp_compile(model, backend="aot_eager", sequence_parallel=True,
-                                 plan={"h.*": "replicate", "wte": "replicate"})  # only SP regions differ
+    model = tpcompile.tp_compile(model, backend="aot_eager", sequence_parallel=True)
     torch.manual_seed(7)
-    loss = model(x, y).item()
-    torch.manual_seed(7)
-    ref_loss = ref(x, y).item()
-    return loss, ref_loss, "sharded_dropout" in tpcompile.tp_state(model).records[0].graph_code
+    train_loss = model(x, y).item()
+    model.eval()
+    eval_loss = model(x, y).item()
+    code = tpcompile.tp_state(model).records[0].graph_code
+    return train_loss, eval_loss, code.count("sharded_dropout(")
 
 
-def test_dropout_in_the_token_sharded_stream_matches_single_device():
-    for loss, ref_loss, sharded in run_ranks(_sp_dropout_ranks, 2):
-        assert sharded and abs(loss - ref_loss) <= 1e-5 * abs(ref_loss)
+def test_dropout_in_the_token_sharded_stream():
+    results = run_ranks(_sp_dropout_ranks, 2)
+    for train_loss, eval_loss, n in results:
+        assert n >= 3  # embedding dropout and both residual dropouts of each block are region ops
+        assert train_loss == results[0][0]  # every rank combines the same loss
+        assert train_loss != eval_loss  # the masks are live

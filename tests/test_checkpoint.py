@@ -197,7 +197,7 @@ def test_dcp_save_tp4_load_tp2_and_tp1(tmp_path):
     save_file({k: v for k, v in ref.state_dict().items() if k != "lm_head.weight"}, str(tmp_path / "ref.safetensors"))
     ranks = _ranks(_save_worker, 4, str(tmp_path))
     saved = ranks[0]
-    assert saved["wte_plan"] == ("wte.weight", "vocab", 0, 1, (250, 64), (63, 64), (252, 64))
+    assert saved["wte_plan"][:7] == ("wte.weight", "vocab", 0, 1, (250, 64), (63, 64), (252, 64))
     for k, v in ref.state_dict().items():
         assert torch.equal(saved["loaded"][k], v), k
     last = ranks[3]["wte"]  # rank 3: rows 189..249, then two rows of zeros

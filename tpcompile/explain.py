@@ -69,6 +69,8 @@ class Report:
         for fqn, pp in self.params.items():
             shard = "" if pp.style == "replicate" else f"dim {pp.dim}" + (f" x{pp.chunks} fused" if pp.chunks > 1 else "")
             local = "" if pp.local_shape == pp.full_shape else f" -> {list(pp.local_shape)}"
+            if getattr(pp, "padded_shape", None):
+                local += f" (padded to {list(pp.padded_shape)})"
             rows.append(f"{fqn:<{width}}  {pp.style:<9} {shard:<15} {list(pp.full_shape)}{local}")
         return "\n".join(rows) + "\n"
 

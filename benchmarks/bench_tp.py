@@ -532,7 +532,11 @@ def table(rows: dict, base: str = "tpcompile") -> str:
 # ----------------------------------------------------------------------------- plots
 def plots(results: dict, img_dir: str) -> list[str]:
     """Bar charts, one panel per (size, TP): step time (with min–max), compile time, peak memory."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        print("no plots: matplotlib is not installed (pip install -e '.[bench]', or `make bench`)")
+        return []
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

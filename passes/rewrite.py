@@ -97,6 +97,18 @@ def _inherit_meta(new: fx.Node, src: fx.Node) -> None:
             new.meta[k] = src.meta[k]
 
 
+def shard_dropout(node: fx.Node, dim: int, full: int, rank: int) -> None:
+    """Make a dropout on this rank's slice of ``dim`` (size ``full`` whole) draw the whole
+    mask and keep the slice: independent masks per rank, RNG streams in step."""
+    a = list(node.args) + [None] * 3
+    p = node.kwargs.get("p", a[1] if a[1] is not None else 0.5)
+    training = node.kwargs.get("training", node.kwargs.get("train", a[2] if a[2] is not None else True))
+    if node.kwargs.get("inplace", a[3]) or not isinstance(p, (int, float)) or not isinstance(training, bool):
+        return  # symbolic p / training or in-place: leave it (rare; not seen in models so far)
+    node.target = R_.sharded_dropout
+    node.args, node.kwargs = (node.args[0], float(p), training, dim, full, rank), {}
+
+
 class _Rewriter:
     def __init__(self, gm: fx.GraphModule, plan: GraphPlan, group: str, rank: int):
         self.gm, self.g, self.plan, self.group, self.rank = gm, gm.graph, plan, group, rank
@@ -200,15 +212,8 @@ class _Rewriter:
         node.args = tuple(args)
 
     def _dropout(self, node, ni):
-        x = node.args[0]
-        a = list(node.args) + [None] * 3
-        p = node.kwargs.get("p", a[1] if a[1] is not None else 0.5)
-        training = node.kwargs.get("training", node.kwargs.get("train", a[2] if a[2] is not None else True))
-        if node.kwargs.get("inplace", a[3]) or not isinstance(p, (int, float)) or not isinstance(training, bool):
-            return  # symbolic p / training or in-place: leave it (rare; not seen in models so far)
         d = ni.out.dim
-        node.target = R_.sharded_dropout
-        node.args, node.kwargs = (x, float(p), training, d, int(shape(x)[d]), self.rank), {}
+        shard_dropout(node, d, int(shape(node.args[0])[d]), self.rank)
 
     def _view(self, node, ni):
         sizes = ni.extra.get("sizes")

@@ -28,11 +28,11 @@ import torch
 import torch.fx as fx
 
 from tpcompile.runtime import mappings as M
-from tpcompile.runtime import random as R_
 from tpcompile.runtime import vocab_parallel as V
 
 from .graph_utils import source_line, value
 from .propagate import TPShardingError, dropout, layer_norm, pointwise, rule_for, unary
+from .rewrite import _inherit_meta, shard_dropout
 
 _REDUCTIONS = {"sum", "mean", "amax", "amin", torch.sum, torch.mean, torch.amax, torch.amin}
 
@@ -47,12 +47,6 @@ class SPResult:
     grad_reductions: list = field(default_factory=list)  # replicated params/values all-reduced in backward
     slices: list = field(default_factory=list)  # replicated values with a token dim, sliced
     gathers: list = field(default_factory=list)  # region values made whole for other consumers
-
-
-def _meta_from(new: fx.Node, src: fx.Node) -> None:
-    for k in ("stack_trace", "nn_module_stack"):
-        if k in src.meta:
-            new.meta[k] = src.meta[k]
 
 
 def _token_wise(node: fx.Node, tokens: int) -> bool:
@@ -75,18 +69,6 @@ def _token_wise(node: fx.Node, tokens: int) -> bool:
 
 
 _DROPOUTS = {torch.nn.functional.dropout}
-
-
-def _sp_dropout(n: fx.Node, dim: int, tokens: int, rank: int) -> None:
-    """Dropout on this rank's tokens draws the full-sequence mask and keeps its slice, so
-    the answer is single-device dropout (ranks get independent masks, streams stay in step)."""
-    a = list(n.args) + [None] * 3
-    p = n.kwargs.get("p", a[1] if a[1] is not None else 0.5)
-    training = n.kwargs.get("training", a[2] if a[2] is not None else True)
-    if n.kwargs.get("inplace", a[3]) or not isinstance(p, (int, float)) or not isinstance(training, bool):
-        return
-    n.target = R_.sharded_dropout
-    n.args, n.kwargs = (n.args[0], float(p), training, dim, tokens, rank), {}
 
 
 def sequence_parallel(gm: fx.GraphModule, group: str, tp: int, rank: int = 0) -> SPResult:
@@ -131,7 +113,7 @@ def sequence_parallel(gm: fx.GraphModule, group: str, tp: int, rank: int = 0) ->
             with g.inserting_before(before):
                 cache[key] = g.call_function(fn, (x, group, *args))
             cache[key].meta["tp_mapping"] = fn.__name__
-            _meta_from(cache[key], before)
+            _inherit_meta(cache[key], before)
         return cache[key]
 
     for n in [n for n in g.nodes if n in region]:
@@ -145,7 +127,7 @@ def sequence_parallel(gm: fx.GraphModule, group: str, tp: int, rank: int = 0) ->
             res.entries.append(n)
         else:
             if n.target in _DROPOUTS:
-                _sp_dropout(n, tdim(n), T, rank)
+                shard_dropout(n, tdim(n), T, rank)  # the full-sequence mask, this rank's tokens
             for x in n.all_input_nodes:  # values from outside the region
                 if x in region or not isinstance(value(x), torch.Tensor):
                     continue

@@ -66,6 +66,8 @@ class TensorParallel:
                  trace_only: bool = False, sequence_parallel: bool = False):
         # trace_only (explain): plan and trace only; the model's parameters are never touched
         self.trace_only = trace_only
+        # Dynamo settings of every trace of the twin (forward, and checkpoint's planning trace)
+        self.dynamo_config = {"nested_graph_breaks": True, "ignore_logging_functions": _quiet_logging()}
         self.sequence_parallel = sequence_parallel
         self.dump_dir = compile_options.pop("dump_dir", None) or os.environ.get("TPCOMPILE_DUMP_DIR") or None
         self.group = _resolve_group(group)
@@ -161,7 +163,7 @@ class TensorParallel:
             self._inputs_checked = True
         n_graphs = len(self.records)
         try:
-            with torch._dynamo.config.patch(nested_graph_breaks=True, ignore_logging_functions=_quiet_logging()):
+            with torch._dynamo.config.patch(**self.dynamo_config):
                 out = self.compiled(*args, **kwargs)
         except torch._dynamo.exc.BackendCompilerFailed as e:
             inner = getattr(e, "inner_exception", None)

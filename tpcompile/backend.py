@@ -18,7 +18,7 @@ import torch
 import torch.fx as fx
 
 from tpcompile.dump import readable_code
-from tpcompile.passes.graph_utils import module_path, source_line
+from tpcompile.passes.graph_utils import module_path, source_line, value
 from tpcompile.passes.normalize import normalize
 from tpcompile.passes.plan import GraphPlan, ParamPlan, make_plan
 from tpcompile.passes.propagate import TPShardingError
@@ -116,7 +116,8 @@ def _recording(record: GraphRecord, compile_one: Callable, on_graph: Callable | 
     return inner
 
 
-def _compile(gm: fx.GraphModule, inputs: list, record: GraphRecord, inner: str, on_graph: Callable | None = None):
+def _compile(gm: fx.GraphModule, inputs: list, record: GraphRecord, inner: str, on_graph: Callable | None = None,
+             stand_in: Callable | None = None):
     if inner == "inductor":
         from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 
@@ -132,24 +133,36 @@ def _compile(gm: fx.GraphModule, inputs: list, record: GraphRecord, inner: str, 
         # "trace" (explain): build the real forward and backward graphs now, run nothing.
         with torch._functorch.config.patch(force_non_lazy_backward_lowering=True):
             compiled(gm, inputs)
-        return _fake_run(gm)
+        return stand_in
     if inner == "eager":
         return gm.forward
     raise ValueError(f"tp_compile(backend={inner!r}): use 'inductor', 'aot_eager' or 'eager'")
 
 
-def _fake_run(gm: fx.GraphModule) -> Callable:
-    """A stand-in for ``gm`` that returns zeros of the right shapes, computing nothing real."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
+def output_zeros(gm: fx.GraphModule) -> Callable:
+    """A stand-in for ``gm`` returning zeros of its outputs' logical shapes, computing nothing.
 
-    def run(*args):
-        with FakeTensorMode(allow_non_fake_inputs=True):
-            out = gm(*args)
-        flat, spec = torch.utils._pytree.tree_flatten(out)
-        real = [torch.zeros(o.shape, dtype=o.dtype, device=o.device) if isinstance(o, torch.Tensor) else o for o in flat]
-        return torch.utils._pytree.tree_unflatten(real, spec)
+    Call it on the captured graph (before the passes): the values Dynamo recorded there are
+    what the rank's program returns, so code after a graph break still traces.
+    """
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    vals = torch.utils._pytree.tree_map(lambda n: value(n) if isinstance(n, fx.Node) else n, out.args[0])
 
-    return run
+    def zeros(v):
+        return torch.zeros(v.shape, dtype=v.dtype, device=v.device) if isinstance(v, torch.Tensor) else v
+
+    return lambda *args: torch.utils._pytree.tree_map(zeros, vals)
+
+
+def param_placeholders(state: Any, gm: fx.GraphModule, example_inputs: list) -> tuple[dict, list]:
+    """Which placeholders of ``gm`` are parameters: ({node: FQN}, [(input index, real Parameter)])."""
+    fqns, subs = {}, []
+    for i, (node, ex) in enumerate(zip([n for n in gm.graph.nodes if n.op == "placeholder"], example_inputs)):
+        real = state.real_of_ghost.get(id(ex))
+        if real is not None:
+            fqns[node] = state.fqn_of[id(real)]
+            subs.append((i, real))
+    return fqns, subs
 
 
 def shard_tensor(t: torch.Tensor, pp: ParamPlan, rank: int, tp: int) -> torch.Tensor:
@@ -175,12 +188,8 @@ class Backend:
         st = self.state
         t0 = time.perf_counter()
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        fqns, subs = {}, []
-        for i, (node, ex) in enumerate(zip(placeholders, example_inputs)):
-            real = st.real_of_ghost.get(id(ex))
-            if real is not None:
-                fqns[node] = st.fqn_of[id(real)]
-                subs.append((i, real))
+        fqns, subs = param_placeholders(st, gm, example_inputs)
+        stand_in = output_zeros(gm) if st.inner_backend == "trace" else None
         names = {n.name: st.name_of[id(ex)] for n, ex in zip(placeholders, example_inputs) if id(ex) in st.name_of}
         original_code = readable_code(gm.graph, names)
         normalize(gm, set(fqns))
@@ -217,7 +226,7 @@ class Backend:
         on_graph = functools.partial(st.dump, len(st.records) - 1) if st.dump_dir else None
         if on_graph:
             on_graph(record)
-        compiled = _compile(gm, inputs, record, st.inner_backend, on_graph)
+        compiled = _compile(gm, inputs, record, st.inner_backend, on_graph, stand_in)
 
         def run(*args):
             args = list(args)

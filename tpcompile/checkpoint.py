@@ -22,10 +22,8 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.utils._pytree import tree_map
 
-from tpcompile.api import _quiet_logging
-from tpcompile.backend import shard_tensor
+from tpcompile.backend import output_zeros, param_placeholders, shard_tensor
 from tpcompile.passes.normalize import normalize
 from tpcompile.passes.plan import ParamPlan, make_plan
 
@@ -618,20 +616,11 @@ class _PlanOnly:
 
     def __call__(self, gm, example_inputs):
         st = self.state
-        fqns = {}
-        for node, ex in zip([n for n in gm.graph.nodes if n.op == "placeholder"], example_inputs):
-            real = st.real_of_ghost.get(id(ex))
-            if real is not None:
-                fqns[node] = st.fqn_of[id(real)]
-        out_node = next(n for n in gm.graph.nodes if n.op == "output")
-        vals = tree_map(lambda n: n.meta.get("example_value") if hasattr(n, "meta") else n, out_node.args[0])
+        fqns, _ = param_placeholders(st, gm, example_inputs)
+        stand_in = output_zeros(gm)
         normalize(gm, set(fqns))
         st.apply_plan(make_plan(gm, st.tp, fqns, st.overrides))
-
-        def zeros(v):
-            return torch.zeros(v.shape, dtype=v.dtype, device=v.device) if isinstance(v, torch.Tensor) else v
-
-        return lambda *args: tree_map(zeros, vals)
+        return stand_in
 
 
 def _post_order(model: nn.Module) -> list[nn.Module]:
@@ -826,7 +815,7 @@ def _plan_now(model: nn.Module, state, example_inputs) -> None:
         t.training = m.training
     planner = torch.compile(state.twin, backend=_PlanOnly(state), dynamic=False)
     try:
-        with torch._dynamo.config.patch(nested_graph_breaks=True, ignore_logging_functions=_quiet_logging()):
+        with torch._dynamo.config.patch(**state.dynamo_config):
             planner(*args, **kwargs)  # the same Dynamo settings as TensorParallel.forward: the same graphs
     except torch._dynamo.exc.BackendCompilerFailed as e:
         inner = getattr(e, "inner_exception", None)

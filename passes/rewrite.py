@@ -90,11 +90,25 @@ def _redistribute_call(have, need, group, full=None):
     return None
 
 
-def _inherit_meta(new: fx.Node, src: fx.Node) -> None:
-    """A mapping op reports the user's line and module of the op it serves (explain, errors)."""
-    for k in ("stack_trace", "nn_module_stack"):
+def _inherit_meta(new: fx.Node, src: fx.Node, keys: tuple = ("stack_trace", "nn_module_stack")) -> None:
+    """A mapping op reports the user's line and module of the op it serves (explain, errors).
+
+    It does not take the activation-checkpoint tags (``RECOMPUTE_TAGS``) of a node inside a
+    checkpointed block: an untagged collective is saved for the backward, never re-run, so
+    checkpointing adds no communication (``passes/inline_checkpoint.py``).
+    """
+    for k in keys:
         if k in src.meta:
             new.meta[k] = src.meta[k]
+
+
+RECOMPUTE_TAGS = ("recompute", "ac_graph_id")
+
+
+def _untag(node: fx.Node) -> None:
+    """An op that now communicates in its forward is saved, not recomputed, by a checkpoint."""
+    for k in RECOMPUTE_TAGS:
+        node.meta.pop(k, None)
 
 
 def shard_dropout(node: fx.Node, dim: int, full: int, rank: int) -> None:
@@ -179,7 +193,7 @@ class _Rewriter:
         if bias is not None:
             with self.g.inserting_after(red):
                 out = self.g.call_function(operator.add, (red, bias))
-            _inherit_meta(out, node)
+            _inherit_meta(out, node, ("stack_trace", "nn_module_stack", *RECOMPUTE_TAGS))
             out.meta["example_value"] = value(node)
         for u in users:
             u.replace_input_with(node, out)
@@ -190,6 +204,7 @@ class _Rewriter:
         idx, w = node.args[:2]
         rows = local_size(shape(w)[0], self.plan.tp)
         node.target = V.vocab_parallel_embedding
+        _untag(node)
         node.args, node.kwargs = (idx, w, self.rank * rows, self.group), {}
 
     def _vocab_ce(self, node, ni):
@@ -202,6 +217,7 @@ class _Rewriter:
         class_dim = 0 if value(x).dim() == 1 else 1
         vocab = int(shape(x)[class_dim])
         node.target = V.vocab_parallel_cross_entropy
+        _untag(node)
         node.args = (x, target, self.rank * local_size(vocab, self.plan.tp), vocab, self.group)
         node.kwargs = {"ignore_index": ignore_index, "reduction": reduction, "label_smoothing": smoothing}
 

@@ -52,7 +52,7 @@ def make_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
 
 def train_hf_beside_reference(rank: int, world: int, family: str, steps: int = 3, lr: float = 0.1,
                               backend: str = "aot_eager", batch: tuple = (2, 16), dtype=None,
-                              autocast: bool = False, **overrides) -> dict:
+                              autocast: bool = False, grad_ckpt: dict | None = None, **overrides) -> dict:
     """SGD steps of a tp-compiled HF model and its single-device copy, called the HF way:
     ``model(input_ids=..., labels=...).loss``. Runs inside one gloo rank (``multirank.run_ranks``).
 
@@ -66,6 +66,8 @@ def train_hf_beside_reference(rank: int, world: int, family: str, steps: int = 3
     from tpcompile.backend import shard_tensor
 
     model = make_model(family, **overrides)
+    if grad_ckpt is not None:  # HF's activation checkpointing: torch.utils.checkpoint around each layer
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=grad_ckpt)
     if dtype is not None:
         model = model.to(dtype)
     ref = copy.deepcopy(model)
@@ -104,6 +106,12 @@ def train_hf_beside_reference(rank: int, world: int, family: str, steps: int = 3
     out["plan"] = {fqn: (pp.style, pp.dim, pp.chunks, pp.local_shape, pp.padded_shape) for fqn, pp in st.plan.items()}
     out["collectives"] = [(c.phase, c.kind) for r in st.records for c in r.collectives]
     out["n_graphs"] = len(st.records)
+    # activation checkpointing: ATen ops the backward recomputes, and collectives it re-runs
+    bw = [n for r in st.records for ph, g in r.compiled_graphs if ph == "backward" for n in g.graph.nodes]
+    out["recomputed"] = sum(n.meta.get("recompute") == torch.utils.checkpoint.CheckpointPolicy.PREFER_RECOMPUTE
+                            for n in bw if n.op == "call_function")
+    out["recomputed_collectives"] = sum(getattr(n.target, "namespace", "") == "_c10d_functional"
+                                        and "recompute" in n.meta for n in bw)
     out["warnings"] = [str(w.message) for w in caught if issubclass(w.category, tpcompile.TPWarning)]
     return out
 

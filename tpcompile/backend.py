@@ -19,6 +19,7 @@ import torch.fx as fx
 
 from tpcompile.dump import readable_code
 from tpcompile.passes.graph_utils import module_path, source_line, value
+from tpcompile.passes.inline_checkpoint import inline_checkpoints
 from tpcompile.passes.normalize import normalize
 from tpcompile.passes.plan import GraphPlan, ParamPlan, make_plan
 from tpcompile.passes.propagate import TPShardingError
@@ -178,6 +179,22 @@ def shard_tensor(t: torch.Tensor, pp: ParamPlan, rank: int, tp: int) -> torch.Te
     return torch.cat(local, pp.dim).clone() if len(local) > 1 else local[0].clone()
 
 
+def plan_graph(gm: fx.GraphModule, fqns: dict, tp: int, overrides: dict) -> tuple[GraphPlan, list[str]]:
+    """The graph passes before any sharding: inline checkpointed blocks, normalize, plan.
+
+    Shared by the backend and checkpoint's planning-only trace, so that both plan the same
+    graph. Returns the plan and warnings of the inlining (selective policies not honoured).
+    """
+    notes = [
+        f"tpcompile: the selective activation checkpointing policy (context_fn) at {line} is not honoured: "
+        f"the block is sharded and recomputed whole in the backward (correct; more compute than the policy "
+        f"asks). Drop context_fn to silence this."
+        for line, selective in inline_checkpoints(gm) if selective
+    ]
+    normalize(gm, set(fqns))
+    return make_plan(gm, tp, fqns, overrides), notes
+
+
 class Backend:
     """Dynamo backend bound to one ``TensorParallel`` state (group, params, plan so far)."""
 
@@ -192,11 +209,10 @@ class Backend:
         stand_in = output_zeros(gm) if st.inner_backend == "trace" else None
         names = {n.name: st.name_of[id(ex)] for n, ex in zip(placeholders, example_inputs) if id(ex) in st.name_of}
         original_code = readable_code(gm.graph, names)
-        normalize(gm, set(fqns))
-        plan = make_plan(gm, st.tp, fqns, st.overrides)
+        plan, notes = plan_graph(gm, fqns, st.tp, st.overrides)
         fallbacks = [self._warn_fallback(n, plan) for n in plan.prop.fallbacks]
         fallbacks += [self._warn_unsupported(n, mods) for n, mods in plan.unsupported.items()]
-        for msg in plan.notes:
+        for msg in notes + plan.notes:
             warnings.warn(msg, TPWarning, stacklevel=2)
             fallbacks.append(msg)
         fallbacks += [self._warn_subgraph(n, fqns) for n in gm.graph.nodes
@@ -247,13 +263,14 @@ class Backend:
 
     @staticmethod
     def _warn_subgraph(node: fx.Node, fqns: dict) -> str:
-        """A higher-order op (``torch.utils.checkpoint`` block, ...) runs its own subgraph, which the
-        passes do not rewrite yet: it computes on whole values with replicated parameters."""
+        """A higher-order op other than a checkpointed block (inlined by ``inline_checkpoints``) runs
+        its own subgraph, which the passes do not rewrite: it computes on whole values with
+        replicated parameters."""
         inside = [fqns[x] for x in node.all_input_nodes if x in fqns]
         shown = ", ".join(inside[:3]) + (", ..." if len(inside) > 3 else "")
         msg = (
             f"tpcompile: `{_op_name(node)}` at {source_line(node)} runs a subgraph that is not rewritten "
-            f"(e.g. an activation-checkpointed block); its {len(inside)} parameters ({shown}) stay replicated "
+            f"(only activation-checkpointed blocks are); its {len(inside)} parameters ({shown}) stay replicated "
             f"(correct, but not sharded)."
         )
         warnings.warn(msg, TPWarning, stacklevel=2)

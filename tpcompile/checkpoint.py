@@ -23,9 +23,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from tpcompile.backend import output_zeros, param_placeholders, shard_tensor
-from tpcompile.passes.normalize import normalize
-from tpcompile.passes.plan import ParamPlan, make_plan
+from tpcompile.backend import output_zeros, param_placeholders, plan_graph, shard_tensor
+from tpcompile.passes.plan import ParamPlan
 
 
 class TPCheckpointError(RuntimeError):
@@ -618,8 +617,7 @@ class _PlanOnly:
         st = self.state
         fqns, _ = param_placeholders(st, gm, example_inputs)
         stand_in = output_zeros(gm)
-        normalize(gm, set(fqns))
-        st.apply_plan(make_plan(gm, st.tp, fqns, st.overrides))
+        st.apply_plan(plan_graph(gm, fqns, st.tp, st.overrides)[0])
         return stand_in
 
 

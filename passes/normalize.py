@@ -4,7 +4,11 @@ The placement rules then need one entry per op family. Linear: ``F.linear``,
 ``torch._C._nn.linear``, ``x @ W.t()`` and ``torch.matmul(x, W.t())`` with a 2-D
 parameter ``W`` all become ``torch._C._nn.linear(x, W, b)``; ``torch.matmul(x, W)``, ``x @ W``
 and ``torch.addmm(b, x, W)`` (a weight stored ``[in, out]``, HF ``Conv1D``) become
-``linear_in_out(x, W, b)``; a following ``+ b`` with a 1-D parameter is folded in as the bias. SDPA spellings become the ``torch._C._nn`` one.
+``linear_in_out(x, W, b)``; a following ``+ b`` with a 1-D parameter is folded in as the bias.
+The same holds for ``W`` only repeated over leading batch dims (``torch.bmm(x, W.expand(B, i, o))``,
+``torch.baddbmm(b, x, W[None].expand(...))``) and for an ``einsum`` that is a linear in disguise
+(x's last dim contracted with one dim of W, the output x's other dims then W's other dim).
+Which layout follows from which dim of W is contracted. SDPA spellings become the ``torch._C._nn`` one.
 """
 from __future__ import annotations
 
@@ -37,8 +41,18 @@ def weight_out_dim(node: fx.Node) -> int:
 SDPA = torch._C._nn.scaled_dot_product_attention
 
 _LINEAR_SPELLINGS = {F.linear, torch.nn.functional.linear, LINEAR}
-_MATMULS = {operator.matmul, torch.matmul, "matmul"}
+_MATMULS = {operator.matmul, torch.matmul, "matmul", torch.mm, "mm", torch.bmm, "bmm"}
 _TRANSPOSES = {"t", torch.t}
+_EINSUMS = {torch.einsum, "einsum"}  # torch.einsum is torch.functional.einsum
+# ops that only add leading size-1 dims or repeat over them: every batch entry is the source
+_BROADCASTS = {"expand", "unsqueeze", torch.unsqueeze, operator.getitem, "view", "reshape", torch.reshape}
+# contractions: one left in the graph with a parameter operand is computed replicated (plan warns)
+CONTRACTIONS = _MATMULS | _EINSUMS | {
+    torch.baddbmm, "baddbmm", torch.addmm, "addmm", torch.addbmm, "addbmm", torch.mv, "mv", torch.addmv, "addmv",
+    torch.tensordot, torch.inner, "inner", F.bilinear, torch.bilinear, torch.linalg.multi_dot, torch.chain_matmul,
+}
+_VIEWS = _BROADCASTS | _TRANSPOSES | {"transpose", torch.transpose, "permute", torch.permute, "contiguous", "to",
+                                      "float", "half", "bfloat16", "flatten", "unflatten", "squeeze", getattr}
 
 
 def _target(node: fx.Node):
@@ -56,20 +70,113 @@ def _transposed_param(node, params: set) -> fx.Node | None:
         src = node.args[0]
     else:
         return None
-    return src if src in params else None
+    return src if _param_2d(src, params) else None
 
 
 def _param_2d(node, params: set) -> bool:
     return node in params and _ndim(node) == 2
 
 
+def _val(node):
+    return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
+
+
 def _ndim(node) -> int:
-    v = node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
+    v = _val(node)
     return v.dim() if isinstance(v, torch.Tensor) else -1
+
+
+def _shape(node) -> tuple:
+    v = _val(node)
+    return tuple(v.shape) if isinstance(v, torch.Tensor) else ()
 
 
 def _is_bias(node, params: set) -> bool:
     return node in params and _ndim(node) == 1
+
+
+def _unbroadcast(node, keep: int):
+    """The value ``node`` only repeats over leading dims, keeping its last ``keep`` dims
+    (``W[None].expand(B, i, o)`` -> ``W``; ``b.expand(B, T, o)`` -> ``b``); else ``node``."""
+    while isinstance(node, fx.Node) and _target(node) in _BROADCASTS and isinstance(node.args[0], fx.Node):
+        src, out = node.args[0], _shape(node)
+        if _ndim(src) < keep or out[-keep:] != _shape(src)[-keep:]:
+            break
+        if _target(node) is operator.getitem:
+            idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+            if any(i is not None and i is not Ellipsis and i != slice(None) for i in idx):
+                break
+        if _target(node) != "expand" and any(s != 1 for s in out[:-keep]):
+            break  # unsqueeze / view / [None]: only size-1 leading dims, same elements in order
+        node = src
+    return node
+
+
+def _weight(node, params: set) -> tuple | None:
+    """(canonical linear, W) if ``node`` is a 2-D parameter ``W`` (``[in, out]``), its transpose
+    (``[out, in]``), or either one repeated over leading batch dims."""
+    node = _unbroadcast(node, 2)
+    if _param_2d(node, params):
+        return LINEAR_IO, node
+    w = _transposed_param(node, params)
+    return (LINEAR, w) if w is not None else None
+
+
+def _bias(node, params: set) -> fx.Node | None:
+    """The 1-D parameter ``b`` if ``node`` is ``b`` or ``b`` repeated over leading dims."""
+    node = _unbroadcast(node, 1)
+    return node if _is_bias(node, params) else None
+
+
+def _einsum_operands(node: fx.Node) -> tuple[str, list] | None:
+    if not node.args or not isinstance(node.args[0], str) or node.kwargs:
+        return None
+    ops = list(node.args[1:])
+    if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
+        ops = list(ops[0])  # einsum(eq, [x, W])
+    return node.args[0].replace(" ", ""), ops
+
+
+def _einsum_linear(node: fx.Node, params: set) -> tuple | None:
+    """(canonical linear, x, W) if ``einsum(eq, x, W)`` (either order) is a linear: x's last dim
+    contracted with one dim of a 2-D parameter W, the output x's other dims in order, then W's
+    other dim (``"...i,oi->...o"`` -> ``LINEAR``, ``"bti,io->bto"`` -> ``LINEAR_IO``)."""
+    parsed = _einsum_operands(node)
+    if parsed is None:
+        return None
+    eq, ops = parsed
+    lhs, arrow, out = eq.partition("->")
+    terms = lhs.split(",")
+    ws = [i for i, op in enumerate(ops) if _param_2d(op, params)]
+    if len(terms) != 2 or len(ops) != 2 or len(ws) != 1 or not isinstance(ops[1 - ws[0]], fx.Node):
+        return None
+    xs, wsub = terms[1 - ws[0]], terms[ws[0]]
+    if not arrow:  # implicit output: labels used once, sorted, the ellipsis first
+        labels = lhs.replace("...", "").replace(",", "")
+        out = ("..." if "..." in lhs else "") + "".join(sorted(c for c in set(labels) if labels.count(c) == 1))
+    x_labels, c = xs.replace("...", ""), xs[-1:]
+    if len(wsub) != 2 or c not in wsub or not c.isalpha() or len(set(x_labels)) != len(x_labels):
+        return None
+    o = wsub.replace(c, "", 1)
+    if o == c or o in x_labels or out != xs[:-1] + o:
+        return None
+    return (LINEAR if wsub[1] == c else LINEAR_IO), ops[1 - ws[0]], ops[ws[0]]
+
+
+def _linear_shape(node: fx.Node, x, target, w) -> bool:
+    """The op's result has a linear's shape: x's leading dims, then the out-features."""
+    return _shape(node) == _shape(x)[:-1] + (_shape(w)[0 if target is LINEAR else 1],)
+
+
+def param_operands(node: fx.Node, params: set) -> list[fx.Node]:
+    """Parameters that reach ``node``'s inputs directly or through views / casts (``W.t()``, ``W.float()``)."""
+    found = []
+    for x in node.all_input_nodes:
+        while x not in params and _target(x) in _VIEWS and x.args and isinstance(x.args[0], fx.Node):
+            x = x.args[0]
+        if x in params and x not in found:
+            found.append(x)
+    return found
 
 
 def normalize(gm: fx.GraphModule, params: set[fx.Node]) -> fx.GraphModule:
@@ -77,23 +184,20 @@ def normalize(gm: fx.GraphModule, params: set[fx.Node]) -> fx.GraphModule:
     g = gm.graph
     for node in list(g.nodes):
         t = _target(node)
+        a = node.args
         if t in _LINEAR_SPELLINGS and t is not LINEAR:
             node.target = LINEAR
         elif t is F.scaled_dot_product_attention:
             node.target = SDPA
-        elif t in _MATMULS and len(node.args) == 2:
-            w = _transposed_param(node.args[1], params)
-            if w is not None:
-                node.op, node.target = "call_function", LINEAR
-                node.args, node.kwargs = (node.args[0], w, None), {}
-            elif _param_2d(node.args[1], params) and _ndim(node.args[0]) >= 1:
-                node.op, node.target = "call_function", LINEAR_IO
-                node.args, node.kwargs = (node.args[0], node.args[1], None), {}
-        elif t in (torch.addmm, "addmm") and len(node.args) == 3 and _param_2d(node.args[2], params) \
-                and node.kwargs.get("beta", 1) == 1 and node.kwargs.get("alpha", 1) == 1 and _is_bias(node.args[0], params):
-            b, x, w = node.args  # HF Conv1D: addmm(bias, x.view(-1, in), W[in, out])
-            node.op, node.target = "call_function", LINEAR_IO
-            node.args, node.kwargs = (x, w, b), {}
+        elif t in _MATMULS and len(a) == 2 and not node.kwargs and (tw := _weight(a[1], params)) \
+                and _ndim(a[0]) >= 1 and _linear_shape(node, a[0], *tw):
+            _to_linear(node, tw[0], a[0], tw[1], None)
+        elif t in (torch.addmm, "addmm", torch.baddbmm, "baddbmm") and len(a) == 3 and (tw := _weight(a[2], params)) \
+                and (b := _bias(a[0], params)) is not None and _linear_shape(node, a[1], *tw) \
+                and node.kwargs.get("beta", 1) == 1 and node.kwargs.get("alpha", 1) == 1:
+            _to_linear(node, tw[0], a[1], tw[1], b)  # HF Conv1D: addmm(bias, x.view(-1, in), W[in, out])
+        elif t in _EINSUMS and (lin := _einsum_linear(node, params)) and _linear_shape(node, lin[1], lin[0], lin[2]):
+            _to_linear(node, *lin, None)
     # fold `linear(x, W) + b` (b a 1-D parameter) into the linear's bias
     for node in list(g.nodes):
         if _target(node) in (operator.add, torch.add, "add") and len(node.args) == 2 and not node.kwargs:
@@ -104,8 +208,14 @@ def normalize(gm: fx.GraphModule, params: set[fx.Node]) -> fx.GraphModule:
                     lin.args = (lin.args[0], lin.args[1], b)
                     node.replace_all_uses_with(lin)
                     g.erase_node(node)
-    for node in list(g.nodes):  # transposes left dead by the linear rewrite
-        if node.op in ("call_method", "call_function") and not node.users and _transposed_param(node, params) is not None:
+    for node in reversed(list(g.nodes)):  # W.t(), W.expand(...) left dead by the rewrites above
+        if node.op in ("call_method", "call_function") and not node.users and _target(node) in _VIEWS \
+                and param_operands(node, params):
             g.erase_node(node)
     gm.recompile()
     return gm
+
+
+def _to_linear(node: fx.Node, target, x, w, b) -> None:
+    node.op, node.target = "call_function", target
+    node.args, node.kwargs = (x, w, b), {}

@@ -23,7 +23,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from .graph_utils import divisors, is_tensor, shape, source_line, value
-from .normalize import LINEARS, weight_out_dim
+from .normalize import CONTRACTIONS, LINEARS, param_operands, weight_out_dim
 from .placements import STYLES, Replicate, Shard, local_size
 from .propagate import Propagation, TPShardingError, propagate
 
@@ -174,7 +174,30 @@ def make_plan(gm: fx.GraphModule, tp: int, param_fqns: dict, overrides: dict | N
         if dropped <= replicated:
             break
         replicated |= dropped
+    notes += _unsharded_contractions(gm, prop, param_fqns, forced)
     return GraphPlan(_param_plans(gm, prop, tp, param_fqns), prop, tp, unsupported, notes)
+
+
+def _unsharded_contractions(gm: fx.GraphModule, prop: Propagation, param_fqns: dict, forced: dict) -> list[str]:
+    """One message per parameter that feeds a contraction with no rule (``einsum`` with a 3-D
+    weight, ``bmm`` of a permuted weight, ...): it is computed replicated, correct but not
+    sharded, and the user should know how to get it sharded or to silence this."""
+    out = []
+    for node in gm.graph.nodes:
+        if node.op not in ("call_function", "call_method") or node.target not in CONTRACTIONS:
+            continue
+        for w in param_operands(node, set(param_fqns)):
+            if w in forced or isinstance(prop.placement(w), Shard):
+                continue
+            fqn = param_fqns[w]
+            name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+            out.append(
+                f"tpcompile: no tensor-parallel rule for `{name}` with parameter {fqn} {tuple(shape(w))} at "
+                f"{source_line(node)}: it is computed replicated (correct, not sharded). To shard it, write it as a "
+                f"linear over a 2-D weight (`F.linear(x, W)`, `x @ W`, `torch.einsum('...i,io->...o', x, W)`); "
+                f"plan={{{fqn!r}: 'replicate'}} silences this warning."
+            )
+    return out
 
 
 def _unsplittable_heads(prop: Propagation, tp: int) -> dict:

@@ -345,25 +345,26 @@ def matmul(node, ctx) -> NodeInfo:
 
 
 def sdpa(node, ctx) -> NodeInfo:
-    """Attention on head-sharded q/k/v stays head-sharded; a mask follows by broadcasting."""
+    """Attention on head-sharded q/k/v stays head-sharded; a mask follows by broadcasting.
+    The rewrite (kind ``sdpa``) handles GQA with fewer kv heads than tp and SDPA's own dropout."""
     q, k, v = node.args[:3]
     pq = ctx.pl(q)
     nd = value(q).dim()
     if not isinstance(pq, Shard) or pq.dim >= nd - 2:
         return _replicate_all(node, ctx, "fallback" if isinstance(pq, Shard) else "replicate")
     need = {q: pq, k: Shard(pq.dim), v: Shard(pq.dim)}
-    kind, extra = "pointwise", {}
+    extra = {"dim": pq.dim, "q_heads": int(shape(q)[pq.dim]), "gqa": False}
     gqa = node.kwargs.get("enable_gqa", False) and int(shape(k)[pq.dim]) != int(shape(q)[pq.dim])
     if gqa and not isinstance(ctx.pl(k), Shard) and int(shape(k)[pq.dim]) % ctx.tp:
         # SDPA's own GQA with fewer kv heads than tp (k/v projections kept whole): each rank
         # takes the kv heads of its own query heads (see rewrite ``kv_for_rank``)
         need[k] = need[v] = R
-        kind, extra = "sdpa_gqa", {"dim": pq.dim, "q_heads": int(shape(q)[pq.dim])}
+        extra["gqa"] = True
     mask = _arg(node, 3, "attn_mask")
     if isinstance(mask, fx.Node):
         md = pq.dim - (nd - value(mask).dim())
         need[mask] = R if md < 0 or shape(mask)[md] == 1 else Shard(md)
-    return NodeInfo(Shard(pq.dim), need, kind, extra)
+    return NodeInfo(Shard(pq.dim), need, "sdpa", extra)
 
 
 def layer_norm(node, ctx) -> NodeInfo:

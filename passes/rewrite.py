@@ -221,11 +221,17 @@ class _Rewriter:
         node.args = (x, target, self.rank * local_size(vocab, self.plan.tp), vocab, self.group)
         node.kwargs = {"ignore_index": ignore_index, "reduction": reduction, "label_smoothing": smoothing}
 
-    def _sdpa_gqa(self, node, ni):
-        args = list(node.args)
-        for i in (1, 2):
-            args[i] = self._call(node, kv_for_rank, args[i], self.group, ni.extra["dim"], ni.extra["q_heads"], self.rank)
-        node.args = tuple(args)
+    def _sdpa(self, node, ni):
+        dim, heads = ni.extra["dim"], ni.extra["q_heads"]
+        if ni.extra["gqa"]:
+            args = list(node.args)
+            for i in (1, 2):
+                args[i] = self._call(node, kv_for_rank, args[i], self.group, dim, heads, self.rank)
+            node.args = tuple(args)
+        p = node.args[4] if len(node.args) > 4 else node.kwargs.get("dropout_p", 0.0)
+        if not (isinstance(p, (int, float)) and p == 0):  # its own dropout: whole-heads mask, this rank's slice
+            node.target = R_.sharded_sdpa
+            node.kwargs = {**node.kwargs, "dim": dim, "full": heads, "rank": self.rank}
 
     def _dropout(self, node, ni):
         d = ni.out.dim

@@ -77,7 +77,7 @@ class AddmmConv1D(_MLP):  # HF Conv1D: addmm(b, x.view(-1, in), W[in, out]).view
         return torch.addmm(self.b2, h.view(-1, h.size(-1)), self.w2).view(*h.shape[:-1], D)
 
 
-class EinsumInOut(_MLP):  # a parameter operand of einsum: no sharding rule, stays replicated
+class EinsumInOut(_MLP):  # einsum with named batch dims, W [in, out]
     in_out = True
 
     def up(self, x):
@@ -87,7 +87,15 @@ class EinsumInOut(_MLP):  # a parameter operand of einsum: no sharding rule, sta
         return torch.einsum("bth,hd->btd", h, self.w2) + self.b2
 
 
-class BaddbmmInOut(_MLP):  # baddbmm with a broadcast parameter: no sharding rule, stays replicated
+class EinsumOutIn(_MLP):  # einsum with an ellipsis, W [out, in]; then W first, operands as a list
+    def up(self, x):
+        return torch.einsum("...i,oi->...o", x, self.w1) + self.b1
+
+    def down(self, h):
+        return torch.einsum("oi,bti->bto", [self.w2, h]) + self.b2
+
+
+class BaddbmmInOut(_MLP):  # baddbmm with the weight expanded over the batch
     in_out = True
 
     def up(self, x):
@@ -95,6 +103,30 @@ class BaddbmmInOut(_MLP):  # baddbmm with a broadcast parameter: no sharding rul
 
     def down(self, h):
         return torch.baddbmm(self.b2, h, self.w2.expand(h.shape[0], H, D))
+
+
+class BmmBroadcast(_MLP):  # baddbmm with an expanded bias and W.unsqueeze(0).expand; bmm with W[None]
+    in_out = True
+
+    def up(self, x):
+        b, t, _ = x.shape
+        return torch.baddbmm(self.b1.expand(b, t, H), x, self.w1.unsqueeze(0).expand(b, -1, -1))
+
+    def down(self, h):
+        return torch.bmm(h, self.w2[None].expand(h.shape[0], H, D)) + self.b2
+
+
+class Einsum3D(_MLP):  # per-head 3-D weights [D, heads, head_dim]: no rule, replicated with a warning
+    def __init__(self):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(D, 4, H // 4) / D**0.5)
+        self.w2 = nn.Parameter(torch.randn(4, H // 4, D) / H**0.5)
+
+    def up(self, x):
+        return torch.einsum("btd,dnk->btnk", x, self.w1) + self.b1.view(4, H // 4)
+
+    def down(self, h):
+        return torch.einsum("btnk,nkd->btd", h, self.w2) + self.b2
 
 
 class FusedQKVGQA(nn.Module):
@@ -141,8 +173,12 @@ SHARDED = {  # spelling -> (up weight style/dim, down weight style/dim)
     MatmulTransposed: (("w1", "colwise", 0), ("w2", "rowwise", 1)),
     MatmulInOut: (("w1", "colwise", 1), ("w2", "rowwise", 0)),
     AddmmConv1D: (("w1", "colwise", 1), ("w2", "rowwise", 0)),
+    EinsumInOut: (("w1", "colwise", 1), ("w2", "rowwise", 0)),
+    EinsumOutIn: (("w1", "colwise", 0), ("w2", "rowwise", 1)),
+    BaddbmmInOut: (("w1", "colwise", 1), ("w2", "rowwise", 0)),
+    BmmBroadcast: (("w1", "colwise", 1), ("w2", "rowwise", 0)),
 }
-REPLICATED = [EinsumInOut, BaddbmmInOut]
+REPLICATED = [Einsum3D]
 FUSED = [FusedQKVGQA, SDPAEnableGQA]
 ALL = list(SHARDED) + REPLICATED + FUSED
 
@@ -163,6 +199,7 @@ def parity_all(rank: int, world: int, names: list | None = None) -> dict:
     for cls in ALL:
         if names is not None and cls.__name__ not in names:
             continue
+        torch._dynamo.reset()  # the MLPs share one forward: more than Dynamo's recompile limit of them
         model, x = make(cls)
         ref = copy.deepcopy(model)
         model = tpcompile.tp_compile(model, backend="aot_eager")

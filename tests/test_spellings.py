@@ -1,6 +1,7 @@
-"""Every spelling of a linear layer gets Megatron's column -> row pattern, the shard dim following
-the weight's actual layout (``[out, in]`` or ``[in, out]``); spellings with no rule (``einsum``,
-``baddbmm`` with a parameter operand) stay replicated and correct."""
+"""Every spelling of a linear layer (``F.linear``, ``@``, ``addmm``, ``einsum``, ``bmm`` / ``baddbmm``
+of an expanded weight) gets Megatron's column -> row pattern, the shard dim following the weight's
+actual layout (``[out, in]`` or ``[in, out]``); a contraction with a parameter and no rule (``einsum``
+with a 3-D weight) stays replicated and correct, with a warning."""
 import pytest
 import torch
 
@@ -28,13 +29,36 @@ def test_plan_follows_weight_layout(cls, world):
 
 
 @pytest.mark.parametrize("cls", spellings.REPLICATED, ids=lambda c: c.__name__)
-def test_no_rule_spellings_stay_replicated(cls):
+def test_no_rule_spellings_stay_replicated_with_a_warning(cls):
     with fake_group(world_size=2):
         model, x = spellings.make(cls)
         model = tpcompile.tp_compile(model, backend="eager")
-        model(x)
+        with pytest.warns(tpcompile.TPWarning) as rec:
+            model(x)
         plan = tpcompile.tp_state(model).plan
     assert {pp.style for pp in plan.values()} == {"replicate"}
+    msgs = [str(w.message) for w in rec if "no tensor-parallel rule for `einsum`" in str(w.message)]
+    assert len(msgs) == 2  # one per 3-D weight: w1 and w2
+    for fqn, line in (("w1", '"btd,dnk->btnk"'), ("w2", '"btnk,nkd->btd"')):
+        (msg,) = [m for m in msgs if f"parameter {fqn} " in m]
+        assert "spellings.py:" in msg and line in msg and "computed replicated" in msg
+        assert "F.linear(x, W)" in msg and f"plan={{'{fqn}': 'replicate'}}" in msg
+    # the override named in the warning silences it
+    with fake_group(world_size=2):
+        model, x = spellings.make(cls)
+        model = tpcompile.tp_compile(model, backend="eager", plan={"w1": "replicate", "w2": "replicate"})
+        with _no_warning():
+            model(x)
+
+
+@pytest.mark.parametrize("cls", list(spellings.SHARDED), ids=lambda c: c.__name__)
+def test_spellings_hit_the_communication_floor(cls):
+    """Forward: one all-reduce (the row-parallel output); backward: one (the f before the column
+    projection). Counted on the AOTAutograd graphs at TP=2, as tests/test_floor.py does."""
+    model, x = spellings.make(cls)
+    rep = tpcompile.explain(model, x.requires_grad_(), world_size=2)  # x's gradient: the f's all-reduce
+    assert rep.counts() == {("forward", "all_reduce"): 1, ("backward", "all_reduce"): 1}
+    assert rep.above_floor() == {"forward": 0, "backward": 0} and not rep.warnings
 
 
 def test_every_spelling_matches_single_device_on_gloo():

@@ -106,12 +106,10 @@ def train_hf_beside_reference(rank: int, world: int, family: str, steps: int = 3
     out["plan"] = {fqn: (pp.style, pp.dim, pp.chunks, pp.local_shape, pp.padded_shape) for fqn, pp in st.plan.items()}
     out["collectives"] = [(c.phase, c.kind) for r in st.records for c in r.collectives]
     out["n_graphs"] = len(st.records)
-    # activation checkpointing: ATen ops the backward recomputes, and collectives it re-runs
+    # activation checkpointing: the forward ATen ops the backward graph recomputes
     bw = [n for r in st.records for ph, g in r.compiled_graphs if ph == "backward" for n in g.graph.nodes]
     out["recomputed"] = sum(n.meta.get("recompute") == torch.utils.checkpoint.CheckpointPolicy.PREFER_RECOMPUTE
                             for n in bw if n.op == "call_function")
-    out["recomputed_collectives"] = sum(getattr(n.target, "namespace", "") == "_c10d_functional"
-                                        and "recompute" in n.meta for n in bw)
     out["warnings"] = [str(w.message) for w in caught if issubclass(w.category, tpcompile.TPWarning)]
     return out
 

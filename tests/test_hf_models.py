@@ -43,6 +43,9 @@ def trained(request):
     if world == 2:  # HF's default use_cache=True: the forward also builds and returns a KV cache
         cases.append(("llama", {"use_cache": True}))
         names.append("llama-cache")
+        for f in ("gpt2", "llama"):  # HF activation checkpointing (torch.utils.checkpoint per layer)
+            cases.append((f, {"grad_ckpt": {"use_reentrant": False}}))
+            names.append(f"{f}-ckpt")
     by_rank = run_ranks(hf_models.train_many, world, cases)
     return world, {f: [r[i] for r in by_rank] for i, f in enumerate(names)}
 
@@ -95,6 +98,21 @@ def test_hf_kv_cache_built_in_the_forward(trained):
     results = by_family["llama-cache"]
     plan = _check_parity(results, world)
     assert plan["model.layers.0.self_attn.k_proj.weight"][0] == "colwise"
+    assert results[0]["warnings"] == []
+
+
+@pytest.mark.parametrize("trained", [2], indirect=True, ids=["tp2"])
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_hf_gradient_checkpointing_is_sharded_and_recomputed(trained, family):
+    """``model.gradient_checkpointing_enable()``: each decoder layer runs under
+    ``torch.utils.checkpoint``; its insides are sharded as without it, the backward recomputes
+    them, and no collective is added."""
+    world, by_family = trained
+    results, plain = by_family[f"{family}-ckpt"], by_family[family]
+    plan = _check_parity(results, world)
+    assert plan == plain[0]["plan"]
+    assert results[0]["collectives"] == plain[0]["collectives"]
+    assert results[0]["recomputed"] > 0 and plain[0]["recomputed"] == 0
     assert results[0]["warnings"] == []
 
 

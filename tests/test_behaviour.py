@@ -159,3 +159,31 @@ def test_unsupported_op_and_graph_break_stay_correct():
         assert r["break_graphs"] >= 2
         assert r["break_plan"]["emb.weight"] == "vocab" and r["break_plan"]["mlp1.fc.weight"] == "colwise"
         assert "wte.weight" in r["loop_break"] and "graph break" in r["loop_break"]
+
+
+class _SharedForward(nn.Module):
+    """Many classes, one ``forward`` code object: each new class is a recompile of that frame."""
+
+    def forward(self, x):
+        return self.down(F.gelu(self.up(x)))
+
+
+def test_recompile_limit_fallback_to_eager_is_an_error_not_nans():
+    """Past Dynamo's recompile limit the frame runs eagerly, on the memory-free ghosts: an
+    error naming the limit, where it returned NaNs without one."""
+    import pytest
+    import torch._dynamo
+
+    from fakepg import fake_group
+
+    torch._dynamo.reset()
+    with fake_group(world_size=2), torch._dynamo.config.patch(recompile_limit=2):
+        for i in range(3):
+            m = type(f"Shared{i}", (_SharedForward,), {})()
+            m.up, m.down = nn.Linear(8, 16), nn.Linear(16, 8)
+            model = tpcompile.tp_compile(m, backend="eager")
+            if i < 2:
+                assert torch.isfinite(model(torch.randn(4, 8))).all()
+            else:
+                with pytest.raises(tpcompile.TPEagerFallbackError, match="recompile_limit=2"):
+                    model(torch.randn(4, 8))

@@ -78,6 +78,7 @@ class TensorParallel:
         self.broadcast_inputs = broadcast_inputs and not trace_only
         self.inner_backend = compile_options.pop("backend", "inductor")
         self.records: list[GraphRecord] = []
+        self.graph_calls = 0  # rewritten graphs run so far: a call that runs none ran eagerly on the ghosts
         self.plan: dict[str, ParamPlan] = {}
         self.fqn_of: dict[int, str] = {}
         self.params: dict[str, nn.Parameter] = {}
@@ -161,7 +162,7 @@ class TensorParallel:
         elif not self._inputs_checked:
             self._check_inputs(args, kwargs)
             self._inputs_checked = True
-        n_graphs = len(self.records)
+        n_graphs, n_calls = len(self.records), self.graph_calls
         try:
             with torch._dynamo.config.patch(**self.dynamo_config):
                 out = self.compiled(*args, **kwargs)
@@ -170,6 +171,8 @@ class TensorParallel:
             if isinstance(inner, (TPShardingError, ValueError, NotImplementedError)):
                 raise inner from None
             raise
+        if self.graph_calls == n_calls and not self.trace_only:
+            self._check_ran_compiled(out)
         if len(self.records) != n_graphs and not self.trace_only:  # something (re)compiled: make sure nothing ran on ghosts
             self._check_no_eager_ghosts(out)
             if len(self.records) - n_graphs > 1:
@@ -194,6 +197,19 @@ class TensorParallel:
         )
         warnings.warn(msg, TPWarning, stacklevel=3)
         records[0].fallbacks.append(msg)
+
+    def _check_ran_compiled(self, out) -> None:
+        """No rewritten graph ran in this call: Dynamo ran the whole forward eagerly, on the ghosts."""
+        flat, _ = tree_flatten(out)
+        if any(isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all() for t in flat):
+            limit = torch._dynamo.config.recompile_limit
+            raise TPEagerFallbackError(
+                f"tp_compile: this call ran no compiled graph: Dynamo ran the forward eagerly, where tensor "
+                f"parallelism cannot apply. The usual cause is Dynamo's recompile limit "
+                f"(torch._dynamo.config.recompile_limit={limit}), e.g. more than {limit} models or input "
+                f"types sharing one `forward`: call torch._dynamo.reset() between models or raise the limit. "
+                f"TORCH_LOGS=recompiles shows the reasons."
+            )
 
     def _check_no_eager_ghosts(self, out) -> None:
         """A frame Dynamo skipped (e.g. a graph break inside a loop) runs eagerly on the ghosts."""

@@ -245,6 +245,7 @@ class Backend:
         compiled = _compile(gm, inputs, record, st.inner_backend, on_graph, stand_in)
 
         def run(*args):
+            st.graph_calls += 1
             args = list(args)
             for i, real in subs:
                 args[i] = real

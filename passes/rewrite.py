@@ -123,6 +123,21 @@ def shard_dropout(node: fx.Node, dim: int, full: int, rank: int) -> None:
     node.args, node.kwargs = (node.args[0], float(p), training, dim, full, rank), {}
 
 
+def _whole_grad_inputs(node: fx.Node, ni: NodeInfo) -> set:
+    """Replicated inputs that need a gradient, used whole by an op whose output is sharded.
+
+    Each rank's backward then gives only its shard's part of their gradient (a norm weight
+    on head-sharded q, a broadcast ``rsqrt`` of a gathered mean): they need Megatron's f
+    (all-reduce backward) on that edge, as a column-parallel linear's input does. Not on
+    edges into replicated ops, whose gradient is already whole on every rank.
+    """
+    if ni.kind not in ("pointwise", "dropout", "sdpa") or not isinstance(ni.out, Shard):
+        return set()
+    kv = set(node.args[1:3]) if ni.kind == "sdpa" and ni.extra.get("gqa") else set()  # kv_for_rank has its f
+    return {x for x, need in ni.need.items()
+            if isinstance(need, Replicate) and x not in kv and getattr(value(x), "requires_grad", False)}
+
+
 class _Rewriter:
     def __init__(self, gm: fx.GraphModule, plan: GraphPlan, group: str, rank: int):
         self.gm, self.g, self.plan, self.group, self.rank = gm, gm.graph, plan, group, rank
@@ -162,9 +177,12 @@ class _Rewriter:
             ni = self.info.get(node)
             if ni is None or node.op in ("placeholder", "get_attr"):
                 continue
-            for x, need in ni.need.items():
-                x = self.alias.get(x, x)
+            whole_grad = _whole_grad_inputs(node, ni)
+            for x0, need in ni.need.items():
+                x = self.alias.get(x0, x0)
                 new = self._placed(x, need, node)
+                if x0 in whole_grad:
+                    new = self._f(new, node)
                 if new is not x:
                     node.replace_input_with(x, new)
             getattr(self, "_" + ni.kind, lambda n, i: None)(node, ni)
@@ -173,12 +191,16 @@ class _Rewriter:
         return self.gm
 
     # --- per-rule rewrites -------------------------------------------------------------
-    def _colwise(self, node, ni):
-        x = node.args[0]
+    def _f(self, x, consumer):
+        """Megatron's f on ``x`` (identity forward, all-reduce backward), one per value."""
         key = (x, "f")
         if key not in self.cache:
-            self.cache[key] = self._call(node, M.copy_to_tp, x, self.group)
-        node.replace_input_with(x, self.cache[key])
+            self.cache[key] = self._call(consumer, M.copy_to_tp, x, self.group)
+        return self.cache[key]
+
+    def _colwise(self, node, ni):
+        x = node.args[0]
+        node.replace_input_with(x, self._f(x, node))
 
     def _rowwise(self, node, ni):
         bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")

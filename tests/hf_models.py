@@ -28,6 +28,22 @@ def make_config(family: str, **overrides):
         cfg = tf.Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                              tie_word_embeddings=False, **common)
+    elif family == "gpt_neox":
+        cfg = tf.GPTNeoXConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                               num_attention_heads=4, max_position_embeddings=64, rotary_pct=0.5,
+                               use_parallel_residual=True, tie_word_embeddings=False, **common)
+    elif family == "phi3":
+        cfg = tf.Phi3Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                            num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=64,
+                            tie_word_embeddings=False, pad_token_id=0, **common)
+    elif family == "gemma":
+        cfg = tf.GemmaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=1, head_dim=16, max_position_embeddings=64,
+                             **common)
+    elif family == "falcon":
+        cfg = tf.FalconConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              multi_query=True, new_decoder_architecture=False, parallel_attn=True, bias=False,
+                              max_position_embeddings=64, **common)
     else:
         raise ValueError(family)
     for k, v in overrides.items():
@@ -40,7 +56,9 @@ def make_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
 
     torch.manual_seed(seed)
     cfg = make_config(family, **overrides)
-    cls = {"gpt2": tf.GPT2LMHeadModel, "llama": tf.LlamaForCausalLM, "qwen2": tf.Qwen2ForCausalLM}[family]
+    cls = {"gpt2": tf.GPT2LMHeadModel, "llama": tf.LlamaForCausalLM, "qwen2": tf.Qwen2ForCausalLM,
+           "gpt_neox": tf.GPTNeoXForCausalLM, "phi3": tf.Phi3ForCausalLM, "gemma": tf.GemmaForCausalLM,
+           "falcon": tf.FalconForCausalLM}[family]
     model = cls(cfg)
     if family == "qwen2":  # HF initialises biases to zero: make them matter
         with torch.no_grad():

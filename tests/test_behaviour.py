@@ -187,3 +187,56 @@ def test_recompile_limit_fallback_to_eager_is_an_error_not_nans():
             else:
                 with pytest.raises(tpcompile.TPEagerFallbackError, match="recompile_limit=2"):
                     model(torch.randn(4, 8))
+
+
+class _RMSNorm(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.weight = nn.Parameter(1 + 0.1 * torch.randn(d))
+
+    def forward(self, x):
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+
+
+class _WholeGradOperands(nn.Module):
+    """Replicated values that need a gradient, used whole by ops on sharded activations:
+    a per-head norm weight on head-sharded q (Qwen3 / OLMo2 qk-norm), and the ``rsqrt`` of a
+    gathered mean broadcast over a hidden-sharded stream (what Phi-3's replicated fused QKV
+    leads to: its out-projection turns column-parallel)."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.o = nn.Linear(16, 16, bias=False), nn.Linear(16, 16, bias=False)
+        self.q_norm, self.norm = _RMSNorm(4), _RMSNorm(16)
+        self.a, self.b = nn.Linear(16, 16, bias=False), nn.Linear(16, 16, bias=False)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q = self.q_norm(self.q(x).view(B, T, 4, 4))  # heads sharded, weight [head_dim] whole
+        x = x + self.o(q.reshape(B, T, C))
+        h = x + self.a(x)  # a column-parallel output joins the stream: the stream is hidden-sharded
+        return self.b(self.norm(h)).pow(2).mean()
+
+
+def _whole_grad_run(rank, world):
+    torch.manual_seed(0)
+    model = _WholeGradOperands()
+    ref = copy.deepcopy(model)
+    x = torch.randn(2, 4, 16, generator=torch.Generator().manual_seed(1))
+    tp = tpcompile.tp_compile(model, backend="aot_eager")
+    loss, ref_loss = tp(x), ref(x)
+    loss.backward()
+    ref_loss.backward()
+    st = tpcompile.tp_state(tp)
+    from tpcompile.backend import shard_tensor
+
+    rp = dict(ref.named_parameters())
+    errs = {f: (p.grad - shard_tensor(rp[f].grad, st.plan[f], rank, world)).abs().max().item() for f, p in st.params.items()}
+    return loss.item(), ref_loss.item(), errs, {f: pp.style for f, pp in st.plan.items()}
+
+
+def test_replicated_operands_of_sharded_ops_get_whole_gradients():
+    for loss, ref_loss, errs, plan in run_ranks(_whole_grad_run, 2):
+        assert abs(loss - ref_loss) <= TOL * ref_loss
+        assert plan["q_norm.weight"] == "replicate" and plan["a.weight"] == "colwise" and plan["norm.weight"] == "colwise"
+        assert max(errs.values()) <= 1e-5, errs

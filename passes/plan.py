@@ -117,7 +117,7 @@ def make_plan(gm: fx.GraphModule, tp: int, param_fqns: dict, overrides: dict | N
         w = e.args[1]
         padding_idx, max_norm = (list(e.args[2:4]) + [None, None])[:2]
         extras = [a for a in e.args[5:] if a]  # scale_grad_by_freq, sparse
-        plain = padding_idx is None and max_norm is None and not extras
+        plain = isinstance(padding_idx, (int, type(None))) and max_norm is None and not extras
         if forced.get(w) == "vocab" or (w not in forced and plain and _indices_from_data(e.args[0], params)):
             vocab_weights.add(w)
     chunks = {n: _fused_chunks(n) for n in linears}

@@ -224,10 +224,13 @@ class _Rewriter:
 
     def _vocab(self, node, ni):
         idx, w = node.args[:2]
-        rows = local_size(shape(w)[0], self.plan.tp)
+        vocab, rows = int(shape(w)[0]), local_size(shape(w)[0], self.plan.tp)
+        pad = node.args[2] if len(node.args) > 2 else node.kwargs.get("padding_idx")
         node.target = V.vocab_parallel_embedding
         _untag(node)
         node.args, node.kwargs = (idx, w, self.rank * rows, self.group), {}
+        if pad is not None:  # the one rank holding that row keeps its gradient at zero
+            node.kwargs = {"padding_idx": pad % vocab}
 
     def _vocab_ce(self, node, ni):
         a = list(node.args) + [None] * (8 - len(node.args))

@@ -17,17 +17,20 @@ __all__ = ["vocab_parallel_embedding", "vocab_parallel_cross_entropy"]
 
 
 def vocab_parallel_embedding(idx: Tensor, weight: Tensor, vocab_start: int, group: Group,
-                             sp_dim: int | None = None) -> Tensor:
+                             sp_dim: int | None = None, padding_idx: int | None = None) -> Tensor:
     """Embedding lookup with ``weight`` holding rows ``[vocab_start, vocab_start + rows)``.
 
     Ids outside this rank's rows look up row 0 and are zeroed; the sum over ranks
     (``reduce_from_tp``, one all-reduce) then gives the replicated embedding. With
     ``sp_dim`` (sequence parallelism) the sum is a reduce-scatter over that token dim
-    instead. The local weight rows get exactly their slice of the single-device gradient.
+    instead. The local weight rows get exactly their slice of the single-device gradient;
+    ``padding_idx`` (a global row id, ``nn.Embedding``'s) gets none, on the rank holding it.
     """
     local = idx - vocab_start
     outside = (local < 0) | (local >= weight.shape[0])
-    out = F.embedding(local.masked_fill(outside, 0), weight).masked_fill(outside.unsqueeze(-1), 0.0)
+    pad = padding_idx - vocab_start if padding_idx is not None else None
+    pad = pad if pad is not None and 0 <= pad < weight.shape[0] else None
+    out = F.embedding(local.masked_fill(outside, 0), weight, pad).masked_fill(outside.unsqueeze(-1), 0.0)
     if sp_dim is not None:
         return reduce_scatter_to_sp(out, group, sp_dim)
     return reduce_from_tp(out, group)

@@ -13,39 +13,60 @@ import torch
 FAMILIES = ("gpt2", "llama", "qwen2")
 
 
+_LLAMA_LIKE = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                   max_position_embeddings=64, tie_word_embeddings=False)
+
+# family -> (transformers config class, model class, config fields)
+CONFIGS = {
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(
+        vocab_size=250, n_positions=64, n_embd=64, n_layer=2, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0,
+        attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)),
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(_LLAMA_LIKE, num_attention_heads=8, num_key_value_heads=4)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(_LLAMA_LIKE, num_attention_heads=4, num_key_value_heads=2)),
+    # interleaved fused QKV ([heads, 3, head_dim]), partial rotary, parallel residual, biases
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(
+        _LLAMA_LIKE, num_attention_heads=4, rotary_pct=0.5, use_parallel_residual=True)),
+    # fused qkv_proj cut by slicing, fused gate_up_proj cut by chunk
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(
+        _LLAMA_LIKE, num_attention_heads=8, num_key_value_heads=4, pad_token_id=0, eos_token_id=1, bos_token_id=1)),
+    # MQA (1 kv head), GeGLU, scaled embedding, tied head
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(
+        _LLAMA_LIKE, num_attention_heads=4, num_key_value_heads=1, head_dim=16, tie_word_embeddings=True)),
+    # MQA through a fused QKV cut by index, parallel attention + MLP
+    "falcon": ("FalconConfig", "FalconForCausalLM", dict(
+        vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, multi_query=True,
+        new_decoder_architecture=False, parallel_attn=True, bias=False, max_position_embeddings=64)),
+    # per-head q/k RMSNorm (qk-norm) on head-sharded q, k
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(
+        _LLAMA_LIKE, num_attention_heads=4, num_key_value_heads=2, head_dim=16)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(_LLAMA_LIKE, num_attention_heads=8, num_key_value_heads=4)),
+    # q/k RMSNorm over the whole projection (not per head)
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", dict(_LLAMA_LIKE, num_attention_heads=4, num_key_value_heads=4)),
+    # MQA fused c_attn split into unequal pieces (q, k, v = C, hd, hd)
+    "gpt_bigcode": ("GPTBigCodeConfig", "GPTBigCodeForCausalLM", dict(
+        vocab_size=256, n_positions=64, n_embd=64, n_layer=2, n_head=4, multi_query=True, resid_pdrop=0.0,
+        embd_pdrop=0.0, attn_pdrop=0.0)),
+    # ALiBi, interleaved fused QKV
+    "bloom": ("BloomConfig", "BloomForCausalLM", dict(vocab_size=256, hidden_size=64, n_layer=2, n_head=4)),
+    "opt": ("OPTConfig", "OPTForCausalLM", dict(
+        vocab_size=256, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=64, word_embed_proj_dim=64, dropout=0.0)),
+    "stablelm": ("StableLmConfig", "StableLmForCausalLM", dict(
+        _LLAMA_LIKE, num_attention_heads=4, num_key_value_heads=4, partial_rotary_factor=0.5)),
+    "phi": ("PhiConfig", "PhiForCausalLM", dict(
+        _LLAMA_LIKE, num_attention_heads=4, num_key_value_heads=4, partial_rotary_factor=0.5, resid_pdrop=0.0,
+        embd_pdrop=0.0)),
+    "granite": ("GraniteConfig", "GraniteForCausalLM", dict(_LLAMA_LIKE, num_attention_heads=4, num_key_value_heads=2)),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(
+        _LLAMA_LIKE, num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)),
+}
+
+
 def make_config(family: str, **overrides):
     import transformers as tf
 
-    common = dict(attn_implementation="sdpa", use_cache=False)
-    if family == "gpt2":
-        cfg = tf.GPT2Config(vocab_size=250, n_positions=64, n_embd=64, n_layer=2, n_head=4,
-                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, **common)
-    elif family == "llama":
-        cfg = tf.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                             num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=64,
-                             tie_word_embeddings=False, **common)
-    elif family == "qwen2":
-        cfg = tf.Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                             tie_word_embeddings=False, **common)
-    elif family == "gpt_neox":
-        cfg = tf.GPTNeoXConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                               num_attention_heads=4, max_position_embeddings=64, rotary_pct=0.5,
-                               use_parallel_residual=True, tie_word_embeddings=False, **common)
-    elif family == "phi3":
-        cfg = tf.Phi3Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                            num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=64,
-                            tie_word_embeddings=False, pad_token_id=0, **common)
-    elif family == "gemma":
-        cfg = tf.GemmaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=1, head_dim=16, max_position_embeddings=64,
-                             **common)
-    elif family == "falcon":
-        cfg = tf.FalconConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                              multi_query=True, new_decoder_architecture=False, parallel_attn=True, bias=False,
-                              max_position_embeddings=64, **common)
-    else:
-        raise ValueError(family)
+    cfg_cls, _, fields = CONFIGS[family]
+    cfg = getattr(tf, cfg_cls)(**fields, attn_implementation="sdpa", use_cache=False)
     for k, v in overrides.items():
         setattr(cfg, k, v)
     return cfg
@@ -55,16 +76,11 @@ def make_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
     import transformers as tf
 
     torch.manual_seed(seed)
-    cfg = make_config(family, **overrides)
-    cls = {"gpt2": tf.GPT2LMHeadModel, "llama": tf.LlamaForCausalLM, "qwen2": tf.Qwen2ForCausalLM,
-           "gpt_neox": tf.GPTNeoXForCausalLM, "phi3": tf.Phi3ForCausalLM, "gemma": tf.GemmaForCausalLM,
-           "falcon": tf.FalconForCausalLM}[family]
-    model = cls(cfg)
-    if family == "qwen2":  # HF initialises biases to zero: make them matter
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if n.endswith("bias"):
-                    p.normal_(0, 0.1)
+    model = getattr(tf, CONFIGS[family][1])(make_config(family, **overrides))
+    with torch.no_grad():  # HF initialises biases to zero and norm weights to one: make them matter
+        for n, p in model.named_parameters():
+            if n.endswith("bias") or (p.dim() == 1 and "norm" in n):
+                p.add_(torch.randn_like(p) * 0.1)
     return model.train()
 
 

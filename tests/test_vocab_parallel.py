@@ -39,6 +39,7 @@ FP32_TOL = dict(rtol=1e-6, atol=1e-6)
 BF16_TOL = dict(rtol=2**-8, atol=1e-3)
 BF16_VS_TORCH_TOL = dict(rtol=2e-2, atol=2e-2)
 EMB_V, EMB_H = 9, 4
+EMB_PAD = EMB_V - 2  # held by a rank other than the first at every tp tested
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -75,6 +76,7 @@ def _local_slice(logits: torch.Tensor, cd: int, rank: int, tp: int):
 def _emb_data(tp: int, rank: int | None):
     weight = torch.randn(EMB_V, EMB_H, generator=_gen(300))
     idx = torch.randint(0, EMB_V, (3, 5), generator=_gen(301))
+    idx[0, :2] = EMB_PAD  # nn.Embedding's padding_idx: looked up, never given a gradient
     gy = torch.randn(3, 5, EMB_H, generator=_gen(302))
     if rank is None:
         return idx, weight, gy, 0
@@ -118,7 +120,7 @@ def _run(rank: int, tp: int, backend, cases, inplace: bool = False) -> dict:
             )
             for y, (_, t, _), (start, V, red, eps, ign) in zip(inter or [x for x, _, _ in datas], datas, args)
         ]
-        return losses, vocab_parallel_embedding(idx, w, w_start, name)
+        return losses, vocab_parallel_embedding(idx, w, w_start, name, padding_idx=EMB_PAD)
 
     if backend is not None:
         fn = torch.compile(fn, backend=backend, fullgraph=True)
@@ -215,8 +217,9 @@ def test_inplace_backward_overwrites_logits(results):
 def test_embedding_matches_single_device(results, tp, mode):
     idx, weight, gy, _ = _emb_data(tp, None)
     w = weight.clone().requires_grad_()
-    want = F.embedding(idx, w)
+    want = F.embedding(idx, w, padding_idx=EMB_PAD)
     want.backward(gy)
+    assert (w.grad[EMB_PAD] == 0).all() and (idx == EMB_PAD).any()
     rows = math.ceil(EMB_V / tp)
     for r in range(tp):
         out, gw = (torch.from_numpy(a) for a in results[tp][r][mode]["emb"])

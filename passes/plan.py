@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from .graph_utils import divisors, is_tensor, shape, source_line, value
 from .normalize import CONTRACTIONS, LINEARS, param_operands, weight_out_dim
 from .placements import STYLES, Replicate, Shard, local_size
-from .propagate import Propagation, TPShardingError, propagate
+from .propagate import Propagation, TPShardingError, propagate, rule_for
 
 _INDEX_PASSTHROUGH = {"view", "reshape", "to", "long", "int", "contiguous", "clone", "flatten", "unsqueeze"}
 _SPLITS = {"split", "chunk"}
@@ -180,21 +180,26 @@ def make_plan(gm: fx.GraphModule, tp: int, param_fqns: dict, overrides: dict | N
 
 def _unsharded_contractions(gm: fx.GraphModule, prop: Propagation, param_fqns: dict, forced: dict) -> list[str]:
     """One message per parameter that feeds a contraction with no rule (``einsum`` with a 3-D
-    weight, ``bmm`` of a permuted weight, ...): it is computed replicated, correct but not
-    sharded, and the user should know how to get it sharded or to silence this."""
+    weight, ``bmm`` of a permuted weight, ...) or a weight matrix into an op with no rule at all
+    (a grouped MoE matmul, a custom op): it is computed replicated, correct but not sharded, and
+    the user should know how to get it sharded or to silence this."""
     out = []
     for node in gm.graph.nodes:
-        if node.op not in ("call_function", "call_method") or node.target not in CONTRACTIONS:
+        if node.op not in ("call_function", "call_method"):
+            continue
+        contraction = node.target in CONTRACTIONS
+        if not contraction and (rule_for(node) is not None or node.target is operator.getitem):
             continue
         for w in param_operands(node, set(param_fqns)):
-            if w in forced or isinstance(prop.placement(w), Shard):
+            if w in forced or isinstance(prop.placement(w), Shard) or (not contraction and value(w).dim() < 2):
                 continue
             fqn = param_fqns[w]
             name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+            fix = ("To shard it, write it as a linear over a 2-D weight (`F.linear(x, W)`, `x @ W`, "
+                   "`torch.einsum('...i,io->...o', x, W)`); " if contraction else "")
             out.append(
                 f"tpcompile: no tensor-parallel rule for `{name}` with parameter {fqn} {tuple(shape(w))} at "
-                f"{source_line(node)}: it is computed replicated (correct, not sharded). To shard it, write it as a "
-                f"linear over a 2-D weight (`F.linear(x, W)`, `x @ W`, `torch.einsum('...i,io->...o', x, W)`); "
+                f"{source_line(node)}: it is computed replicated (correct, not sharded). {fix}"
                 f"plan={{{fqn!r}: 'replicate'}} silences this warning."
             )
     return out

@@ -183,6 +183,11 @@ def view_like(node, ctx) -> NodeInfo:
         ok = ok and o is not None and _expr(out_shape[o]) == _expr(in_shape[p.dim]) and _prod(in_shape[p.dim:]) == _prod(out_shape[o:])
     else:
         o, ok = _map_dim(in_shape, out_shape, p.dim, ctx.tp)
+        if node.target in ("view", "reshape", torch.reshape) and o and _expr(out_shape[o - 1]) == 1 \
+                and _prod(out_shape[:o - 1]) == _prod(in_shape[:p.dim]):
+            # C -> (1, head_dim): one head (MQA). Its shard would land on head_dim, which attention
+            # contracts; report one unsplittable head instead (k/v kept whole, see plan._few_kv_heads)
+            return NodeInfo(R, {x: R}, "view", {"unsplittable": (p, 1)})
     if p.pad and o is not None and p.chunks == 1:
         ok = not isinstance(out_shape[o], torch.SymInt)  # a padded vocabulary: ranks hold ceil(n / tp)
     if o is None or not ok:

@@ -47,7 +47,8 @@ CONFIGS = {
         vocab_size=256, n_positions=64, n_embd=64, n_layer=2, n_head=4, multi_query=True, resid_pdrop=0.0,
         embd_pdrop=0.0, attn_pdrop=0.0)),
     # ALiBi, interleaved fused QKV
-    "bloom": ("BloomConfig", "BloomForCausalLM", dict(vocab_size=256, hidden_size=64, n_layer=2, n_head=4)),
+    "bloom": ("BloomConfig", "BloomForCausalLM", dict(
+        vocab_size=256, hidden_size=64, n_layer=2, n_head=4, attn_implementation="eager")),
     "opt": ("OPTConfig", "OPTForCausalLM", dict(
         vocab_size=256, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
         max_position_embeddings=64, word_embed_proj_dim=64, dropout=0.0)),
@@ -66,7 +67,7 @@ def make_config(family: str, **overrides):
     import transformers as tf
 
     cfg_cls, _, fields = CONFIGS[family]
-    cfg = getattr(tf, cfg_cls)(**fields, attn_implementation="sdpa", use_cache=False)
+    cfg = getattr(tf, cfg_cls)(**{"attn_implementation": "sdpa", "use_cache": False, **fields})
     for k, v in overrides.items():
         setattr(cfg, k, v)
     return cfg

@@ -1,17 +1,15 @@
 """Tiny 2-layer Hugging Face models built from configs (random weights, no downloads).
 
-One per family the parity tests cover:
-- ``gpt2``: Conv1D ``[in, out]`` weights (``torch.addmm``), fused ``c_attn`` QKV split, learned
-  position embeddings, tied LM head, vocabulary 250 (not divisible by 4);
-- ``llama``: GQA (8 q heads, 4 kv heads), RoPE, SwiGLU, RMSNorm, untied LM head;
-- ``qwen2``: q/k/v biases, 4 q heads and 2 kv heads (fewer kv heads than tp at TP=4).
+``CONFIGS`` has one entry per family the tests cover; the comment on each says what it
+exercises. The first three are the acceptance families: ``gpt2`` (Conv1D ``[in, out]`` weights
+via ``torch.addmm``, fused ``c_attn`` QKV, learned positions, tied head, vocabulary 250: not
+divisible by 4), ``llama`` (GQA 8/4 heads, RoPE, SwiGLU, RMSNorm) and ``qwen2`` (q/k/v biases,
+2 kv heads: fewer than tp at TP=4). Biases and norm weights are perturbed from HF's zeros and
+ones so that their gradients are checked for real.
 """
 from __future__ import annotations
 
 import torch
-
-FAMILIES = ("gpt2", "llama", "qwen2")
-
 
 _LLAMA_LIKE = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                    max_position_embeddings=64, tie_word_embeddings=False)

@@ -312,18 +312,28 @@ def softmax(node, ctx) -> NodeInfo:
     return _replicate_all(node, ctx, "fallback" if isinstance(p, Shard) else "replicate")
 
 
+_SUMS = {"sum": False, torch.sum: False, "mean": True, torch.mean: True}  # target -> is a mean
+
+
 def reduction(node, ctx) -> NodeInfo:
-    """Reductions over unsharded dims keep the shard (``x.pow(2).mean(-1)`` on batch shards)."""
+    """Reductions over unsharded dims keep the shard (``x.pow(2).mean(-1)`` on batch shards).
+
+    A sum or mean over the sharded dim is a local sum (a mean: the local mean / tp) whose sum
+    over ranks is the answer: ``Partial``, reduced where a consumer needs it whole (one
+    all-reduce of the small result, where gathering the input would move all of it). The
+    RMSNorm of a sharded q (OLMo-2's qk-norm) or of a hidden-sharded stream needs this.
+    """
     x = node.args[0]
     p = ctx.pl(x)
     if not isinstance(p, Shard):
         return _replicate_all(node, ctx)
     nd = value(x).dim()
     dims = _arg(node, 1, "dim")
-    if dims is None:
-        return _replicate_all(node, ctx, "fallback")
-    dims = [norm_dim(d, nd) for d in (dims if isinstance(dims, (tuple, list)) else [dims])]
+    dims = list(range(nd)) if dims is None else [norm_dim(d, nd) for d in (dims if isinstance(dims, (tuple, list)) else [dims])]
     keep = _arg(node, 2, "keepdim", False)
+    if p.dim in dims and node.target in _SUMS and p.chunks == 1 and not p.pad and is_tensor(node) \
+            and _arg(node, 3, "dtype") is None:
+        return NodeInfo(Partial(), {x: p}, "partial_sum", {"mean": _SUMS[node.target]})
     if p.dim in dims or not is_tensor(node):
         return _replicate_all(node, ctx, "fallback")
     o = p.dim if keep else p.dim - sum(d < p.dim for d in dims)

@@ -222,6 +222,20 @@ class _Rewriter:
         self.alias[node] = out
         self.info[out] = NodeInfo(Replicate())
 
+    def _partial_sum(self, node, ni):
+        """A mean over the sharded dim: each rank's mean of its part, / tp, sums to the mean."""
+        if not ni.extra["mean"]:
+            return
+        users = list(node.users)
+        with self.g.inserting_after(node):
+            out = self.g.call_function(operator.truediv, (node, self.plan.tp))
+        _inherit_meta(out, node, ("stack_trace", "nn_module_stack", *RECOMPUTE_TAGS))
+        out.meta["example_value"] = value(node)
+        for u in users:
+            u.replace_input_with(node, out)
+        self.alias[node] = out
+        self.info[out] = NodeInfo(Partial())
+
     def _vocab(self, node, ni):
         idx, w = node.args[:2]
         vocab, rows = int(shape(w)[0]), local_size(shape(w)[0], self.plan.tp)

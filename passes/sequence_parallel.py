@@ -31,6 +31,7 @@ from tpcompile.runtime import mappings as M
 from tpcompile.runtime import vocab_parallel as V
 
 from .graph_utils import source_line, value
+from .normalize import LINEARS
 from .propagate import TPShardingError, dropout, layer_norm, pointwise, rule_for, unary
 from .rewrite import _inherit_meta, shard_dropout
 
@@ -75,8 +76,8 @@ def sequence_parallel(gm: fx.GraphModule, group: str, tp: int, rank: int = 0) ->
     """Turn the replicated regions of a TP-rewritten ``gm`` into token-sharded ones (in place)."""
     g = gm.graph
     res = SPResult()
-    sources = [n for n in g.nodes if n.op == "call_function"
-               and (n.target is M.reduce_from_tp or n.target is V.vocab_parallel_embedding)]
+    sources = [n for n in g.nodes if n.op == "call_function"  # row-parallel reductions, vocab embeddings
+               and ((n.target is M.reduce_from_tp and n.args[0].target in LINEARS) or n.target is V.vocab_parallel_embedding)]
     if not sources:
         return res
     tokens = {int(value(n).shape[-2]) for n in sources}

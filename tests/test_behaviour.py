@@ -240,3 +240,46 @@ def test_replicated_operands_of_sharded_ops_get_whole_gradients():
         assert abs(loss - ref_loss) <= TOL * ref_loss
         assert plan["q_norm.weight"] == "replicate" and plan["a.weight"] == "colwise" and plan["norm.weight"] == "colwise"
         assert max(errs.values()) <= 1e-5, errs
+
+
+class _NormOverShards(nn.Module):
+    """Reductions over the sharded dim: an RMSNorm over a whole column-parallel output (OLMo-2's
+    q/k norm), a ``sum`` over it, and a ``mean`` over every dim of a sharded tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.o = nn.Linear(16, 32, bias=False), nn.Linear(32, 16, bias=False)
+        self.q_norm = _RMSNorm(32)
+
+    def forward(self, x):
+        q = self.q_norm(self.q(x))
+        gate = torch.sigmoid(q.sum(-1, keepdim=True))
+        return self.o(q * gate).pow(2).mean() + q.mean()
+
+
+def _norm_over_shards_run(rank, world):
+    torch.manual_seed(0)
+    model = _NormOverShards()
+    ref = copy.deepcopy(model)
+    x = torch.randn(2, 4, 16, generator=torch.Generator().manual_seed(1))
+    tp = tpcompile.tp_compile(model, backend="aot_eager")
+    loss, ref_loss = tp(x), ref(x)
+    loss.backward()
+    ref_loss.backward()
+    st = tpcompile.tp_state(tp)
+    from tpcompile.backend import shard_tensor
+
+    rp = dict(ref.named_parameters())
+    err = max((p.grad - shard_tensor(rp[f].grad, st.plan[f], rank, world)).abs().max().item() for f, p in st.params.items())
+    fwd = [(c.kind, c.nbytes) for c in st.records[0].collectives if c.phase == "forward"]
+    return loss.item(), ref_loss.item(), err, {f: pp.style for f, pp in st.plan.items()}, fwd, st.records[0].fallbacks
+
+
+def test_sum_and_mean_over_the_sharded_dim_are_partial():
+    """Each is a local reduction plus one all-reduce of its (small) result, not a gather of its input."""
+    for loss, ref_loss, err, plan, fwd, warns in run_ranks(_norm_over_shards_run, 2):
+        assert abs(loss - ref_loss) <= TOL * abs(ref_loss) and err <= 1e-5, (loss, ref_loss, err)
+        assert plan["q.weight"] == "colwise" and plan["q_norm.weight"] == "colwise" and plan["o.weight"] == "rowwise"
+        assert warns == []
+        # 3 partial reductions ([2, 4, 1] x2, a scalar) + the row-parallel output [2, 4, 16]; nothing gathered
+        assert sorted(fwd) == [("all_reduce", 4), ("all_reduce", 32), ("all_reduce", 32), ("all_reduce", 512)], fwd

@@ -148,8 +148,8 @@ MORE = {  # family -> {tp: number of TPWarnings}
     "phi": {2: 0},  # parallel attention + MLP, q/k/v biases, partial rotary
     "opt": {2: 0},  # embedding padding_idx (vocab-parallel), learned positions with an offset
     "gemma": {2: 4, 4: 4},  # MQA (1 kv head): k/v replicated; GeGLU; scaled embedding; tied head
-    "phi3": {2: 7},  # fused qkv_proj cut by slicing: replicated (3), so the stream is hidden-sharded (4 mean gathers)
-    "olmo2": {2: 4},  # q/k RMSNorm over the whole projection: its mean gathers q, k
+    "phi3": {2: 3},  # fused qkv_proj cut by slicing: replicated (its out-proj turns column-parallel)
+    "olmo2": {2: 0},  # q/k RMSNorm over the whole projection: a partial mean (one small all-reduce)
     "falcon": {2: 8},  # MQA through a fused QKV cut by index lists: attention replicated (and so its out-proj)
     "gpt_bigcode": {2: 6},  # MQA fused c_attn after unsqueeze: attention replicated
     "bloom": {2: 8},  # GeLU as a custom autograd.Function, ALiBi: attention and MLP replicated

@@ -208,12 +208,57 @@ def normalize(gm: fx.GraphModule, params: set[fx.Node]) -> fx.GraphModule:
                     lin.args = (lin.args[0], lin.args[1], b)
                     node.replace_all_uses_with(lin)
                     g.erase_node(node)
+    for node in list(g.nodes):
+        _slices_to_split(g, node)
     for node in reversed(list(g.nodes)):  # W.t(), W.expand(...) left dead by the rewrites above
         if node.op in ("call_method", "call_function") and not node.users and _target(node) in _VIEWS \
                 and param_operands(node, params):
             g.erase_node(node)
     gm.recompile()
     return gm
+
+
+def _last_dim_slice(node: fx.Node, nd: int) -> slice | None:
+    """The slice if ``node`` is ``x[..., a:b]`` (or ``x[:, :, a:b]``): constant bounds, last dim only."""
+    if _target(node) is not operator.getitem or not isinstance(node.args[1], tuple):
+        return None
+    idx = list(node.args[1])
+    if idx and idx[0] is Ellipsis:
+        idx = [slice(None)] * (nd - len(idx) + 1) + idx[1:]
+    if len(idx) != nd or any(i != slice(None) for i in idx[:-1]):
+        return None
+    last = idx[-1]
+    ok = isinstance(last, slice) and last.step in (None, 1) and all(isinstance(b, (int, type(None))) for b in (last.start, last.stop))
+    return last if ok else None
+
+
+def _slices_to_split(g: fx.Graph, src: fx.Node) -> None:
+    """``x[..., :q], x[..., q:q+k], x[..., q+k:]`` cutting ``x`` into contiguous pieces on its last
+    dim (Phi-3's fused ``qkv_proj``) become one ``x.split([q, k, v], -1)``: the fused-projection
+    rules then see the pieces."""
+    nd, users = _ndim(src), list(src.users)
+    if nd < 1 or len(users) < 2:
+        return
+    n = _shape(src)[-1]
+    if not isinstance(n, int):
+        return
+    cuts = []
+    for u in users:
+        sl = _last_dim_slice(u, nd)
+        if sl is None:
+            return
+        start, stop = sl.indices(n)[:2]
+        cuts.append((start, stop, u))
+    cuts.sort(key=lambda c: c[:2])
+    if cuts[0][0] != 0 or cuts[-1][1] != n or any(a[1] != b[0] for a, b in zip(cuts, cuts[1:])) \
+            or any(a >= b for a, b, _ in cuts):
+        return
+    with g.inserting_after(src):
+        split = g.call_method("split", (src, [b - a for a, b, _ in cuts], -1))
+    split.meta.update({k: v for k, v in cuts[0][2].meta.items() if k in ("stack_trace", "nn_module_stack")})
+    split.meta["example_value"] = tuple(_val(u) for _, _, u in cuts)
+    for i, (_, _, u) in enumerate(cuts):
+        u.args = (split, i)
 
 
 def _to_linear(node: fx.Node, target, x, w, b) -> None:

@@ -148,7 +148,7 @@ MORE = {  # family -> {tp: number of TPWarnings}
     "phi": {2: 0},  # parallel attention + MLP, q/k/v biases, partial rotary
     "opt": {2: 0},  # embedding padding_idx (vocab-parallel), learned positions with an offset
     "gemma": {2: 4, 4: 4},  # MQA (1 kv head): k/v replicated; GeGLU; scaled embedding; tied head
-    "phi3": {2: 3},  # fused qkv_proj cut by slicing: replicated (its out-proj turns column-parallel)
+    "phi3": {2: 0, 4: 0},  # fused qkv_proj cut by slicing (unequal q/k/v pieces), fused gate_up_proj
     "olmo2": {2: 0},  # q/k RMSNorm over the whole projection: a partial mean (one small all-reduce)
     "falcon": {2: 8},  # MQA through a fused QKV cut by index lists: attention replicated (and so its out-proj)
     "gpt_bigcode": {2: 6},  # MQA fused c_attn after unsqueeze: attention replicated
@@ -189,6 +189,9 @@ def test_more_hf_families_match_single_device(trained_more):
         q3 = by_family["qwen3"][0]["plan"]
         assert q3["model.layers.0.self_attn.q_norm.weight"][0] == "replicate"
         assert q3["model.layers.0.self_attn.q_proj.weight"][0] == "colwise"
+        phi3 = by_family["phi3"][0]["plan"]  # the slices qkv[..., :q], [..., q:q+k], [..., q+k:] as pieces
+        assert phi3["model.layers.0.self_attn.qkv_proj.weight"][:3] == ("colwise", 0, 3)
+        assert phi3["model.layers.0.mlp.gate_up_proj.weight"][:3] == ("colwise", 0, 2)
         gemma = by_family["gemma"][0]["plan"]
         assert gemma["model.layers.0.self_attn.k_proj.weight"][0] == "replicate"
         assert gemma["model.layers.0.self_attn.q_proj.weight"][0] == "colwise"

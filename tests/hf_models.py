@@ -157,3 +157,34 @@ def train_many(rank: int, world: int, cases: list) -> list:
         out.append(train_hf_beside_reference(rank, world, family, **kw))
         torch._dynamo.reset()
     return out
+
+
+def sharded_logits(rank: int, world: int, family: str) -> dict:
+    """``tp_compile(sharded_outputs=True)``: the HF output's ``logits`` come back as a DTensor
+    (no gather of ``[B, T, V]``); loss and gradients as single device's."""
+    import copy
+
+    import tpcompile
+    from tpcompile.backend import shard_tensor
+
+    model = make_model(family)
+    ref = copy.deepcopy(model)
+    tp = tpcompile.tp_compile(model, backend="aot_eager", sharded_outputs=True)
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    res, ref_res = tp(input_ids=ids, labels=ids), ref(input_ids=ids, labels=ids)
+    res.loss.backward()
+    ref_res.loss.backward()
+    st = tpcompile.tp_state(tp)
+    rp = dict(ref.named_parameters())
+    logits = res.logits
+    return {
+        "type": type(logits).__name__,
+        "placements": str(logits.placements),
+        "shape": tuple(logits.shape),
+        "local": tuple(logits.to_local().shape),
+        "logits_err": (logits.full_tensor() - ref_res.logits).abs().max().item(),
+        "loss": (res.loss.item(), ref_res.loss.item()),
+        "grad_err": max((p.grad - shard_tensor(rp[f].grad, st.plan[f], rank, world)).abs().max().item()
+                        for f, p in st.params.items()),
+        "gathers": [c.nbytes for c in st.records[0].collectives if c.kind == "all_gather"],
+    }

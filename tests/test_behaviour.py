@@ -283,3 +283,36 @@ def test_sum_and_mean_over_the_sharded_dim_are_partial():
         assert warns == []
         # 3 partial reductions ([2, 4, 1] x2, a scalar) + the row-parallel output [2, 4, 16]; nothing gathered
         assert sorted(fwd) == [("all_reduce", 4), ("all_reduce", 32), ("all_reduce", 32), ("all_reduce", 512)], fwd
+
+
+class _LossThenBreak(nn.Module):
+    """The loss in one graph, a graph break, then the (sharded) logits used again."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.head = nn.Embedding(32, 16), nn.Linear(16, 32, bias=False)
+
+    def forward(self, idx):
+        logits = self.head(self.emb(idx))
+        loss = F.cross_entropy(logits.view(-1, 32), idx.view(-1))
+        torch._dynamo.graph_break()
+        return loss, logits.argmax(-1)
+
+
+def _sharded_outputs_break(rank, world):
+    torch.manual_seed(0)
+    plain = tpcompile.tp_compile(_LossThenBreak(), backend="eager")
+    idx = torch.randint(0, 32, (2, 8), generator=torch.Generator().manual_seed(1))
+    plain(idx)  # sharded_outputs=False: the logits crossing the break are gathered
+    torch._dynamo.reset()
+    model = tpcompile.tp_compile(_LossThenBreak(), backend="eager", sharded_outputs=True)
+    try:
+        model(idx)
+    except tpcompile.TPShardingError as e:
+        return str(e)
+    return None
+
+
+def test_sharded_outputs_across_a_graph_break_is_a_clear_error():
+    for msg in run_ranks(_sharded_outputs_break, 2):
+        assert msg is not None and "sharded_outputs=True" in msg and "graph break" in msg, msg

@@ -198,3 +198,16 @@ def test_more_hf_families_match_single_device(trained_more):
         mixtral = by_family["mixtral"][0]
         assert mixtral["plan"]["model.layers.0.mlp.experts.gate_up_proj"][0] == "replicate"
         assert any("grouped_mm" in m and "experts.gate_up_proj" in m for m in mixtral["warnings"])
+
+
+def test_sharded_outputs_return_logits_as_dtensor_without_gathering():
+    """GPT-2 at TP=4 (vocabulary 250: ranks hold 63, 63, 63, 61 columns, DTensor's uneven split):
+    the logits are a ``Shard(2)`` DTensor whose ``full_tensor()`` is single device's; the only
+    all-gather left is the loss's (3 floats per token row), not the ``[B, T, V]`` logits."""
+    results = run_ranks(hf_models.sharded_logits, 4, "gpt2")
+    for rank, r in enumerate(results):
+        assert r["type"] == "DTensor" and r["placements"] == "(Shard(dim=2),)"
+        assert r["shape"] == (2, 16, 250) and r["local"] == (2, 16, 63 if rank < 3 else 61)
+        assert r["logits_err"] <= 1e-5 and r["grad_err"] <= 1e-5
+        assert abs(r["loss"][0] - r["loss"][1]) <= 1e-5 * r["loss"][1]
+        assert r["gathers"] == [2 * 16 * 3 * 4 * 4]  # the CE's (max, sum, target logit) per row, from 4 ranks

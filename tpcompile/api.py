@@ -69,6 +69,8 @@ class TensorParallel:
         # Dynamo settings of every trace of the twin (forward, and checkpoint's planning trace)
         self.dynamo_config = {"nested_graph_breaks": True, "ignore_logging_functions": _quiet_logging()}
         self.sequence_parallel = sequence_parallel
+        self.sharded_outputs = compile_options.pop("sharded_outputs", False)
+        self._mesh = None
         self.dump_dir = compile_options.pop("dump_dir", None) or os.environ.get("TPCOMPILE_DUMP_DIR") or None
         self.group = _resolve_group(group)
         self.group_name = self.group.group_name
@@ -144,6 +146,30 @@ class TensorParallel:
                 p.data = shard_tensor(p.data, pp, self.rank, self.tp)
             self.plan[pp.fqn] = pp
 
+    def as_dtensors(self, outputs: Any, sharded: dict) -> list:
+        """A graph's flat outputs with those kept sharded (``{index: (dim, full size)}``) as DTensors.
+
+        A vocabulary padded to ``ceil(V / tp)`` rows per rank is cut back to DTensor's uneven
+        split (``torch.chunk``'s sizes), which is the same layout without the padding.
+        """
+        from torch.distributed.tensor import DTensor, Shard
+
+        if self._mesh is None:
+            from torch.distributed.device_mesh import DeviceMesh
+
+            self._mesh = DeviceMesh.from_group(self.group, self.device.type)
+        outputs = list(outputs)
+        for i, (dim, full) in sharded.items():
+            t = outputs[i]
+            n = -(-full // self.tp)
+            real = max(0, min(n, full - self.rank * n))
+            if real != t.shape[dim]:
+                t = t.narrow(dim, 0, real)
+            shape = t.shape[:dim] + (full,) + t.shape[dim + 1:]
+            outputs[i] = DTensor.from_local(t, self._mesh, [Shard(dim)], run_check=False, shape=shape,
+                                            stride=torch.empty(shape, device="meta").stride())
+        return outputs
+
     def local_param(self, fqn: str) -> nn.Parameter:
         """What a compiled graph takes for ``fqn``: this rank's shard (or, trace_only, its ghost)."""
         return self.standins[fqn] if self.trace_only else self.params[fqn]
@@ -176,6 +202,12 @@ class TensorParallel:
         if len(self.records) != n_graphs and not self.trace_only:  # something (re)compiled: make sure nothing ran on ghosts
             self._check_no_eager_ghosts(out)
             if len(self.records) - n_graphs > 1:
+                if self.sharded_outputs:
+                    raise TPShardingError(
+                        f"tp_compile(sharded_outputs=True): the model was captured as {len(self.records) - n_graphs} "
+                        f"graphs (a graph break; the first ends at {self.records[n_graphs].ends_at}). Only a model "
+                        f"captured as one graph can return sharded outputs: remove the graph break "
+                        f"(TORCH_LOGS=graph_breaks) or use sharded_outputs=False.")
                 self._warn_graph_breaks(self.records[n_graphs:])
         return out
 
@@ -268,6 +300,7 @@ def tp_compile(
     group: Any = None,
     plan: dict[str, str] | None = None,
     sequence_parallel: bool = False,
+    sharded_outputs: bool = False,
     broadcast_inputs: bool = False,
     example_inputs: Any = None,
     init_weights: Any = None,
@@ -285,6 +318,9 @@ def tp_compile(
     ``sequence_parallel``: shard the residual stream (norms, dropout, residual adds) over
     tokens between TP regions (Megatron-SP): all-gather / reduce-scatter instead of
     all-reduce, activations there shrink by tp. The sequence length must divide by tp.
+    ``sharded_outputs``: return outputs that are sharded at the end of the graph (HF models'
+    ``logits``) as ``DTensor``s (``.full_tensor()`` gathers them) instead of gathering every
+    call; the loss is unaffected. Needs the model captured as one graph.
     ``broadcast_inputs``: broadcast every input from the group's first rank each call
     instead of checking, on the first call, that all ranks got the same inputs.
     ``example_inputs`` (args tuple, or kwargs dict): plan now rather than on the first call, so
@@ -299,7 +335,7 @@ def tp_compile(
         raise RuntimeError("tp_compile needs torch.distributed initialised (torchrun + dist.init_process_group()).")
     if getattr(model, "_tp_state", None) is not None:
         raise RuntimeError("tp_compile: this module is already tensor-parallel.")
-    state = TensorParallel(model, group, plan, broadcast_inputs, dict(compile_options),
+    state = TensorParallel(model, group, plan, broadcast_inputs, dict(compile_options, sharded_outputs=sharded_outputs),
                            sequence_parallel=sequence_parallel)
     model._tp_state = state
     model.forward = state.forward

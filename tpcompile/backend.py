@@ -25,6 +25,7 @@ from tpcompile.passes.plan import GraphPlan, ParamPlan, make_plan
 from tpcompile.passes.propagate import TPShardingError
 from tpcompile.passes.rewrite import rewrite
 from tpcompile.passes.sequence_parallel import floor_with_sp, sequence_parallel
+from tpcompile.passes.sharded_outputs import keep_outputs_sharded
 
 COLLECTIVES = {
     "all_reduce": "all_reduce",
@@ -204,6 +205,7 @@ class Backend:
     def __call__(self, gm: fx.GraphModule, example_inputs: list) -> Callable:
         st = self.state
         t0 = time.perf_counter()
+
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         fqns, subs = param_placeholders(st, gm, example_inputs)
         stand_in = output_zeros(gm) if st.inner_backend == "trace" else None
@@ -223,6 +225,7 @@ class Backend:
         if st.sequence_parallel:
             sp = sequence_parallel(gm, st.group_name, st.tp, st.rank)
             floor = floor_with_sp(sp, floor["forward"].get("vocab-parallel loss", 0))
+        sharded = keep_outputs_sharded(gm) if st.sharded_outputs else {}
         record = GraphRecord(
             {pp.fqn: pp for pp in plan.params.values()}, original_code, readable_code(gm.graph, names), fallbacks,
             time.perf_counter() - t0, floor, names, gm,
@@ -249,7 +252,8 @@ class Backend:
             args = list(args)
             for i, real in subs:
                 args[i] = real
-            return compiled(*args)
+            out = compiled(*args)
+            return st.as_dtensors(out, sharded) if sharded else out
 
         return run
 

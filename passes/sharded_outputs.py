@@ -1,0 +1,41 @@
+"""Keep sharded graph outputs sharded: drop the all-gathers that make them whole at the end.
+
+A graph's outputs must normally be whole (the caller sees plain tensors), so the rewrite
+gathers a sharded output at the end. For Hugging Face models that output is the logits,
+``[B, T, V]``: the biggest collective of the step and a whole-vocabulary buffer per rank,
+although training reads only ``.loss`` (computed inside, from the sharded logits). With
+``tp_compile(sharded_outputs=True)`` the backend returns such outputs as DTensors instead
+(``Shard(dim)``; ``.full_tensor()`` gathers on demand).
+"""
+from __future__ import annotations
+
+import torch.fx as fx
+
+from tpcompile.runtime import mappings as M
+
+from .graph_utils import value
+from .rewrite import gather_padded_from_tp
+
+_GATHERS = (M.gather_from_tp, gather_padded_from_tp)
+
+
+def keep_outputs_sharded(gm: fx.GraphModule) -> dict[int, tuple[int, int]]:
+    """Return the local shard instead of the gathered value for each output that is only an
+    end-of-graph gather (in place); ``{output index: (dim, logical size of dim)}``."""
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    vals = list(out.args[0]) if isinstance(out.args[0], (tuple, list)) else None
+    kept: dict = {}
+    if vals is None:
+        return kept
+    gathers = set()
+    for i, v in enumerate(vals):
+        if isinstance(v, fx.Node) and v.target in _GATHERS and list(v.users) == [out]:
+            dim = v.args[2] % value(v).dim()
+            vals[i], kept[i] = v.args[0], (dim, int(value(v).shape[dim]))
+            gathers.add(v)
+    if kept:
+        out.args = (type(out.args[0])(vals),)
+        for v in gathers:
+            gm.graph.erase_node(v)
+        gm.recompile()
+    return kept

@@ -202,39 +202,33 @@ class _Rewriter:
         x = node.args[0]
         node.replace_input_with(x, self._f(x, node))
 
-    def _rowwise(self, node, ni):
-        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-        node.args, node.kwargs = (node.args[0], node.args[1], None), {}
+    def _then(self, node, fn, *args, keys=("stack_trace", "nn_module_stack", *RECOMPUTE_TAGS)) -> fx.Node:
+        """Insert ``fn(node, *args)`` right after ``node``; it takes over ``node``'s users."""
         users = list(node.users)
         with self.g.inserting_after(node):
-            red = self.g.call_function(M.reduce_from_tp, (node, self.group))
-        red.meta["tp_mapping"] = "reduce_from_tp"
-        _inherit_meta(red, node)
-        red.meta["example_value"] = value(node)
-        out = red
-        if bias is not None:
-            with self.g.inserting_after(red):
-                out = self.g.call_function(operator.add, (red, bias))
-            _inherit_meta(out, node, ("stack_trace", "nn_module_stack", *RECOMPUTE_TAGS))
-            out.meta["example_value"] = value(node)
-        for u in users:
-            u.replace_input_with(node, out)
-        self.alias[node] = out
-        self.info[out] = NodeInfo(Replicate())
-
-    def _partial_sum(self, node, ni):
-        """A mean over the sharded dim: each rank's mean of its part, / tp, sums to the mean."""
-        if not ni.extra["mean"]:
-            return
-        users = list(node.users)
-        with self.g.inserting_after(node):
-            out = self.g.call_function(operator.truediv, (node, self.plan.tp))
-        _inherit_meta(out, node, ("stack_trace", "nn_module_stack", *RECOMPUTE_TAGS))
+            out = self.g.call_function(fn, (node, *args))
+        _inherit_meta(out, node, keys)
         out.meta["example_value"] = value(node)
         for u in users:
             u.replace_input_with(node, out)
         self.alias[node] = out
-        self.info[out] = NodeInfo(Partial())
+        return out
+
+    def _rowwise(self, node, ni):
+        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        node.args, node.kwargs = (node.args[0], node.args[1], None), {}
+        out = red = self._then(node, M.reduce_from_tp, self.group, keys=("stack_trace", "nn_module_stack"))
+        red.meta["tp_mapping"] = "reduce_from_tp"
+        if bias is not None:
+            out = self._then(red, operator.add, bias)
+            _inherit_meta(out, node, ("stack_trace", "nn_module_stack", *RECOMPUTE_TAGS))
+            self.alias[node] = out
+        self.info[out] = NodeInfo(Replicate())
+
+    def _partial_sum(self, node, ni):
+        """A mean over the sharded dim: each rank's mean of its part, / tp, sums to the mean."""
+        if ni.extra["mean"]:
+            self.info[self._then(node, operator.truediv, self.plan.tp)] = NodeInfo(Partial())
 
     def _vocab(self, node, ni):
         idx, w = node.args[:2]

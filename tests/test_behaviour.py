@@ -218,25 +218,29 @@ class _WholeGradOperands(nn.Module):
         return self.b(self.norm(h)).pow(2).mean()
 
 
-def _whole_grad_run(rank, world):
+def _one_step(rank, world, model_cls):
+    """One forward/backward of ``model_cls()`` tp-compiled and on one device: (tp loss, loss,
+    {fqn: largest gradient error against its single-device slice}, {fqn: style},
+    [(phase, kind, nbytes) per collective], TPWarnings)."""
+    from tpcompile.backend import shard_tensor
+
     torch.manual_seed(0)
-    model = _WholeGradOperands()
+    model = model_cls()
     ref = copy.deepcopy(model)
     x = torch.randn(2, 4, 16, generator=torch.Generator().manual_seed(1))
     tp = tpcompile.tp_compile(model, backend="aot_eager")
     loss, ref_loss = tp(x), ref(x)
     loss.backward()
     ref_loss.backward()
-    st = tpcompile.tp_state(tp)
-    from tpcompile.backend import shard_tensor
-
-    rp = dict(ref.named_parameters())
+    st, rp = tpcompile.tp_state(tp), dict(ref.named_parameters())
     errs = {f: (p.grad - shard_tensor(rp[f].grad, st.plan[f], rank, world)).abs().max().item() for f, p in st.params.items()}
-    return loss.item(), ref_loss.item(), errs, {f: pp.style for f, pp in st.plan.items()}
+    rec = st.records[0]
+    return (loss.item(), ref_loss.item(), errs, {f: pp.style for f, pp in st.plan.items()},
+            [(c.phase, c.kind, c.nbytes) for c in rec.collectives], rec.fallbacks)
 
 
 def test_replicated_operands_of_sharded_ops_get_whole_gradients():
-    for loss, ref_loss, errs, plan in run_ranks(_whole_grad_run, 2):
+    for loss, ref_loss, errs, plan, _, _ in run_ranks(_one_step, 2, _WholeGradOperands):
         assert abs(loss - ref_loss) <= TOL * ref_loss
         assert plan["q_norm.weight"] == "replicate" and plan["a.weight"] == "colwise" and plan["norm.weight"] == "colwise"
         assert max(errs.values()) <= 1e-5, errs
@@ -257,28 +261,11 @@ class _NormOverShards(nn.Module):
         return self.o(q * gate).pow(2).mean() + q.mean()
 
 
-def _norm_over_shards_run(rank, world):
-    torch.manual_seed(0)
-    model = _NormOverShards()
-    ref = copy.deepcopy(model)
-    x = torch.randn(2, 4, 16, generator=torch.Generator().manual_seed(1))
-    tp = tpcompile.tp_compile(model, backend="aot_eager")
-    loss, ref_loss = tp(x), ref(x)
-    loss.backward()
-    ref_loss.backward()
-    st = tpcompile.tp_state(tp)
-    from tpcompile.backend import shard_tensor
-
-    rp = dict(ref.named_parameters())
-    err = max((p.grad - shard_tensor(rp[f].grad, st.plan[f], rank, world)).abs().max().item() for f, p in st.params.items())
-    fwd = [(c.kind, c.nbytes) for c in st.records[0].collectives if c.phase == "forward"]
-    return loss.item(), ref_loss.item(), err, {f: pp.style for f, pp in st.plan.items()}, fwd, st.records[0].fallbacks
-
-
 def test_sum_and_mean_over_the_sharded_dim_are_partial():
     """Each is a local reduction plus one all-reduce of its (small) result, not a gather of its input."""
-    for loss, ref_loss, err, plan, fwd, warns in run_ranks(_norm_over_shards_run, 2):
-        assert abs(loss - ref_loss) <= TOL * abs(ref_loss) and err <= 1e-5, (loss, ref_loss, err)
+    for loss, ref_loss, errs, plan, collectives, warns in run_ranks(_one_step, 2, _NormOverShards):
+        assert abs(loss - ref_loss) <= TOL * abs(ref_loss) and max(errs.values()) <= 1e-5, (loss, ref_loss, errs)
+        fwd = [(kind, nbytes) for phase, kind, nbytes in collectives if phase == "forward"]
         assert plan["q.weight"] == "colwise" and plan["q_norm.weight"] == "colwise" and plan["o.weight"] == "rowwise"
         assert warns == []
         # 3 partial reductions ([2, 4, 1] x2, a scalar) + the row-parallel output [2, 4, 16]; nothing gathered

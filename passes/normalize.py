@@ -18,6 +18,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from .graph_utils import value
+
 LINEAR = torch._C._nn.linear
 
 
@@ -77,17 +79,13 @@ def _param_2d(node, params: set) -> bool:
     return node in params and _ndim(node) == 2
 
 
-def _val(node):
-    return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
-
-
 def _ndim(node) -> int:
-    v = _val(node)
+    v = value(node)
     return v.dim() if isinstance(v, torch.Tensor) else -1
 
 
 def _shape(node) -> tuple:
-    v = _val(node)
+    v = value(node)
     return tuple(v.shape) if isinstance(v, torch.Tensor) else ()
 
 
@@ -256,7 +254,7 @@ def _slices_to_split(g: fx.Graph, src: fx.Node) -> None:
     with g.inserting_after(src):
         split = g.call_method("split", (src, [b - a for a, b, _ in cuts], -1))
     split.meta.update({k: v for k, v in cuts[0][2].meta.items() if k in ("stack_trace", "nn_module_stack")})
-    split.meta["example_value"] = tuple(_val(u) for _, _, u in cuts)
+    split.meta["example_value"] = tuple(value(u) for _, _, u in cuts)
     for i, (_, _, u) in enumerate(cuts):
         u.args = (split, i)
 

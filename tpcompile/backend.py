@@ -205,7 +205,6 @@ class Backend:
     def __call__(self, gm: fx.GraphModule, example_inputs: list) -> Callable:
         st = self.state
         t0 = time.perf_counter()
-
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         fqns, subs = param_placeholders(st, gm, example_inputs)
         stand_in = output_zeros(gm) if st.inner_backend == "trace" else None

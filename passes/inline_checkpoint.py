@@ -52,11 +52,11 @@ def inline_checkpoints(gm: fx.GraphModule) -> list[tuple[str, bool]]:
     policy, which becomes full recomputation.
     """
     g, blocks = gm.graph, []
-    while True:
-        node = next((n for n in g.nodes if is_checkpoint(n) and _body(gm, n) is not None), None)
+    while True:  # a nested block is inlined as a checkpoint node of its own: look again until none is left
+        node, body = next(((n, b) for n in g.nodes if is_checkpoint(n) and (b := _body(gm, n)) is not None),
+                          (None, None))
         if node is None:
             break
-        body = _body(gm, node)
         blocks.append((source_line(node), "_checkpoint_context_fn" in body.meta))
         done = len(blocks)
         env = dict(zip([p for p in body.graph.nodes if p.op == "placeholder"], node.args[1:]))

@@ -13,6 +13,7 @@ import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from tpcompile.backend import Backend, GraphRecord, TPShardingError, shard_tensor
+from tpcompile.passes.placements import local_size
 from tpcompile.passes.plan import GraphPlan, ParamPlan
 
 
@@ -161,7 +162,7 @@ class TensorParallel:
         outputs = list(outputs)
         for i, (dim, full) in sharded.items():
             t = outputs[i]
-            n = -(-full // self.tp)
+            n = local_size(full, self.tp)
             real = max(0, min(n, full - self.rank * n))
             if real != t.shape[dim]:
                 t = t.narrow(dim, 0, real)

@@ -8,6 +8,7 @@ import torch
 import torch.fx as fx
 
 _FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)\n\s*(.*)')
+_OURS = re.compile(r"tpcompile/twin\.py$")  # the twin's forwards: never the user's line
 
 
 def value(node: Any) -> Any:
@@ -27,7 +28,7 @@ def shape(node: fx.Node) -> tuple:
 
 def source_line(node: fx.Node) -> str:
     """``file:line (code)`` of the user's code that made ``node``, for warnings and errors."""
-    frames = _FRAME.findall(node.meta.get("stack_trace") or "")
+    frames = [f for f in _FRAME.findall(node.meta.get("stack_trace") or "") if not _OURS.search(f[0])]
     if not frames:
         return f"node {node.name}"
     path, line, _fn, code = frames[-1]
@@ -45,6 +46,7 @@ def module_path(node: fx.Node) -> str:
         return ""
     path = list(stack.values())[-1][0]
     path = re.sub(r"^L\['self'\]", "", path)
+    path = path.replace(".forward.__self__", "")  # through a twin module's forward (tpcompile/twin.py)
     path = re.sub(r"\._modules\['([^']+)'\]|\[['\"]?([^\]'\"]+)['\"]?\]", lambda m: "." + (m.group(1) or m.group(2)), path)
     return path.lstrip(".")
 

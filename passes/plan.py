@@ -22,27 +22,16 @@ from dataclasses import dataclass, field
 import torch.fx as fx
 import torch.nn.functional as F
 
+from tpcompile.errors import TPShardingError
+
 from .graph_utils import divisors, is_tensor, shape, source_line, value
+from .layout import ParamPlan
 from .normalize import CONTRACTIONS, LINEARS, param_operands, weight_out_dim
 from .placements import STYLES, Replicate, Shard, local_size
-from .propagate import Propagation, TPShardingError, propagate, rule_for
+from .propagate import Propagation, propagate, rule_for
 
 _INDEX_PASSTHROUGH = {"view", "reshape", "to", "long", "int", "contiguous", "clone", "flatten", "unsqueeze"}
 _SPLITS = {"split", "chunk"}
-
-
-@dataclass(frozen=True)
-class ParamPlan:
-    """How one parameter is stored: ``style`` in TP vocabulary, shard ``dim`` and ``chunks``."""
-
-    fqn: str
-    style: str  # colwise | rowwise | vocab | replicate
-    dim: int | None
-    chunks: int
-    full_shape: tuple
-    local_shape: tuple
-    padded_shape: tuple | None = None  # a vocabulary tp does not divide: the zero-padded shape that is split
-    pieces: tuple | None = None  # logical sizes of unequal fused pieces along ``dim`` (each split on its own)
 
 
 @dataclass

@@ -27,12 +27,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
+from tpcompile.errors import TPShardingError
 from tpcompile.runtime import mappings as M
 from tpcompile.runtime import vocab_parallel as V
 
 from .graph_utils import source_line, value
 from .normalize import LINEARS
-from .propagate import TPShardingError, dropout, layer_norm, pointwise, rule_for, unary
+from .propagate import dropout, layer_norm, pointwise, rule_for, unary
 from .rewrite import _inherit_meta, shard_dropout
 
 _REDUCTIONS = {"sum", "mean", "amax", "amin", torch.sum, torch.mean, torch.amax, torch.amin}

@@ -96,7 +96,7 @@ def train_hf_beside_reference(rank: int, world: int, family: str, steps: int = 3
     import warnings
 
     import tpcompile
-    from tpcompile.backend import shard_tensor
+    from parity import grad_errors, local_numel
 
     model = make_model(family, **overrides)
     if grad_ckpt is not None:  # HF's activation checkpointing: torch.utils.checkpoint around each layer
@@ -124,17 +124,14 @@ def train_hf_beside_reference(rank: int, world: int, family: str, steps: int = 3
             res.loss.backward()
             ref_res.loss.backward()
             out["logits_err"] = max(out["logits_err"], (res.logits.float() - ref_res.logits.float()).abs().max().item())
-            st = tpcompile.tp_state(model)
-            for fqn, p in st.params.items():
-                want = shard_tensor(ref_params[fqn].grad, st.plan[fqn], rank, world)
-                out["grad_err"] = max(out["grad_err"], (p.grad.float() - want.float()).abs().max().item())
+            out["grad_err"] = max(out["grad_err"], max(grad_errors(model, ref, rank).values()))
             out["loss"].append(res.loss.item())
             out["ref_loss"].append(ref_res.loss.item())
             for o in (opt, ref_opt):
                 o.step()
                 o.zero_grad()
     st = tpcompile.tp_state(model)
-    out["local_numel"] = sum(p.numel() for p in model.parameters())
+    out["local_numel"] = local_numel(model)
     out["full_numel"] = sum(p.numel() for p in ref_params.values())
     out["plan"] = {fqn: (pp.style, pp.dim, pp.chunks, pp.local_shape, pp.padded_shape) for fqn, pp in st.plan.items()}
     out["collectives"] = [(c.phase, c.kind) for r in st.records for c in r.collectives]
@@ -165,7 +162,7 @@ def sharded_logits(rank: int, world: int, family: str) -> dict:
     import copy
 
     import tpcompile
-    from tpcompile.backend import shard_tensor
+    from parity import grad_errors
 
     model = make_model(family)
     ref = copy.deepcopy(model)
@@ -184,7 +181,6 @@ def sharded_logits(rank: int, world: int, family: str) -> dict:
         "local": tuple(logits.to_local().shape),
         "logits_err": (logits.full_tensor() - ref_res.logits).abs().max().item(),
         "loss": (res.loss.item(), ref_res.loss.item()),
-        "grad_err": max((p.grad - shard_tensor(rp[f].grad, st.plan[f], rank, world)).abs().max().item()
-                        for f, p in st.params.items()),
+        "grad_err": max(grad_errors(tp, ref, rank).values()),
         "gathers": [c.nbytes for c in st.records[0].collectives if c.kind == "all_gather"],
     }

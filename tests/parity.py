@@ -10,7 +10,6 @@ import importlib
 import torch
 
 import tpcompile
-from tpcompile.backend import shard_tensor
 
 
 def train_beside_reference(rank: int, world: int, model_name: str, steps: int = 5, lr: float = 0.1,
@@ -38,18 +37,14 @@ def train_beside_reference(rank: int, world: int, model_name: str, steps: int = 
         loss.backward()
         ref_loss = ref(x, y)
         ref_loss.backward()
-        st = tpcompile.tp_state(model)
-        for fqn, p in st.params.items():
-            want = shard_tensor(ref_params[fqn].grad, st.plan[fqn], rank, world)
-            err = (p.grad - want).abs().max().item()
-            out["grad_err"] = max(out["grad_err"], err)
+        out["grad_err"] = max(out["grad_err"], max(grad_errors(model, ref, rank).values()))
         out["loss"].append(loss.item())
         out["ref_loss"].append(ref_loss.item())
         for o in (opt, ref_opt):
             o.step()
             o.zero_grad()
     st = tpcompile.tp_state(model)
-    out["local_numel"] = sum(p.numel() for p in model.parameters())
+    out["local_numel"] = local_numel(model)
     out["expected_numel"] = sum(
         p.numel() // world if st.plan[fqn].style != "replicate" else p.numel() for fqn, p in ref_params.items()
     )
@@ -57,3 +52,25 @@ def train_beside_reference(rank: int, world: int, model_name: str, steps: int = 
     out["collectives"] = [(c.phase, c.kind) for r in st.records for c in r.collectives]
     out["warnings"] = [m for r in st.records for m in r.fallbacks]
     return out
+
+
+def stored_slice(model, fqn: str, full: torch.Tensor, rank: int) -> torch.Tensor:
+    """The part of a single-device tensor that ``fqn``'s DTensor holds on this rank (its layout's cut)."""
+    pp = tpcompile.tp_state(model).plan.get(fqn)
+    return pp.stored(full, rank) if pp is not None and pp.sharded else full
+
+
+def grad_errors(model, ref, rank: int) -> dict:
+    """Per parameter, the largest |local gradient - the same part of the single-device gradient|.
+
+    Each gradient is a DTensor like its parameter; its local tensor is compared with the slice
+    of the reference gradient the parameter's layout gives this rank."""
+    st = tpcompile.tp_state(model)
+    refp = dict(ref.named_parameters())
+    return {fqn: (p.grad.to_local().float() - stored_slice(model, fqn, refp[fqn].grad, rank).float()).abs().max().item()
+            for fqn, p in st.params.named()}
+
+
+def local_numel(model) -> int:
+    """Elements this rank holds of the model's parameters."""
+    return sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters())

@@ -193,7 +193,7 @@ def parity_all(rank: int, world: int, names: list | None = None) -> dict:
     import copy
 
     import tpcompile
-    from tpcompile.backend import shard_tensor
+    from parity import grad_errors
 
     out = {}
     for cls in ALL:
@@ -208,7 +208,6 @@ def parity_all(rank: int, world: int, names: list | None = None) -> dict:
         ref_loss.backward()
         st = tpcompile.tp_state(model)
         refp = dict(ref.named_parameters())
-        err = max((p.grad - shard_tensor(refp[f].grad, st.plan[f], rank, world)).abs().max().item()
-                  for f, p in st.params.items())
+        err = max(grad_errors(model, ref, rank).values())
         out[cls.__name__] = (loss.item(), ref_loss.item(), err, {f: pp.style for f, pp in st.plan.items()})
     return out

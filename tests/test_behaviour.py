@@ -135,21 +135,17 @@ def _unsupported_and_break(rank, world):
     out["break_losses"], st = _train(Net(BreakingMLP), x, y)
     out["break_graphs"] = len(st.records)
     out["break_plan"] = {k: v.style for k, v in st.plan.items()}
-    # a graph break inside the loop over blocks: Dynamo runs GPT.forward eagerly -> loud
+    # a graph break inside the loop over blocks: Dynamo runs GPT.forward eagerly; the modules it
+    # calls are compiled on their own (tests/test_graph_breaks.py has the parity of every gradient)
     model, _ = gpt.make_model()
     model.h[1].mlp = BreakingMLP(model.h[1].mlp)
-    model = tpcompile.tp_compile(model, backend="aot_eager")
-    try:
-        model(x, y)
-        out["loop_break"] = None
-    except tpcompile.TPEagerFallbackError as e:
-        out["loop_break"] = str(e)
+    out["loop_break_losses"], st = _train(model, x, y)
     return out
 
 
 def test_unsupported_op_and_graph_break_stay_correct():
     for r in run_ranks(_unsupported_and_break, 2):
-        for tp_loss, ref_loss in r["losses"] + r["break_losses"]:
+        for tp_loss, ref_loss in r["losses"] + r["break_losses"] + r["loop_break_losses"]:
             assert abs(tp_loss - ref_loss) <= TOL * ref_loss
         (msg,) = [w for w in r["warnings"] if "cumsum" in w]
         assert "test_behaviour.py" in msg and "h.0.mlp.fc" in msg and "replicated" in msg
@@ -158,7 +154,6 @@ def test_unsupported_op_and_graph_break_stay_correct():
         assert r["plan"]["h.0.attn.o_proj.weight"] == "rowwise"
         assert r["break_graphs"] >= 2
         assert r["break_plan"]["emb.weight"] == "vocab" and r["break_plan"]["mlp1.fc.weight"] == "colwise"
-        assert "wte.weight" in r["loop_break"] and "graph break" in r["loop_break"]
 
 
 class _SharedForward(nn.Module):
@@ -222,7 +217,7 @@ def _one_step(rank, world, model_cls):
     """One forward/backward of ``model_cls()`` tp-compiled and on one device: (tp loss, loss,
     {fqn: largest gradient error against its single-device slice}, {fqn: style},
     [(phase, kind, nbytes) per collective], TPWarnings)."""
-    from tpcompile.backend import shard_tensor
+    from parity import grad_errors
 
     torch.manual_seed(0)
     model = model_cls()
@@ -233,7 +228,7 @@ def _one_step(rank, world, model_cls):
     loss.backward()
     ref_loss.backward()
     st, rp = tpcompile.tp_state(tp), dict(ref.named_parameters())
-    errs = {f: (p.grad - shard_tensor(rp[f].grad, st.plan[f], rank, world)).abs().max().item() for f, p in st.params.items()}
+    errs = grad_errors(model, ref, rank)
     rec = st.records[0]
     return (loss.item(), ref_loss.item(), errs, {f: pp.style for f, pp in st.plan.items()},
             [(c.phase, c.kind, c.nbytes) for c in rec.collectives], rec.fallbacks)

@@ -18,7 +18,7 @@ import gpt
 import tpcompile
 from fakepg import fake_group
 from multirank import run_ranks
-from tpcompile.backend import shard_tensor
+from parity import local_numel, stored_slice
 from tpcompile.checkpoint import TPCheckpointError, optim_state_dict, reset_parameters
 
 
@@ -106,7 +106,8 @@ def _meta_init_worker(rank: int, world: int) -> dict:
     model = _meta_gpt((x, y), init=True)
     rng_after = torch.get_rng_state()
     st = tpcompile.tp_state(model)
-    shapes = {n: (tuple(p.shape), st.plan[n].local_shape, p.device.type) for n, p in model.named_parameters()}
+    shapes = {n: (tuple(p.to_local().shape), st.plan[n].stored_shape(rank), p.device.type)
+              for n, p in model.named_parameters()}
     loss = model(x, y).item()
     return _out({"full": tpcompile.full_state_dict(model, rank0_only=False), "rng": rng_after, "shapes": shapes,
             "loss": loss})
@@ -117,11 +118,13 @@ def _save_worker(rank: int, world: int, path: str) -> dict:
     model = _meta_gpt((x, y), vocab_size=V_ODD)  # 250 rows at TP=4: 63 per rank, the last 2 are padding
     tpcompile.load_checkpoint(model, os.path.join(path, "ref.safetensors"))
     loaded = tpcompile.full_state_dict(model)
-    wte = model.wte.weight.detach().clone()
+    wte = model.wte.weight.to_local().detach().clone()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     g = torch.Generator().manual_seed(1)  # the same stream on every rank: replicated grads agree
-    for p in model.parameters():
-        p.grad = torch.randn(p.shape, generator=g)
+    for fqn, p in model.named_parameters():
+        full = torch.randn(p.shape, generator=g)
+        p.grad = torch.distributed.tensor.DTensor.from_local(stored_slice(model, fqn, full, rank), p.device_mesh,
+                                                             p.placements, shape=p.shape, stride=p.stride())
     opt.step()  # AdamW state (exp_avg, exp_avg_sq: shards; step: scalar) without compiling anything
     tpcompile.save_checkpoint(model, os.path.join(path, "gpt"), optimizer=opt)
     fused = _fused(meta=False)
@@ -146,7 +149,7 @@ def _load_worker(rank: int, world: int, path: str) -> dict:
     tpcompile.load_checkpoint(fused, os.path.join(path, "fused"))
     return _out({"full": tpcompile.full_state_dict(model), "optim": _gathered_optim(model, opt),
             "lr": opt.param_groups[0]["lr"], "fused": tpcompile.full_state_dict(fused),
-            "fused_local": fused.qkv.weight.detach().clone()})
+            "fused_local": fused.qkv.weight.to_local().detach().clone()})
 
 
 def _safetensors_worker(rank: int, world: int, path: str) -> dict:
@@ -157,9 +160,9 @@ def _safetensors_worker(rank: int, world: int, path: str) -> dict:
         unloaded = "no error"
     except RuntimeError as e:
         unloaded = str(e)
-    tpcompile.checkpoint._BLOCK_BYTES = 300  # read in blocks of one or two rows: the blocking must be exact
+    tpcompile.checkpoint.safetensors_io._BLOCK_BYTES = 300  # read in blocks of one or two rows: the blocking must be exact
     tpcompile.load_checkpoint(model, os.path.join(path, "model.safetensors"))
-    numel = sum(p.numel() for p in model.parameters())
+    numel = local_numel(model)
     loss = model(x, y).item()
     out = os.path.join(path, "resaved")
     tpcompile.save_checkpoint(model, out, format="safetensors")
@@ -200,12 +203,12 @@ def test_dcp_save_tp4_load_tp2_and_tp1(tmp_path):
     assert saved["wte_plan"][:7] == ("wte.weight", "vocab", 0, 1, (250, 64), (63, 64), (252, 64))
     for k, v in ref.state_dict().items():
         assert torch.equal(saved["loaded"][k], v), k
-    last = ranks[3]["wte"]  # rank 3: rows 189..249, then two rows of zeros
-    assert torch.equal(last[:61], ref.wte.weight[189:]) and not last[61:].any()
+    last = ranks[3]["wte"]  # rank 3: rows 189..249 (the program's two rows of padding are not the parameter's)
+    assert last.shape == (61, 64) and torch.equal(last, ref.wte.weight[189:])
     assert saved["placements"]["h.0.attn.q_proj.weight"] == ["Shard(dim=0)"]
     assert saved["placements"]["h.0.attn.o_proj.weight"] == ["Shard(dim=1)"]
     assert saved["placements"]["wte.weight"] == saved["placements"]["lm_head.weight"] == ["Shard(dim=0)"]
-    assert "ln_f.weight" not in saved["placements"]  # replicated: a plain tensor
+    assert saved["placements"]["ln_f.weight"] == ["Replicate()"]  # replicated: a DTensor too
     assert saved["fused_plan"]["qkv.weight"] == ("colwise", 3) and saved["fused_plan"]["up.weight"] == ("colwise", 2)
     assert "_StridedShard" in saved["fused_placement"]
     fused_ref = _fused_ref().state_dict()
@@ -278,7 +281,7 @@ def _hf_worker(rank: int, world: int, path: str) -> bytes:
     loss = model(input_ids=ids, labels=labels).loss.item()
     plan = {k: (pp.style, pp.chunks) for k, pp in tpcompile.tp_state(model).plan.items()}
     return _out({"loss": loss, "full": tpcompile.full_state_dict(model), "plan": plan,
-                 "numel": sum(p.numel() for p in model.parameters())})
+                 "numel": local_numel(model)})
 
 
 HF_CASES = {
@@ -397,11 +400,11 @@ def test_meta_model_errors_on_a_fake_group(tmp_path):
         assert "h.0.mlp.fc.weight" in st._uninitialised  # built on meta, not loaded yet
         m.load_state_dict(ref.state_dict())  # plain full tensors in: each rank keeps its slice
         assert st._uninitialised == set()
-        for fqn, p in st.params.items():
-            assert torch.equal(p, shard_tensor(ref.state_dict()[fqn], st.plan[fqn], 1, 2)), fqn
+        for fqn, p in st.params.named():
+            assert torch.equal(p.to_local(), stored_slice(m, fqn, ref.state_dict()[fqn], 1)), fqn
         sd = m.state_dict()
         assert tuple(sd["h.0.attn.o_proj.weight"].shape) == (64, 64)  # logical shape outside
-        assert torch.equal(sd["h.0.attn.o_proj.weight"].to_local(), m.h[0].attn.o_proj.weight)
+        assert torch.equal(sd["h.0.attn.o_proj.weight"].to_local(), m.h[0].attn.o_proj.weight.to_local())
         m.load_state_dict(sd)  # its own DTensors back in
         bad = {"h.0.mlp.fc.weight": torch.zeros(128, 64)}
         with pytest.raises(RuntimeError, match=r"h.0.mlp.fc.weight: .*\(128, 64\).*logical.*\(256, 64\)"):

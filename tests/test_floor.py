@@ -57,16 +57,20 @@ def test_heads_not_divisible_is_a_clear_error():
 
 
 def test_vocab_not_divisible_is_padded():
-    """250 rows at tp=4: every rank holds 63 (the last one 61 real + 2 zero rows); the plan keeps
-    the full size and records the padded one. Loss parity: tests/test_hf_models.py (GPT-2, TP=4)."""
+    """250 rows at tp=4: every rank's program takes 63 (the last one 61 real + 2 zero rows); the
+    parameter (a DTensor, uneven Shard(0)) holds the 61 real ones; the plan keeps the full size and
+    records the padded one. Loss parity: tests/test_hf_models.py (GPT-2, TP=4)."""
     with fake_group(world_size=4, rank=3):
         model, args = gpt.make_model(vocab_size=250)
         model = tpcompile.tp_compile(model, backend="eager")
         model(*args)
         pp = tpcompile.tp_state(model).plan["wte.weight"]
     assert (pp.style, pp.full_shape, pp.local_shape, pp.padded_shape) == ("vocab", (250, 64), (63, 64), (252, 64))
-    assert tuple(model.wte.weight.shape) == (63, 64)
-    assert model.wte.weight[-2:].abs().sum().item() == 0.0  # padding rows of the last rank
+    local = model.wte.weight._local_tensor
+    assert tuple(model.wte.weight.shape) == (250, 64) and tuple(local.shape) == (61, 64)
+    program = local._tp_padded  # what the compiled graph takes: the real rows, then zeros
+    assert tuple(program.shape) == (63, 64) and program[-2:].abs().sum().item() == 0.0
+    assert program.untyped_storage().data_ptr() == local.untyped_storage().data_ptr()  # no copy per call
 
 
 def test_plan_override_keeps_a_module_replicated():
@@ -78,8 +82,8 @@ def test_plan_override_keeps_a_module_replicated():
     assert plan["layers.0.feed_forward.gate.weight"].style == "replicate"
     assert plan["layers.0.feed_forward.down.weight"].style == "replicate"
     assert plan["layers.0.attention.q_proj.weight"].style == "colwise"
-    assert tuple(model.layers[0].feed_forward.down.weight.shape) == (64, 128)
-    assert tuple(model.layers[0].attention.o_proj.weight.shape) == (64, 32)
+    assert tuple(model.layers[0].feed_forward.down.weight.to_local().shape) == (64, 128)
+    assert tuple(model.layers[0].attention.o_proj.weight.to_local().shape) == (64, 32)
 
 
 def test_plan_override_names_a_tied_weight_by_either_name():

@@ -25,7 +25,7 @@ def test_plan_follows_weight_layout(cls, world):
     local = list(plan[w1].full_shape)
     local[d1] //= world
     assert plan[w1].local_shape == tuple(local)
-    assert tuple(dict(model.named_parameters())[w1].shape) == tuple(local)
+    assert tuple(dict(model.named_parameters())[w1].to_local().shape) == tuple(local)
 
 
 @pytest.mark.parametrize("cls", spellings.REPLICATED, ids=lambda c: c.__name__)
@@ -87,7 +87,7 @@ def test_fused_qkv_with_unequal_pieces(world):
     if world == 2:
         assert (qkv.style, qkv.dim, qkv.chunks, qkv.pieces, qkv.local_shape) == ("colwise", 0, 3, (16, 8, 8), (16, 16))
         assert plan["qkv.bias"].pieces == (16, 8, 8) and o.style == "rowwise"
-        w = model.qkv.weight.detach()
+        w = model.qkv.weight.to_local().detach()
         torch.manual_seed(0)
         full = spellings.FusedQKVGQA().qkv.weight.detach()  # rank 0 keeps q[:8], k[:4], v[:4]
         assert torch.equal(w, torch.cat([full[:8], full[16:20], full[24:28]]))

@@ -3,12 +3,13 @@
     model = tpcompile.tp_compile(model)   # under torchrun; same batch on every TP rank
     print(tpcompile.explain(model, *batch, world_size=8))   # one process, no torchrun: what TP=8 does
 """
-from tpcompile.api import TensorParallel, TPEagerFallbackError, TPInputMismatchError, tp_compile, tp_state
-from tpcompile.backend import Collective, GraphRecord, TPWarning
-from tpcompile.checkpoint import TPCheckpointError, full_state_dict, load_checkpoint, save_checkpoint
+from tpcompile.errors import (TPCheckpointError, TPEagerFallbackError, TPInputMismatchError, TPParameterError,
+                              TPShardingError, TPWarning)
+from tpcompile.api import TensorParallel, tp_compile, tp_state
+from tpcompile.pipeline import Collective, GraphRecord
+from tpcompile.checkpoint import full_state_dict, load_checkpoint, save_checkpoint
 from tpcompile.explain import Report, explain
 from tpcompile import testing
-from tpcompile.passes.propagate import TPShardingError
 
 __all__ = [
     "tp_compile",
@@ -22,6 +23,7 @@ __all__ = [
     "TPShardingError",
     "TPInputMismatchError",
     "TPEagerFallbackError",
+    "TPParameterError",
     "TPWarning",
     "load_checkpoint",
     "save_checkpoint",

@@ -1,28 +1,22 @@
 """``tp_compile``: the one call a user makes."""
 from __future__ import annotations
 
-import copy
 import hashlib
 import logging
 import os
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from tpcompile.backend import Backend, GraphRecord, TPShardingError, shard_tensor
+from tpcompile.backend import Backend
+from tpcompile.errors import TPEagerFallbackError, TPInputMismatchError, TPShardingError, TPWarning
+from tpcompile.params import StandinParameters, TPParameters, watch_optimizers
 from tpcompile.passes.placements import local_size
-from tpcompile.passes.plan import GraphPlan, ParamPlan
-
-
-class TPEagerFallbackError(RuntimeError):
-    """Dynamo ran part of the model eagerly, outside any graph tpcompile rewrote."""
-
-
-class TPInputMismatchError(RuntimeError):
-    """The TP ranks were handed different inputs (e.g. a data loader seeded per rank)."""
+from tpcompile.pipeline import GraphRecord, Options
+from tpcompile.twin import Twin, _region
 
 
 def _quiet_logging() -> set:
@@ -39,82 +33,63 @@ def _quiet_logging() -> set:
     return set(torch._dynamo.config.ignore_logging_functions) | fns
 
 
-def _resolve_group(group) -> dist.ProcessGroup:
-    if group is None:
-        return dist.group.WORLD
+def _resolve_mesh(group):
+    """(1-D DeviceMesh, ProcessGroup) of the TP group: a mesh given is kept (FSDP2 composes with
+    DTensors on a slice of the same mesh), a process group gets a mesh of its own."""
+    from torch.distributed.device_mesh import DeviceMesh
+
     if hasattr(group, "get_group"):  # DeviceMesh
         if group.ndim != 1:
             raise ValueError(f"tp_compile(group=...) takes a 1-D DeviceMesh; got {group.ndim}-D. Pass mesh['tp'].")
-        return group.get_group()
-    return group
-
-
-def _ghost(p: torch.Tensor, device: torch.device) -> nn.Parameter:
-    """A Parameter of ``p``'s logical shape that owns one element of memory (stride 0).
-
-    The element is NaN (floats), so code that Dynamo leaves to run eagerly on a ghost
-    poisons its result instead of quietly computing with garbage; ``forward`` checks.
-    """
-    fill = float("nan") if p.dtype.is_floating_point else 0
-    g = torch.full((), fill, dtype=p.dtype, device=device).expand(p.shape)
-    return nn.Parameter(g, requires_grad=p.requires_grad)
+        return group, group.get_group()
+    pg = dist.group.WORLD if group is None else group
+    device = "cuda" if dist.get_backend(pg) == "nccl" and torch.cuda.is_available() else "cpu"
+    return DeviceMesh.from_group(pg, device), pg
 
 
 class TensorParallel:
-    """State behind a tp-compiled module: the group, the ghost twin Dynamo traces, the plan."""
+    """State behind a tp-compiled module: the TP group, the ghost twin Dynamo traces, the parameters."""
 
-    def __init__(self, model: nn.Module, group, plan: dict | None, broadcast_inputs: bool, compile_options: dict,
-                 trace_only: bool = False, sequence_parallel: bool = False):
-        # trace_only (explain): plan and trace only; the model's parameters are never touched
-        self.trace_only = trace_only
-        # Dynamo settings of every trace of the twin (forward, and checkpoint's planning trace)
+    def __init__(self, model: nn.Module, group, plan: dict | None, compile_options: dict, *,
+                 sequence_parallel: bool = False, sharded_outputs: bool = False, broadcast_inputs: bool = False,
+                 dump_dir: str | None = None, explaining: bool = False):
+        # Dynamo settings of every trace of the twin (forward, and the planning trace)
         self.dynamo_config = {"nested_graph_breaks": True, "ignore_logging_functions": _quiet_logging()}
         self.sequence_parallel = sequence_parallel
-        self.sharded_outputs = compile_options.pop("sharded_outputs", False)
-        self._mesh = None
-        self.dump_dir = compile_options.pop("dump_dir", None) or os.environ.get("TPCOMPILE_DUMP_DIR") or None
-        self.group = _resolve_group(group)
+        self.sharded_outputs = sharded_outputs
+        self.dump_dir = dump_dir or os.environ.get("TPCOMPILE_DUMP_DIR") or None
+        self.mesh, self.group = _resolve_mesh(group)
         self.group_name = self.group.group_name
         self.tp = dist.get_world_size(self.group)
         self.rank = dist.get_rank(self.group)
         self.overrides = dict(plan or {})
-        self.broadcast_inputs = broadcast_inputs and not trace_only
-        self.inner_backend = compile_options.pop("backend", "inductor")
+        self.broadcast_inputs = broadcast_inputs
         self.records: list[GraphRecord] = []
         self.graph_calls = 0  # rewritten graphs run so far: a call that runs none ran eagerly on the ghosts
-        self.plan: dict[str, ParamPlan] = {}
-        self.fqn_of: dict[int, str] = {}
-        self.params: dict[str, nn.Parameter] = {}
-        self.standins: dict[str, nn.Parameter] = {}  # trace_only: local-shaped ghosts
+        compile_options = dict(compile_options)
+        mode = compile_options.pop("backend", "inductor")
+        self.inductor_options = _inductor_options(compile_options)
+        # explain: one process, a fake group; plan and trace only, the model is never touched
+        self.explaining = explaining
+        self.twin = Twin(model, self.device, meta_buffers_as_ghosts=explaining)
         for fqn, p in model.named_parameters(remove_duplicate=False):
-            if id(p) not in self.fqn_of:
-                self.fqn_of[id(p)] = fqn
-                self.params[fqn] = p
-            elif fqn != self.fqn_of[id(p)]:  # a tied weight: an override may name any of its names
-                self._alias_overrides(fqn, self.fqn_of[id(p)])
-        device = self.device
-        memo: dict[int, Any] = {}
-        self.name_of: dict[int, str] = {}  # ghost / buffer id -> FQN, for readable graphs
-        self.real_of_ghost: dict[int, nn.Parameter] = {}
-        for p in self.params.values():
-            g = _ghost(p, p.device if p.device.type != "meta" else device)
-            memo[id(p)] = g
-            self.real_of_ghost[id(g)] = p
-            self.name_of[id(g)] = self.fqn_of[id(p)]
-        for b in model.buffers():
-            # tracing a model built on meta: buffers become ghosts too (their values are never read)
-            memo[id(b)] = _ghost(b, device) if trace_only and b.device.type == "meta" else b
-        for fqn, b in model.named_buffers():
-            self.name_of.setdefault(id(memo[id(b)]), fqn)
-        self.twin = copy.deepcopy(model, memo)
-        self._pairs = list(zip(model.modules(), self.twin.modules()))
-        self._ghosts = [memo[id(p)] for p in self.params.values()]  # keep ids stable
-        self.compiled = torch.compile(self.twin, backend=Backend(self), **compile_options)
-        self._inputs_checked = trace_only  # one process: nothing to compare
+            self._alias_overrides(fqn, self.twin.fqn_of.get(id(self.twin.module.get_parameter(fqn)), fqn))
+        self.params = StandinParameters(self.twin) if explaining else TPParameters(model, self.mesh, self.rank, self.tp)
+        if not explaining:
+            watch_optimizers(self.params)
+        self.compiled = torch.compile(self.twin.module, backend=Backend(self, "trace" if explaining else mode),
+                                      **compile_options)
+        self.twin.region = torch.compile(_region, backend=Backend(self, "trace" if explaining else mode),
+                                         **compile_options)
+        self._planner = None
+        self._inputs_checked = explaining  # one process: nothing to compare
 
     def _alias_overrides(self, alias: str, fqn: str) -> None:
+        """A tied weight: an override may name any of its names."""
         from tpcompile.passes.plan import _style_for_fqn
 
+        if alias == fqn:
+            return
         style = _style_for_fqn(alias, self.overrides)
         if style is not None and _style_for_fqn(fqn, self.overrides) is None:
             self.overrides[fqn] = style
@@ -125,27 +100,31 @@ class TensorParallel:
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
 
-    # ----------------------------------------------------------------- called by the backend
-    def apply_plan(self, plan: GraphPlan) -> None:
-        """Store each parameter the way the plan says (first graph that uses it decides)."""
-        for pp in plan.params.values():
-            known = self.plan.get(pp.fqn)
-            if known is not None:
-                if (known.style, known.dim, known.chunks) != (pp.style, pp.dim, pp.chunks):
-                    raise TPShardingError(
-                        f"{pp.fqn}: a later graph needs it {pp.style} but it is stored {known.style}; "
-                        f"pin one with plan={{{pp.fqn!r}: {known.style!r}}}."
-                    )
-                continue
-            p = self.params[pp.fqn]
-            if self.trace_only:
-                ghost = _ghost(p, p.device if p.device.type != "meta" else self.device)
-                self.standins[pp.fqn] = nn.Parameter(ghost[tuple(slice(0, n) for n in pp.local_shape)], p.requires_grad)
-            elif pp.style != "replicate":
-                if p.grad is not None:
-                    raise TPShardingError(f"{pp.fqn}: first used after training started; cannot reshard it now.")
-                p.data = shard_tensor(p.data, pp, self.rank, self.tp)
-            self.plan[pp.fqn] = pp
+    @property
+    def plan(self) -> dict:
+        """FQN -> ParamPlan of every parameter a graph has planned so far."""
+        return self.params.layouts
+
+    def options(self, fqns: Iterable[str]) -> Options:
+        """The pipeline's options for a graph using ``fqns``: parameters already stored keep their layout."""
+        known = {f: self.params.layouts[f].style for f in fqns if f in self.params.layouts}
+        return Options(self.tp, self.rank, self.group_name, {**known, **self.overrides}, self.sequence_parallel,
+                       self.sharded_outputs)
+
+    def plan_now(self, args: tuple, kwargs: dict) -> None:
+        """Trace the twin on an example batch with the planning backend: every parameter a graph
+        uses is stored as planned before the first real call (``example_inputs``)."""
+        self.twin.sync()
+        if self._planner is None:
+            self._planner = torch.compile(self.twin.module, backend=Backend(self, "plan"), dynamic=False)
+        try:
+            with torch._dynamo.config.patch(**self.dynamo_config):
+                self._planner(*args, **kwargs)  # the same Dynamo settings as forward: the same graphs
+        except torch._dynamo.exc.BackendCompilerFailed as e:
+            inner = getattr(e, "inner_exception", None)
+            if inner is not None:
+                raise inner from None
+            raise
 
     def as_dtensors(self, outputs: Any, sharded: dict) -> list:
         """A graph's flat outputs with those kept sharded (``{index: (dim, full size)}``) as DTensors.
@@ -155,10 +134,6 @@ class TensorParallel:
         """
         from torch.distributed.tensor import DTensor, Shard
 
-        if self._mesh is None:
-            from torch.distributed.device_mesh import DeviceMesh
-
-            self._mesh = DeviceMesh.from_group(self.group, self.device.type)
         outputs = list(outputs)
         for i, (dim, full) in sharded.items():
             t = outputs[i]
@@ -167,13 +142,9 @@ class TensorParallel:
             if real != t.shape[dim]:
                 t = t.narrow(dim, 0, real)
             shape = t.shape[:dim] + (full,) + t.shape[dim + 1:]
-            outputs[i] = DTensor.from_local(t, self._mesh, [Shard(dim)], run_check=False, shape=shape,
+            outputs[i] = DTensor.from_local(t, self.mesh, [Shard(dim)], run_check=False, shape=shape,
                                             stride=torch.empty(shape, device="meta").stride())
         return outputs
-
-    def local_param(self, fqn: str) -> nn.Parameter:
-        """What a compiled graph takes for ``fqn``: this rank's shard (or, trace_only, its ghost)."""
-        return self.standins[fqn] if self.trace_only else self.params[fqn]
 
     def dump(self, index: int, record: GraphRecord) -> None:
         from tpcompile.dump import dump_record
@@ -182,8 +153,7 @@ class TensorParallel:
 
     # ----------------------------------------------------------------- the module's forward
     def forward(self, *args, **kwargs):
-        for m, t in self._pairs:
-            t.training = m.training
+        self.twin.sync()
         if self.broadcast_inputs:
             args, kwargs = self._broadcast(args, kwargs)
         elif not self._inputs_checked:
@@ -195,12 +165,14 @@ class TensorParallel:
                 out = self.compiled(*args, **kwargs)
         except torch._dynamo.exc.BackendCompilerFailed as e:
             inner = getattr(e, "inner_exception", None)
-            if isinstance(inner, (TPShardingError, ValueError, NotImplementedError)):
+            if isinstance(inner, (TPShardingError, ValueError, NotImplementedError, RuntimeError)):
                 raise inner from None
             raise
-        if self.graph_calls == n_calls and not self.trace_only:
+        if self.explaining:
+            return out
+        if self.graph_calls == n_calls:
             self._check_ran_compiled(out)
-        if len(self.records) != n_graphs and not self.trace_only:  # something (re)compiled: make sure nothing ran on ghosts
+        if len(self.records) != n_graphs:  # something (re)compiled: make sure nothing ran on ghosts
             self._check_no_eager_ghosts(out)
             if len(self.records) - n_graphs > 1:
                 if self.sharded_outputs:
@@ -215,8 +187,6 @@ class TensorParallel:
     def _warn_graph_breaks(self, records: list) -> None:
         """One call captured several graphs: say where each one ends and what its end costs."""
         import warnings
-
-        from tpcompile.backend import TPWarning
 
         parts = []
         for i, r in enumerate(records[:-1]):
@@ -248,8 +218,7 @@ class TensorParallel:
         """A frame Dynamo skipped (e.g. a graph break inside a loop) runs eagerly on the ghosts."""
         flat, _ = tree_flatten(out)
         poisoned = any(isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all() for t in flat)
-        seen = {fqn for r in self.records for fqn in r.plan}
-        unseen = [f for f in self.params if f not in seen]
+        unseen = [f for f in self.params.slots if f not in self.params.layouts]
         if poisoned and unseen:
             raise TPEagerFallbackError(
                 f"tp_compile: parameters {unseen[:6]}{'...' if len(unseen) > 6 else ''} were used outside every "
@@ -295,6 +264,19 @@ class TensorParallel:
             )
 
 
+def _inductor_options(compile_options: dict) -> dict:
+    """``mode=`` / ``options=`` of ``torch.compile`` are Inductor's: take them out (a custom backend
+    cannot take them) and hand them to Inductor as config patches."""
+    mode, options = compile_options.pop("mode", None), compile_options.pop("options", None)
+    patches = {}
+    if mode not in (None, "default"):
+        from torch._inductor import list_mode_options
+
+        patches.update(list_mode_options(mode))
+    patches.update(options or {})
+    return patches
+
+
 def tp_compile(
     model: nn.Module,
     *,
@@ -306,15 +288,20 @@ def tp_compile(
     example_inputs: Any = None,
     init_weights: Any = None,
     device: Any = None,
+    dump_dir: str | None = None,
     **compile_options: Any,
 ) -> nn.Module:
     """Make ``model`` run tensor-parallel over ``group`` (default: WORLD), compiled.
 
-    Returns the same module object. On the first call, the model is captured with logical
-    shapes, planned (column / row / vocab / replicate per parameter), and each parameter is
-    resharded *in place*: the ``Parameter`` objects stay the same, so an optimizer built
-    right after ``tp_compile`` works, and from then on they hold only this rank's shard.
+    Returns the same module object, its parameters replaced by ``DTensor`` parameters on the TP
+    mesh (``Replicate`` until planned, then this rank's shard): build the optimizer after
+    ``tp_compile``. On the first call (or now, with ``example_inputs``) the model is captured
+    with logical shapes and planned (column / row / vocab / replicate per parameter), and each
+    parameter is stored as planned, in place (same object). ``clip_grad_norm_``, FSDP2
+    (``fully_shard`` on a 2-D mesh) and DCP work on them as on any DTensor parameters.
 
+    ``group``: the TP group: a ProcessGroup or a 1-D DeviceMesh (``mesh["tp"]``, to compose with
+    FSDP2 on ``mesh["dp"]``).
     ``plan``: per-FQN overrides, e.g. ``{"lm_head": "replicate"}`` (globs allowed).
     ``sequence_parallel``: shard the residual stream (norms, dropout, residual adds) over
     tokens between TP regions (Megatron-SP): all-gather / reduce-scatter instead of
@@ -327,17 +314,17 @@ def tp_compile(
     ``example_inputs`` (args tuple, or kwargs dict): plan now rather than on the first call, so
     the parameters are sharded (and a ``meta``-device model's shards allocated, on ``device``,
     default the group's) before ``tp_compile`` returns; ``init_weights`` initialises those:
-    see ``tpcompile.checkpoint.prepare`` and docs/checkpoints.md.
-    ``compile_options``: passed to ``torch.compile`` (``dynamic``, ``mode``, ``fullgraph``,
-    ...); ``backend`` picks what compiles the rewritten graph: ``"inductor"`` (default),
-    ``"aot_eager"`` or ``"eager"``.
+    see ``tpcompile.checkpoint.prepare`` and docs/checkpoints.md. Needed before ``fully_shard``.
+    ``compile_options``: passed to ``torch.compile`` (``dynamic``, ``fullgraph``, ...; ``mode`` and
+    ``options`` go to Inductor); ``backend`` picks what compiles the rewritten graph:
+    ``"inductor"`` (default), ``"aot_eager"`` or ``"eager"``.
     """
     if not dist.is_initialized():
         raise RuntimeError("tp_compile needs torch.distributed initialised (torchrun + dist.init_process_group()).")
     if getattr(model, "_tp_state", None) is not None:
         raise RuntimeError("tp_compile: this module is already tensor-parallel.")
-    state = TensorParallel(model, group, plan, broadcast_inputs, dict(compile_options, sharded_outputs=sharded_outputs),
-                           sequence_parallel=sequence_parallel)
+    state = TensorParallel(model, group, plan, compile_options, sequence_parallel=sequence_parallel,
+                           sharded_outputs=sharded_outputs, broadcast_inputs=broadcast_inputs, dump_dir=dump_dir)
     model._tp_state = state
     model.forward = state.forward
     from tpcompile import checkpoint  # checkpoint-facing side: state dicts, meta-device models

@@ -19,8 +19,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from tpcompile.api import TensorParallel
-from tpcompile.backend import Collective, GraphRecord
-from tpcompile.passes.plan import ParamPlan
+from tpcompile.passes.layout import ParamPlan
+from tpcompile.pipeline import Collective, GraphRecord
 
 
 @dataclass
@@ -145,8 +145,8 @@ def explain(
     breaks_before = Counter(torch._dynamo.utils.counters["graph_break"])
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
     try:
-        state = TensorParallel(model, None, plan, False, {"backend": "trace", "dump_dir": dump_dir}, trace_only=True,
-                               sequence_parallel=sequence_parallel)
+        state = TensorParallel(model, None, plan, {}, sequence_parallel=sequence_parallel, dump_dir=dump_dir,
+                               explaining=True)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             state.forward(*args, **kwargs)
@@ -161,8 +161,9 @@ def _report(state: TensorParallel, model: nn.Module, world_size: int, rank: int,
     records = state.records
     if not records:
         raise RuntimeError("explain(): Dynamo captured no graph from this model (it ran entirely eagerly).")
-    params = {fqn: state.plan[fqn] for fqn in state.params if fqn in state.plan}
-    size = {fqn: p.element_size() for fqn, p in state.params.items()}
+    order = [fqn for fqn, _ in model.named_parameters()]
+    params = {fqn: state.plan[fqn] for fqn in order if fqn in state.plan}
+    size = {fqn: p.element_size() for fqn, p in model.named_parameters()}
     full = sum(math.prod(pp.full_shape) * size[f] for f, pp in params.items())
     local = sum(math.prod(pp.local_shape) * size[f] for f, pp in params.items())
     floor: dict[str, Counter] = {"forward": Counter(), "backward": Counter()}

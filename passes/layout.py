@@ -1,0 +1,166 @@
+"""How one parameter is laid out over the TP group: the one place that knows pieces and padding.
+
+A ``ParamPlan`` is what the plan pass decides for a parameter (column / row / vocab / replicate,
+the shard dim, fused pieces). Everything that moves a parameter between its full (single-device)
+form and a rank's part of it derives from the plan's methods here, so sharding, gathering,
+DTensor placements, DCP boxes and safetensors slice reads cannot disagree:
+
+- the *program shard* (``shard``, ``local_shape``) is what the rank's compiled graph takes: a
+  vocabulary that tp does not divide is zero-padded to ``ceil(V / tp)`` rows on every rank;
+- the *stored shard* (``stored``, ``stored_shape``) is what the parameter's ``DTensor`` holds:
+  the same rows without the padding (DTensor's uneven ``Shard``), so ``full_tensor()``,
+  clipping norms and checkpoints see exactly the logical tensor;
+- ``spans`` says which rows of the full tensor each part is: one span for a plain shard, one per
+  fused piece (``[q_r | k_r | v_r]``), each piece split over tp on its own.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+
+@dataclass(frozen=True)
+class Span:
+    """``length`` rows along the shard dim, from row ``start`` of the full tensor, at row ``at`` of the shard."""
+
+    start: int
+    length: int
+    at: int
+
+
+@dataclass(frozen=True)
+class ParamPlan:
+    """How one parameter is stored: ``style`` in TP vocabulary, shard ``dim`` and ``chunks``."""
+
+    fqn: str
+    style: str  # colwise | rowwise | vocab | replicate
+    dim: int | None
+    chunks: int
+    full_shape: tuple
+    local_shape: tuple  # the program shard (padded, for a vocabulary tp does not divide)
+    padded_shape: tuple | None = None  # a vocabulary tp does not divide: the zero-padded shape that is split
+    pieces: tuple | None = None  # logical sizes of unequal fused pieces along ``dim`` (each split on its own)
+
+    # ------------------------------------------------------------------ geometry
+    @property
+    def sharded(self) -> bool:
+        return self.style != "replicate" and self.dim is not None
+
+    @property
+    def tp(self) -> int:
+        if not self.sharded:
+            return 1
+        whole = (self.padded_shape or self.full_shape)[self.dim]
+        return whole // self.local_shape[self.dim]
+
+    def piece_sizes(self) -> tuple[int, ...]:
+        """Logical sizes along ``dim`` of the pieces that are sharded one by one."""
+        if self.pieces:
+            return tuple(self.pieces)
+        n = self.full_shape[self.dim]
+        return (n // self.chunks,) * self.chunks
+
+    def spans(self, rank: int) -> list[Span]:
+        """The rows (along ``dim``) of the full tensor this rank holds, padding excluded."""
+        if not self.sharded:
+            return [Span(0, self.full_shape[0] if self.full_shape else 1, 0)]
+        if self.padded_shape is not None:
+            n, size = self.local_shape[self.dim], self.full_shape[self.dim]
+            return [Span(rank * n, max(0, min(n, size - rank * n)), 0)]
+        out, start, at, tp = [], 0, 0, self.tp
+        for size in self.piece_sizes():
+            part = size // tp
+            out.append(Span(start + rank * part, part, at))
+            start, at = start + size, at + part
+        return out
+
+    def stored_shape(self, rank: int) -> tuple:
+        if not self.sharded:
+            return tuple(self.full_shape)
+        shape = list(self.local_shape)
+        shape[self.dim] = sum(s.length for s in self.spans(rank))
+        return tuple(shape)
+
+    @property
+    def exact(self) -> bool:
+        """True when ``placement()`` describes the layout exactly (not for unequal fused pieces,
+        which no DTensor placement can express: see ``assemble`` for the true full tensor)."""
+        return not self.pieces
+
+    # ------------------------------------------------------------------ full <-> shard
+    def stored(self, full: torch.Tensor, rank: int) -> torch.Tensor:
+        """This rank's stored shard of ``full``, as a fresh tensor (``full`` can be freed)."""
+        if not self.sharded:
+            return full
+        parts = [full.narrow(self.dim, s.start, s.length) for s in self.spans(rank)]
+        return (torch.cat(parts, self.dim) if len(parts) > 1 else parts[0]).clone()
+
+    def pad(self, stored: torch.Tensor) -> torch.Tensor:
+        """The program shard from the stored one: zero rows for the vocabulary padding."""
+        if self.padded_shape is None or tuple(stored.shape) == tuple(self.local_shape):
+            return stored
+        out = stored.new_zeros(self.local_shape)
+        out.narrow(self.dim, 0, stored.shape[self.dim]).copy_(stored)
+        return out
+
+    def unpad(self, local: torch.Tensor, rank: int) -> torch.Tensor:
+        """The stored shard (a view) from the program shard: drops the vocabulary padding."""
+        if self.padded_shape is None:
+            return local
+        return local.narrow(self.dim, 0, self.spans(rank)[0].length)
+
+    def shard(self, full: torch.Tensor, rank: int) -> torch.Tensor:
+        """This rank's program shard of ``full`` (what its compiled graph takes)."""
+        return self.pad(self.stored(full, rank))
+
+    def assemble(self, stored_parts: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The full tensor from every rank's stored shard (rank order): pieces back in place."""
+        if not self.sharded:
+            return stored_parts[0]
+        spans = [self.spans(r) for r in range(len(stored_parts))]
+        blocks = []
+        for c in range(len(spans[0])):
+            for r, part in enumerate(stored_parts):
+                s = spans[r][c]
+                if s.length:
+                    blocks.append(part.narrow(self.dim, s.at, s.length))
+        return torch.cat(blocks, self.dim)
+
+    # ------------------------------------------------------------------ DTensor / DCP
+    def placement(self):
+        """The DTensor placement of the stored shard on the TP mesh."""
+        from torch.distributed.tensor import Replicate, Shard
+        from torch.distributed.tensor.placement_types import _StridedShard
+
+        if not self.sharded:
+            return Replicate()
+        if self.chunks > 1 and not self.pieces:
+            return _StridedShard(self.dim, split_factor=self.chunks)
+        return Shard(self.dim)
+
+    def boxes(self, rank: int) -> list[tuple[tuple, tuple, int]]:
+        """DCP boxes ``(offsets, sizes, at)`` of this rank's stored shard in the full tensor: one per
+        piece, ``at`` its first row in the shard (DCP's own one-box-per-shard is wrong for pieces)."""
+        full = tuple(self.full_shape)
+        if not self.sharded:
+            return [((0,) * len(full), full, 0)]
+        out = []
+        for s in self.spans(rank):
+            if s.length:
+                offsets, sizes = [0] * len(full), list(full)
+                offsets[self.dim], sizes[self.dim] = s.start, s.length
+                out.append((tuple(offsets), tuple(sizes), s.at))
+        return out
+
+def replicated(fqn: str, shape: Sequence[int]) -> ParamPlan:
+    """The plan of a parameter stored whole on every rank."""
+    return ParamPlan(fqn, "replicate", None, 1, tuple(shape), tuple(shape))
+
+
+def renamed(pp: ParamPlan, fqn: str) -> ParamPlan:
+    """The same layout for another parameter of the same shape (a graph reused for another block)."""
+    from dataclasses import replace
+
+    return replace(pp, fqn=fqn)

@@ -1,0 +1,304 @@
+"""The parameters a training job sees: DTensors on the TP mesh, bound to compiled graphs at call time.
+
+After ``tp_compile`` every parameter of the user's model is a ``DTensor`` ``nn.Parameter`` on
+the TP mesh: ``Replicate`` until a graph plans it, then this rank's shard with the placement
+its layout gives (``Shard``, ``_StridedShard`` for fused pieces, DTensor's uneven ``Shard``
+for a padded vocabulary). That is the ecosystem's representation of a TP parameter, so the
+code users already write composes: ``clip_grad_norm_`` reduces the partial norms (counting a
+replicated parameter once), FSDP2's ``fully_shard`` shards it further over a data-parallel
+mesh, DCP saves and reshards it, optimizers step it.
+
+Compiled graphs never hold a parameter: each call reads the parameter that is registered on
+the calling module *now* (by FQN; FSDP2 registers its unsharded parameters around each
+block's forward) and hands the graph its local shard through one autograd function, whose
+backward turns the local gradients back into DTensor gradients of the same placement.
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn as nn
+
+from tpcompile.errors import TPParameterError, TPShardingError
+from tpcompile.passes.layout import ParamPlan, renamed
+
+
+def _contiguous_stride(shape: Sequence[int]) -> tuple:
+    stride, acc = [], 1
+    for s in reversed(shape):
+        stride.append(acc)
+        acc *= s
+    return tuple(reversed(stride))
+
+
+def _same_layout(a: ParamPlan, b: ParamPlan) -> bool:
+    """The same rows on every rank (a tied weight is "vocab" for its embedding, "colwise" for its head)."""
+    if not a.sharded or not b.sharded:
+        return a.sharded == b.sharded
+    return (a.dim, a.chunks, a.pieces, a.local_shape, a.padded_shape) == (b.dim, b.chunks, b.pieces, b.local_shape,
+                                                                         b.padded_shape)
+
+
+class _ProgramShards(torch.autograd.Function):
+    """DTensor parameters -> the local tensors a compiled graph takes (padded where the layout says);
+    backward: local gradients -> DTensor gradients with each parameter's own spec."""
+
+    @staticmethod
+    def forward(ctx, layouts, rank, *params):
+        ctx.specs = [p._spec for p in params]
+        ctx.layouts, ctx.rank = layouts, rank
+        return tuple(_program_view(p, lay) for p, lay in zip(params, layouts))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        from torch.distributed.tensor import DTensor
+
+        out = []
+        for g, spec, lay in zip(grads, ctx.specs, ctx.layouts):
+            if g is not None:
+                g = DTensor(lay.unpad(g, ctx.rank), spec, requires_grad=False)
+            out.append(g)
+        return (None, None, *out)
+
+
+def _program_view(p, lay: ParamPlan) -> torch.Tensor:
+    local = p._local_tensor
+    base = getattr(local, "_tp_padded", None)  # a padded vocabulary shard we allocated: no copy per call
+    if lay.padded_shape is None:
+        return local.view_as(local)
+    return base.view_as(base) if base is not None else lay.pad(local)
+
+
+class TPParameters:
+    """The user model's parameters as TP DTensors, by FQN; the one place that stores and binds them."""
+
+    def __init__(self, model: nn.Module, mesh, rank: int, tp: int):
+        from torch.distributed.tensor import DTensor, Replicate
+
+        self.mesh, self.rank, self.tp = mesh, rank, tp
+        self.layouts: dict[str, ParamPlan] = {}
+        self.slots: dict[str, list[tuple[nn.Module, str]]] = {}
+        self.fqn_of: dict[int, str] = {}  # id(our DTensor parameter) -> FQN
+        self.canonical: dict[str, str] = {}  # every name of a parameter (tied weights: each) -> its FQN
+        first: dict[int, str] = {}
+        for mname, m in model.named_modules(remove_duplicate=False):
+            for n, p in m._parameters.items():
+                if p is None:
+                    continue
+                name = f"{mname}.{n}" if mname else n
+                fqn = first.setdefault(id(p), name)
+                self.slots.setdefault(fqn, []).append((m, n))
+                self.canonical[name] = fqn
+        self.retired: dict[int, weakref.ref] = {}  # the plain Parameters tp_compile replaced
+        for fqn, slots in self.slots.items():
+            m, n = slots[0]
+            p = m._parameters[n]
+            if isinstance(p, DTensor):
+                raise TPParameterError(f"tp_compile: {fqn} is already a DTensor (placements {p.placements}); "
+                                       f"call tp_compile on the plain single-device model, before fully_shard / "
+                                       f"parallelize_module.")
+            d = DTensor.from_local(p.detach(), mesh, [Replicate()], run_check=False)
+            new = nn.Parameter(d, requires_grad=p.requires_grad)
+            for m, n in slots:
+                m._parameters[n] = new
+            self.retired[id(p)] = weakref.ref(p)
+            self.fqn_of[id(new)] = fqn
+
+    # ------------------------------------------------------------------ lookup
+    def current(self, fqn: str) -> torch.Tensor:
+        """The parameter registered under ``fqn`` right now (ours, or FSDP2's unsharded / sharded one)."""
+        m, n = self.slots[fqn][0]
+        p = m._parameters.get(n)
+        return p if p is not None else getattr(m, n)
+
+    def named(self) -> Iterable[tuple[str, torch.Tensor]]:
+        return ((fqn, self.current(fqn)) for fqn in self.slots)
+
+    # ------------------------------------------------------------------ storing a layout
+    def apply(self, pp: ParamPlan) -> None:
+        """Store ``pp.fqn`` as ``pp`` says (the first graph that uses a parameter decides)."""
+        from torch.distributed.tensor import DTensor
+
+        known = self.layouts.get(pp.fqn)
+        if known is not None:
+            if not _same_layout(known, pp):
+                raise TPShardingError(
+                    f"{pp.fqn}: a later graph needs it {pp.style} but it is stored {known.style}; "
+                    f"pin one with plan={{{pp.fqn!r}: {known.style!r}}}."
+                )
+            return
+        p = self.current(pp.fqn)
+        if pp.sharded:
+            if not (isinstance(p, DTensor) and p.device_mesh == self.mesh and len(p.placements) == 1
+                    and p.placements[0].is_replicate()):
+                raise TPParameterError(
+                    f"tp_compile: {pp.fqn} must be sharded ({pp.style}) but it is no longer the replicated "
+                    f"parameter tp_compile made ({type(p).__name__}"
+                    f"{f', placements {p.placements} on {p.device_mesh}' if isinstance(p, DTensor) else ''}): "
+                    f"something (fully_shard, DDP, a user assignment) took it over before the model was planned. "
+                    f"Plan first: tp_compile(model, ..., example_inputs=batch), then fully_shard."
+                )
+            if p.grad is not None:
+                raise TPShardingError(f"{pp.fqn}: first used after training started; cannot reshard it now.")
+            torch.utils.swap_tensors(p, self._sharded(p, pp))
+        self.layouts[pp.fqn] = pp
+
+    def _sharded(self, p, pp: ParamPlan) -> nn.Parameter:
+        """A new DTensor parameter holding this rank's shard of ``p`` (its full value)."""
+        return self._parameter(pp, pp.stored(p._local_tensor, self.rank), p.requires_grad)
+
+    def _parameter(self, pp: ParamPlan, stored: torch.Tensor, requires_grad: bool) -> nn.Parameter:
+        """A DTensor parameter of ``pp``'s placement holding ``stored``. A padded vocabulary keeps its
+        program shard (real rows, then zeros) with the stored rows a view of it: no copy per call."""
+        from torch.distributed.tensor import DTensor
+
+        base = None
+        if pp.padded_shape is not None:
+            base = pp.pad(stored) if stored.shape[pp.dim] != pp.local_shape[pp.dim] else stored
+            stored = pp.unpad(base, self.rank)
+        d = DTensor.from_local(stored, self.mesh, [pp.placement()], run_check=False,
+                               shape=torch.Size(pp.full_shape), stride=_contiguous_stride(pp.full_shape))
+        p = nn.Parameter(d, requires_grad=requires_grad)
+        if base is not None:
+            p._local_tensor._tp_padded = base
+        return p
+
+    def install(self, pp: ParamPlan, stored: torch.Tensor, requires_grad: bool) -> None:
+        """Register a parameter built elsewhere (a meta model's allocated shard) under ``pp``'s slots."""
+        if pp.sharded:
+            new = self._parameter(pp, stored, requires_grad)
+        else:
+            from torch.distributed.tensor import DTensor, Replicate
+
+            new = nn.Parameter(DTensor.from_local(stored, self.mesh, [Replicate()], run_check=False), requires_grad)
+        old = self.current(pp.fqn)
+        for m, n in self.slots[pp.fqn]:
+            m._parameters[n] = new
+        self.fqn_of.pop(id(old), None)
+        self.fqn_of[id(new)] = pp.fqn
+        self.layouts[pp.fqn] = pp
+
+    # ------------------------------------------------------------------ binding at call time
+    def program_locals(self, fqns: Sequence[str], layouts: Sequence[ParamPlan], bind: bool = True) -> list:
+        """The local shards a graph planned with ``layouts`` takes for the parameters now registered
+        under ``fqns`` (a graph reused for another block gets that block's parameters, stored the
+        same way on first use). ``bind=False``: only store them."""
+        params = []
+        for fqn, lay in zip(fqns, layouts):
+            known = _known(self, fqn, lay)
+            if not bind:
+                continue
+            p = self.current(fqn)
+            self._check(fqn, p, known)
+            params.append(p)
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return list(_ProgramShards.apply(tuple(layouts), self.rank, *params))
+        return [_program_view(p, lay) for p, lay in zip(params, layouts)]
+
+    def examples(self, fqns: Sequence[str], layouts: Sequence[ParamPlan]) -> list[torch.Tensor]:
+        """Real local shards to fakify when compiling (no autograd), with the strides calls will have."""
+        out = []
+        for f, lay in zip(fqns, layouts):
+            p = self.current(f)
+            with torch.no_grad():
+                t = _program_view(p, lay)
+            out.append(t.detach().requires_grad_(p.requires_grad))
+        return out
+
+    def _check(self, fqn: str, p, pp: ParamPlan) -> None:
+        from torch.distributed.tensor import DTensor
+
+        if isinstance(p, DTensor) and p.device_mesh == self.mesh and p.placements == (pp.placement(),):
+            return
+        if isinstance(p, DTensor) and p.device_mesh.ndim > 1:
+            why = (f"it is a {p.device_mesh.ndim}-D DTensor {p.placements}: FSDP2's sharded parameter. FSDP's hooks "
+                   f"did not run before this graph, so it would compute with a shard of the weight")
+        elif hasattr(p, "_st_info"):
+            why = ("DistributedDataParallel(device_mesh=...) turned it into a plain local tensor (its TP+DDP "
+                   "workaround), under which clip_grad_norm_ and checkpoints silently see local shards only")
+        else:
+            why = f"it is a {type(p).__name__}, not the DTensor ({pp.style}) this graph was planned for"
+        raise TPParameterError(
+            f"tp_compile: the parameter registered as {fqn} cannot be bound: {why}. For data parallelism use "
+            f"FSDP2 (fully_shard on each block, then on the model; HSDP with a 2-D data-parallel mesh) or "
+            f"tp_compile(model, mesh=mesh, ...); see the README's data-parallel section."
+        )
+
+    def check_optimizer(self, optimizer) -> None:
+        """An optimizer built before tp_compile holds the replaced plain Parameters: it would never
+        update the model. Called from a global optimizer pre-step hook."""
+        for g in optimizer.param_groups:
+            for p in g["params"]:
+                r = self.retired.get(id(p))
+                if r is not None and r() is p:
+                    raise TPParameterError(
+                        "this optimizer was built before tp_compile: it holds the model's old plain Parameters, "
+                        "which tp_compile replaced by tensor-parallel DTensors, so it would never update the "
+                        "model. Build the optimizer after tp_compile (opt = AdamW(model.parameters()))."
+                    )
+
+
+def _known(store, fqn: str, lay: ParamPlan) -> ParamPlan:
+    """The layout ``fqn`` is stored with, storing ``lay``'s if it has none yet; a different one is an error."""
+    known = store.layouts.get(fqn)
+    if known is None:  # first seen through a reused graph: the layout of the one it was planned for
+        store.apply(renamed(lay, fqn))
+        return store.layouts[fqn]
+    if not _same_layout(known, lay):
+        raise TPShardingError(
+            f"{fqn}: this graph was planned for a parameter stored {lay.style} ({lay.fqn}), but {fqn} is "
+            f"stored {known.style}; pin one with plan={{{fqn!r}: {known.style!r}}}."
+        )
+    return known
+
+
+class StandinParameters:
+    """``explain``'s parameters: layouts only. The model is never read or written; a graph takes
+    memory-free stand-ins of the local shapes (ghost slices)."""
+
+    def __init__(self, twin):
+        self.layouts: dict[str, ParamPlan] = {}
+        self.standins: dict[str, nn.Parameter] = {}
+        self._ghosts = {twin.fqn_of[id(g)]: g for g in twin.ghosts}
+
+    def apply(self, pp: ParamPlan) -> None:
+        known = self.layouts.get(pp.fqn)
+        if known is not None:
+            if not _same_layout(known, pp):
+                raise TPShardingError(f"{pp.fqn}: a later graph needs it {pp.style} but it is stored {known.style}; "
+                                      f"pin one with plan={{{pp.fqn!r}: {known.style!r}}}.")
+            return
+        g = self._ghosts[pp.fqn]
+        self.standins[pp.fqn] = nn.Parameter(g[tuple(slice(0, n) for n in pp.local_shape)], g.requires_grad)
+        self.layouts[pp.fqn] = pp
+
+    def program_locals(self, fqns: Sequence[str], layouts: Sequence[ParamPlan], bind: bool = True) -> list:
+        for fqn, lay in zip(fqns, layouts):
+            _known(self, fqn, lay)
+        return [self.standins[f] for f in fqns]
+
+    examples = program_locals
+
+
+_STORES: "weakref.WeakSet[TPParameters]" = weakref.WeakSet()
+_CHECKED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_HOOK = None
+
+
+def watch_optimizers(store: TPParameters) -> None:
+    """Check each optimizer once, at its first step, against every tp-compiled model's replaced parameters."""
+    global _HOOK
+    _STORES.add(store)
+    if _HOOK is None:
+        def pre_step(optimizer, args, kwargs):
+            if optimizer in _CHECKED:
+                return
+            for s in list(_STORES):
+                s.check_optimizer(optimizer)
+            _CHECKED[optimizer] = True
+
+        from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+        _HOOK = register_optimizer_step_pre_hook(pre_step)

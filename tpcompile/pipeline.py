@@ -1,0 +1,215 @@
+"""The one pipeline: a captured graph and its parameters' names in, one rank's program and a record out.
+
+    program = tp_program(gm, param_fqns, options)
+
+Pure: it reads nothing but its arguments and touches no parameter. The Dynamo backend
+(``tp_compile``), ``explain`` and the planning trace (``example_inputs``) all call it; what
+they do with the result (compile it, trace it, or only store the layouts) is theirs.
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from tpcompile.dump import readable_code
+from tpcompile.errors import TPWarning
+from tpcompile.passes.graph_utils import module_path, source_line
+from tpcompile.passes.inline_checkpoint import inline_checkpoints
+from tpcompile.passes.layout import ParamPlan
+from tpcompile.passes.normalize import normalize
+from tpcompile.passes.plan import GraphPlan, make_plan
+from tpcompile.passes.rewrite import rewrite
+from tpcompile.passes.sequence_parallel import floor_with_sp, sequence_parallel
+from tpcompile.passes.sharded_outputs import keep_outputs_sharded
+
+COLLECTIVES = {
+    "all_reduce": "all_reduce",
+    "all_gather_into_tensor": "all_gather",
+    "reduce_scatter_tensor": "reduce_scatter",
+    "all_to_all_single": "all_to_all",
+}
+
+
+@dataclass(frozen=True)
+class Options:
+    """What the rewrite depends on besides the graph: the group and the user's choices."""
+
+    tp: int
+    rank: int
+    group_name: str
+    overrides: dict = field(default_factory=dict)
+    sequence_parallel: bool = False
+    sharded_outputs: bool = False
+
+
+@dataclass
+class Collective:
+    kind: str  # all_reduce | all_gather | reduce_scatter | all_to_all
+    phase: str  # forward | backward
+    nbytes: int
+    source: str  # the user's file:line `code`
+    module: str = ""  # FQN of the module it serves ("" = the top module)
+
+
+@dataclass
+class GraphRecord:
+    """What tpcompile did to one captured graph (one per Dynamo graph / recompile)."""
+
+    plan: dict  # fqn -> ParamPlan
+    original_code: str
+    graph_code: str
+    fallbacks: list  # messages
+    rewrite_seconds: float
+    floor: dict  # phase -> {reason: count}: the fewest collectives this plan can need (DESIGN.md)
+    names: dict  # placeholder name -> parameter / buffer FQN
+    rewritten: fx.GraphModule | None = None
+    collectives: list = field(default_factory=list)  # Collective, filled as AOT graphs compile
+    compiled_graphs: list = field(default_factory=list)  # (phase, fx.GraphModule) Inductor / AOT compiled
+    ends_at: str = ""  # the user's source line of the graph's last op (where a graph break, if any, is)
+    exit_mappings: list = field(default_factory=list)  # mapping ops that make outputs whole at the graph's end
+
+
+@dataclass
+class Program:
+    """One rank's program for a captured graph, and what it takes."""
+
+    gm: fx.GraphModule  # rewritten in place (or only planned, for ``plan_only``)
+    record: GraphRecord
+    layouts: dict[int, ParamPlan]  # placeholder index -> layout of the parameter it takes
+    sharded_outputs: dict = field(default_factory=dict)  # output index -> (dim, full size), kept sharded
+
+
+def collectives_of(gm: fx.GraphModule, phase: str) -> list[Collective]:
+    """The ``_c10d_functional`` collectives of a post-AOTAutograd graph, in order."""
+    out = []
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or getattr(n.target, "namespace", None) != "_c10d_functional":
+            continue
+        kind = COLLECTIVES.get(n.target._opname)
+        if kind is None:
+            continue
+        # nbytes: the whole buffer a collective reduces or gathers (a reduce-scatter's input), so
+        # that an all-reduce of N bytes and its SP pair (all-gather + reduce-scatter) both read N
+        val = (n.args[0] if kind == "reduce_scatter" else n).meta.get("val")
+        nbytes = val.numel() * val.element_size() if isinstance(val, torch.Tensor) and not _symbolic(val) else -1
+        out.append(Collective(kind, phase, int(nbytes), source_line(n), module_path(n)))
+    return out
+
+
+def _symbolic(t: torch.Tensor) -> bool:
+    return any(isinstance(s, torch.SymInt) for s in t.shape)
+
+
+def _op_name(node: fx.Node) -> str:
+    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+
+
+def communication_floor(plan: GraphPlan) -> dict:
+    """Megatron's minimum for this plan: per phase, how many collectives and why.
+
+    Forward: one reduction per row-parallel linear and per vocab-parallel embedding, one
+    collective per vocab-parallel loss. Backward: one reduction of the input gradient per
+    distinct activation that feeds column-parallel linears (q, k, v share one).
+    """
+    kinds = [ni.kind for ni in plan.prop.info.values()]
+    col_inputs = {n.args[0] for n, ni in plan.prop.info.items() if ni.kind == "colwise"}
+    fwd = {"row-parallel linear": kinds.count("rowwise"), "vocab-parallel embedding": kinds.count("vocab"),
+           "vocab-parallel loss": kinds.count("vocab_ce")}
+    bwd = {"column-parallel input": len(col_inputs)}
+    return {"forward": {k: v for k, v in fwd.items() if v}, "backward": {k: v for k, v in bwd.items() if v}}
+
+
+def plan_graph(gm: fx.GraphModule, fqns: dict, tp: int, overrides: dict) -> tuple[GraphPlan, list[str]]:
+    """The graph passes before any sharding: inline checkpointed blocks, normalize, plan.
+
+    Returns the plan and warnings of the inlining (selective policies not honoured).
+    """
+    notes = [
+        f"tpcompile: the selective activation checkpointing policy (context_fn) at {line} is not honoured: "
+        f"the block is sharded and recomputed whole in the backward (correct; more compute than the policy "
+        f"asks). Drop context_fn to silence this."
+        for line, selective in inline_checkpoints(gm) if selective
+    ]
+    normalize(gm, set(fqns))
+    return make_plan(gm, tp, fqns, overrides), notes
+
+
+def tp_program(gm: fx.GraphModule, param_fqns: dict[int, str], options: Options, names: dict[str, str] | None = None,
+               plan_only: bool = False) -> Program:
+    """Plan ``gm`` (placeholder index -> parameter FQN in ``param_fqns``) and, unless ``plan_only``,
+    rewrite it in place into rank ``options.rank``'s program. Warns (``TPWarning``) for every part
+    left replicated or made whole."""
+    t0 = time.perf_counter()
+    names = names or {}
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    fqns = {placeholders[i]: f for i, f in param_fqns.items()}
+    original_code = readable_code(gm.graph, names)
+    plan, notes = plan_graph(gm, fqns, options.tp, options.overrides)
+    layouts = {i: plan.params[placeholders[i]] for i in param_fqns}
+    fallbacks = [_warn_fallback(n, plan) for n in plan.prop.fallbacks]
+    fallbacks += [_warn_unsupported(n, mods) for n, mods in plan.unsupported.items()]
+    for msg in notes + plan.notes:
+        warnings.warn(msg, TPWarning, stacklevel=2)
+        fallbacks.append(msg)
+    fallbacks += [_warn_subgraph(n, fqns) for n in gm.graph.nodes
+                  if n.op == "call_function" and isinstance(n.target, torch._ops.HigherOrderOperator)]
+    floor = communication_floor(plan)
+    sharded: dict = {}
+    if not plan_only:
+        rewrite(gm, plan, options.group_name, options.rank)
+        if options.sequence_parallel:
+            sp = sequence_parallel(gm, options.group_name, options.tp, options.rank)
+            floor = floor_with_sp(sp, floor["forward"].get("vocab-parallel loss", 0))
+        sharded = keep_outputs_sharded(gm) if options.sharded_outputs else {}
+    record = GraphRecord(
+        {pp.fqn: pp for pp in plan.params.values()}, original_code, readable_code(gm.graph, names), fallbacks,
+        time.perf_counter() - t0, floor, names, gm,
+    )
+    out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    record.exit_mappings = [n.meta["tp_mapping"] for n in out_node.all_input_nodes if "tp_mapping" in n.meta]
+    last = [n for n in gm.graph.nodes if n.op == "call_function" and n.meta.get("stack_trace")]
+    record.ends_at = source_line(last[-1]) if last else ""
+    return Program(gm, record, layouts, sharded)
+
+
+def _warn_unsupported(node: fx.Node, modules: list) -> str:
+    msg = (
+        f"tpcompile: no tensor-parallel rule for `{_op_name(node)}` at {source_line(node)}; "
+        f"{', '.join(sorted(set(modules)))} stay replicated (correct, but not sharded)."
+    )
+    warnings.warn(msg, TPWarning, stacklevel=3)
+    return msg
+
+
+def _warn_subgraph(node: fx.Node, fqns: dict) -> str:
+    """A higher-order op other than a checkpointed block (inlined by ``inline_checkpoints``) runs
+    its own subgraph, which the passes do not rewrite: it computes on whole values with
+    replicated parameters."""
+    inside = [fqns[x] for x in node.all_input_nodes if x in fqns]
+    shown = ", ".join(inside[:3]) + (", ..." if len(inside) > 3 else "")
+    msg = (
+        f"tpcompile: `{_op_name(node)}` at {source_line(node)} runs a subgraph that is not rewritten "
+        f"(only activation-checkpointed blocks are); its {len(inside)} parameters ({shown}) stay replicated "
+        f"(correct, but not sharded)."
+    )
+    warnings.warn(msg, TPWarning, stacklevel=3)
+    return msg
+
+
+def _warn_fallback(node: fx.Node, plan: GraphPlan) -> str:
+    ins = {x.name: plan.prop.info[x].out for x in plan.prop.info[node].need if x in plan.prop.info}
+    msg = (
+        f"tpcompile: no tensor-parallel rule for `{_op_name(node)}` at {source_line(node)} (inputs {ins}); "
+        f"its inputs are made whole first (extra collective), so the result stays correct. "
+        f"To avoid the collective, keep the projections around it replicated with plan={{...: 'replicate'}}."
+    )
+    warnings.warn(msg, TPWarning, stacklevel=3)
+    return msg
+
+
+__all__ = ["Options", "Program", "GraphRecord", "Collective", "tp_program", "plan_graph", "collectives_of",
+           "communication_floor"]

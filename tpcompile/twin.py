@@ -1,0 +1,131 @@
+"""The ghost twin: the module tree Dynamo traces, with memory-free parameters of logical shape.
+
+Dynamo must capture the single-device graph (logical shapes, plain tensors), while the
+user's model holds this rank's shards as DTensors. The twin is a copy of the user's module
+tree whose parameters are *ghosts*: ``Parameter``s of the logical shape that own one element
+(stride 0). Buffers are shared with the user's model. Compiled graphs take ghosts as inputs
+and swap each for the parameter registered under its FQN on the user's model at call time
+(``tpcompile.params``), so a graph Dynamo reuses for another block binds that block.
+
+Two things keep eagerly-run code right:
+
+- every twin module's ``forward`` is a function of this file (one per class), so a module
+  called from code Dynamo runs eagerly (a frame skipped for a graph break inside the block
+  loop: embedding, final norm, LM head) is compiled as its own small graph instead of
+  computing on ghosts;
+- a twin module whose user module got forward hooks after ``tp_compile`` (FSDP2's
+  ``fully_shard`` on a block, or the user's own) graph-breaks and calls the *user's* module, so
+  its hooks run there (FSDP unshards the block, registers its post-backward), with that
+  module's ``forward`` redirected to the twin's compiled forward (``Twin.region``). Hooks
+  that were there before ``tp_compile`` were copied with the module and are traced into the
+  graph, as without tpcompile.
+"""
+from __future__ import annotations
+
+import copy
+import types
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+
+def ghost(p: torch.Tensor, device: torch.device) -> nn.Parameter:
+    """A Parameter of ``p``'s logical shape that owns one element of memory (stride 0).
+
+    The element is NaN (floats), so code that Dynamo leaves to run eagerly on a ghost
+    poisons its result instead of quietly computing with garbage; ``forward`` checks.
+    """
+    fill = float("nan") if p.dtype.is_floating_point else 0
+    g = torch.full((), fill, dtype=p.dtype, device=device).expand(p.shape)
+    return nn.Parameter(g, requires_grad=p.requires_grad)
+
+
+def _twin_forward(self, *args, **kwargs):
+    if self._tp_route:  # the user's module has hooks (FSDP2): run them, around the compiled forward
+        return _through_user_hooks(self, args, kwargs)
+    return type(self).forward(self, *args, **kwargs)
+
+
+_FORWARDS: dict[type, Callable] = {}
+
+
+def _forward_for(cls: type) -> Callable:
+    """``_twin_forward`` with a code object of its own per class: Dynamo caches compiled frames
+    per code object, so the modules of one class share entries and other classes do not count
+    against their recompile limit."""
+    fn = _FORWARDS.get(cls)
+    if fn is None:
+        code = _twin_forward.__code__.replace(co_name=f"{cls.__name__}_forward")
+        fn = _FORWARDS[cls] = types.FunctionType(code, _twin_forward.__globals__, code.co_name)
+    return fn
+
+
+class Twin:
+    """The ghost copy of a user model, and the map from its ghosts back to parameter FQNs."""
+
+    def __init__(self, model: nn.Module, device: torch.device, meta_buffers_as_ghosts: bool = False):
+        memo: dict[int, Any] = {}
+        self.fqn_of: dict[int, str] = {}  # id(ghost) -> FQN of the parameter it stands for
+        self.names: dict[int, str] = {}  # ghost / buffer id -> FQN, for readable graphs
+        for fqn, p in model.named_parameters():
+            g = ghost(p, p.device if p.device.type != "meta" else device)
+            memo[id(p)] = g
+            self.fqn_of[id(g)] = self.names[id(g)] = fqn
+        for b in model.buffers():
+            memo[id(b)] = ghost(b, device) if meta_buffers_as_ghosts and b.device.type == "meta" else b
+        for fqn, b in model.named_buffers():
+            self.names.setdefault(id(memo[id(b)]), fqn)
+        self.module = copy.deepcopy(model, memo)
+        self.ghosts = [memo[id(p)] for p in model.parameters()]  # keep ids stable
+        self.pairs = list(zip(model.modules(), self.module.modules()))
+        self.region: Callable | None = None  # set by the owner: the compiled ``_region``
+        for i, (user, twin) in enumerate(self.pairs):
+            if i == 0 or type(twin).forward is nn.Module.forward:
+                continue  # the root (its hooks already ran: the user called it) and containers
+            twin._tp_route = False
+            twin.forward = types.MethodType(_forward_for(type(twin)), twin)
+            twin.__dict__["_tp_user"] = user  # plain attributes, not submodules: never traced
+            twin.__dict__["_tp_owner"] = self
+
+    def follow_devices(self, params) -> None:
+        """Keep each ghost on its parameter's device (a meta model allocated on another device)."""
+        for g in self.ghosts:
+            p = params.current(self.fqn_of[id(g)])
+            if g.device != p.device:
+                g.data = torch.full((), float("nan") if g.is_floating_point() else 0, dtype=g.dtype,
+                                    device=p.device).expand(g.shape)
+
+    def sync(self) -> None:
+        """Carry the user modules' training flags and hooks over to the twin, before each call."""
+        for i, (user, twin) in enumerate(self.pairs):
+            twin.training = user.training
+            if i and (user._forward_pre_hooks or user._forward_hooks or twin._forward_pre_hooks or twin._forward_hooks):
+                route = False
+                for mine, theirs in ((user._forward_pre_hooks, twin._forward_pre_hooks),
+                                     (user._forward_hooks, twin._forward_hooks)):
+                    for k in [k for k in theirs if k not in mine]:
+                        del theirs[k]  # removed from the user's module since: the twin forgets it too
+                    route = route or any(k not in theirs for k in mine)
+                if twin.__dict__.get("_tp_route", route) != route:
+                    twin._tp_route = route
+
+
+def _region(module: nn.Module, *args, **kwargs):
+    """What ``Twin.region`` compiles: a twin module's own forward (its children route as usual)."""
+    return type(module).forward(module, *args, **kwargs)
+
+
+@torch._dynamo.disable(recursive=True)
+def _through_user_hooks(twin: nn.Module, args: tuple, kwargs: dict):
+    owner, user = twin.__dict__["_tp_owner"], twin.__dict__["_tp_user"]
+    had = "forward" in user.__dict__
+    saved = user.__dict__.get("forward")
+    user.forward = lambda *a, **k: owner.region(twin, *a, **k)
+    try:
+        return user(*args, **kwargs)
+    finally:
+        if had:
+            user.forward = saved
+        else:
+            del user.forward

@@ -12,6 +12,7 @@ import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from tpcompile.backend import Backend
+from tpcompile.data_parallel import apply_data_parallel, data_parallel_mesh, refuse_ddp
 from tpcompile.errors import TPEagerFallbackError, TPInputMismatchError, TPShardingError, TPWarning
 from tpcompile.params import StandinParameters, TPParameters, watch_optimizers
 from tpcompile.passes.placements import local_size
@@ -77,11 +78,13 @@ class TensorParallel:
         self.params = StandinParameters(self.twin) if explaining else TPParameters(model, self.mesh, self.rank, self.tp)
         if not explaining:
             watch_optimizers(self.params)
+            refuse_ddp()
         self.compiled = torch.compile(self.twin.module, backend=Backend(self, "trace" if explaining else mode),
                                       **compile_options)
         self.twin.region = torch.compile(_region, backend=Backend(self, "trace" if explaining else mode),
                                          **compile_options)
         self._planner = None
+        self.data_parallel = ""  # what tp_compile(mesh=...) applied: "shard" | "hsdp" | "replicate"
         self._inputs_checked = explaining  # one process: nothing to compare
 
     def _alias_overrides(self, alias: str, fqn: str) -> None:
@@ -280,6 +283,7 @@ def _inductor_options(compile_options: dict) -> dict:
 def tp_compile(
     model: nn.Module,
     *,
+    mesh: Any = None,
     group: Any = None,
     plan: dict[str, str] | None = None,
     sequence_parallel: bool = False,
@@ -300,8 +304,12 @@ def tp_compile(
     parameter is stored as planned, in place (same object). ``clip_grad_norm_``, FSDP2
     (``fully_shard`` on a 2-D mesh) and DCP work on them as on any DTensor parameters.
 
-    ``group``: the TP group: a ProcessGroup or a 1-D DeviceMesh (``mesh["tp"]``, to compose with
-    FSDP2 on ``mesh["dp"]``).
+    ``mesh``: a DeviceMesh with a ``"tp"`` dim and, for data parallelism, ``"dp"`` (FSDP2),
+    ``"dp_replicate"`` and ``"dp_shard"`` (HSDP) or ``"dp_replicate"`` alone (replicated): TP runs
+    over ``mesh["tp"]`` and FSDP2 is applied to each repeated block (found from the module tree)
+    and then to the model (``tpcompile.data_parallel``); needs ``example_inputs``.
+    ``group``: the TP group otherwise: a ProcessGroup or a 1-D DeviceMesh (``mesh["tp"]``, to
+    compose with your own ``fully_shard(..., mesh=mesh["dp"])``).
     ``plan``: per-FQN overrides, e.g. ``{"lm_head": "replicate"}`` (globs allowed).
     ``sequence_parallel``: shard the residual stream (norms, dropout, residual adds) over
     tokens between TP regions (Megatron-SP): all-gather / reduce-scatter instead of
@@ -323,6 +331,8 @@ def tp_compile(
         raise RuntimeError("tp_compile needs torch.distributed initialised (torchrun + dist.init_process_group()).")
     if getattr(model, "_tp_state", None) is not None:
         raise RuntimeError("tp_compile: this module is already tensor-parallel.")
+    if mesh is not None:
+        group = _tp_of(mesh, group, example_inputs)
     state = TensorParallel(model, group, plan, compile_options, sequence_parallel=sequence_parallel,
                            sharded_outputs=sharded_outputs, broadcast_inputs=broadcast_inputs, dump_dir=dump_dir)
     model._tp_state = state
@@ -331,7 +341,24 @@ def tp_compile(
 
     checkpoint.install_state_dict_hooks(model)
     checkpoint.prepare(model, state, example_inputs, init_weights, device)
+    if mesh is not None:
+        state.data_parallel = apply_data_parallel(model, mesh)
     return model
+
+
+def _tp_of(mesh, group, example_inputs):
+    """The TP slice of ``tp_compile(mesh=...)``'s mesh, after checking what the one-call form needs."""
+    names = tuple(mesh.mesh_dim_names or ())
+    if group is not None:
+        raise ValueError("tp_compile: pass mesh= (TP over mesh['tp'], FSDP2 over its data-parallel dims) or group=, "
+                         "not both.")
+    if "tp" not in names:
+        raise ValueError(f"tp_compile(mesh=...): the mesh needs a 'tp' dim (it has {names}); e.g. "
+                         f"init_device_mesh(device, (dp, tp), mesh_dim_names=('dp', 'tp')).")
+    if data_parallel_mesh(mesh)[0] is not None and example_inputs is None:
+        raise ValueError("tp_compile(mesh=...) with a data-parallel dim needs example_inputs=(a batch like the real "
+                         "ones): FSDP2 shards the planned tensor-parallel parameters, so the plan must exist first.")
+    return mesh["tp"] if mesh.ndim > 1 else mesh
 
 
 def tp_state(model: nn.Module) -> TensorParallel:

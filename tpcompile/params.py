@@ -302,3 +302,9 @@ def watch_optimizers(store: TPParameters) -> None:
         from torch.optim.optimizer import register_optimizer_step_pre_hook
 
         _HOOK = register_optimizer_step_pre_hook(pre_step)
+
+
+def on_tp_mesh(t) -> bool:
+    """True for a DTensor on the TP mesh of a live tp-compiled model (its parameters, or views of them)."""
+    mesh = getattr(t, "device_mesh", None)
+    return mesh is not None and any(s.mesh == mesh for s in list(_STORES))

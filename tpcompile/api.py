@@ -206,8 +206,7 @@ class TensorParallel:
 
     def _check_ran_compiled(self, out) -> None:
         """No rewritten graph ran in this call: Dynamo ran the whole forward eagerly, on the ghosts."""
-        flat, _ = tree_flatten(out)
-        if any(isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all() for t in flat):
+        if _has_nan(out):
             limit = torch._dynamo.config.recompile_limit
             raise TPEagerFallbackError(
                 f"tp_compile: this call ran no compiled graph: Dynamo ran the forward eagerly, where tensor "
@@ -218,17 +217,20 @@ class TensorParallel:
             )
 
     def _check_no_eager_ghosts(self, out) -> None:
-        """A frame Dynamo skipped (e.g. a graph break inside a loop) runs eagerly on the ghosts."""
-        flat, _ = tree_flatten(out)
-        poisoned = any(isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all() for t in flat)
+        """Code Dynamo runs eagerly (a frame skipped for a graph break inside a loop) computes right when
+        it calls modules (each compiles on its own), but a parameter it reads directly is a ghost: NaN."""
+        if not _has_nan(out):
+            return
         unseen = [f for f in self.params.slots if f not in self.params.layouts]
-        if poisoned and unseen:
-            raise TPEagerFallbackError(
-                f"tp_compile: parameters {unseen[:6]}{'...' if len(unseen) > 6 else ''} were used outside every "
-                f"compiled graph: Dynamo ran that code eagerly (typically a graph break inside a loop makes it "
-                f"skip the whole frame), where tensor parallelism cannot apply. Remove the graph break "
-                f"(TORCH_LOGS=graph_breaks shows it) or move it out of the loop."
-            )
+        which = "a parameter was read directly (not through its module) by code Dynamo ran eagerly" + (
+            f" (no compiled graph has used {unseen[:6]}{'...' if len(unseen) > 6 else ''})" if unseen else "")
+        raise TPEagerFallbackError(
+            f"tp_compile: the output is NaN on a call that compiled new graphs: {which}. Dynamo runs a frame "
+            f"eagerly when it cannot resume it after a graph break (typically one inside a loop), and there a "
+            f"parameter is only a memory-free stand-in (NaN); a module call is compiled on its own and stays "
+            f"right. Call the module instead of reading its weight (self.lm_head(x), not x @ self.wte.weight.T), "
+            f"or remove the graph break (TORCH_LOGS=graph_breaks shows it)."
+        )
 
     def _broadcast(self, args, kwargs):
         """Megatron's broadcast_data: every rank computes on the first rank's inputs."""
@@ -265,6 +267,13 @@ class TensorParallel:
                 f"tensor-parallel group must see the same batch: seed the data loader the same on all TP "
                 f"ranks, or pass tp_compile(..., broadcast_inputs=True) to use the first rank's inputs."
             )
+
+
+def _has_nan(out) -> bool:
+    """Ghosts are NaN: a result computed on one is NaN (``-inf`` / ``inf`` in a user's output are not ours)."""
+    flat, _ = tree_flatten(out)
+    flat = [getattr(t, "_local_tensor", t) for t in flat]  # a DTensor output (sharded_outputs): its shard
+    return any(isinstance(t, torch.Tensor) and t.is_floating_point() and bool(t.isnan().any()) for t in flat)
 
 
 def _inductor_options(compile_options: dict) -> dict:

@@ -83,3 +83,35 @@ def test_two_instances_of_one_class_never_share_weights():
         for tp_loss, ref_loss in r:
             assert abs(tp_loss - ref_loss) <= 1e-5 * abs(ref_loss), r
         assert len({round(ref, 4) for _, ref in r}) >= 2  # the instances do differ
+
+
+def _unequal_pieces(rank, world):
+    import spellings
+    import tpcompile
+
+    model, x = spellings.make(spellings.FusedQKVGQA)
+    ref = copy.deepcopy(model)
+    model = tpcompile.tp_compile(model, backend="aot_eager")
+    model(x).backward()
+    ref(x).backward()
+    w = model.qkv.weight
+    try:
+        w.redistribute(w.device_mesh, [torch.distributed.tensor.Replicate()])
+        refused = ""
+    except tpcompile.TPShardingError as e:
+        refused = str(e)
+    return {"pieces": tpcompile.tp_state(model).plan["qkv.weight"].pieces,
+            "weight": (w.full_tensor() - ref.qkv.weight).abs().max().item(),
+            "grad": (w.grad.full_tensor() - ref.qkv.weight.grad).abs().max().item(),
+            "bias_grad": (model.qkv.bias.grad.full_tensor() - ref.qkv.bias.grad).abs().max().item(),
+            "refused": refused}
+
+
+def test_full_tensor_of_unequal_fused_pieces_is_the_true_full_tensor():
+    """q | k | v of 16 | 8 | 8 rows, each split over tp on its own: no DTensor placement says so,
+    so the parameter and its gradient carry their layout: ``full_tensor()`` puts the pieces back
+    (a plain ``Shard(0)`` gather would give [q0 k0 v0 q1 k1 v1]) and ``redistribute`` refuses."""
+    for r in run_ranks(_unequal_pieces, 2):
+        assert r["pieces"] == (16, 8, 8)
+        assert r["weight"] == 0.0 and r["grad"] <= 1e-6 and r["bias_grad"] <= 1e-6, r
+        assert "unequal fused pieces" in r["refused"]

@@ -77,6 +77,7 @@ class TPParameters:
     def __init__(self, model: nn.Module, mesh, rank: int, tp: int):
         from torch.distributed.tensor import DTensor, Replicate
 
+        _patch_dtensor_for_pieces()
         self.mesh, self.rank, self.tp = mesh, rank, tp
         self.layouts: dict[str, ParamPlan] = {}
         self.slots: dict[str, list[tuple[nn.Module, str]]] = {}
@@ -121,13 +122,7 @@ class TPParameters:
         """Store ``pp.fqn`` as ``pp`` says (the first graph that uses a parameter decides)."""
         from torch.distributed.tensor import DTensor
 
-        known = self.layouts.get(pp.fqn)
-        if known is not None:
-            if not _same_layout(known, pp):
-                raise TPShardingError(
-                    f"{pp.fqn}: a later graph needs it {pp.style} but it is stored {known.style}; "
-                    f"pin one with plan={{{pp.fqn!r}: {known.style!r}}}."
-                )
+        if _stored_already(self.layouts, pp):
             return
         p = self.current(pp.fqn)
         if pp.sharded:
@@ -143,6 +138,7 @@ class TPParameters:
             if p.grad is not None:
                 raise TPShardingError(f"{pp.fqn}: first used after training started; cannot reshard it now.")
             torch.utils.swap_tensors(p, self._sharded(p, pp))
+            self._carry_pieces(p, pp)
         self.layouts[pp.fqn] = pp
 
     def _sharded(self, p, pp: ParamPlan) -> nn.Parameter:
@@ -165,6 +161,16 @@ class TPParameters:
             p._local_tensor._tp_padded = base
         return p
 
+    @staticmethod
+    def _carry_pieces(p, pp: ParamPlan) -> None:
+        """A parameter of unequal fused pieces, and each gradient it gets, carry their layout
+        (``_patch_dtensor_for_pieces``)."""
+        if pp.exact:
+            return
+        p._tp_pieces = pp
+        if p.requires_grad:
+            p.register_post_accumulate_grad_hook(lambda q: setattr(q.grad, "_tp_pieces", pp))
+
     def install(self, pp: ParamPlan, stored: torch.Tensor, requires_grad: bool) -> None:
         """Register a parameter built elsewhere (a meta model's allocated shard) under ``pp``'s slots."""
         if pp.sharded:
@@ -173,6 +179,7 @@ class TPParameters:
             from torch.distributed.tensor import DTensor, Replicate
 
             new = nn.Parameter(DTensor.from_local(stored, self.mesh, [Replicate()], run_check=False), requires_grad)
+        self._carry_pieces(new, pp)
         old = self.current(pp.fqn)
         for m, n in self.slots[pp.fqn]:
             m._parameters[n] = new
@@ -240,6 +247,15 @@ class TPParameters:
                     )
 
 
+def _stored_already(layouts: dict, pp: ParamPlan) -> bool:
+    """True if ``pp.fqn`` is stored as ``pp`` already; stored otherwise is an error (the first graph decides)."""
+    known = layouts.get(pp.fqn)
+    if known is not None and not _same_layout(known, pp):
+        raise TPShardingError(f"{pp.fqn}: a later graph needs it {pp.style} but it is stored {known.style}; "
+                              f"pin one with plan={{{pp.fqn!r}: {known.style!r}}}.")
+    return known is not None
+
+
 def _known(store, fqn: str, lay: ParamPlan) -> ParamPlan:
     """The layout ``fqn`` is stored with, storing ``lay``'s if it has none yet; a different one is an error."""
     known = store.layouts.get(fqn)
@@ -264,11 +280,7 @@ class StandinParameters:
         self._ghosts = {twin.fqn_of[id(g)]: g for g in twin.ghosts}
 
     def apply(self, pp: ParamPlan) -> None:
-        known = self.layouts.get(pp.fqn)
-        if known is not None:
-            if not _same_layout(known, pp):
-                raise TPShardingError(f"{pp.fqn}: a later graph needs it {pp.style} but it is stored {known.style}; "
-                                      f"pin one with plan={{{pp.fqn!r}: {known.style!r}}}.")
+        if _stored_already(self.layouts, pp):
             return
         g = self._ghosts[pp.fqn]
         self.standins[pp.fqn] = nn.Parameter(g[tuple(slice(0, n) for n in pp.local_shape)], g.requires_grad)
@@ -308,3 +320,37 @@ def on_tp_mesh(t) -> bool:
     """True for a DTensor on the TP mesh of a live tp-compiled model (its parameters, or views of them)."""
     mesh = getattr(t, "device_mesh", None)
     return mesh is not None and any(s.mesh == mesh for s in list(_STORES))
+
+
+def _patch_dtensor_for_pieces() -> None:
+    """Unequal fused pieces (``[q_r | k_r | v_r]``, q wider than k and v) are a layout no DTensor
+    placement describes: the parameter is a ``Shard(dim)`` DTensor whose rows are in rank order.
+    So that ``.full_tensor()`` of such a parameter or of its gradient is still the true full tensor
+    (and ``redistribute`` a clear error, not a permuted one), both look at the layout they carry."""
+    from torch.distributed._functional_collectives import all_gather_tensor_autograd
+    from torch.distributed.tensor import DTensor
+
+    if getattr(DTensor.full_tensor, "_tp_pieces", False):
+        return
+    full_tensor, redistribute = DTensor.full_tensor, DTensor.redistribute
+
+    def pieces_full_tensor(self, *, grad_placements=None):
+        pp = self.__dict__.get("_tp_pieces")
+        if pp is None:
+            return full_tensor(self, grad_placements=grad_placements)
+        local = self._local_tensor
+        tp = self.device_mesh.size()
+        gathered = all_gather_tensor_autograd(local.contiguous(), gather_dim=pp.dim, group=self.device_mesh.get_group())
+        return pp.assemble(list(gathered.chunk(tp, pp.dim)))
+
+    def pieces_redistribute(self, *args, **kwargs):
+        pp = self.__dict__.get("_tp_pieces")
+        if pp is not None:
+            raise TPShardingError(
+                f"{pp.fqn} holds unequal fused pieces {pp.pieces} (each split over tp on its own), a layout no DTensor "
+                f"placement describes: redistribute() would move rows in rank order. Use .full_tensor() (which "
+                f"places the pieces right) or tpcompile.full_state_dict.")
+        return redistribute(self, *args, **kwargs)
+
+    pieces_full_tensor._tp_pieces = True
+    DTensor.full_tensor, DTensor.redistribute = pieces_full_tensor, pieces_redistribute

@@ -1,9 +1,12 @@
 """Train an example model with tensor parallelism from ``tpcompile.tp_compile``.
 
-Two ways to run it:
+Three ways to run it:
 
     torchrun --nproc-per-node 2 examples/train.py [--model gpt|llama] [--steps 8] [--compare-single-device]
     python examples/train.py --launch 2 --compare-single-device      # starts torchrun itself (`make demo`)
+    torchrun --nnodes 2 --nproc-per-node 2 --rdzv-backend c10d --rdzv-endpoint HOST:PORT --rdzv-id ID \
+        examples/train.py --tp 2 --optimizer adamw --lr 1e-3 --clip-grad-norm 1.0 --compare-single-device
+                                      # on each of two nodes: dp=2 x tp=2, TP inside a node (docs/multinode.md)
 
 Every rank builds the same single-device model (examples/gpt.py or examples/llama.py, seeded),
 optionally keeps an untouched deep copy of it (``--compare-single-device``), then calls
@@ -11,6 +14,15 @@ optionally keeps an untouched deep copy of it (``--compare-single-device``), the
 row per step (TP loss beside the single-device loss), the parameter elements each rank holds,
 and a PASS/FAIL line; the exit code is 1 when the largest relative loss difference is above
 ``--tol``.
+
+``--tp N`` (default: the world size) runs data parallel x tensor parallel: the world is a
+``(dp, tp)`` DeviceMesh (``dp = world // N``, consecutive global ranks form a TP group, which torchrun
+places on one node) and ``tp_compile(model, mesh=mesh, example_inputs=...)`` shards over ``"tp"`` and
+applies FSDP2 over ``"dp"``. Every rank draws the same global batch and trains on its dp rank's slice;
+the printed loss is the global one (the mean over dp ranks of the local losses), compared with the
+single-device copy trained on the whole global batch. The script prints which global ranks form each
+TP group and on which node (torchrun's ``GROUP_RANK``) each rank runs, and stops with an error when a
+TP group spans nodes (``--allow-tp-across-nodes`` to run anyway).
 
 ``--tp-off`` skips ``tp_compile`` (the "tp" model is then the plain model, trained eagerly on
 every rank, and must match the single-device copy exactly): a check of this script's plumbing.
@@ -23,6 +35,7 @@ import copy
 import math
 import os
 import random
+import socket
 import subprocess
 import sys
 import time
@@ -72,6 +85,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compare-single-device", action="store_true",
                    help="every rank also trains an untouched copy of the single-device model")
     p.add_argument("--tol", type=float, default=1e-4, help="largest relative loss difference that passes")
+    p.add_argument("--tp", type=int, default=None, metavar="N",
+                   help="tensor-parallel degree (default: the world size); dp = world // N, on a (dp, tp) mesh")
+    p.add_argument("--backend", choices=["inductor", "aot_eager", "eager"], default="inductor",
+                   help="what compiles the rewritten graph (aot_eager: no Inductor, quick to start)")
+    p.add_argument("--clip-grad-norm", type=float, default=None, metavar="MAX",
+                   help="torch.nn.utils.clip_grad_norm_(model.parameters(), MAX) every step (both models)")
+    p.add_argument("--allow-tp-across-nodes", action="store_true",
+                   help="run even when a TP group spans torchrun nodes (its all-reduces then cross the network)")
     p.add_argument("--tp-off", action="store_true",
                    help="skip tp_compile: the 'tp' model is the plain model (checks this script)")
     p.add_argument("--torch-compile", action="store_true",
@@ -159,7 +180,8 @@ def make_optimizer(kind: str, params, lr: float | None) -> torch.optim.Optimizer
 
 
 def n_elements(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())  # tied weights counted once
+    """Parameter elements this rank holds (a DTensor parameter counts its local shard; tied weights once)."""
+    return sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in module.parameters())
 
 
 def sync(device: torch.device) -> None:
@@ -167,9 +189,71 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def scalar(t) -> float:
+    """A float from a (possibly DTensor) 0-d tensor: clip_grad_norm_ returns a DTensor for DTensor params."""
+    return float(t.full_tensor() if hasattr(t, "full_tensor") else t)
+
+
+def tp_groups_of(world: int, tp: int) -> list[list[int]]:
+    """The global ranks of each TP group: the rows of ``init_device_mesh(device, (dp, tp))``."""
+    return [list(range(g * tp, (g + 1) * tp)) for g in range(world // tp)]
+
+
+def check_placement(world: int, tp: int, say, allow_across: bool) -> bool:
+    """Print where each rank runs and which ranks form each TP and DP group; False when a TP group
+    spans nodes (and that is not allowed). A node is one torchrun agent: its workers share the
+    ``GROUP_RANK`` (the node rank) and differ in ``LOCAL_RANK``."""
+    me = (socket.gethostname(), int(os.environ.get("GROUP_RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")))
+    where: list = [None] * world
+    dist.all_gather_object(where, me)
+    say("placement (global rank: host, node = torchrun GROUP_RANK, LOCAL_RANK):")
+    for r, (host, node, local) in enumerate(where):
+        say(f"  rank {r}: host {host}, node {node}, local rank {local}")
+
+    def nodes(ranks: list[int]) -> list[int]:
+        return sorted({where[r][1] for r in ranks})
+
+    ok = True
+    groups = tp_groups_of(world, tp)
+    for i, ranks in enumerate(groups):
+        spans = nodes(ranks)
+        hosts = sorted({where[r][0] for r in ranks})
+        inside = len(spans) == 1 and len(hosts) == 1
+        ok = ok and inside
+        say(f"TP group {i}: global ranks {ranks} -> node(s) {spans}: "
+            + ("inside one node" if inside else "SPANS NODES"))
+    for j in range(tp):
+        ranks = [g[j] for g in groups]
+        if len(ranks) > 1:
+            say(f"DP group {j}: global ranks {ranks} -> node(s) {nodes(ranks)}")
+    if ok:
+        say(f"TP groups inside nodes: yes ({len(groups)} group(s) of {tp})")
+    elif allow_across:
+        say("TP groups inside nodes: NO (--allow-tp-across-nodes: running anyway; TP all-reduces cross nodes)")
+    else:
+        say("TP groups inside nodes: NO. Each TP group must sit on one node: use --tp equal to (or dividing) "
+            "--nproc-per-node, or pass --allow-tp-across-nodes.")
+    return ok or allow_across
+
+
 def train(args: argparse.Namespace) -> int:
     rank, world, device = setup_distributed()
     say = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
+
+    tp = world if args.tp is None else args.tp
+    if tp < 1 or world % tp:
+        raise SystemExit(f"--tp {tp} must divide the world size {world}")
+    dp = world // tp
+    if args.tp_off and dp > 1:
+        raise SystemExit("--tp-off runs the plain model on every rank: it takes no --tp below the world size")
+    if args.batch_size % dp:
+        raise SystemExit(f"--batch-size {args.batch_size} (the global batch) must divide by dp={dp}")
+    per = args.batch_size // dp
+
+    if not args.tp_off and not check_placement(world, tp, say, args.allow_tp_across_nodes):
+        dist.barrier()
+        dist.destroy_process_group()
+        return 2
 
     random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -178,6 +262,8 @@ def train(args: argparse.Namespace) -> int:
     full_elements = n_elements(model)
     ref = copy.deepcopy(model) if args.compare_single_device else None  # before tp_compile
 
+    data = make_dataset(args.data, vocab, args.seed)
+    dp_rank, dp_group = 0, None
     if args.tp_off:
         mode = "OFF (--tp-off: plain model on every rank" + (", torch.compile)" if args.torch_compile else ", eager)")
         if args.torch_compile:
@@ -185,74 +271,110 @@ def train(args: argparse.Namespace) -> int:
     else:
         import tpcompile
 
-        mode = f"tp_compile, tp={world}"
-        model = tpcompile.tp_compile(model)
+        if dp == 1:
+            mode = f"tp_compile, tp={world}"
+            model = tpcompile.tp_compile(model, backend=args.backend)
+        else:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            mesh = init_device_mesh(device.type, (dp, tp), mesh_dim_names=("dp", "tp"))
+            dp_rank, dp_group = mesh.get_local_rank("dp"), mesh["dp"].get_group()
+            # a batch of the local shape: the plan must exist before FSDP2 shards the planned parameters
+            example = get_batch(data, block, per, torch.Generator().manual_seed(args.seed + 1), device)
+            mode = f"tp_compile(mesh=mesh), dp={dp} x tp={tp}: TP over mesh['tp'], FSDP2 over mesh['dp']"
+            model = tpcompile.tp_compile(model, mesh=mesh, example_inputs=example, backend=args.backend)
 
     opt = make_optimizer(args.optimizer, model.parameters(), args.lr)
     ref_opt = make_optimizer(args.optimizer, ref.parameters(), args.lr) if ref is not None else None
 
-    data = make_dataset(args.data, vocab, args.seed)
     g = torch.Generator().manual_seed(args.seed)
+    clip = args.clip_grad_norm
 
     say(f"model {args.model}: {full_elements:,} parameter elements | {world} rank(s), {dist.get_backend()} on "
         f"{device.type} | tensor parallel: {mode}")
-    say(f"data: {args.data} ({len(data):,} tokens), batch {args.batch_size} x {block} | "
-        f"optimizer {args.optimizer} | {args.steps} steps")
+    say(f"data: {args.data} ({len(data):,} tokens), global batch {args.batch_size} x {block}"
+        + (f" ({per} per dp rank)" if dp > 1 else "")
+        + f" | optimizer {args.optimizer}" + (f", clip_grad_norm_ {clip:g}" if clip is not None else "")
+        + f" | {args.steps} steps")
     if not args.tp_off or args.torch_compile:
-        say("step 1 compiles the model (Dynamo + Inductor, forward and backward): expect tens of seconds on CPU")
+        say(f"step 1 compiles the model (Dynamo + {args.backend if not args.tp_off else 'inductor'}, forward and "
+            "backward): expect tens of seconds on CPU")
     say("")
-    say(f"{'step':>4} | {'tp loss':>10} | {'single-device loss':>18} | {'rel diff':>9} | {'step ms':>9}")
-    say(f"{'-' * 4}-+-{'-' * 10}-+-{'-' * 18}-+-{'-' * 9}-+-{'-' * 9}")
+    loss_name = "tp loss" if dp == 1 else "global loss"
+    head = f"{'step':>4} | {loss_name:>11} | {'single-device loss':>18} | {'rel diff':>9}"
+    if clip is not None:
+        head += f" | {'grad norm':>10} | {'single-dev norm':>15}"
+    say(head + f" | {'step ms':>9}")
+    say("-+-".join("-" * len(c) for c in (head + " | " + f"{'step ms':>9}").split(" | ")))
 
-    losses, ref_losses, rel_diffs = [], [], []
+    losses, local_losses, ref_losses, rel_diffs, norm_diffs = [], [], [], [], []
     for step in range(1, args.steps + 1):
-        x, y = get_batch(data, block, args.batch_size, g, device)
+        x, y = get_batch(data, block, args.batch_size, g, device)  # the global batch, alike on every rank
+        xl, yl = x[dp_rank * per:(dp_rank + 1) * per], y[dp_rank * per:(dp_rank + 1) * per]
 
         sync(device)
         t0 = time.perf_counter()
-        loss = model(x, y)
+        loss = model(xl, yl)
         loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip) if clip is not None else None
         opt.step()
         opt.zero_grad(set_to_none=True)
+        whole = loss.detach().clone()
+        if dp_group is not None:  # global loss: the mean over dp ranks of each one's local loss
+            dist.all_reduce(whole, group=dp_group)
+            whole /= dp
         sync(device)
         ms = (time.perf_counter() - t0) * 1e3
-        losses.append(loss.item())
+        local_losses.append(loss.item())
+        losses.append(whole.item())
 
-        ref_cell, diff_cell = "-", "-"
+        ref_cell, diff_cell, norm_cells = "-", "-", ""
         if ref is not None:
             ref_loss = ref(x, y)
             ref_loss.backward()
+            ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), clip) if clip is not None else None
             ref_opt.step()
             ref_opt.zero_grad(set_to_none=True)
             ref_losses.append(ref_loss.item())
             rel = abs(losses[-1] - ref_losses[-1]) / max(abs(ref_losses[-1]), 1e-12)
             rel_diffs.append(rel)
             ref_cell, diff_cell = f"{ref_losses[-1]:.6f}", f"{rel:.2e}"
+            if clip is not None:
+                a, b = scalar(norm), scalar(ref_norm)
+                norm_diffs.append(abs(a - b) / max(abs(b), 1e-12))
+                norm_cells = f" | {a:>10.6f} | {b:>15.6f}"
+        elif clip is not None:
+            norm_cells = f" | {scalar(norm):>10.6f} | {'-':>15}"
         note = "  (includes compile)" if step == 1 and (not args.tp_off or args.torch_compile) else ""
-        say(f"{step:>4} | {losses[-1]:>10.6f} | {ref_cell:>18} | {diff_cell:>9} | {ms:>9.1f}{note}")
+        say(f"{step:>4} | {losses[-1]:>11.6f} | {ref_cell:>18} | {diff_cell:>9}{norm_cells} | {ms:>9.1f}{note}")
 
     # what each rank holds now (after the first forward tp_compile has resharded in place)
     local = n_elements(model)
     all_local: list = [None] * world
     dist.all_gather_object(all_local, local)
-    # the TP loss is replicated: every rank must have computed the same numbers
+    # every TP rank of a group computes the same (replicated) local loss
     all_losses: list = [None] * world
-    dist.all_gather_object(all_losses, losses)
+    dist.all_gather_object(all_losses, local_losses)
     spread = max(
-        abs(a - b) / max(abs(b), 1e-12) for r in range(world) for a, b in zip(all_losses[r], all_losses[0])
+        abs(a - b) / max(abs(b), 1e-12)
+        for r in range(world) for a, b in zip(all_losses[r], all_losses[r - r % tp])
     )
 
     say("")
     per_rank = ", ".join(f"rank {r}: {n:,} ({100.0 * n / full_elements:.1f}%)" for r, n in enumerate(all_local))
     say(f"parameter elements: full model {full_elements:,} | local per rank: {per_rank}")
-    say(f"tp loss agreement across ranks: max rel spread {spread:.2e}")
+    say(f"loss agreement across the ranks of each TP group: max rel spread {spread:.2e}")
 
     ok = spread <= args.tol and all(math.isfinite(v) for v in losses)
     if ref is not None:
         worst = max(rel_diffs)
-        ok = ok and worst <= args.tol
-        say(f"{'PASS' if ok else 'FAIL'}: max relative loss difference vs single device {worst:.2e} over "
-            f"{args.steps} steps (tolerance {args.tol:.0e}); rank spread {spread:.2e}")
+        worst_norm = max(norm_diffs) if norm_diffs else 0.0
+        ok = ok and worst <= args.tol and worst_norm <= args.tol
+        what = "global loss" if dp > 1 else "loss"
+        say(f"{'PASS' if ok else 'FAIL'}: max relative {what} difference vs single device {worst:.2e} over "
+            f"{args.steps} steps (tolerance {args.tol:.0e})"
+            + (f"; grad norm {worst_norm:.2e}" if norm_diffs else "")
+            + f"; rank spread {spread:.2e}")
     else:
         say(f"{'PASS' if ok else 'FAIL'}: ran {args.steps} steps, final loss {losses[-1]:.6f} "
             f"(no single-device comparison; add --compare-single-device)")

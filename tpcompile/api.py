@@ -17,7 +17,7 @@ from tpcompile.errors import TPEagerFallbackError, TPInputMismatchError, TPShard
 from tpcompile.params import StandinParameters, TPParameters, watch_optimizers
 from tpcompile.passes.placements import local_size
 from tpcompile.pipeline import GraphRecord, Options
-from tpcompile.twin import Twin, _region
+from tpcompile.twin import Twin
 
 
 def _quiet_logging() -> set:
@@ -81,8 +81,8 @@ class TensorParallel:
             refuse_ddp()
         self.compiled = torch.compile(self.twin.module, backend=Backend(self, "trace" if explaining else mode),
                                       **compile_options)
-        self.twin.region = torch.compile(_region, backend=Backend(self, "trace" if explaining else mode),
-                                         **compile_options)
+        region_backend = Backend(self, "trace" if explaining else mode)
+        self.twin.compile = lambda fn: torch.compile(fn, backend=region_backend, **compile_options)
         self._planner = None
         self.data_parallel = ""  # what tp_compile(mesh=...) applied: "shard" | "hsdp" | "replicate"
         self._inputs_checked = explaining  # one process: nothing to compare

@@ -16,13 +16,14 @@ Two things keep eagerly-run code right:
 - a twin module whose user module got forward hooks after ``tp_compile`` (FSDP2's
   ``fully_shard`` on a block, or the user's own) graph-breaks and calls the *user's* module, so
   its hooks run there (FSDP unshards the block, registers its post-backward), with that
-  module's ``forward`` redirected to the twin's compiled forward (``Twin.region``). Hooks
+  module's ``forward`` redirected to the twin's compiled forward (``Twin.regions``). Hooks
   that were there before ``tp_compile`` were copied with the module and are traced into the
   graph, as without tpcompile.
 """
 from __future__ import annotations
 
 import copy
+import re
 import types
 from typing import Any, Callable
 
@@ -47,18 +48,30 @@ def _twin_forward(self, *args, **kwargs):
     return type(self).forward(self, *args, **kwargs)
 
 
-_FORWARDS: dict[type, Callable] = {}
+_COPIES: dict[tuple, Callable] = {}
 
 
-def _forward_for(cls: type) -> Callable:
-    """``_twin_forward`` with a code object of its own per class: Dynamo caches compiled frames
-    per code object, so the modules of one class share entries and other classes do not count
-    against their recompile limit."""
-    fn = _FORWARDS.get(cls)
-    if fn is None:
-        code = _twin_forward.__code__.replace(co_name=f"{cls.__name__}_forward")
-        fn = _FORWARDS[cls] = types.FunctionType(code, _twin_forward.__globals__, code.co_name)
-    return fn
+def _copy_for(fn: Callable, cls: type, position: str) -> Callable:
+    """``fn`` with a code object of its own per (class, position in the module tree).
+
+    Dynamo caches compiled frames per code object and reuses one for every module that passes
+    its guards. Modules at one position of every block (``h.*.attn.q_proj``) share a copy, so a
+    frame compiled for one block is reused for the next (bound to that block's parameters);
+    modules elsewhere (``o_proj``, of the same class and shapes but another layout) get another
+    copy, so they never run a program planned for a different layout, and do not count against
+    each other's recompile limit."""
+    key = (fn, cls, position)
+    out = _COPIES.get(key)
+    if out is None:
+        name = f"{cls.__name__}_{re.sub(r'[^0-9A-Za-z_]', '_', position)}_{fn.__name__.strip('_')}"
+        code = fn.__code__.replace(co_name=name)
+        out = _COPIES[key] = types.FunctionType(code, fn.__globals__, name)
+    return out
+
+
+def position_of(fqn: str) -> str:
+    """``h.3.attn.q_proj`` -> ``h.*.attn.q_proj``: where a module sits, whatever block it is in."""
+    return re.sub(r"(^|\.)\d+(?=\.|$)", r"\1*", fqn)
 
 
 class Twin:
@@ -79,14 +92,18 @@ class Twin:
         self.module = copy.deepcopy(model, memo)
         self.ghosts = [memo[id(p)] for p in model.parameters()]  # keep ids stable
         self.pairs = list(zip(model.modules(), self.module.modules()))
-        self.region: Callable | None = None  # set by the owner: the compiled ``_region``
+        self.compile: Callable | None = None  # set by the owner: fn -> torch.compile(fn, backend=...)
+        self.regions: dict[Callable, Callable] = {}
+        names = dict(zip(self.module.modules(), (n for n, _ in self.module.named_modules(remove_duplicate=False))))
         for i, (user, twin) in enumerate(self.pairs):
             if i == 0 or type(twin).forward is nn.Module.forward:
                 continue  # the root (its hooks already ran: the user called it) and containers
+            position = position_of(names.get(twin, ""))
             twin._tp_route = False
-            twin.forward = types.MethodType(_forward_for(type(twin)), twin)
+            twin.forward = types.MethodType(_copy_for(_twin_forward, type(twin), position), twin)
             twin.__dict__["_tp_user"] = user  # plain attributes, not submodules: never traced
             twin.__dict__["_tp_owner"] = self
+            twin.__dict__["_tp_region"] = _copy_for(_region, type(twin), position)
 
     def follow_devices(self, params) -> None:
         """Keep each ghost on its parameter's device (a meta model allocated on another device)."""
@@ -112,16 +129,20 @@ class Twin:
 
 
 def _region(module: nn.Module, *args, **kwargs):
-    """What ``Twin.region`` compiles: a twin module's own forward (its children route as usual)."""
+    """What a routed module compiles (one copy per class and position): the twin module's own
+    forward (its children route as usual)."""
     return type(module).forward(module, *args, **kwargs)
 
 
 @torch._dynamo.disable(recursive=True)
 def _through_user_hooks(twin: nn.Module, args: tuple, kwargs: dict):
-    owner, user = twin.__dict__["_tp_owner"], twin.__dict__["_tp_user"]
+    owner, user, fn = twin.__dict__["_tp_owner"], twin.__dict__["_tp_user"], twin.__dict__["_tp_region"]
+    region = owner.regions.get(fn)
+    if region is None:
+        region = owner.regions[fn] = owner.compile(fn)
     had = "forward" in user.__dict__
     saved = user.__dict__.get("forward")
-    user.forward = lambda *a, **k: owner.region(twin, *a, **k)
+    user.forward = lambda *a, **k: region(twin, *a, **k)
     try:
         return user(*args, **kwargs)
     finally:

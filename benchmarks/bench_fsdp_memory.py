@@ -119,9 +119,19 @@ def _run(config: str, args, rank: int = 0) -> dict:
             "loss": loss.item()}
 
 
+def _quiet() -> None:
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")  # the meter's own hooks
+    warnings.filterwarnings("ignore", category=UserWarning, module="tpcompile")  # graph-break notes
+    logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
+
+
 def _entry(rank: int, config: str, args, store: str, queue) -> None:
     import torch.distributed as dist
 
+    _quiet()
     torch.set_num_threads(1)
     dist.init_process_group("gloo", store=dist.FileStore(store, WORLD), rank=rank, world_size=WORLD)
     try:
@@ -158,6 +168,7 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--plot", default=os.path.join(ROOT, "docs", "img", "fsdp_memory.png"))
     args = ap.parse_args()
+    _quiet()
     rows = []
     for config in CONFIGS:
         rs = measure(config, args)

@@ -53,6 +53,18 @@ def _style_for_fqn(fqn: str, overrides: dict) -> str | None:
     return None
 
 
+def with_tied_aliases(overrides: dict, aliases: dict[str, str]) -> dict:
+    """``overrides`` plus, for a tied weight named by one of its other names (``lm_head`` for
+    GPT's ``wte.weight``), the same style under the name it is planned by."""
+    out = dict(overrides)
+    for alias, fqn in aliases.items():
+        if alias != fqn:
+            style = _style_for_fqn(alias, out)
+            if style is not None and _style_for_fqn(fqn, out) is None:
+                out[fqn] = style
+    return out
+
+
 def _indices_from_data(idx, params) -> bool:
     """True if embedding indices come from the user's inputs (tokens), not from ``arange``."""
     while isinstance(idx, fx.Node):

@@ -115,3 +115,30 @@ def test_full_tensor_of_unequal_fused_pieces_is_the_true_full_tensor():
         assert r["pieces"] == (16, 8, 8)
         assert r["weight"] == 0.0 and r["grad"] <= 1e-6 and r["bias_grad"] <= 1e-6, r
         assert "unequal fused pieces" in r["refused"]
+
+
+def _hooks_after_tp_compile(rank, world):
+    import tpcompile
+    from parity import grad_errors
+
+    model, (x, y) = gpt.make_model(n_layer=3)
+    ref = copy.deepcopy(model)
+    model = tpcompile.tp_compile(model, backend="aot_eager")
+    model(x, y)  # compiled and planned before the hooks exist
+    seen = {"tp": [], "ref": []}
+    for m, key in ((model, "tp"), (ref, "ref")):
+        m.h[1].mlp.register_forward_hook(lambda mod, args, out, key=key: seen[key].append(out.abs().sum().item()))
+        m.h[2].attn.register_forward_hook(lambda mod, args, out: out * 0.5)  # changes the output
+    loss, ref_loss = model(x, y), ref(x, y)
+    loss.backward()
+    ref_loss.backward()
+    return loss.item(), ref_loss.item(), seen, max(grad_errors(model, ref, rank).values())
+
+
+def test_hooks_registered_after_tp_compile_run_and_count():
+    """A forward hook registered on a submodule after tp_compile (logging, or one that changes the
+    output) runs on the user's module, as without tpcompile; loss and gradients follow it."""
+    for loss, ref_loss, seen, err in run_ranks(_hooks_after_tp_compile, 2):
+        assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss)
+        assert len(seen["tp"]) == 1 and abs(seen["tp"][0] - seen["ref"][0]) <= 1e-4 * seen["ref"][0]
+        assert err <= 1e-5

@@ -2,36 +2,21 @@
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from tpcompile.backend import Backend
+from tpcompile.backend import Recorder, compile_twin
 from tpcompile.data_parallel import apply_data_parallel, data_parallel_mesh, refuse_ddp
 from tpcompile.errors import TPEagerFallbackError, TPInputMismatchError, TPShardingError, TPWarning
-from tpcompile.params import StandinParameters, TPParameters, watch_optimizers
-from tpcompile.passes.placements import local_size
+from tpcompile.params import TPParameters, watch_optimizers
+from tpcompile.passes.plan import with_tied_aliases
 from tpcompile.pipeline import GraphRecord, Options
-from tpcompile.twin import Twin
-
-
-def _quiet_logging() -> set:
-    """Logger methods Dynamo may drop inside the compiled model instead of graph-breaking.
-
-    A graph break splits the model into graphs planned apart (values crossing it are made
-    whole), so a harmless ``logger.warning_once(...)`` in a library model (Hugging Face's
-    loss selection does this) would cost collectives. Inside compiled code those messages
-    are skipped; eager runs still print them.
-    """
-    names = ("debug", "info", "warning", "warn", "error", "critical", "exception", "log", "warning_once", "info_once",
-             "warning_advice")
-    fns = {getattr(logging.Logger, n) for n in names if hasattr(logging.Logger, n)}
-    return set(torch._dynamo.config.ignore_logging_functions) | fns
+from tpcompile.twin import Twin, trace_config
 
 
 def _resolve_mesh(group):
@@ -53,49 +38,24 @@ class TensorParallel:
 
     def __init__(self, model: nn.Module, group, plan: dict | None, compile_options: dict, *,
                  sequence_parallel: bool = False, sharded_outputs: bool = False, broadcast_inputs: bool = False,
-                 dump_dir: str | None = None, explaining: bool = False):
-        # Dynamo settings of every trace of the twin (forward, and the planning trace)
-        self.dynamo_config = {"nested_graph_breaks": True, "ignore_logging_functions": _quiet_logging()}
-        self.sequence_parallel = sequence_parallel
-        self.sharded_outputs = sharded_outputs
-        self.dump_dir = dump_dir or os.environ.get("TPCOMPILE_DUMP_DIR") or None
+                 dump_dir: str | None = None):
         self.mesh, self.group = _resolve_mesh(group)
-        self.group_name = self.group.group_name
-        self.tp = dist.get_world_size(self.group)
-        self.rank = dist.get_rank(self.group)
-        self.overrides = dict(plan or {})
-        self.broadcast_inputs = broadcast_inputs
-        self.records: list[GraphRecord] = []
-        self.graph_calls = 0  # rewritten graphs run so far: a call that runs none ran eagerly on the ghosts
+        self.tp, self.rank = dist.get_world_size(self.group), dist.get_rank(self.group)
+        self.broadcast_inputs, self.sharded_outputs = broadcast_inputs, sharded_outputs
+        self.twin = Twin(model, self.device)
+        self.params = TPParameters(model, self.mesh, self.rank, self.tp)
+        watch_optimizers(self.params)
+        refuse_ddp()
+        self.options = Options(self.tp, self.rank, self.group.group_name, with_tied_aliases(plan or {}, self.twin.aliases),
+                               sequence_parallel, sharded_outputs)
+        self.recorder = Recorder(self.rank, dump_dir or os.environ.get("TPCOMPILE_DUMP_DIR") or None)
         compile_options = dict(compile_options)
         mode = compile_options.pop("backend", "inductor")
-        self.inductor_options = _inductor_options(compile_options)
-        # explain: one process, a fake group; plan and trace only, the model is never touched
-        self.explaining = explaining
-        self.twin = Twin(model, self.device, meta_buffers_as_ghosts=explaining)
-        for fqn, p in model.named_parameters(remove_duplicate=False):
-            self._alias_overrides(fqn, self.twin.fqn_of.get(id(self.twin.module.get_parameter(fqn)), fqn))
-        self.params = StandinParameters(self.twin) if explaining else TPParameters(model, self.mesh, self.rank, self.tp)
-        if not explaining:
-            watch_optimizers(self.params)
-            refuse_ddp()
-        self.compiled = torch.compile(self.twin.module, backend=Backend(self, "trace" if explaining else mode),
-                                      **compile_options)
-        region_backend = Backend(self, "trace" if explaining else mode)
-        self.twin.compile = lambda fn: torch.compile(fn, backend=region_backend, **compile_options)
-        self._planner = None
+        self.compiled, self.twin.compile = compile_twin(
+            self.twin, self.params, self.options, mode, self.recorder, mesh=self.mesh, compile_options=compile_options,
+            inductor_options=_inductor_options(compile_options))
         self.data_parallel = ""  # what tp_compile(mesh=...) applied: "shard" | "hsdp" | "replicate"
-        self._inputs_checked = explaining  # one process: nothing to compare
-
-    def _alias_overrides(self, alias: str, fqn: str) -> None:
-        """A tied weight: an override may name any of its names."""
-        from tpcompile.passes.plan import _style_for_fqn
-
-        if alias == fqn:
-            return
-        style = _style_for_fqn(alias, self.overrides)
-        if style is not None and _style_for_fqn(fqn, self.overrides) is None:
-            self.overrides[fqn] = style
+        self._inputs_checked = False
 
     @property
     def device(self) -> torch.device:
@@ -108,51 +68,29 @@ class TensorParallel:
         """FQN -> ParamPlan of every parameter a graph has planned so far."""
         return self.params.layouts
 
-    def options(self, fqns: Iterable[str]) -> Options:
-        """The pipeline's options for a graph using ``fqns``: parameters already stored keep their layout."""
-        known = {f: self.params.layouts[f].style for f in fqns if f in self.params.layouts}
-        return Options(self.tp, self.rank, self.group_name, {**known, **self.overrides}, self.sequence_parallel,
-                       self.sharded_outputs)
+    @property
+    def records(self) -> list[GraphRecord]:
+        """One record per captured graph: plan, rewritten code, collectives, fallbacks."""
+        return self.recorder.records
 
     def plan_now(self, args: tuple, kwargs: dict) -> None:
         """Trace the twin on an example batch with the planning backend: every parameter a graph
         uses is stored as planned before the first real call (``example_inputs``)."""
         self.twin.sync()
-        if self._planner is None:
-            self._planner = torch.compile(self.twin.module, backend=Backend(self, "plan"), dynamic=False)
+        planner, plan_regions = compile_twin(self.twin, self.params, self.options, "plan", Recorder(self.rank),
+                                             compile_options={"dynamic": False})
+        saved = self.twin.compile, self.twin.regions
+        self.twin.compile, self.twin.regions = plan_regions, {}
         try:
-            with torch._dynamo.config.patch(**self.dynamo_config):
-                self._planner(*args, **kwargs)  # the same Dynamo settings as forward: the same graphs
+            with torch._dynamo.config.patch(**trace_config()):
+                planner(*args, **kwargs)  # the same Dynamo settings as forward: the same graphs
         except torch._dynamo.exc.BackendCompilerFailed as e:
             inner = getattr(e, "inner_exception", None)
             if inner is not None:
                 raise inner from None
             raise
-
-    def as_dtensors(self, outputs: Any, sharded: dict) -> list:
-        """A graph's flat outputs with those kept sharded (``{index: (dim, full size)}``) as DTensors.
-
-        A vocabulary padded to ``ceil(V / tp)`` rows per rank is cut back to DTensor's uneven
-        split (``torch.chunk``'s sizes), which is the same layout without the padding.
-        """
-        from torch.distributed.tensor import DTensor, Shard
-
-        outputs = list(outputs)
-        for i, (dim, full) in sharded.items():
-            t = outputs[i]
-            n = local_size(full, self.tp)
-            real = max(0, min(n, full - self.rank * n))
-            if real != t.shape[dim]:
-                t = t.narrow(dim, 0, real)
-            shape = t.shape[:dim] + (full,) + t.shape[dim + 1:]
-            outputs[i] = DTensor.from_local(t, self.mesh, [Shard(dim)], run_check=False, shape=shape,
-                                            stride=torch.empty(shape, device="meta").stride())
-        return outputs
-
-    def dump(self, index: int, record: GraphRecord) -> None:
-        from tpcompile.dump import dump_record
-
-        dump_record(record, self.dump_dir, self.rank, index)
+        finally:
+            self.twin.compile, self.twin.regions = saved
 
     # ----------------------------------------------------------------- the module's forward
     def forward(self, *args, **kwargs):
@@ -162,18 +100,16 @@ class TensorParallel:
         elif not self._inputs_checked:
             self._check_inputs(args, kwargs)
             self._inputs_checked = True
-        n_graphs, n_calls = len(self.records), self.graph_calls
+        n_graphs, n_calls = len(self.records), self.recorder.calls
         try:
-            with torch._dynamo.config.patch(**self.dynamo_config):
+            with torch._dynamo.config.patch(**trace_config()):
                 out = self.compiled(*args, **kwargs)
         except torch._dynamo.exc.BackendCompilerFailed as e:
             inner = getattr(e, "inner_exception", None)
             if isinstance(inner, (TPShardingError, ValueError, NotImplementedError, RuntimeError)):
                 raise inner from None
             raise
-        if self.explaining:
-            return out
-        if self.graph_calls == n_calls:
+        if self.recorder.calls == n_calls:
             self._check_ran_compiled(out)
         if len(self.records) != n_graphs:  # something (re)compiled: make sure nothing ran on ghosts
             self._check_no_eager_ghosts(out)

@@ -14,6 +14,7 @@ planning trace of ``example_inputs``) only stores the layouts.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
@@ -21,6 +22,7 @@ import torch.fx as fx
 
 from tpcompile.errors import TPShardingError, TPWarning
 from tpcompile.passes.graph_utils import value
+from tpcompile.passes.placements import local_size
 from tpcompile.pipeline import Collective, GraphRecord, Options, collectives_of, communication_floor, tp_program
 
 MODES = ("inductor", "aot_eager", "eager", "trace", "plan")
@@ -77,23 +79,71 @@ def output_zeros(gm: fx.GraphModule) -> Callable:
     return lambda *args: torch.utils._pytree.tree_map(zeros, vals)
 
 
-class Backend:
-    """Dynamo backend of one tp-compiled model. ``state`` gives the twin (ghost -> FQN), the
-    parameters (layouts, binding), the pipeline options and where records go."""
+@dataclass
+class Recorder:
+    """What a model's backends did: one record per captured graph, and how many rewritten graphs ran
+    (a call that runs none ran eagerly). ``dump_dir``: write each record there as it fills."""
 
-    def __init__(self, state: Any, mode: str):
+    rank: int = 0
+    dump_dir: str | None = None
+    records: list[GraphRecord] = field(default_factory=list)
+    calls: int = 0
+
+    def add(self, record: GraphRecord) -> Callable | None:
+        self.records.append(record)
+        if not self.dump_dir:
+            return None
+        from tpcompile.dump import dump_record
+
+        on_graph = functools.partial(dump_record, directory=self.dump_dir, rank=self.rank, index=len(self.records) - 1)
+        on_graph(record)
+        return on_graph
+
+
+def outputs_as_dtensors(outputs: Any, sharded: dict, mesh, rank: int, tp: int) -> list:
+    """A graph's flat outputs with those kept sharded (``{index: (dim, full size)}``) as DTensors.
+
+    A vocabulary padded to ``ceil(V / tp)`` rows per rank is cut back to DTensor's uneven
+    split (``torch.chunk``'s sizes), which is the same layout without the padding.
+    """
+    from torch.distributed.tensor import DTensor, Shard
+
+    outputs = list(outputs)
+    for i, (dim, full) in sharded.items():
+        t = outputs[i]
+        n = local_size(full, tp)
+        real = max(0, min(n, full - rank * n))
+        if real != t.shape[dim]:
+            t = t.narrow(dim, 0, real)
+        shape = t.shape[:dim] + (full,) + t.shape[dim + 1:]
+        outputs[i] = DTensor.from_local(t, mesh, [Shard(dim)], run_check=False, shape=shape,
+                                        stride=torch.empty(shape, device="meta").stride())
+    return outputs
+
+
+class Backend:
+    """Dynamo backend of one tp-compiled model: ``twin`` says which inputs are ghosts (of which
+    parameter), ``params`` stores and binds the parameters, ``options`` are the pipeline's (the
+    user's overrides; parameters already stored keep their layout), ``recorder`` gets the records."""
+
+    def __init__(self, twin, params, options: Options, mode: str, recorder: Recorder, *,
+                 inductor_options: dict | None = None, mesh=None):
         if mode not in MODES:
             raise ValueError(f"tp_compile(backend={mode!r}): use 'inductor', 'aot_eager' or 'eager'")
-        self.state, self.mode = state, mode
+        self.twin, self.params, self.options, self.mode, self.recorder = twin, params, options, mode, recorder
+        self.inductor_options, self.mesh = inductor_options, mesh
+
+    def options_for(self, fqns) -> Options:
+        known = {f: self.params.layouts[f].style for f in fqns if f in self.params.layouts}
+        return replace(self.options, overrides={**known, **self.options.overrides})
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list) -> Callable:
-        st, mode = self.state, self.mode
-        twin, params = st.twin, st.params
+        mode, twin, params, rec = self.mode, self.twin, self.params, self.recorder
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         param_fqns = {i: twin.fqn_of[id(ex)] for i, ex in enumerate(example_inputs) if id(ex) in twin.fqn_of}
         names = {n.name: twin.names[id(ex)] for n, ex in zip(placeholders, example_inputs) if id(ex) in twin.names}
         stand_in = output_zeros(gm) if mode in ("trace", "plan") else None
-        program = tp_program(gm, param_fqns, st.options(param_fqns.values()), names, plan_only=mode == "plan")
+        program = tp_program(gm, param_fqns, self.options_for(param_fqns.values()), names, plan_only=mode == "plan")
         for lay in program.layouts.values():
             params.apply(lay)
         index = list(program.layouts)
@@ -106,29 +156,40 @@ class Backend:
 
             return plan_only
         record = program.record
-        st.records.append(record)
+        on_graph = rec.add(record)
         inputs = list(example_inputs)
         fake_mode = torch._guards.detect_fake_mode(example_inputs)
         for i, t in zip(index, params.examples([param_fqns[i] for i in index], layouts)):
             # fakify the local shard ourselves, with static shapes: left to AOTAutograd it gets
             # fresh symbols with no source, and a shape guard on one of them fails to build
             inputs[i] = fake_mode.from_tensor(t, static_shapes=True) if fake_mode is not None else t
-        on_graph = functools.partial(st.dump, len(st.records) - 1) if st.dump_dir else None
-        if on_graph:
-            on_graph(record)
-        compiled = _compile(gm, inputs, record, mode, on_graph, stand_in, st.inductor_options)
-        sharded = program.sharded_outputs
+        compiled = _compile(gm, inputs, record, mode, on_graph, stand_in, self.inductor_options)
+        sharded, opts, mesh = program.sharded_outputs, self.options, self.mesh
 
         def run(*args):
-            st.graph_calls += 1
+            rec.calls += 1
             args = list(args)
             for i, t in zip(index, params.program_locals([fqn_of[id(args[i])] for i in index], layouts)):
                 args[i] = t
             out = compiled(*args)
-            return st.as_dtensors(out, sharded) if sharded else out
+            return outputs_as_dtensors(out, sharded, mesh, opts.rank, opts.tp) if sharded else out
 
         return run
 
 
-__all__ = ["Backend", "GraphRecord", "Collective", "TPShardingError", "TPWarning", "collectives_of",
+def compile_twin(twin, params, options: Options, mode: str, recorder: Recorder, *, mesh=None,
+                 compile_options: dict | None = None, inductor_options: dict | None = None) -> tuple[Callable, Callable]:
+    """The twin's module compiled with a tpcompile backend, and how routed modules
+    (``tpcompile.twin``) compile their regions: with a backend of the same kind."""
+    compile_options = compile_options or {}
+
+    def backend():
+        return Backend(twin, params, options, mode, recorder, inductor_options=inductor_options, mesh=mesh)
+
+    regions = backend()
+    return (torch.compile(twin.module, backend=backend(), **compile_options),
+            lambda fn: torch.compile(fn, backend=regions, **compile_options))
+
+
+__all__ = ["Backend", "Recorder", "compile_twin", "outputs_as_dtensors", "GraphRecord", "Collective", "TPShardingError", "TPWarning", "collectives_of",
            "communication_floor", "output_zeros"]

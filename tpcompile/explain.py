@@ -18,9 +18,12 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from tpcompile.api import TensorParallel
+from tpcompile.backend import Recorder, compile_twin
+from tpcompile.params import StandinParameters
 from tpcompile.passes.layout import ParamPlan
-from tpcompile.pipeline import Collective, GraphRecord
+from tpcompile.passes.plan import with_tied_aliases
+from tpcompile.pipeline import Collective, GraphRecord, Options
+from tpcompile.twin import Twin, trace_config
 
 
 @dataclass
@@ -145,24 +148,34 @@ def explain(
     breaks_before = Counter(torch._dynamo.utils.counters["graph_break"])
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
     try:
-        state = TensorParallel(model, None, plan, {}, sequence_parallel=sequence_parallel, dump_dir=dump_dir,
-                               explaining=True)
+        # the same capture and pipeline as tp_compile; stand-in parameters, so the model is never
+        # touched, and the "trace" backend builds the forward and backward graphs and runs nothing
+        twin = Twin(model, torch.device("cpu"), meta_buffers_as_ghosts=True)
+        params = StandinParameters(twin)
+        options = Options(world_size, rank, dist.group.WORLD.group_name, with_tied_aliases(plan or {}, twin.aliases),
+                          sequence_parallel)
+        recorder = Recorder(rank, dump_dir)
+        compiled, twin.compile = compile_twin(twin, params, options, "trace", recorder)
+        twin.sync()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            state.forward(*args, **kwargs)
+            with torch._dynamo.config.patch(**trace_config()):
+                try:
+                    compiled(*args, **kwargs)
+                except torch._dynamo.exc.BackendCompilerFailed as e:
+                    raise getattr(e, "inner_exception", None) or e from None
     finally:
         dist.destroy_process_group()
         torch._dynamo.reset()  # drop the twin's cache entries (they guard on a fake group)
     breaks = Counter(torch._dynamo.utils.counters["graph_break"]) - breaks_before
-    return _report(state, model, world_size, rank, caught, breaks)
+    return _report(recorder.records, params.layouts, model, world_size, rank, caught, breaks)
 
 
-def _report(state: TensorParallel, model: nn.Module, world_size: int, rank: int, caught, breaks) -> Report:
-    records = state.records
+def _report(records: list, layouts: dict, model: nn.Module, world_size: int, rank: int, caught, breaks) -> Report:
     if not records:
         raise RuntimeError("explain(): Dynamo captured no graph from this model (it ran entirely eagerly).")
     order = [fqn for fqn, _ in model.named_parameters()]
-    params = {fqn: state.plan[fqn] for fqn in order if fqn in state.plan}
+    params = {fqn: layouts[fqn] for fqn in order if fqn in layouts}
     size = {fqn: p.element_size() for fqn, p in model.named_parameters()}
     full = sum(math.prod(pp.full_shape) * size[f] for f, pp in params.items())
     local = sum(math.prod(pp.local_shape) * size[f] for f, pp in params.items())

@@ -31,6 +31,22 @@ import torch
 import torch.nn as nn
 
 
+def trace_config() -> dict:
+    """Dynamo settings of every trace of a twin (the forward, regions, the planning trace, explain).
+
+    Graph breaks in nested frames resume there instead of ending the caller's graph, and logger
+    calls Dynamo would break on are dropped inside compiled code: a harmless
+    ``logger.warning_once(...)`` in a library model (Hugging Face's loss selection) would
+    otherwise split the model into graphs planned apart, which costs collectives."""
+    import logging
+
+    names = ("debug", "info", "warning", "warn", "error", "critical", "exception", "log", "warning_once", "info_once",
+             "warning_advice")
+    fns = {getattr(logging.Logger, n) for n in names if hasattr(logging.Logger, n)}
+    return {"nested_graph_breaks": True,
+            "ignore_logging_functions": set(torch._dynamo.config.ignore_logging_functions) | fns}
+
+
 def ghost(p: torch.Tensor, device: torch.device) -> nn.Parameter:
     """A Parameter of ``p``'s logical shape that owns one element of memory (stride 0).
 
@@ -89,6 +105,8 @@ class Twin:
             memo[id(b)] = ghost(b, device) if meta_buffers_as_ghosts and b.device.type == "meta" else b
         for fqn, b in model.named_buffers():
             self.names.setdefault(id(memo[id(b)]), fqn)
+        # every name of a parameter (a tied weight has several) -> the FQN it is planned under
+        self.aliases = {n: self.fqn_of[id(memo[id(p)])] for n, p in model.named_parameters(remove_duplicate=False)}
         self.module = copy.deepcopy(model, memo)
         self.ghosts = [memo[id(p)] for p in model.parameters()]  # keep ids stable
         self.pairs = list(zip(model.modules(), self.module.modules()))

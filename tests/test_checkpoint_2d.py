@@ -114,8 +114,9 @@ def _build_2d(name: str, mesh, seed: int = 0):
 
 
 def _save_worker(rank: int, world: int, path: str) -> bytes:
-    """Train at (dp=2, tp=2), save; then load into a fresh (dp=2, tp=2) model with other weights and
-    take one more step on both: the resumed run is the uninterrupted one, bit for bit."""
+    """Train at (dp=2, tp=2), save; then load into a fresh (dp=2, tp=2) model with other weights (first
+    the single-device safetensors file, then the DCP checkpoint) and take one more step on both: the
+    resumed run is the uninterrupted one, bit for bit."""
     import torch._dynamo
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -131,6 +132,10 @@ def _save_worker(rank: int, world: int, path: str) -> bytes:
         out[name] = {"init": init, "placements": placements, "full": tpcompile.full_state_dict(model),
                      "optim": full_optim_state_dict(model, opt), "misplaced": misplaced}
         again, _, _, _ = _build_2d(name, mesh, seed=7)
+        # first a single-device safetensors file (as published) into the FSDP2-sharded model, and back out
+        tpcompile.load_checkpoint(again, os.path.join(path, f"{name}.safetensors"))
+        out[name]["from_safetensors"] = tpcompile.full_state_dict(again)
+        tpcompile.save_checkpoint(again, os.path.join(path, f"{name}-resaved.safetensors"), format="safetensors")
         opt2 = torch.optim.AdamW(again.parameters(), lr=1e-3)
         tpcompile.load_checkpoint(again, os.path.join(path, name), optimizer=opt2)
         out[name]["resumed"] = {"full": tpcompile.full_state_dict(again), "optim": full_optim_state_dict(again, opt2),
@@ -215,9 +220,23 @@ def _max_err(got: dict, want: dict) -> float:
     return max((got[k] - v).abs().max().item() for k, v in want.items() if isinstance(v, torch.Tensor) and v.numel())
 
 
+def _published(model) -> dict:
+    """The state dict as a published safetensors file holds it: each tied weight once."""
+    seen, out = set(), {}
+    for k, v in model.state_dict().items():
+        if v.data_ptr() not in seen:
+            seen.add(v.data_ptr())
+            out[k] = v.contiguous()
+    return out
+
+
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
+    from safetensors.torch import save_file
+
     path = tmp_path_factory.mktemp("dcp2d")
+    for name in CASES:
+        save_file(_published(_make(name)[0]), str(path / f"{name}.safetensors"))
     return path, _ranks(_save_worker, 4, str(path))[0]
 
 
@@ -250,6 +269,18 @@ def test_full_state_dict_under_fsdp2_equals_single_device(saved):
     assert pl["gpt"]["h.0.attn.o_proj.weight"] == ("Shard(dim=0)", "Shard(dim=1)")
     assert pl["gqa"]["qkv.weight"] == ("_StridedShard(dim=0, sf=2)", "Shard(dim=0)")  # FSDP2's; the layout is ours
     assert pl["gqa-hsdp"]["qkv.weight"] == ("Replicate()", "_StridedShard(dim=0, sf=2)", "Shard(dim=0)")
+
+
+def test_safetensors_load_and_save_under_fsdp2(saved):
+    """A single-device safetensors file loads into the (dp=2, tp=2) FSDP2-sharded models (each rank
+    reading only its boxes), bitwise; ``save_checkpoint(format="safetensors")`` writes it back whole."""
+    from safetensors.torch import load_file
+
+    path, res = saved
+    for name in CASES:
+        ref = _make(name)[0]
+        _assert_equal(res[name]["from_safetensors"], ref.state_dict(), f"{name} from safetensors")
+        _assert_equal(load_file(str(path / f"{name}-resaved.safetensors")), _published(ref), f"{name} resaved")
 
 
 def _assert_loaded(got: dict, saved: dict, where: str) -> None:

@@ -150,6 +150,23 @@ def part_of(model: nn.Module, t, pp: ParamPlan) -> Part | None:
     return Part(st.rank, (f, start, length), chunk, count, mesh.get_group(i))
 
 
+def local_boxes(model: nn.Module, name: str, t: torch.Tensor) -> list[tuple[tuple, tuple, tuple]]:
+    """``(offsets, sizes, local)`` boxes of the full tensor that ``t`` (registered as ``name``) holds
+    on this rank, in its local tensor: by the layout for a tp-compiled model's tensors (under
+    FSDP2 too), by DTensor's own placements for anyone else's DTensor (FSDP2 on a plain model)."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    pp = layout_of(model, name) or replicated(name, tuple(t.shape))
+    part = part_of(model, t, pp)
+    if part is not None:
+        return pp.boxes(part.rank, part.slice)
+    if isinstance(t, DTensor):
+        sizes, offsets = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+        return [(tuple(offsets), tuple(sizes), (0,) * len(sizes))] if all(sizes) else []
+    return pp.boxes(rank_tp(model)[0])
+
+
 def dcp_boxes(dt, pp: ParamPlan, part: Part) -> None:
     """DCP's chunk hooks on ``dt``'s local tensor: one box of the full tensor per piece it holds.
 

@@ -188,11 +188,13 @@ def _load_dp_worker(rank: int, world: int, path: str) -> bytes:
     for name in CASES:
         model, _, _ = _make(name, seed=7)
         _fully_shard(model, dp_mesh)
+        tpcompile.load_checkpoint(model, os.path.join(path, f"{name}.safetensors"))  # DTensor's own boxes
+        from_safetensors = tpcompile.full_state_dict(model)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         tpcompile.load_checkpoint(model, os.path.join(path, name), optimizer=opt)
         out[name] = {"full": tpcompile.full_state_dict(model), "optim": full_optim_state_dict(model, opt),
                      "lr": opt.param_groups[0]["lr"], "placement": repr(model.h[0].mlp.fc.weight.placements)
-                     if name == "gpt" else None}
+                     if name == "gpt" else None, "from_safetensors": from_safetensors}
     mesh = init_device_mesh("cpu", (2, 1), mesh_dim_names=("dp", "tp"))
     model, batch, _ = _make("gpt", seed=7)
     model = tpcompile.tp_compile(model, mesh=mesh, example_inputs=_half(batch, rank), backend="aot_eager")
@@ -309,11 +311,13 @@ def test_dcp_2d_loads_at_dp1_tp2(saved):
 
 def test_dcp_2d_loads_at_dp2_tp1(saved):
     """(dp=2, tp=2) -> (dp=2, tp=1): FSDP2 over the plain model (per block + root), and the GPT through
-    ``tp_compile(model, mesh=...)`` on a (dp=2, tp=1) mesh: bitwise params and AdamW state."""
+    ``tp_compile(model, mesh=...)`` on a (dp=2, tp=1) mesh: bitwise params and AdamW state. (FSDP2 over
+    the plain model also loads the single-device safetensors file first, bitwise.)"""
     path, res = saved
     loaded = _ranks(_load_dp_worker, 2, str(path))[0]
     for name in CASES:
         _assert_loaded(loaded[name], res[name], f"{name} at dp=2")
+        _assert_equal(loaded[name]["from_safetensors"], _make(name)[0].state_dict(), f"{name} safetensors at dp=2")
     assert loaded["gpt"]["placement"] == "(Shard(dim=0),)"
     _assert_loaded(loaded["gpt@tp1"], res["gpt"], "gpt at dp=2 through tp_compile(mesh=(2, 1))")
 

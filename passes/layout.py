@@ -140,19 +140,33 @@ class ParamPlan:
             return _StridedShard(self.dim, split_factor=self.chunks)
         return Shard(self.dim)
 
-    def boxes(self, rank: int) -> list[tuple[tuple, tuple, int]]:
-        """DCP boxes ``(offsets, sizes, at)`` of this rank's stored shard in the full tensor: one per
-        piece, ``at`` its first row in the shard (DCP's own one-box-per-shard is wrong for pieces)."""
+    def boxes(self, rank: int, part: tuple[int, int, int] | None = None) -> list[tuple[tuple, tuple, tuple]]:
+        """DCP boxes ``(offsets, sizes, local)`` of this rank's stored shard in the full tensor: one per
+        piece (DCP's own one-box-per-shard is wrong for pieces), ``local`` the box's offsets in the shard.
+
+        ``part = (dim, start, length)``: only that slice of the stored shard, as FSDP2 holds it (it
+        chunks the stored shard along ``dim`` over the data-parallel ranks); ``local`` is then the
+        box's offsets in the slice. A piece the slice cuts gives the part of it inside."""
         full = tuple(self.full_shape)
-        if not self.sharded:
-            return [((0,) * len(full), full, 0)]
+        if not full:
+            return [((), (), ())]
+        d = self.dim if self.sharded else 0
+        runs = [(s.start, s.length, s.at) for s in self.spans(rank)] if self.sharded else [(0, full[0], 0)]
         out = []
-        for s in self.spans(rank):
-            if s.length:
-                offsets, sizes = [0] * len(full), list(full)
-                offsets[self.dim], sizes[self.dim] = s.start, s.length
-                out.append((tuple(offsets), tuple(sizes), s.at))
+        for start, length, at in runs:
+            offsets, sizes, local = [0] * len(full), list(full), [0] * len(full)
+            offsets[d], sizes[d], local[d] = start, length, at
+            if part is not None:
+                pdim, pstart, plen = part
+                if pdim == d:  # the slice cuts the pieces' dim: keep what of this piece lies inside it
+                    lo, hi = max(at, pstart), min(at + length, pstart + plen)
+                    offsets[d], sizes[d], local[d] = start + lo - at, max(0, hi - lo), lo - pstart
+                else:  # another dim, stored whole by TP: the slice's rows are the full tensor's
+                    offsets[pdim], sizes[pdim], local[pdim] = pstart, plen, 0
+            if all(sizes):
+                out.append((tuple(offsets), tuple(sizes), tuple(local)))
         return out
+
 
 def replicated(fqn: str, shape: Sequence[int]) -> ParamPlan:
     """The plan of a parameter stored whole on every rank."""

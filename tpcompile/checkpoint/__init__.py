@@ -24,7 +24,8 @@ from . import safetensors_io
 from .dcp import is_dcp, load_dcp, save_dcp
 from .meta_init import prepare, require_plan, reset_parameters
 from .safetensors_io import load_safetensors, mark_loaded, save_safetensors
-from .state_dict import as_dtensor, full_state_dict, install_state_dict_hooks, optim_state_dict
+from .state_dict import (as_dtensor, full_optim_state_dict, full_state_dict, install_state_dict_hooks,
+                         optim_state_dict)
 
 
 def load_checkpoint(model: nn.Module, path: str | os.PathLike, *, strict: bool = True,
@@ -71,6 +72,7 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, format: str = 
 __all__ = [
     "TPCheckpointError",
     "full_state_dict",
+    "full_optim_state_dict",
     "load_checkpoint",
     "save_checkpoint",
     "optim_state_dict",

@@ -1,9 +1,9 @@
 """DCP checkpoints: every rank writes its own shards; loads reshard to any (dp, tp) or to one device.
 
 The model's state dict holds its parameters as DTensors of their logical shape (TP, or
-FSDP2 over TP), so ``torch.distributed.checkpoint`` reshards them on load; fused pieces
-carry DCP hooks with their true boxes (``state_dict.dcp_boxes``). Optimizer state is keyed
-by parameter FQN, its per-element tensors as DTensors like their parameters.
+FSDP2 / HSDP over TP), so ``torch.distributed.checkpoint`` reshards them on load; fused pieces
+and FSDP2's shards of TP shards carry DCP hooks with their true boxes (``state_dict.dcp_boxes``).
+Optimizer state is keyed by parameter FQN, its per-element tensors as DTensors like their parameters.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from tpcompile.errors import TPCheckpointError
 
-from .state_dict import dcp_boxes, entries, layout_of, optim_fqns, optim_state_dict, state_of
+from .state_dict import dcp_boxes, entries, layout_of, optim_fqns, optim_state_dict, part_of
 
 
 def is_dcp(path: str) -> bool:
@@ -66,11 +66,9 @@ def load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, path: str
     """Optimizer state resharded to this rank: targets like each parameter, from the checkpoint's metadata."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-    from torch.distributed.tensor import DTensor
 
     md = reader.read_metadata().state_dict_metadata
     names = optim_fqns(model)
-    st = state_of(model)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     target: dict[str, Any] = {}
     for p in params:
@@ -82,8 +80,9 @@ def load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, path: str
             if isinstance(m, TensorStorageMetadata) and tuple(m.size) == tuple(p.shape) and len(m.size):
                 v = torch.zeros_like(p, dtype=m.properties.dtype).detach()  # a DTensor like the parameter
                 pp = layout_of(model, fqn)
-                if pp is not None and isinstance(v, DTensor) and st is not None and v.device_mesh == st.mesh:
-                    dcp_boxes(v, pp, st.rank)
+                part = part_of(model, v, pp) if pp is not None else None
+                if part is not None:
+                    dcp_boxes(v, pp, part)
             elif isinstance(m, TensorStorageMetadata):
                 v = torch.zeros(tuple(m.size), dtype=m.properties.dtype, device="cpu")
             else:

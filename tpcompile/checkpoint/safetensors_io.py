@@ -18,7 +18,7 @@ import torch.nn as nn
 from tpcompile.errors import TPCheckpointError
 from tpcompile.passes.layout import ParamPlan
 
-from .state_dict import entries, full_state_dict, layout_of, rank_tp, state_of, tied_groups
+from .state_dict import entries, full_state_dict, local_boxes, state_of, tied_groups
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -78,13 +78,14 @@ def read_headers(files: list[str]) -> dict[str, tuple[str, tuple, str]]:
 _BLOCK_BYTES = 4 * 1024 * 1024
 
 
-def copy_local(fn: str, name: str, dest: torch.Tensor, pp: ParamPlan | None, rank: int) -> None:
-    """Copy this rank's slice of ``name`` into ``dest`` with ``get_slice`` reads of <= 4 MiB.
+def copy_local(fn: str, name: str, dest: torch.Tensor, boxes: list) -> None:
+    """Copy this rank's part of ``name`` into ``dest`` with ``get_slice`` reads of <= 4 MiB.
 
-    Only the rank's rows / columns are read (one span per fused piece), in blocks of rows,
-    and the file is opened per block: safetensors maps the whole file, and the pages a read
-    touches count as this process's memory until the map is closed. So loading costs the
-    local shards plus one block, not a full tensor.
+    ``boxes``: ``(offsets, sizes, local)`` of the full tensor that ``dest`` holds (``local_boxes``:
+    one per fused piece, cut by FSDP2's slice under data parallelism). Only those are read, in
+    blocks of rows, and the file is opened per block: safetensors maps the whole file, and the
+    pages a read touches count as this process's memory until the map is closed. So loading
+    costs the local shards plus one block, not a full tensor.
     """
     from safetensors import safe_open
 
@@ -93,26 +94,18 @@ def copy_local(fn: str, name: str, dest: torch.Tensor, pp: ParamPlan | None, ran
             return f.get_slice(name)[index]
 
     with safe_open(fn, framework="pt", device="cpu") as f:
-        shape = tuple(f.get_slice(name).get_shape())
-        if not shape:
+        if not f.get_slice(name).get_shape():
             dest.copy_(f.get_tensor(name))
             return
-    dim = 0 if pp is None else pp.dim
-    # (row in the file, row in dest, rows) along ``dim``: one span per fused piece
-    spans = [(0, 0, shape[0])] if pp is None else [(s.start, s.at, s.length) for s in pp.spans(rank) if s.length]
-    row = max(1, math.prod(shape[1:]) * dest.element_size())  # bytes of one full row (dim 0)
-    for src, dst, n in spans:
-        if dim == 0:
-            step = max(1, _BLOCK_BYTES // row)
-            for o in range(0, n, step):
-                k = min(step, n - o)
-                dest.narrow(0, dst + o, k).copy_(read(slice(src + o, src + o + k)))
-        else:
-            step = max(1, _BLOCK_BYTES // max(1, row * n // shape[dim]))
-            for o in range(0, shape[0], step):
-                k = min(step, shape[0] - o)
-                index = (slice(o, o + k),) + (slice(None),) * (dim - 1) + (slice(src, src + n),)
-                dest.narrow(0, o, k).narrow(dim, dst, n).copy_(read(index))
+    for offsets, sizes, local in boxes:
+        row = max(1, math.prod(sizes[1:]) * dest.element_size())  # bytes of one row of the box
+        step = max(1, _BLOCK_BYTES // row)
+        rest_src = tuple(slice(o, o + n) for o, n in zip(offsets[1:], sizes[1:]))
+        rest_dst = tuple(slice(o, o + n) for o, n in zip(local[1:], sizes[1:]))
+        for i in range(0, sizes[0], step):
+            k = min(step, sizes[0] - i)
+            dest[(slice(local[0] + i, local[0] + i + k),) + rest_dst].copy_(
+                read((slice(offsets[0] + i, offsets[0] + i + k),) + rest_src))
 
 
 @torch.no_grad()
@@ -140,9 +133,8 @@ def load_safetensors(model: nn.Module, path: str, strict: bool) -> list[str]:
                       f"{'...' if len(unexpected) > 20 else ''}")
     if errors:
         raise TPCheckpointError(f"load_checkpoint({path!r}): nothing was loaded:\n  " + "\n  ".join(errors))
-    rank, _ = rank_tp(model)
     for src, name, t, fn in plan:
-        copy_local(fn, src, _local(t), layout_of(model, name), rank)
+        copy_local(fn, src, _local(t), local_boxes(model, name, t))
     mark_loaded(model)
     return unexpected
 

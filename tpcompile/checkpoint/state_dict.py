@@ -5,19 +5,26 @@ DTensors of their logical shape and DCP saves and reshards them. What this modul
 what DTensor cannot know:
 
 - a fused projection's shard is several boxes of the full tensor (one per piece), where DCP
-  assumes one box per shard: its local tensor gets DCP's chunk hooks describing each box
+  assumes one box per shard, and FSDP2's shard of a TP shard (``fully_shard`` over a
+  data-parallel mesh: the stored shard chunked along a dim, ``part_of``) may cut through the
+  pieces: its local tensor gets DCP's chunk hooks describing each box from the layout
   (``dcp_boxes``), so every piece is written and read at its true place;
 - ``load_state_dict`` takes plain full tensors too (a single-device checkpoint): each becomes
   the parameter's DTensor, this rank's shard cut by its layout;
-- ``full_state_dict`` gathers the true full tensors, unequal fused pieces included.
+- ``full_state_dict`` / ``full_optim_state_dict`` gather the true full tensors by the layout,
+  unequal fused pieces and FSDP2's shards included.
 """
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from tpcompile.errors import TPCheckpointError
 from tpcompile.passes.layout import ParamPlan, replicated
 
 
@@ -76,25 +83,107 @@ def as_dtensor(model: nn.Module, stored: torch.Tensor, pp: ParamPlan):
     st = state_of(model)
     dt = DTensor.from_local(stored, st.mesh, [pp.placement()], run_check=False,
                             shape=torch.Size(pp.full_shape), stride=contiguous_stride(pp.full_shape))
-    dcp_boxes(dt, pp, st.rank)
+    dcp_boxes(dt, pp, Part(st.rank))
     return dt
 
 
-def dcp_boxes(dt, pp: ParamPlan, rank: int) -> None:
-    """A fused (strided or unequal-piece) shard is one box of the full tensor per piece.
+@dataclass(frozen=True)
+class Part:
+    """What of a TP-sharded parameter a DTensor holds on this rank: the stored shard of TP rank
+    ``rank``, or under FSDP2 (HSDP) the ``slice = (dim, start, length)`` of it that FSDP2 keeps.
 
-    DCP describes a DTensor shard by one (offset, size) box, which is wrong for pieces.
-    DTensor defers DCP's three hooks to its local tensor when that tensor has them, so we
-    give the local tensor hooks that describe each box: DCP then writes and reads (and
-    reshards) every piece at its true place.
+    FSDP2 chunks the stored shard along ``dim`` like ``torch.chunk`` over the ``count`` ranks of
+    its shard mesh dim (``chunk`` rows each, the last ones shorter or empty); ``group`` is that
+    dim's process group, over which the slices gather back into the stored shard."""
+
+    rank: int
+    slice: tuple | None = None
+    chunk: int = 0
+    count: int = 1
+    group: Any = None
+
+
+def part_of(model: nn.Module, t, pp: ParamPlan) -> Part | None:
+    """The part of ``pp``'s parameter that the DTensor ``t`` holds on this rank: its TP DTensor, or
+    FSDP2's over it ((dp..., tp) mesh, the TP mesh last, as FSDP2 concatenates them). None for
+    anything else (a plain tensor, a DTensor on another mesh); ``TPCheckpointError`` for a DTensor
+    over the TP mesh laid out in a way that is not FSDP2's sharding of the stored shard."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    st = state_of(model)
+    if st is None or not isinstance(t, DTensor):
+        return None
+    mesh = t.device_mesh
+    if mesh.ndim == 1:
+        return Part(st.rank) if mesh == st.mesh else None
+    tp_dim = mesh.ndim - 1
+    tp_ranks = sorted(dist.get_process_group_ranks(st.group))
+    if sorted(dist.get_process_group_ranks(mesh.get_group(tp_dim))) != tp_ranks:
+        return None
+
+    def refuse(why: str):
+        return TPCheckpointError(
+            f"{pp.fqn}: cannot save, load or gather its {mesh.ndim}-D DTensor {t.placements} on mesh dims "
+            f"{mesh.mesh_dim_names}: {why}. tpcompile checkpoints FSDP2 / HSDP over its TP parameters (fully_shard on "
+            f"the data-parallel mesh, the TP mesh last); nothing was saved or loaded.")
+
+    want = pp.placement() if pp.sharded else Replicate()
+    if t.placements[-1] != want or mesh.get_coordinate()[tp_dim] != st.rank:
+        raise refuse(f"its TP placement {t.placements[-1]!r} (TP rank {mesh.get_coordinate()[tp_dim]}) is not the "
+                     f"layout's {want!r} (TP rank {st.rank})")
+    dp = [(i, p) for i, p in enumerate(t.placements[:-1]) if not p.is_replicate()]
+    if not dp:
+        return Part(st.rank)
+    if len(dp) > 1 or not isinstance(dp[0][1], (Shard, _StridedShard)):
+        raise refuse("more than one data-parallel mesh dim shards it" if len(dp) > 1 else
+                     f"{dp[0][1]!r} on mesh dim {dp[0][0]} is not a shard")
+    i, p = dp[0]
+    f, stored = p.dim, pp.stored_shape(st.rank)
+    count, index = mesh.size(i), mesh.get_coordinate()[i]
+    chunk = -(-stored[f] // count)
+    start = min(stored[f], index * chunk)
+    length = min(chunk, stored[f] - start)
+    if tuple(t._local_tensor.shape) != stored[:f] + (length,) + stored[f + 1:]:
+        raise refuse(f"its local shape {tuple(t._local_tensor.shape)} is not FSDP2's chunk {index} of {count} along "
+                     f"dim {f} of the stored shard {stored}")
+    return Part(st.rank, (f, start, length), chunk, count, mesh.get_group(i))
+
+
+def local_boxes(model: nn.Module, name: str, t: torch.Tensor) -> list[tuple[tuple, tuple, tuple]]:
+    """``(offsets, sizes, local)`` boxes of the full tensor that ``t`` (registered as ``name``) holds
+    on this rank, in its local tensor: by the layout for a tp-compiled model's tensors (under
+    FSDP2 too), by DTensor's own placements for anyone else's DTensor (FSDP2 on a plain model)."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    pp = layout_of(model, name) or replicated(name, tuple(t.shape))
+    part = part_of(model, t, pp)
+    if part is not None:
+        return pp.boxes(part.rank, part.slice)
+    if isinstance(t, DTensor):
+        sizes, offsets = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+        return [(tuple(offsets), tuple(sizes), (0,) * len(sizes))] if all(sizes) else []
+    return pp.boxes(rank_tp(model)[0])
+
+
+def dcp_boxes(dt, pp: ParamPlan, part: Part) -> None:
+    """DCP's chunk hooks on ``dt``'s local tensor: one box of the full tensor per piece it holds.
+
+    DCP describes a DTensor shard by one (offset, size) box computed from its placements. That is
+    wrong for unequal fused pieces (no placement describes them), and FSDP2's shard of a fused
+    shard is a cut through its pieces (``(_StridedShard, _StridedShard)``: DCP's boxes overlap).
+    DTensor defers DCP's three hooks to its local tensor when that tensor has them, so we give
+    the local tensor hooks that describe each box from the layout: DCP then writes and reads (and
+    reshards) every piece at its true place. A plain TP shard needs none (DTensor is exact).
     """
-    if not pp.sharded or (pp.chunks == 1 and not pp.pieces):
+    if not pp.sharded or (part.slice is None and pp.chunks == 1 and not pp.pieces):
         return
     from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
     from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
 
     local = dt._local_tensor
-    boxes = [(torch.Size(o), torch.Size(s), at) for o, s, at in pp.boxes(rank)]
+    boxes = [(torch.Size(o), torch.Size(s), at) for o, s, at in pp.boxes(part.rank, part.slice)]
 
     def chunks():
         return [ChunkStorageMetadata(offsets=o, sizes=s) for o, s, _ in boxes]
@@ -111,7 +200,7 @@ def dcp_boxes(dt, pp: ParamPlan, rank: int) -> None:
     def shard(index):
         for o, s, at in boxes:
             if index.offset is None or tuple(index.offset) == tuple(o):
-                return local.narrow(pp.dim, at, s[pp.dim])
+                return local[tuple(slice(a, a + n) for a, n in zip(at, s))]
         raise ValueError(f"{index.fqn}: no local piece at offset {tuple(index.offset)}")
 
     local.__create_chunk_list__ = chunks
@@ -120,16 +209,16 @@ def dcp_boxes(dt, pp: ParamPlan, rank: int) -> None:
 
 
 def _state_dict_post_hook(module: nn.Module, sd: dict, prefix: str, _meta) -> None:
-    """Fused shards leave with DCP hooks that describe their pieces."""
+    """Sharded parameters (TP DTensors, or FSDP2's over them) leave with DCP hooks that describe their boxes."""
     from torch.distributed.tensor import DTensor
 
-    st = state_of(module)
     for key, v in sd.items():
-        if not key.startswith(prefix) or not isinstance(v, DTensor) or v.device_mesh.ndim != 1:
+        if not key.startswith(prefix) or not isinstance(v, DTensor):
             continue
         pp = layout_of(module, key[len(prefix):])
-        if pp is not None and v.device_mesh == st.mesh:
-            dcp_boxes(v, pp, st.rank)
+        part = part_of(module, v, pp) if pp is not None else None
+        if part is not None:
+            dcp_boxes(v, pp, part)
 
 
 def _load_pre_hook(module, sd, prefix, _meta, _strict, _missing, _unexpected, error_msgs) -> None:
@@ -171,18 +260,19 @@ def install_state_dict_hooks(model: nn.Module) -> None:
 
 # ===================================================================== full state dict
 def gather_full(model: nn.Module, t: torch.Tensor, pp: ParamPlan) -> torch.Tensor:
-    """The full tensor of a TP-sharded DTensor parameter, by its layout (every rank takes part)."""
-    from torch.distributed.tensor import DTensor
-
+    """The full tensor of a TP-sharded parameter (a TP DTensor, FSDP2's DTensor over it, or a plain
+    local shard) by its layout: FSDP2's slices gathered into the stored shard over the
+    data-parallel group, then the stored shards over the TP group (every rank takes part)."""
     st = state_of(model)
-    if isinstance(t, DTensor) and t.device_mesh.ndim > 1:  # FSDP2 over TP: DTensor gathers both
-        if not pp.exact:
-            from tpcompile.errors import TPCheckpointError
-
-            raise TPCheckpointError(f"{pp.fqn}: a fused projection with unequal pieces {pp.pieces} cannot be "
-                                    f"gathered through FSDP2's DTensor (no placement describes its layout).")
-        return t.full_tensor()
-    local = t._local_tensor if isinstance(t, DTensor) else t
+    part = part_of(model, t, pp)
+    local = t._local_tensor if hasattr(t, "_local_tensor") else t
+    if part is not None and part.slice is not None:
+        f, n = part.slice[0], pp.stored_shape(st.rank)[part.slice[0]]
+        padded = local.new_zeros(local.shape[:f] + (part.chunk,) + local.shape[f + 1:])
+        padded.narrow(f, 0, local.shape[f]).copy_(local)
+        slices = [torch.empty_like(padded) for _ in range(part.count)]
+        dist.all_gather(slices, padded, group=part.group)
+        local = torch.cat(slices, f).narrow(f, 0, n)
     padded = pp.pad(local).contiguous()
     parts = [torch.empty_like(padded) for _ in range(st.tp)]
     dist.all_gather(parts, padded, group=st.group)
@@ -195,7 +285,7 @@ def full_state_dict(model: nn.Module, *, rank0_only: bool = True, cpu: bool = Tr
 
     Every rank takes part in the gathers; with ``rank0_only`` the other ranks get ``{}``
     (and keep at most one full tensor at a time). Keys and shapes are the single-device ones.
-    Works under FSDP2 too (the data-parallel dimension is gathered by DTensor).
+    Works under FSDP2 / HSDP too (each parameter gathered by its layout, ``gather_full``).
     """
     from torch.distributed.tensor import DTensor
 
@@ -237,14 +327,14 @@ def optim_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict
     from torch.distributed.tensor import DTensor
 
     names = optim_fqns(model)
-    st = state_of(model)
     state = {}
     for p, s in optimizer.state.items():
         pp = layout_of(model, names[id(p)])
         out = {}
         for k, v in s.items():
-            if pp is not None and isinstance(v, DTensor) and v.device_mesh == st.mesh:
-                dcp_boxes(v, pp, st.rank)
+            part = part_of(model, v, pp) if pp is not None and isinstance(v, DTensor) else None
+            if part is not None:
+                dcp_boxes(v, pp, part)
             out[k] = v
         state[names[id(p)]] = out
     groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [names[id(p)] for p in g["params"]]}
@@ -253,4 +343,37 @@ def optim_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict
     return {"state": state, "param_groups": json.dumps(groups, default=float)}
 
 
-__all__ = ["full_state_dict", "optim_state_dict", "install_state_dict_hooks", "layout_of", "entries", "as_dtensor"]
+@torch.no_grad()
+def full_optim_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, *, rank0_only: bool = True,
+                          cpu: bool = True) -> dict[str, dict[str, Any]]:
+    """The optimizer's per-parameter state as plain single-device tensors, keyed by parameter FQN
+    (``{"h.0.mlp.fc.weight": {"step": ..., "exp_avg": ..., "exp_avg_sq": ...}}``): what a
+    single-device optimizer holds. Sharded state is gathered like its parameter (``gather_full``,
+    under FSDP2 too); every rank takes part; with ``rank0_only`` the other ranks get ``{}``."""
+    from torch.distributed.tensor import DTensor
+
+    names = optim_fqns(model)
+    keep = not rank0_only or not dist.is_initialized() or dist.get_rank() == 0
+    out: dict[str, dict[str, Any]] = {}
+    for g in optimizer.param_groups:  # the same order on every rank: the gathers match up
+        for p in g["params"]:
+            s = optimizer.state.get(p)
+            if not s:
+                continue
+            fqn, pp = names[id(p)], layout_of(model, names[id(p)])
+            full = {}
+            for k, v in s.items():
+                if pp is not None and isinstance(v, torch.Tensor) and tuple(v.shape) == tuple(pp.full_shape):
+                    v = gather_full(model, v, pp)
+                elif isinstance(v, DTensor):
+                    v = v.full_tensor()
+                if isinstance(v, torch.Tensor):
+                    v = v.detach().to("cpu" if cpu else v.device, copy=True)
+                full[k] = v
+            if keep:
+                out[fqn] = full
+    return out
+
+
+__all__ = ["full_state_dict", "full_optim_state_dict", "optim_state_dict", "install_state_dict_hooks", "layout_of",
+           "entries", "as_dtensor", "part_of"]

@@ -105,9 +105,15 @@ def _fused_chunks(lin: fx.Node) -> int | tuple:
     return len(pieces)
 
 
-def make_plan(gm: fx.GraphModule, tp: int, param_fqns: dict, overrides: dict | None = None) -> GraphPlan:
-    """Choose every parameter's layout for ``gm`` (params: placeholder node -> FQN)."""
-    overrides = overrides or {}
+def make_plan(gm: fx.GraphModule, tp: int, param_fqns: dict, overrides: dict | None = None,
+              known: dict | None = None) -> GraphPlan:
+    """Choose every parameter's layout for ``gm`` (params: placeholder node -> FQN).
+
+    ``known``: FQN -> ParamPlan of parameters an earlier graph already stored; they keep it
+    (their style is forced, and the same rows, padding included, are taken over).
+    """
+    known = known or {}
+    overrides = {**{f: pp.style for f, pp in known.items() if f in param_fqns.values()}, **(overrides or {})}
     params = set(param_fqns)
     forced = {n: s for n, f in param_fqns.items() if (s := _style_for_fqn(f, overrides)) is not None}
 
@@ -153,7 +159,7 @@ def make_plan(gm: fx.GraphModule, tp: int, param_fqns: dict, overrides: dict | N
 
         prop = propagate(gm, tp, params, style_of, lambda n: chunks.get(n, 1))
         if first:
-            _param_plans(gm, prop, tp, param_fqns)  # parameter sizes first: the clearer error
+            _param_plans(gm, prop, tp, param_fqns, known)  # parameter sizes first: the clearer error
         few = {n: h for n, h in _few_kv_heads(prop, tp, forced, chunks).items() if n not in replicated}
         if few:  # GQA / MQA with fewer kv heads than tp: keep k/v whole, plan again
             replicated |= set(few)
@@ -176,7 +182,7 @@ def make_plan(gm: fx.GraphModule, tp: int, param_fqns: dict, overrides: dict | N
             break
         replicated |= dropped
     notes += _unsharded_contractions(gm, prop, param_fqns, forced)
-    return GraphPlan(_param_plans(gm, prop, tp, param_fqns), prop, tp, unsupported, notes)
+    return GraphPlan(_param_plans(gm, prop, tp, param_fqns, known), prop, tp, unsupported, notes)
 
 
 def _unsharded_contractions(gm: fx.GraphModule, prop: Propagation, param_fqns: dict, forced: dict) -> list[str]:
@@ -257,13 +263,17 @@ def _set(xs) -> str:
     return "{" + ", ".join(str(x) for x in sorted(xs)) + "}"
 
 
-def _param_plans(gm, prop: Propagation, tp: int, param_fqns: dict) -> dict:
+def _param_plans(gm, prop: Propagation, tp: int, param_fqns: dict, known: dict) -> dict:
     out = {}
     for node, fqn in param_fqns.items():
         p = prop.info[node].out if node in prop.info else None
         full = tuple(int(s) for s in shape(node)) if is_tensor(node) else ()
         if not isinstance(p, Shard):
             out[node] = ParamPlan(fqn, "replicate", None, 1, full, full)
+            continue
+        k = known.get(fqn)
+        if k is not None and k.sharded and k.dim == p.dim and tuple(k.full_shape) == full:
+            out[node] = k  # stored by an earlier graph (e.g. a padded vocabulary whose loss is elsewhere)
             continue
         users = [u for u in node.users if u.op == "call_function"]
         lins = [u for u in users if u.target in LINEARS and u.args[1] is node]

@@ -134,8 +134,7 @@ class Backend:
         self.inductor_options, self.mesh = inductor_options, mesh
 
     def options_for(self, fqns) -> Options:
-        known = {f: self.params.layouts[f].style for f in fqns if f in self.params.layouts}
-        return replace(self.options, overrides={**known, **self.options.overrides})
+        return replace(self.options, known={f: self.params.layouts[f] for f in fqns if f in self.params.layouts})
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list) -> Callable:
         mode, twin, params, rec = self.mode, self.twin, self.params, self.recorder

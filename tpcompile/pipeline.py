@@ -42,6 +42,7 @@ class Options:
     rank: int
     group_name: str
     overrides: dict = field(default_factory=dict)
+    known: dict = field(default_factory=dict)  # FQN -> ParamPlan already stored (an earlier graph's)
     sequence_parallel: bool = False
     sharded_outputs: bool = False
 
@@ -123,7 +124,8 @@ def communication_floor(plan: GraphPlan) -> dict:
     return {"forward": {k: v for k, v in fwd.items() if v}, "backward": {k: v for k, v in bwd.items() if v}}
 
 
-def plan_graph(gm: fx.GraphModule, fqns: dict, tp: int, overrides: dict) -> tuple[GraphPlan, list[str]]:
+def plan_graph(gm: fx.GraphModule, fqns: dict, tp: int, overrides: dict,
+               known: dict | None = None) -> tuple[GraphPlan, list[str]]:
     """The graph passes before any sharding: inline checkpointed blocks, normalize, plan.
 
     Returns the plan and warnings of the inlining (selective policies not honoured).
@@ -135,7 +137,7 @@ def plan_graph(gm: fx.GraphModule, fqns: dict, tp: int, overrides: dict) -> tupl
         for line, selective in inline_checkpoints(gm) if selective
     ]
     normalize(gm, set(fqns))
-    return make_plan(gm, tp, fqns, overrides), notes
+    return make_plan(gm, tp, fqns, overrides, known), notes
 
 
 def tp_program(gm: fx.GraphModule, param_fqns: dict[int, str], options: Options, names: dict[str, str] | None = None,
@@ -148,7 +150,7 @@ def tp_program(gm: fx.GraphModule, param_fqns: dict[int, str], options: Options,
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     fqns = {placeholders[i]: f for i, f in param_fqns.items()}
     original_code = readable_code(gm.graph, names)
-    plan, notes = plan_graph(gm, fqns, options.tp, options.overrides)
+    plan, notes = plan_graph(gm, fqns, options.tp, options.overrides, options.known)
     layouts = {i: plan.params[placeholders[i]] for i in param_fqns}
     fallbacks = [_warn_fallback(n, plan) for n in plan.prop.fallbacks]
     fallbacks += [_warn_unsupported(n, mods) for n, mods in plan.unsupported.items()]

@@ -128,26 +128,40 @@ def test_data_parallel_over_tp_matches_single_device(family):
             assert r["mesh-dp"]["dp_applied"] == "shard" and r["mesh-hsdp"]["dp_applied"] == "hsdp"
 
 
-def _ddp(rank, world):
+def _refusals(rank, world):
     from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
 
     import gpt
     import tpcompile
 
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    out = {}
     model, (x, y) = gpt.make_model()
     model = tpcompile.tp_compile(model, group=mesh["tp"], example_inputs=(x, y), backend="aot_eager")
     try:
         torch.nn.parallel.DistributedDataParallel(model, process_group=mesh["dp"].get_group())
+        out["ddp"] = "no error"
     except tpcompile.TPParameterError as e:
-        return str(e)
-    return "no error"
+        out["ddp"] = str(e)
+    model, (x, y) = gpt.make_model()
+    model = tpcompile.tp_compile(model, group=mesh["tp"], backend="aot_eager")  # no example_inputs: not planned
+    for b in model.h:
+        fully_shard(b, mesh=mesh["dp"])
+    fully_shard(model, mesh=mesh["dp"])
+    try:
+        model(x, y)
+        out["unplanned"] = "no error"
+    except tpcompile.TPParameterError as e:
+        out["unplanned"] = str(e)
+    return out
 
 
-def test_ddp_of_a_tp_model_is_a_clear_error():
+def test_ddp_of_a_tp_model_and_fsdp2_before_the_plan_are_clear_errors():
     """``DistributedDataParallel``'s C++ reducer cannot hold DTensor parameters (and torch's own
-    TP+DDP path makes them plain, where ``clip_grad_norm_`` is silently local): a clear error that
-    names what works."""
-    for msg in run_ranks(_ddp, 4):
-        assert "DistributedDataParallel cannot hold a tp-compiled model" in msg
-        assert "tp_compile(model, mesh=mesh" in msg and "fully_shard" in msg and "replicate" in msg
+    TP+DDP path makes them plain, where ``clip_grad_norm_`` is silently local), and FSDP2 applied
+    before the model is planned would shard the replicated tensors: both say what to do."""
+    for r in run_ranks(_refusals, 4):
+        assert "DistributedDataParallel cannot hold a tp-compiled model" in r["ddp"]
+        assert "tp_compile(model, mesh=mesh" in r["ddp"] and "fully_shard" in r["ddp"] and "replicate" in r["ddp"]
+        assert "before the model was planned" in r["unplanned"] and "example_inputs" in r["unplanned"]

@@ -126,8 +126,7 @@ class TPParameters:
             return
         p = self.current(pp.fqn)
         if pp.sharded:
-            if not (isinstance(p, DTensor) and p.device_mesh == self.mesh and len(p.placements) == 1
-                    and p.placements[0].is_replicate()):
+            if self.fqn_of.get(id(p)) != pp.fqn or not (isinstance(p, DTensor) and p.device_mesh == self.mesh):
                 raise TPParameterError(
                     f"tp_compile: {pp.fqn} must be sharded ({pp.style}) but it is no longer the replicated "
                     f"parameter tp_compile made ({type(p).__name__}"

@@ -46,8 +46,9 @@ class TensorParallel:
         self.params = TPParameters(model, self.mesh, self.rank, self.tp)
         watch_optimizers(self.params)
         refuse_ddp()
-        self.options = Options(self.tp, self.rank, self.group.group_name, with_tied_aliases(plan or {}, self.twin.aliases),
-                               sequence_parallel, sharded_outputs)
+        self.options = Options(self.tp, self.rank, self.group.group_name,
+                               overrides=with_tied_aliases(plan or {}, self.twin.aliases),
+                               sequence_parallel=sequence_parallel, sharded_outputs=sharded_outputs)
         self.recorder = Recorder(self.rank, dump_dir or os.environ.get("TPCOMPILE_DUMP_DIR") or None)
         compile_options = dict(compile_options)
         mode = compile_options.pop("backend", "inductor")

@@ -152,8 +152,8 @@ def explain(
         # touched, and the "trace" backend builds the forward and backward graphs and runs nothing
         twin = Twin(model, torch.device("cpu"), meta_buffers_as_ghosts=True)
         params = StandinParameters(twin)
-        options = Options(world_size, rank, dist.group.WORLD.group_name, with_tied_aliases(plan or {}, twin.aliases),
-                          sequence_parallel)
+        options = Options(world_size, rank, dist.group.WORLD.group_name,
+                          overrides=with_tied_aliases(plan or {}, twin.aliases), sequence_parallel=sequence_parallel)
         recorder = Recorder(rank, dump_dir)
         compiled, twin.compile = compile_twin(twin, params, options, "trace", recorder)
         twin.sync()

@@ -42,9 +42,9 @@ class Options:
     rank: int
     group_name: str
     overrides: dict = field(default_factory=dict)
-    known: dict = field(default_factory=dict)  # FQN -> ParamPlan already stored (an earlier graph's)
     sequence_parallel: bool = False
     sharded_outputs: bool = False
+    known: dict = field(default_factory=dict)  # FQN -> ParamPlan already stored (an earlier graph's)
 
 
 @dataclass

@@ -168,6 +168,15 @@ class ParamPlan:
         return out
 
 
+def contiguous_stride(shape: Sequence[int]) -> tuple:
+    """The strides of a contiguous tensor of ``shape`` (a DTensor's logical strides)."""
+    stride, acc = [], 1
+    for s in reversed(shape):
+        stride.append(acc)
+        acc *= s
+    return tuple(reversed(stride))
+
+
 def replicated(fqn: str, shape: Sequence[int]) -> ParamPlan:
     """The plan of a parameter stored whole on every rank."""
     return ParamPlan(fqn, "replicate", None, 1, tuple(shape), tuple(shape))

@@ -20,8 +20,6 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from tpcompile.errors import TPShardingError
-
 from .graph_utils import is_tensor, norm_dim, shape, value
 from .normalize import LINEAR, LINEAR_IO, SDPA, weight_out_dim
 from .placements import R, Partial, Placement, Replicate, Shard, local_size

@@ -172,7 +172,6 @@ def sharded_logits(rank: int, world: int, family: str) -> dict:
     res.loss.backward()
     ref_res.loss.backward()
     st = tpcompile.tp_state(tp)
-    rp = dict(ref.named_parameters())
     logits = res.logits
     return {
         "type": type(logits).__name__,

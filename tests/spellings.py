@@ -207,7 +207,6 @@ def parity_all(rank: int, world: int, names: list | None = None) -> dict:
         loss.backward()
         ref_loss.backward()
         st = tpcompile.tp_state(model)
-        refp = dict(ref.named_parameters())
         err = max(grad_errors(model, ref, rank).values())
         out[cls.__name__] = (loss.item(), ref_loss.item(), err, {f: pp.style for f, pp in st.plan.items()})
     return out

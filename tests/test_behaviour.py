@@ -227,7 +227,7 @@ def _one_step(rank, world, model_cls):
     loss, ref_loss = tp(x), ref(x)
     loss.backward()
     ref_loss.backward()
-    st, rp = tpcompile.tp_state(tp), dict(ref.named_parameters())
+    st = tpcompile.tp_state(tp)
     errs = grad_errors(model, ref, rank)
     rec = st.records[0]
     return (loss.item(), ref_loss.item(), errs, {f: pp.style for f, pp in st.plan.items()},

@@ -4,7 +4,6 @@ Multi-rank checks run on gloo ranks; the errors run in this process (plain model
 """
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -17,7 +16,7 @@ from safetensors.torch import save_file
 import gpt
 import tpcompile
 from fakepg import fake_group
-from multirank import run_ranks
+from multirank import run_ranks_bytes as _ranks, to_bytes as _out
 from parity import local_numel, stored_slice
 from tpcompile.checkpoint import TPCheckpointError, optim_state_dict, reset_parameters
 
@@ -25,17 +24,6 @@ from tpcompile.checkpoint import TPCheckpointError, optim_state_dict, reset_para
 V_ODD = 250  # a vocabulary TP=4 does not divide: padded to 252
 
 # ----------------------------------------------------------------------------- helpers (run on ranks)
-def _out(obj) -> bytes:
-    """Tensors leave a rank as bytes (the mp queue would share their memory with a dying process)."""
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
-
-
-def _ranks(fn, world: int, *args) -> list:
-    return [torch.load(io.BytesIO(b)) for b in run_ranks(fn, world, *args)]
-
-
 def _gpt_sweeps(model: gpt.GPT) -> list:
     """GPT's own init as per-module sweeps: construction resets, ``_init_weights``, scaled projections."""
     names = {id(m): n for n, m in model.named_modules()}

@@ -21,7 +21,6 @@ AdamW on the whole batch (float rounding only).
 """
 from __future__ import annotations
 
-import io
 import os
 
 import pytest
@@ -30,7 +29,7 @@ import torch
 import gpt
 import spellings
 import tpcompile
-from multirank import run_ranks
+from multirank import run_ranks_bytes as _ranks, to_bytes as _out
 from tpcompile.checkpoint import TPCheckpointError, full_optim_state_dict
 
 STEPS = 2
@@ -65,16 +64,6 @@ def _train(model, opt, loss_of, batch, steps: int = STEPS) -> None:
         loss_of(model, *batch).backward()
         opt.step()
         opt.zero_grad()
-
-
-def _out(obj) -> bytes:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
-
-
-def _ranks(fn, world: int, *args) -> list:
-    return [torch.load(io.BytesIO(b)) for b in run_ranks(fn, world, *args)]
 
 
 def _fully_shard(model, mesh) -> None:

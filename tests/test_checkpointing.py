@@ -56,7 +56,6 @@ def _train(rank, world, wrap, backend, steps=3):
 
     model, (x, y) = checkpointed_gpt(wrap)
     ref = copy.deepcopy(model)
-    ref_params = dict(ref.named_parameters())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model = tpcompile.tp_compile(model, backend=backend)
@@ -66,9 +65,7 @@ def _train(rank, world, wrap, backend, steps=3):
             loss, ref_loss = model(x, y), ref(x, y)
             loss.backward()
             ref_loss.backward()
-            st = tpcompile.tp_state(model)
-            out["grad_err"] = max([out["grad_err"]] + [
-                *grad_errors(model, ref, rank).values()])
+            out["grad_err"] = max(out["grad_err"], *grad_errors(model, ref, rank).values())
             out["loss"].append(loss.item())
             out["ref"].append(ref_loss.item())
             for o in (opt, ref_opt):

@@ -121,7 +121,6 @@ def _sdpa_grads(rank, world):
     ref_out, ref_y = ref(_x())
     (ref_out.pow(2).sum() + ref_y.sum()).backward()
     st = tpcompile.tp_state(model)
-    refp = dict(ref.named_parameters())
     grad_err = max(grad_errors(model, ref, rank).values())
     with torch.no_grad():
         moved = (ref_y - ref.eval()(_x())[1]).abs().max().item()  # dropout did act

@@ -49,7 +49,6 @@ def _run(rank, world, branch):
     ref_loss = ref(x, branch)
     ref_loss.backward()
     st = tpcompile.tp_state(model)
-    refp = dict(ref.named_parameters())
     err = max(grad_errors(model, ref, rank).values())
     msgs = [str(w.message) for w in caught if issubclass(w.category, tpcompile.TPWarning) and "graph breaks" in str(w.message)]
     return loss.item(), ref_loss.item(), err, len(st.records), msgs, {f: pp.style for f, pp in st.plan.items()}

@@ -22,15 +22,7 @@ import torch
 import torch.nn as nn
 
 from tpcompile.errors import TPParameterError, TPShardingError
-from tpcompile.passes.layout import ParamPlan, renamed
-
-
-def _contiguous_stride(shape: Sequence[int]) -> tuple:
-    stride, acc = [], 1
-    for s in reversed(shape):
-        stride.append(acc)
-        acc *= s
-    return tuple(reversed(stride))
+from tpcompile.passes.layout import ParamPlan, contiguous_stride, renamed
 
 
 def _same_layout(a: ParamPlan, b: ParamPlan) -> bool:
@@ -154,7 +146,7 @@ class TPParameters:
             base = pp.pad(stored) if stored.shape[pp.dim] != pp.local_shape[pp.dim] else stored
             stored = pp.unpad(base, self.rank)
         d = DTensor.from_local(stored, self.mesh, [pp.placement()], run_check=False,
-                               shape=torch.Size(pp.full_shape), stride=_contiguous_stride(pp.full_shape))
+                               shape=torch.Size(pp.full_shape), stride=contiguous_stride(pp.full_shape))
         p = nn.Parameter(d, requires_grad=requires_grad)
         if base is not None:
             p._local_tensor._tp_padded = base

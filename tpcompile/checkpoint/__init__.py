@@ -24,7 +24,7 @@ from . import safetensors_io
 from .dcp import is_dcp, load_dcp, save_dcp
 from .meta_init import prepare, require_plan, reset_parameters
 from .safetensors_io import load_safetensors, mark_loaded, save_safetensors
-from .state_dict import (as_dtensor, full_optim_state_dict, full_state_dict, install_state_dict_hooks,
+from .state_dict import (full_optim_state_dict, full_state_dict, install_state_dict_hooks,
                          optim_state_dict)
 
 
@@ -77,7 +77,6 @@ __all__ = [
     "save_checkpoint",
     "optim_state_dict",
     "reset_parameters",
-    "as_dtensor",
     "prepare",
     "install_state_dict_hooks",
     "safetensors_io",

@@ -16,7 +16,6 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from tpcompile.errors import TPCheckpointError
-from tpcompile.passes.layout import ParamPlan
 
 from .state_dict import entries, full_state_dict, local_boxes, state_of, tied_groups
 

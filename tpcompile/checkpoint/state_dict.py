@@ -68,25 +68,6 @@ def tied_groups(names_to_tensors: dict[str, torch.Tensor]) -> list[list[str]]:
 
 
 # ===================================================================== DTensor / DCP
-def contiguous_stride(shape) -> tuple:
-    stride, acc = [], 1
-    for s in reversed(shape):
-        stride.append(acc)
-        acc *= s
-    return tuple(reversed(stride))
-
-
-def as_dtensor(model: nn.Module, stored: torch.Tensor, pp: ParamPlan):
-    """This rank's stored shard as a DTensor of the logical shape, with DCP's boxes right."""
-    from torch.distributed.tensor import DTensor
-
-    st = state_of(model)
-    dt = DTensor.from_local(stored, st.mesh, [pp.placement()], run_check=False,
-                            shape=torch.Size(pp.full_shape), stride=contiguous_stride(pp.full_shape))
-    dcp_boxes(dt, pp, Part(st.rank))
-    return dt
-
-
 @dataclass(frozen=True)
 class Part:
     """What of a TP-sharded parameter a DTensor holds on this rank: the stored shard of TP rank
@@ -376,4 +357,4 @@ def full_optim_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, *,
 
 
 __all__ = ["full_state_dict", "full_optim_state_dict", "optim_state_dict", "install_state_dict_hooks", "layout_of",
-           "entries", "as_dtensor", "part_of"]
+           "entries", "part_of"]

@@ -52,6 +52,8 @@ class TensorParallel:
         self.recorder = Recorder(self.rank, dump_dir or os.environ.get("TPCOMPILE_DUMP_DIR") or None)
         compile_options = dict(compile_options)
         mode = compile_options.pop("backend", "inductor")
+        if mode not in ("inductor", "aot_eager", "eager"):  # "trace" / "plan" are explain's and the planner's
+            raise ValueError(f"tp_compile(backend={mode!r}): use 'inductor', 'aot_eager' or 'eager'")
         self.compiled, self.twin.compile = compile_twin(
             self.twin, self.params, self.options, mode, self.recorder, mesh=self.mesh, compile_options=compile_options,
             inductor_options=_inductor_options(compile_options))

@@ -9,10 +9,10 @@ and swap each for the parameter registered under its FQN on the user's model at 
 
 Two things keep eagerly-run code right:
 
-- every twin module's ``forward`` is a function of this file (one per class), so a module
-  called from code Dynamo runs eagerly (a frame skipped for a graph break inside the block
-  loop: embedding, final norm, LM head) is compiled as its own small graph instead of
-  computing on ghosts;
+- every twin module's ``forward`` is a function of this file (one copy per class and position
+  in the tree, ``position_of``), so a module called from code Dynamo runs eagerly (a frame
+  skipped for a graph break inside the block loop: embedding, final norm, LM head) is compiled
+  as its own small graph instead of computing on ghosts;
 - a twin module whose user module got forward hooks after ``tp_compile`` (FSDP2's
   ``fully_shard`` on a block, or the user's own) graph-breaks and calls the *user's* module, so
   its hooks run there (FSDP unshards the block, registers its post-backward), with that
@@ -112,7 +112,7 @@ class Twin:
         self.pairs = list(zip(model.modules(), self.module.modules()))
         self.compile: Callable | None = None  # set by the owner: fn -> torch.compile(fn, backend=...)
         self.regions: dict[Callable, Callable] = {}
-        names = dict(zip(self.module.modules(), (n for n, _ in self.module.named_modules(remove_duplicate=False))))
+        names = {m: n for n, m in self.module.named_modules()}  # a module registered twice: its first name
         for i, (user, twin) in enumerate(self.pairs):
             if i == 0 or type(twin).forward is nn.Module.forward:
                 continue  # the root (its hooks already ran: the user called it) and containers

@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from tpcompile.backend import Recorder, compile_twin
+from tpcompile.backend import USER_MODES, Recorder, compile_twin
 from tpcompile.data_parallel import apply_data_parallel, data_parallel_mesh, refuse_ddp
 from tpcompile.errors import TPEagerFallbackError, TPInputMismatchError, TPShardingError, TPWarning
 from tpcompile.params import TPParameters, watch_optimizers
@@ -52,13 +52,14 @@ class TensorParallel:
         self.recorder = Recorder(self.rank, dump_dir or os.environ.get("TPCOMPILE_DUMP_DIR") or None)
         compile_options = dict(compile_options)
         mode = compile_options.pop("backend", "inductor")
-        if mode not in ("inductor", "aot_eager", "eager"):  # "trace" / "plan" are explain's and the planner's
+        if mode not in USER_MODES:  # "trace" / "plan" are explain's and the planner's
             raise ValueError(f"tp_compile(backend={mode!r}): use 'inductor', 'aot_eager' or 'eager'")
         self.compiled, self.twin.compile = compile_twin(
             self.twin, self.params, self.options, mode, self.recorder, mesh=self.mesh, compile_options=compile_options,
             inductor_options=_inductor_options(compile_options))
         self.data_parallel = ""  # what tp_compile(mesh=...) applied: "shard" | "hsdp" | "replicate"
         self._inputs_checked = False
+        self._trace_config = trace_config()
 
     @property
     def device(self) -> torch.device:
@@ -85,7 +86,7 @@ class TensorParallel:
         saved = self.twin.compile, self.twin.regions
         self.twin.compile, self.twin.regions = plan_regions, {}
         try:
-            with torch._dynamo.config.patch(**trace_config()):
+            with torch._dynamo.config.patch(**self._trace_config):
                 planner(*args, **kwargs)  # the same Dynamo settings as forward: the same graphs
         except torch._dynamo.exc.BackendCompilerFailed as e:
             inner = getattr(e, "inner_exception", None)
@@ -105,7 +106,7 @@ class TensorParallel:
             self._inputs_checked = True
         n_graphs, n_calls = len(self.records), self.recorder.calls
         try:
-            with torch._dynamo.config.patch(**trace_config()):
+            with torch._dynamo.config.patch(**self._trace_config):
                 out = self.compiled(*args, **kwargs)
         except torch._dynamo.exc.BackendCompilerFailed as e:
             inner = getattr(e, "inner_exception", None)

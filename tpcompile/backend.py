@@ -25,7 +25,8 @@ from tpcompile.passes.graph_utils import value
 from tpcompile.passes.placements import local_size
 from tpcompile.pipeline import Collective, GraphRecord, Options, collectives_of, communication_floor, tp_program
 
-MODES = ("inductor", "aot_eager", "eager", "trace", "plan")
+USER_MODES = ("inductor", "aot_eager", "eager")  # what a user's ``backend=`` may be
+MODES = USER_MODES + ("trace", "plan")  # explain's (trace, run nothing) and the planning trace's
 
 
 def _recording(record: GraphRecord, compile_one: Callable, on_graph: Callable | None = None) -> Callable:
@@ -190,5 +191,5 @@ def compile_twin(twin, params, options: Options, mode: str, recorder: Recorder, 
             lambda fn: torch.compile(fn, backend=regions, **compile_options))
 
 
-__all__ = ["Backend", "Recorder", "compile_twin", "outputs_as_dtensors", "GraphRecord", "Collective", "TPShardingError", "TPWarning", "collectives_of",
-           "communication_floor", "output_zeros"]
+__all__ = ["Backend", "Recorder", "compile_twin", "outputs_as_dtensors", "GraphRecord", "Collective",
+           "TPShardingError", "TPWarning", "collectives_of", "communication_floor", "output_zeros"]

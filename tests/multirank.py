@@ -84,3 +84,20 @@ def run_ranks_bytes(fn: Callable, world_size: int, *args: Any) -> list:
     import torch
 
     return [torch.load(io.BytesIO(b)) for b in run_ranks(fn, world_size, *args)]
+
+
+def _cases(rank: int, world_size: int, cases: list) -> list:
+    import torch._dynamo
+
+    out = []
+    for fn, args in cases:
+        out.append(fn(rank, world_size, *args))
+        torch._dynamo.reset()
+    return out
+
+
+def run_cases(world_size: int, cases: list, timeout: float = 600) -> list:
+    """Several ``(fn, args)`` cases in one spawned gloo group (one process start and one set of
+    imports for all of them; Dynamo reset between cases). Returns, per case, the results by rank."""
+    by_rank = run_ranks(_cases, world_size, cases, timeout=timeout)
+    return [[r[i] for r in by_rank] for i in range(len(cases))]

@@ -6,10 +6,12 @@ gradient (a DTensor over both mesh dims) equals single device's. Regressions: FS
 tp-compiled model trained 1.8% off from step 1 (FSDP's block hooks swapped parameters the
 compiled model never saw); per-rank clipping norms.
 """
+import functools
+
 import pytest
 import torch
 
-from multirank import run_ranks
+from multirank import run_cases
 
 STEPS = 5
 CONFIGS = {
@@ -111,10 +113,20 @@ def _train_all(rank, world, family, configs):
     return out
 
 
-@pytest.mark.parametrize("family", ["gpt", "llama"])
+FAMILY_CONFIGS = {"gpt": list(CONFIGS), "llama": ["fsdp-per-block", "fsdp-root", "hsdp", "replicate"]}
+
+
+@functools.cache
+def _gloo() -> dict:
+    """Every case of this file in one 4-rank job (one process start and import for all)."""
+    cases = [(_train_all, (f, c)) for f, c in FAMILY_CONFIGS.items()] + [(_refusals, ())]
+    return dict(zip([*FAMILY_CONFIGS, "refusals"], run_cases(4, cases)))
+
+
+@pytest.mark.parametrize("family", list(FAMILY_CONFIGS))
 def test_data_parallel_over_tp_matches_single_device(family):
-    configs = list(CONFIGS) if family == "gpt" else ["fsdp-per-block", "fsdp-root", "hsdp", "replicate"]
-    for r in run_ranks(_train_all, 4, family, configs):
+    configs = FAMILY_CONFIGS[family]
+    for r in _gloo()[family]:
         for c in configs:
             res = r[c]
             for a, b in zip(res["loss"], res["ref_loss"]):
@@ -161,7 +173,7 @@ def test_ddp_of_a_tp_model_and_fsdp2_before_the_plan_are_clear_errors():
     """``DistributedDataParallel``'s C++ reducer cannot hold DTensor parameters (and torch's own
     TP+DDP path makes them plain, where ``clip_grad_norm_`` is silently local), and FSDP2 applied
     before the model is planned would shard the replicated tensors: both say what to do."""
-    for r in run_ranks(_refusals, 4):
+    for r in _gloo()["refusals"]:
         assert "DistributedDataParallel cannot hold a tp-compiled model" in r["ddp"]
         assert "tp_compile(model, mesh=mesh" in r["ddp"] and "fully_shard" in r["ddp"] and "replicate" in r["ddp"]
         assert "before the model was planned" in r["unplanned"] and "example_inputs" in r["unplanned"]

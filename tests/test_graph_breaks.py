@@ -2,6 +2,7 @@
 result stays single device's (2 gloo ranks), and one TPWarning lists each break. A harmless
 break (a logger call inside the model) is avoided: tests/test_hf_models.py asserts one graph
 for Hugging Face models, whose loss selection calls ``logger.warning_once``."""
+import functools
 import logging
 
 import pytest
@@ -10,7 +11,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from multirank import run_ranks
+from multirank import run_cases
+
+LOOP_CASES = [(False, 256), (True, 256), (True, 255)]
+
+
+@functools.cache
+def _gloo() -> list:
+    """Every gloo case of this file in one 2-rank job: the two-graph model (branch / no branch), then
+    the loop-break GPTs of ``LOOP_CASES``."""
+    return run_cases(2, [(_run, (True,)), (_run, (False,))] + [(_loop_break, c) for c in LOOP_CASES])
 
 log = logging.getLogger("tpcompile.tests.model")
 
@@ -55,7 +65,7 @@ def _run(rank, world, branch):
 
 
 def test_graph_break_stays_correct_and_is_reported():
-    for loss, ref, err, n_graphs, msgs, plan in run_ranks(_run, 2, True):
+    for loss, ref, err, n_graphs, msgs, plan in _gloo()[0]:
         assert abs(loss - ref) <= 1e-5 * abs(ref) and err <= 1e-5
         assert n_graphs == 2
         assert len(msgs) == 1 and "captured as 2 graphs" in msgs[0], msgs
@@ -64,7 +74,7 @@ def test_graph_break_stays_correct_and_is_reported():
 
 
 def test_logging_inside_the_model_does_not_break_the_graph():
-    for loss, ref, err, n_graphs, msgs, plan in run_ranks(_run, 2, False):
+    for loss, ref, err, n_graphs, msgs, plan in _gloo()[1]:
         assert abs(loss - ref) <= 1e-5 * abs(ref) and err <= 1e-5
         assert n_graphs == 1 and msgs == []
         assert plan["up1.weight"] == "colwise" and plan["down1.weight"] == "rowwise"
@@ -140,8 +150,7 @@ def _loop_break(rank, world, glue_inside, vocab=256):
     return losses, errs, {f: pp.style for f, pp in st.plan.items()}, len(st.records)
 
 
-@pytest.mark.parametrize("glue_inside,vocab", [(False, 256), (True, 256), (True, 255)],
-                         ids=["glue-outside", "glue-inside", "glue-inside-padded-vocab"])
+@pytest.mark.parametrize("glue_inside,vocab", LOOP_CASES, ids=["glue-outside", "glue-inside", "glue-inside-padded-vocab"])
 def test_graph_break_in_the_block_loop_binds_each_blocks_weights(glue_inside, vocab):
     """Regression: the block frame compiled once ran every later block with the weights it was
     compiled for (output off by 1.04, no error); with the glue in the looping frame, a
@@ -149,7 +158,7 @@ def test_graph_break_in_the_block_loop_binds_each_blocks_weights(glue_inside, vo
     gradient equal single device over 3 AdamW steps, every block sharded. With a vocabulary tp does
     not divide, the LM head (compiled on its own there, its loss run eagerly) keeps the padded
     layout its embedding stored (it used to be a TPShardingError)."""
-    results = run_ranks(_loop_break, 2, glue_inside, vocab)
+    results = _gloo()[2 + LOOP_CASES.index((glue_inside, vocab))]
     for losses, errs, plan, n_graphs in results:
         for tp_loss, ref_loss in losses:
             assert abs(tp_loss - ref_loss) <= 1e-5 * abs(ref_loss), losses

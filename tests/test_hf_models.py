@@ -9,7 +9,10 @@ GPT-2 (Conv1D ``[in, out]`` weights via ``addmm``, fused ``c_attn`` QKV, learned
 tied head, vocabulary 250: padded at TP=4), Llama (GQA 8/4 heads, RoPE, SwiGLU), Qwen2
 (q/k/v biases, 2 kv heads: fewer than tp at TP=4).
 """
+import functools
+
 import pytest
+import torch
 
 pytest.importorskip("transformers")
 
@@ -32,12 +35,14 @@ def _check_parity(results, world):
 
 
 FAMILIES = ("gpt2", "llama", "qwen2")
+MIXED = ({"dtype": torch.bfloat16}, {"autocast": True})  # Llama at TP=2: bf16 parameters; fp32 under autocast
 
 
-@pytest.fixture(scope="module", params=[2, 4], ids=["tp2", "tp4"])
-def trained(request):
-    """All three families in one gloo job per TP degree (Inductor for Llama at TP=2)."""
-    world = request.param
+@functools.cache
+def _trained_all(world: int) -> dict:
+    """Every training case of this file at one TP degree in one gloo job (one process start and
+    one ``transformers`` import for all): the three acceptance families (Inductor for Llama at
+    TP=2), at TP=2 the KV cache and activation checkpointing cases, then the ``MORE`` families."""
     cases = [(f, {"backend": "inductor" if (f, world) == ("llama", 2) else "aot_eager"}) for f in FAMILIES]
     names = list(FAMILIES)
     if world == 2:  # HF's default use_cache=True: the forward also builds and returns a KV cache
@@ -46,8 +51,20 @@ def trained(request):
         for f in ("gpt2", "llama"):  # HF activation checkpointing (torch.utils.checkpoint per layer)
             cases.append((f, {"grad_ckpt": {"use_reentrant": False}}))
             names.append(f"{f}-ckpt")
+    if world == 2:  # mixed precision: bf16 parameters, fp32 ones under autocast(bfloat16)
+        cases += [("llama", kw) for kw in MIXED]
+        names += [f"mixed:{i}" for i in range(len(MIXED))]
+    more = [f for f, tps in MORE.items() if world in tps]
+    cases += [(f, {"steps": 2}) for f in more]
+    names += [f"more:{f}" for f in more]
     by_rank = run_ranks(hf_models.train_many, world, cases)
-    return world, {f: [r[i] for r in by_rank] for i, f in enumerate(names)}
+    return {f: [r[i] for r in by_rank] for i, f in enumerate(names)}
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=["tp2", "tp4"])
+def trained(request):
+    """The acceptance families (and, at TP=2, the KV-cache and checkpointing cases) per TP degree."""
+    return request.param, {f: r for f, r in _trained_all(request.param).items() if ":" not in f}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -121,12 +138,8 @@ def test_hf_bf16_params_and_autocast():
     (Llama, TP=2). The loss path runs in fp32 (HF upcasts the logits, the vocab-parallel CE
     accumulates in fp32); the remaining difference is bf16 rounding of the matmuls in another
     order (measured ~3e-5 relative on the loss)."""
-    import torch
-
-    kws = ({"dtype": torch.bfloat16}, {"autocast": True})
-    by_rank = run_ranks(hf_models.train_many, 2, [("llama", kw) for kw in kws])
-    for i, kw in enumerate(kws):
-        results = [r[i] for r in by_rank]
+    for i, kw in enumerate(MIXED):
+        results = _trained_all(2)[f"mixed:{i}"]
         for r in results:
             for a, b in zip(r["loss"], r["ref_loss"]):
                 assert abs(a - b) <= 1e-3 * abs(b), (kw, a, b)
@@ -159,10 +172,7 @@ MORE = {  # family -> {tp: number of TPWarnings}
 
 @pytest.fixture(scope="module", params=[2, 4], ids=["tp2", "tp4"])
 def trained_more(request):
-    world = request.param
-    names = [f for f, tps in MORE.items() if world in tps]
-    by_rank = run_ranks(hf_models.train_many, world, [(f, {"steps": 2}) for f in names])
-    return world, {f: [r[i] for r in by_rank] for i, f in enumerate(names)}
+    return request.param, {f[5:]: r for f, r in _trained_all(request.param).items() if f.startswith("more:")}
 
 
 def test_more_hf_families_match_single_device(trained_more):

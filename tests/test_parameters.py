@@ -3,6 +3,7 @@
 One process on the fake group for the facts about objects; gloo ranks where numbers matter.
 """
 import copy
+import functools
 
 import pytest
 import torch
@@ -12,7 +13,15 @@ from torch.distributed.tensor import DTensor
 import gpt
 import tpcompile
 from fakepg import fake_group
-from multirank import run_ranks
+from multirank import run_cases
+
+
+@functools.cache
+def _gloo() -> dict:
+    """The gloo cases of this file, in one 2-rank job: {name: [result of rank 0, rank 1]}."""
+    names = ["two_instances", "hooks", "pieces"]
+    results = run_cases(2, [(_two_instances, ()), (_hooks_after_tp_compile, ()), (_unequal_pieces, ())])
+    return dict(zip(names, results))
 
 
 def test_parameters_are_dtensors_on_the_tp_mesh_and_keep_their_identity():
@@ -79,7 +88,7 @@ def test_two_instances_of_one_class_never_share_weights():
     """Dynamo compiles a frame once per code object: two tp-compiled instances of the same class,
     called alternately (with a graph break in the block loop, so frames are reused), each give
     their own single-device loss."""
-    for r in run_ranks(_two_instances, 2):
+    for r in _gloo()["two_instances"]:
         for tp_loss, ref_loss in r:
             assert abs(tp_loss - ref_loss) <= 1e-5 * abs(ref_loss), r
         assert len({round(ref, 4) for _, ref in r}) >= 2  # the instances do differ
@@ -111,7 +120,7 @@ def test_full_tensor_of_unequal_fused_pieces_is_the_true_full_tensor():
     """q | k | v of 16 | 8 | 8 rows, each split over tp on its own: no DTensor placement says so,
     so the parameter and its gradient carry their layout: ``full_tensor()`` puts the pieces back
     (a plain ``Shard(0)`` gather would give [q0 k0 v0 q1 k1 v1]) and ``redistribute`` refuses."""
-    for r in run_ranks(_unequal_pieces, 2):
+    for r in _gloo()["pieces"]:
         assert r["pieces"] == (16, 8, 8)
         assert r["weight"] == 0.0 and r["grad"] <= 1e-6 and r["bias_grad"] <= 1e-6, r
         assert "unequal fused pieces" in r["refused"]
@@ -138,7 +147,7 @@ def _hooks_after_tp_compile(rank, world):
 def test_hooks_registered_after_tp_compile_run_and_count():
     """A forward hook registered on a submodule after tp_compile (logging, or one that changes the
     output) runs on the user's module, as without tpcompile; loss and gradients follow it."""
-    for loss, ref_loss, seen, err in run_ranks(_hooks_after_tp_compile, 2):
+    for loss, ref_loss, seen, err in _gloo()["hooks"]:
         assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss)
         assert len(seen["tp"]) == 1 and abs(seen["tp"][0] - seen["ref"][0]) <= 1e-4 * seen["ref"][0]
         assert err <= 1e-5

@@ -4,6 +4,7 @@ single-device model (fp32, atol 1e-5). ``aot_eager`` keeps these fast; Inductor 
 covered by test_parity / test_floor.
 """
 import copy
+import functools
 
 import torch
 import torch.nn as nn
@@ -11,7 +12,16 @@ import torch.nn.functional as F
 
 import gpt
 import tpcompile
-from multirank import run_ranks
+from multirank import run_cases
+
+
+@functools.cache
+def _gloo() -> dict:
+    """Every gloo case of this file in one 2-rank job."""
+    cases = {"inputs": (_inputs_shapes_inference, ()), "unsupported": (_unsupported_and_break, ()),
+             "whole_grads": (_one_step, (_WholeGradOperands,)), "partial": (_one_step, (_NormOverShards,)),
+             "sharded_break": (_sharded_outputs_break, ())}
+    return dict(zip(cases, run_cases(2, list(cases.values()))))
 
 TOL = 1e-5
 
@@ -50,7 +60,7 @@ def _inputs_shapes_inference(rank, world):
 
 
 def test_inputs_shapes_and_inference():
-    for r in run_ranks(_inputs_shapes_inference, 2):
+    for r in _gloo()["inputs"]:
         assert "TP ranks [1] got different inputs" in r["mismatch"] and "broadcast_inputs=True" in r["mismatch"]
         tp_loss, ref_loss = r["broadcast"]
         assert abs(tp_loss - ref_loss) <= TOL * ref_loss
@@ -144,7 +154,7 @@ def _unsupported_and_break(rank, world):
 
 
 def test_unsupported_op_and_graph_break_stay_correct():
-    for r in run_ranks(_unsupported_and_break, 2):
+    for r in _gloo()["unsupported"]:
         for tp_loss, ref_loss in r["losses"] + r["break_losses"] + r["loop_break_losses"]:
             assert abs(tp_loss - ref_loss) <= TOL * ref_loss
         (msg,) = [w for w in r["warnings"] if "cumsum" in w]
@@ -235,7 +245,7 @@ def _one_step(rank, world, model_cls):
 
 
 def test_replicated_operands_of_sharded_ops_get_whole_gradients():
-    for loss, ref_loss, errs, plan, _, _ in run_ranks(_one_step, 2, _WholeGradOperands):
+    for loss, ref_loss, errs, plan, _, _ in _gloo()["whole_grads"]:
         assert abs(loss - ref_loss) <= TOL * ref_loss
         assert plan["q_norm.weight"] == "replicate" and plan["a.weight"] == "colwise" and plan["norm.weight"] == "colwise"
         assert max(errs.values()) <= 1e-5, errs
@@ -258,7 +268,7 @@ class _NormOverShards(nn.Module):
 
 def test_sum_and_mean_over_the_sharded_dim_are_partial():
     """Each is a local reduction plus one all-reduce of its (small) result, not a gather of its input."""
-    for loss, ref_loss, errs, plan, collectives, warns in run_ranks(_one_step, 2, _NormOverShards):
+    for loss, ref_loss, errs, plan, collectives, warns in _gloo()["partial"]:
         assert abs(loss - ref_loss) <= TOL * abs(ref_loss) and max(errs.values()) <= 1e-5, (loss, ref_loss, errs)
         fwd = [(kind, nbytes) for phase, kind, nbytes in collectives if phase == "forward"]
         assert plan["q.weight"] == "colwise" and plan["q_norm.weight"] == "colwise" and plan["o.weight"] == "rowwise"
@@ -296,5 +306,5 @@ def _sharded_outputs_break(rank, world):
 
 
 def test_sharded_outputs_across_a_graph_break_is_a_clear_error():
-    for msg in run_ranks(_sharded_outputs_break, 2):
+    for msg in _gloo()["sharded_break"]:
         assert msg is not None and "sharded_outputs=True" in msg and "graph break" in msg, msg

@@ -1,10 +1,19 @@
 """Dropout RNG semantics (Megatron's RNG tracker): the same mask on every rank in replicated
 regions, independent masks per rank on sharded activations. 2 gloo ranks, same seed on each."""
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from multirank import run_ranks
+from multirank import run_cases
+
+
+@functools.cache
+def _gloo() -> dict:
+    """Every gloo case of this file in one 2-rank job (each case seeds its own draws)."""
+    cases = {"mlp": (_run, ()), "probe": (_sdpa_probe, ()), "grads": (_sdpa_grads, ())}
+    return dict(zip(cases, run_cases(2, list(cases.values()))))
 
 
 class DropMLP(nn.Module):
@@ -32,7 +41,7 @@ def _run(rank, world):
 
 
 def test_dropout_masks_same_when_replicated_independent_when_sharded():
-    (y0, h0, style, code), (y1, h1, _, _) = run_ranks(_run, 2)
+    (y0, h0, style, code), (y1, h1, _, _) = _gloo()["mlp"]
     y0, h0, y1, h1 = (torch.from_numpy(a) for a in (y0, h0, y1, h1))
     assert style == "colwise" and "sharded_dropout" in code
     # replicated region: both ranks drew the same mask, so the replicated output agrees exactly
@@ -88,7 +97,7 @@ def _sdpa_probe(rank, world):
 def test_sdpa_dropout_masks_are_slices_of_one_whole_heads_mask():
     """Each rank draws the mask of all heads (the draw single device makes with the same seed)
     and keeps its own heads: the ranks' masks differ, and together they are that one mask."""
-    (y0, style, code), (y1, _, _) = run_ranks(_sdpa_probe, 2)
+    (y0, style, code), (y1, _, _) = _gloo()["probe"]
     y0, y1 = torch.from_numpy(y0), torch.from_numpy(y1)
     assert style == "colwise" and "sharded_sdpa" in code and "scaled_dot_product_attention" not in code
     assert torch.equal(y0, y1)  # gathered at the output: the whole [B, H, T, S] on every rank
@@ -130,7 +139,7 @@ def _sdpa_grads(rank, world):
 def test_sdpa_dropout_forward_and_gradients_match_single_device():
     """Inductor, causal, p=0.5: output and every gradient equal single device running the same
     maths with the same seed."""
-    for rank, (out_err, y_err, grad_err, moved, style) in enumerate(run_ranks(_sdpa_grads, 2)):
+    for rank, (out_err, y_err, grad_err, moved, style) in enumerate(_gloo()["grads"]):
         assert style == "colwise" and moved > 0.1, (rank, style, moved)
         assert out_err < 1e-5 and y_err < 1e-5 and grad_err < 1e-5, (rank, out_err, y_err, grad_err)
 

@@ -4,16 +4,26 @@ fp32; loss within 1e-5 relative at every one of 5 SGD steps, the same loss on ev
 rank, every gradient equal to the matching slice of the single-device gradient (atol 1e-5),
 and exactly sharded/tp + replicated parameter elements per rank.
 """
+import functools
+
 import pytest
 
-from multirank import run_ranks
+from multirank import run_cases
 from parity import train_beside_reference
+
+MODELS = ["gpt", "llama"]
+
+
+@functools.cache
+def _gloo(world: int) -> dict:
+    """Both example models at one TP degree in one gloo job."""
+    return dict(zip(MODELS, run_cases(world, [(train_beside_reference, (m, 5)) for m in MODELS])))
 
 
 @pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize("model_name", ["gpt", "llama"])
+@pytest.mark.parametrize("model_name", MODELS)
 def test_training_matches_single_device(model_name, world):
-    results = run_ranks(train_beside_reference, world, model_name, steps=5)
+    results = _gloo(world)[model_name]
     for rank, r in enumerate(results):
         for step, (a, b) in enumerate(zip(r["loss"], r["ref_loss"])):
             assert abs(a - b) <= 1e-5 * abs(b), f"rank {rank} step {step}: tp {a} vs single {b}"

@@ -17,7 +17,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 import gpt
 import tpcompile
-from multirank import run_ranks
+from multirank import run_cases
 from tpcompile.passes.inline_checkpoint import CHECKPOINT, inline_checkpoints
 
 
@@ -96,9 +96,15 @@ CASES = [("none", "aot_eager"), ("plain", "aot_eager"), ("reentrant", "aot_eager
          ("selective", "aot_eager")]
 
 
+@functools.cache
+def _gloo() -> list:
+    """Every gloo case of this file in one 2-rank job: the CASES, then the dropout replays."""
+    return run_cases(2, [(_train_all, (CASES,))] + [(_dropout_run, (b,)) for b in DROPOUT_BACKENDS])
+
+
 @pytest.fixture(scope="module")
 def trained():
-    by_rank = run_ranks(_train_all, 2, CASES)
+    by_rank = _gloo()[0]
     return {case: [r[i] for r in by_rank] for i, case in enumerate(CASES)}
 
 
@@ -158,11 +164,14 @@ def _dropout_run(rank, world, backend):
     return l0, l1, max((a - b).abs().max().item() for a, b in zip(g0, g1))
 
 
-@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+DROPOUT_BACKENDS = ["aot_eager", "inductor"]
+
+
+@pytest.mark.parametrize("backend", DROPOUT_BACKENDS)
 def test_recomputed_dropout_replays_the_forward_masks(backend):
     """The backward's recomputation draws the masks the forward drew: the checkpointed model's
     loss and gradients equal the uncheckpointed one's bitwise, with the same seed."""
-    for loss, loss_ckpt, grad_diff in run_ranks(_dropout_run, 2, backend):
+    for loss, loss_ckpt, grad_diff in _gloo()[1 + DROPOUT_BACKENDS.index(backend)]:
         assert loss == loss_ckpt
         assert grad_diff == 0.0
 

@@ -5,6 +5,7 @@ all-reduces become reduce-scatters + all-gathers of the same buffers, and the re
 weights used on token shards (norm weights, row-parallel biases) get their gradients
 all-reduced. fp32, gloo ranks; tolerances as in test_parity.
 """
+import functools
 from collections import Counter
 
 import pytest
@@ -14,15 +15,24 @@ import gpt
 import llama
 import tpcompile
 from fakepg import fake_group
-from multirank import run_ranks
+from multirank import run_cases
 from parity import train_beside_reference
 
 
-@pytest.mark.parametrize("model_name, world, backend", [
-    ("gpt", 2, "inductor"), ("gpt", 4, "aot_eager"), ("llama", 2, "aot_eager"), ("llama", 4, "aot_eager"),
-])
+TRAINING = [("gpt", 2, "inductor"), ("gpt", 4, "aot_eager"), ("llama", 2, "aot_eager"), ("llama", 4, "aot_eager")]
+
+
+@functools.cache
+def _gloo(world: int) -> list:
+    """The gloo cases of this file at one TP degree in one job: the TRAINING rows of that degree,
+    then (TP=2) the dropout case."""
+    cases = [(train_beside_reference, (m, 3, 0.1, b, None, True)) for m, w, b in TRAINING if w == world]
+    return run_cases(world, cases + ([(_sp_dropout_ranks, ())] if world == 2 else []))
+
+
+@pytest.mark.parametrize("model_name, world, backend", TRAINING)
 def test_sequence_parallel_training_matches_single_device(model_name, world, backend):
-    results = run_ranks(train_beside_reference, world, model_name, 3, 0.1, backend, None, True)
+    results = _gloo(world)[[(m, b) for m, w, b in TRAINING if w == world].index((model_name, backend))]
     for rank, r in enumerate(results):
         for step, (a, b) in enumerate(zip(r["loss"], r["ref_loss"])):
             assert abs(a - b) <= 1e-5 * abs(b), f"rank {rank} step {step}: tp+sp {a} vs single {b}"
@@ -109,7 +119,7 @@ def _sp_dropout_ranks(rank, world):
 
 
 def test_dropout_in_the_token_sharded_stream():
-    results = run_ranks(_sp_dropout_ranks, 2)
+    results = _gloo(2)[-1]
     for train_loss, eval_loss, n in results:
         assert n >= 3  # embedding dropout and both residual dropouts of each block are region ops
         assert train_loss == results[0][0]  # every rank combines the same loss

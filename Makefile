@@ -7,11 +7,13 @@ STAMP   := $(VENV)/.installed
 
 .PHONY: setup demo test bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml tests/requirements-models.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	# torch first and explicitly: a bare `torch>=2.11` with no torch present pulls the CUDA build.
 	$(BIN)/python -m pip install -q $(TORCH)
 	$(BIN)/python -m pip install -q -e ".[test]"
+	# timm, litgpt, torchtune for tests/test_models.py: --no-deps, or pip swaps in a CUDA torch
+	$(BIN)/python -m pip install -q --no-deps -r tests/requirements-models.txt
 	touch $(STAMP)
 
 setup: $(STAMP)

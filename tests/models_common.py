@@ -1,0 +1,74 @@
+"""Train a third-party model beside its untouched single-device copy on one gloo rank.
+
+Shared by the library case files of ``tests/test_models.py`` (``models_<library>.py``): each
+builds its model from a config (random weights, no downloads) and a loss function, and this
+runs the user's loop: ``tp_compile``, SGD steps, ``loss.backward()``, on both copies.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Callable
+
+import torch
+
+import tpcompile
+from parity import grad_errors, local_numel
+
+
+def train_beside(rank: int, world: int, model: torch.nn.Module, batches: list, loss_fn: Callable,
+                 steps: int | None = None, lr: float = 0.1, **tp_kwargs) -> dict:
+    """``len(batches)`` SGD steps (or ``steps``, cycling) of ``tp_compile(model, **tp_kwargs)`` and of
+    a deep copy made before it. ``loss_fn(model, batch) -> scalar loss``.
+
+    Returns per-step losses of both, the largest gradient error (each rank's DTensor gradient
+    against the same cut of the single-device one), the plan, the collectives and floor per
+    phase, element counts, graph count and tpcompile's warnings."""
+    ref = copy.deepcopy(model)
+    tp_kwargs.setdefault("backend", "aot_eager")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tp = tpcompile.tp_compile(model, **tp_kwargs)
+        opt = torch.optim.SGD(tp.parameters(), lr=lr)
+        ref_opt = torch.optim.SGD(ref.parameters(), lr=lr)
+        out = {"loss": [], "ref_loss": [], "grad_err": 0.0}
+        for step in range(steps or len(batches)):
+            batch = batches[step % len(batches)]
+            loss, ref_loss = loss_fn(tp, batch), loss_fn(ref, batch)
+            loss.backward()
+            ref_loss.backward()
+            out["grad_err"] = max(out["grad_err"], max(grad_errors(tp, ref, rank).values()))
+            out["loss"].append(loss.item())
+            out["ref_loss"].append(ref_loss.item())
+            for o in (opt, ref_opt):
+                o.step()
+                o.zero_grad()
+    st = tpcompile.tp_state(tp)
+    out["local_numel"] = local_numel(tp)
+    out["full_numel"] = sum(p.numel() for p in ref.parameters())
+    out["plan"] = {fqn: (pp.style, pp.dim, pp.chunks) for fqn, pp in st.plan.items()}
+    out["collectives"] = [(r_i, c.phase, c.kind) for r_i, r in enumerate(st.records) for c in r.collectives]
+    out["floor"] = [{ph: sum(why.values()) for ph, why in r.floor.items()} for r in st.records]
+    out["n_graphs"] = len(st.records)
+    out["warnings"] = [str(w.message) for w in caught if issubclass(w.category, tpcompile.TPWarning)]
+    return out
+
+
+def assert_parity(results: list, rel: float = 1e-4, grad_atol: float = 1e-5) -> dict:
+    """Every rank: the loss at every step within ``rel`` of single device's, the same loss as rank 0,
+    every gradient within ``grad_atol``. Returns rank 0's result."""
+    for rank, r in enumerate(results):
+        assert r["loss"], "no step ran"
+        for step, (a, b) in enumerate(zip(r["loss"], r["ref_loss"])):
+            assert abs(a - b) <= rel * abs(b), f"rank {rank} step {step}: tp {a} vs single device {b}"
+        assert r["loss"] == results[0]["loss"], f"rank {rank} reports another loss than rank 0"
+        assert r["grad_err"] <= grad_atol, f"rank {rank}: a gradient is off by {r['grad_err']}"
+    return results[0]
+
+
+def assert_at_floor(result: dict) -> None:
+    """Per graph and phase, exactly as many collectives as the plan's floor (DESIGN.md)."""
+    for i, floor in enumerate(result["floor"]):
+        for ph, n in floor.items():
+            have = sum(1 for g, p, _ in result["collectives"] if g == i and p == ph)
+            assert have == n, f"graph {i} {ph}: {have} collectives against a floor of {n}"

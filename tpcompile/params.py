@@ -21,7 +21,7 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn as nn
 
-from tpcompile.errors import TPParameterError, TPShardingError
+from tpcompile.errors import TPDivergenceError, TPParameterError, TPShardingError
 from tpcompile.passes.layout import ParamPlan, contiguous_stride, renamed
 
 
@@ -61,6 +61,34 @@ def _program_view(p, lay: ParamPlan) -> torch.Tensor:
     if lay.padded_shape is None:
         return local.view_as(local)
     return base.view_as(base) if base is not None else lay.pad(local)
+
+
+def _tp_replica(p: torch.Tensor, mesh) -> torch.Tensor | None:
+    """This rank's tensor of ``p`` if ``p`` is replicated over the TP mesh (FSDP2's dp shard of it
+    included: the TP ranks of one dp coordinate hold the same one), else None."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    if not isinstance(p, DTensor):
+        return None
+    pmesh = p.device_mesh
+    if pmesh == mesh:
+        dim = 0
+    elif "tp" in (pmesh.mesh_dim_names or ()) and pmesh["tp"] == mesh:
+        dim = pmesh.mesh_dim_names.index("tp")
+    else:
+        return None
+    return p.to_local() if isinstance(p.placements[dim], Replicate) else None
+
+
+_INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bit_sum(t: torch.Tensor) -> torch.Tensor:
+    """The sum of ``t``'s elements read as integers of their width: equal replicas give equal sums."""
+    t = t.detach().contiguous()
+    as_int = _INT_OF_SIZE.get(t.element_size())
+    bits = t.view(as_int) if as_int is not None else t.view(torch.uint8)
+    return bits.sum(dtype=torch.int64)
 
 
 class TPParameters:
@@ -108,6 +136,44 @@ class TPParameters:
 
     def named(self) -> Iterable[tuple[str, torch.Tensor]]:
         return ((fqn, self.current(fqn)) for fqn in self.slots)
+
+    # ------------------------------------------------------------------ replicas in step
+    def check_replicas(self, group, device: torch.device) -> None:
+        """Raise ``TPDivergenceError`` if a parameter replicated over the TP group differs across it.
+
+        Replicated parameters get all-reduced gradients, so every rank's optimizer step should keep
+        them bitwise equal; one that differs means the ranks run different models from then on.
+        One checksum per parameter (the sum of its bits as integers: exact, NaN-safe) and one
+        all-gather of those for the whole model."""
+        import torch.distributed as dist
+
+        if dist.get_backend(group) == "fake":  # explain's / the tests' stand-in group: no other ranks to compare
+            return
+        names, sums = [], []
+        for fqn, p in self.named():
+            local = _tp_replica(p, self.mesh)
+            if local is not None and not local.is_meta:
+                names.append(fqn)
+                sums.append(_bit_sum(local))
+        if not names:
+            return
+        mine = torch.stack(sums).to(device)
+        every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(every, mine, group=group)
+        every = torch.stack(every).cpu()
+        differ = (every != every[0]).any(dim=0)
+        if bool(differ.any()):
+            i = int(differ.nonzero()[0])
+            ranks = [r for r in range(every.shape[0]) if every[r, i] != every[0, i]]
+            raise TPDivergenceError(
+                f"tp_compile: {names[i]} is replicated over the TP group but TP ranks {ranks} hold other values "
+                f"than TP rank 0 ({int(differ.sum())} of {len(names)} replicated parameters differ). The ranks no "
+                f"longer run one model. Usual causes: an optimizer step or a parameter update run on some ranks "
+                f"only or with per-rank values (a learning rate, a gradient scaled per rank); gradient clipping "
+                f"by a per-rank norm (clip the DTensor parameters: torch.nn.utils.clip_grad_norm_(model.parameters()) "
+                f"is right); a random op (dropout, noise) applied to parameters with per-rank seeds; weights "
+                f"initialised on each rank without the same seed. Turn the check off with "
+                f"tp_compile(..., check_replicas_every=0).")
 
     # ------------------------------------------------------------------ storing a layout
     def apply(self, pp: ParamPlan) -> None:

@@ -86,17 +86,21 @@ def spec(seed: int) -> Spec:
     if r.random() < 0.15:
         plan = ((r.choice(("blocks.0.mlp.*", "blocks.0.attn.*", "blocks.*.mlp.up") + (() if tied else ("head",))),
                  "replicate"),)
+    mlp = r.choice(("gelu", "relu", "swiglu", "swiglu_fused"))
+    dtype = r.choices(("fp32", "bf16", "autocast"), (0.8, 0.1, 0.1))[0]
+    if dtype != "fp32" and mlp == "relu":  # a rounding difference flips relu's derivative: O(1), not a TP bug
+        mlp = "gelu"
     return Spec(
         seed=seed, vocab=r.randint(40, 130), heads=heads, kv_heads=kv, head_dim=head_dim,
         ffn_mult=r.choice((2, 4, 4, 1.5)), layers=layers, qkv=qkv,
         spellings=tuple(r.choice(SPELLINGS) for _ in range(6)), bias=r.random() < 0.5,
         norm=r.choice(("layernorm", "rmsnorm", "rms_norm_fn")), qk_norm=r.random() < 0.25,
-        block=r.choice(("pre", "pre", "post", "parallel")), mlp=r.choice(("gelu", "relu", "swiglu", "swiglu_fused")),
+        block=r.choice(("pre", "pre", "post", "parallel")), mlp=mlp,
         attention=r.choice(("sdpa", "manual")), positions=r.choice(("learned", "rope", "partial_rope", "none")),
         tied=tied, checkpoint=r.random() < 0.2,
         graph_break=r.choices(("none", "in_loop", "before_head"), (0.7, 0.15, 0.15))[0],
         loss=(r.random() < 0.5, r.choice((0.0, 0.0, 0.1)), r.choice(("mean", "mean", "sum"))),
-        dtype=r.choices(("fp32", "bf16", "autocast"), (0.8, 0.1, 0.1))[0], plan=plan,
+        dtype=dtype, plan=plan,
         sequence_parallel=r.random() < 0.25, batch=r.choice((1, 2, 3)), seq=r.choice((8, 8, 12, 6)),
     )
 

@@ -161,7 +161,7 @@ def test_explain_with_litgpt_imported(monkeypatch):
     pytest.importorskip("litgpt")
     from lightning.fabric.wrappers import _capture_compile_kwargs  # noqa: F401 - the wrapper exists
 
-    if torch.compile.__name__ != "_capture":  # litgpt imported earlier in this session: wrap again, as its import does
+    if not hasattr(torch.compile, "__wrapped__"):  # litgpt imported earlier in this session: wrap again, as its import does
         monkeypatch.setattr(torch, "compile", _capture_compile_kwargs(torch.compile))
     model, args = gpt.make_model()
     rep = tpcompile.explain(model, *args, world_size=4)

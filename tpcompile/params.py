@@ -221,12 +221,16 @@ class TPParameters:
     @staticmethod
     def _carry_pieces(p, pp: ParamPlan) -> None:
         """A parameter of unequal fused pieces, and each gradient it gets, carry their layout
-        (``_patch_dtensor_for_pieces``)."""
+        (``ParamPlan.mark``)."""
         if pp.exact:
             return
-        p._tp_pieces = pp
+        pp.mark(p)
+
+        def mark_grad(q) -> None:
+            pp.mark(q.grad)
+
         if p.requires_grad:
-            p.register_post_accumulate_grad_hook(lambda q: setattr(q.grad, "_tp_pieces", pp))
+            p.register_post_accumulate_grad_hook(mark_grad)
 
     def install(self, pp: ParamPlan, stored: torch.Tensor, requires_grad: bool) -> None:
         """Register a parameter built elsewhere (a meta model's allocated shard) under ``pp``'s slots."""
@@ -384,12 +388,12 @@ def _patch_dtensor_for_pieces() -> None:
     placement describes: the parameter is a ``Shard(dim)`` DTensor whose rows are in rank order.
     So that ``.full_tensor()`` of such a parameter or of its gradient is still the true full tensor
     (and ``redistribute`` a clear error, not a permuted one), both look at the layout they carry."""
-    from torch.distributed._functional_collectives import all_gather_tensor_autograd
+    from torch.distributed._functional_collectives import all_gather_single_autograd
     from torch.distributed.tensor import DTensor
 
     if getattr(DTensor.full_tensor, "_tp_pieces", False):
         return
-    full_tensor, redistribute = DTensor.full_tensor, DTensor.redistribute
+    full_tensor, redistribute, detach = DTensor.full_tensor, DTensor.redistribute, DTensor.detach
 
     def pieces_full_tensor(self, *, grad_placements=None):
         pp = self.__dict__.get("_tp_pieces")
@@ -397,7 +401,7 @@ def _patch_dtensor_for_pieces() -> None:
             return full_tensor(self, grad_placements=grad_placements)
         local = self._local_tensor
         tp = self.device_mesh.size()
-        gathered = all_gather_tensor_autograd(local.contiguous(), gather_dim=pp.dim, group=self.device_mesh.get_group())
+        gathered = all_gather_single_autograd(local.contiguous(), gather_dim=pp.dim, group=self.device_mesh.get_group())
         return pp.assemble(list(gathered.chunk(tp, pp.dim)))
 
     def pieces_redistribute(self, *args, **kwargs):
@@ -409,5 +413,11 @@ def _patch_dtensor_for_pieces() -> None:
                 f"places the pieces right) or tpcompile.full_state_dict.")
         return redistribute(self, *args, **kwargs)
 
+    def pieces_detach(self):
+        # state_dict() holds detached parameters: they must still gather to the true full tensor
+        out = detach(self)
+        pp = self.__dict__.get("_tp_pieces")
+        return pp.mark(out) if pp is not None else out
+
     pieces_full_tensor._tp_pieces = True
-    DTensor.full_tensor, DTensor.redistribute = pieces_full_tensor, pieces_redistribute
+    DTensor.full_tensor, DTensor.redistribute, DTensor.detach = pieces_full_tensor, pieces_redistribute, pieces_detach

@@ -551,6 +551,18 @@ def repeat_interleave(node, ctx) -> NodeInfo:
     return _replicate_all(node, ctx, "fallback" if isinstance(p, Shard) else "replicate")
 
 
+def size_of(node, ctx) -> NodeInfo:
+    """``x.size(d)`` / ``aten.sym_size.int(x, d)`` (a symbolic size, e.g. from the einops rewrite in
+    ``passes/normalize.py``): the logical size of an unsharded dim is the local one, read from the
+    shard as it is; reading the sharded dim needs x whole."""
+    x = node.args[0]
+    p = ctx.pl(x)
+    d = _arg(node, 1, "dim")
+    if isinstance(p, Shard) and (d is None or norm_dim(d, value(x).dim()) == p.dim):
+        return NodeInfo(None, {x: R}, "fallback")
+    return NodeInfo(None, {}, "pointwise")
+
+
 def dropout(node, ctx) -> NodeInfo:
     """Dropout keeps its input's placement. On a plain shard it becomes the runtime's
     ``sharded_dropout`` (an independent mask per rank, RNG streams kept in step)."""
@@ -577,6 +589,7 @@ RULES: dict[Any, Callable[[fx.Node, Ctx], NodeInfo]] = {
                                "var", "std", torch.var, "logsumexp", torch.logsumexp, "norm")},
     **{f: matmul for f in (operator.matmul, torch.matmul, "matmul", torch.bmm, "bmm")},
     **{f: einsum for f in (torch.einsum, "einsum")},
+    **{f: size_of for f in (torch.ops.aten.sym_size.int, "size")},
     SDPA: sdpa,
     F.layer_norm: layer_norm,
     getattr(F, "rms_norm", F.layer_norm): layer_norm,
@@ -654,7 +667,10 @@ def propagate(gm: fx.GraphModule, tp: int, params: set, style_of: Callable, chun
                     if ni.kind == "fallback":
                         for o in origins.get(x, ()):
                             blocked.setdefault(o, []).append(node)
-                if ni.kind in ("rowwise", "vocab_ce") and isinstance(have, Shard) and need == have:
+                # a column-parallel table counts only beside a column linear's shard (T5's bias added to
+                # head-sharded scores); alone it would have split a whole activation (the residual stream)
+                if ni.kind in ("rowwise", "vocab_ce") and isinstance(have, Shard) and need == have \
+                        and any(info[o].kind == "colwise" for o in origins.get(x, ())):
                     good |= origins.get(x, frozenset())
                     if ni.kind == "vocab_ce":
                         vocab |= origins.get(x, frozenset())

@@ -8,9 +8,11 @@ Megatron's pattern falls out of the rules rather than being matched:
   not). Its one all-reduce then saves (1 - 1/tp) of the biggest table; a small table costs more
   in that all-reduce than it saves, and replicated its lookup needs no communication at all;
 - any other plain Embedding is tried column-parallel (its table split on the embedding dim, each
-  rank looking up its own columns) and kept so only if its shard reaches a row-parallel Linear
-  with no gather on the way: T5's relative-position bias ``[buckets, heads]``, whose lookup is
-  added to head-sharded attention scores (each rank then holds, and trains, its heads' bias);
+  rank looking up its own columns) and kept so only if its shard, joined with a column-parallel
+  Linear's, reaches a row-parallel Linear with no gather anywhere: T5's relative-position bias
+  ``[buckets, heads]``, whose lookup is added to head-sharded attention scores (each rank then
+  holds, and trains, its heads' bias). Alone it would turn a whole activation into a shard (a
+  position table added to the residual stream): dropped, quietly (replicated costs nothing);
 - a Linear fed a whole (replicated) activation is tried column-parallel; one fed an
   activation sharded on its last dim is row-parallel;
 - a column-parallel try is kept only if its shard reaches a row-parallel Linear or the
@@ -124,7 +126,7 @@ def _plain_embedding(e: fx.Node) -> bool:
         and not arg(5, "scale_grad_by_freq") and not arg(6, "sparse")
 
 
-def _vocab_tables(embeds: list, params: set, state: set, forced: dict) -> set:
+def _vocab_tables(embeds: list, state: set, forced: dict) -> set:
     """Weights of the vocab-parallel embeddings: forced ``vocab``, or the largest plain tables
     looked up with the user's inputs (see the module docstring)."""
     data = [e.args[1] for e in embeds if e.args[1] not in forced and _plain_embedding(e)
@@ -148,7 +150,7 @@ def make_plan(gm: fx.GraphModule, tp: int, param_fqns: dict, overrides: dict | N
 
     linears = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in LINEARS and n.args[1] in params]
     embeds = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is F.embedding and n.args[1] in params]
-    vocab_weights = _vocab_tables(embeds, params, params | set(buffers or ()), forced)
+    vocab_weights = _vocab_tables(embeds, params | set(buffers or ()), forced)
     # other tables tried column-parallel (split on the embedding dim); kept if that reaches a row linear
     col_embeds = {e for e in embeds if e.args[1] not in vocab_weights and _plain_embedding(e) and value(e.args[1]).dim() == 2
                   and (forced.get(e.args[1]) == "colwise" or (e.args[1] not in forced and int(shape(e.args[1])[1]) % tp == 0))

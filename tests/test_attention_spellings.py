@@ -124,3 +124,39 @@ def test_attention_spelling_trains_like_single_device(cls):
     assert r["plan"]["wq.weight"] == ("colwise", 0, 1) and r["plan"]["wo.weight"] == ("rowwise", 1, 1)
     assert r["n_graphs"] == 2 and r["warnings"] == []
     assert_at_floor(r)
+
+
+def _rearranges():
+    from einops import rearrange
+
+    return {  # literal lengths, as a model's `h=self.n_heads` (Dynamo specialises those)
+        "b t (h d) -> b h t d": lambda x: rearrange(x, "b t (h d) -> b h t d", h=4),
+        "b h t d -> b t (h d)": lambda x: rearrange(x.view(2, -1, 4, 8), "b h t d -> b t (h d)"),
+        "b t (h d) -> (b h) t d": lambda x: rearrange(x, "b t (h d) -> (b h) t d", d=8),
+        "... (h d) -> ... h d": lambda x: rearrange(x, "... (h d) -> ... h d", h=2),
+        "b t d -> b 1 t d": lambda x: rearrange(x, "b t d -> b 1 t d"),
+        "b (t two) d -> b t (d two)": lambda x: rearrange(x, "b (t two) d -> b t (d two)", two=2),
+    }
+
+
+@pytest.mark.parametrize("pattern", list(_rearranges()))
+def test_rearrange_becomes_the_views_it_stands_for(pattern):
+    """``passes/normalize.py`` replaces ``einops.rearrange`` by reshape / permute nodes: the same values
+    (against einops itself), the ``rearrange`` gone, also with symbolic sizes (``dynamic=True``)."""
+    from tpcompile.passes.normalize import normalize
+
+    left = []
+
+    def backend(gm, example_inputs):
+        normalize(gm, set())
+        left.extend(n for n in gm.graph.nodes if getattr(n.target, "__name__", "") == "rearrange")
+        return gm.forward
+
+    fn = _rearranges()[pattern]
+    x = torch.randn(2, 6, 32)
+    torch._dynamo.reset()
+    for dynamic in (False, True):
+        out = torch.compile(fn, backend=backend, dynamic=dynamic, fullgraph=True)(x)
+        assert torch.equal(out, fn(x)), (pattern, dynamic)
+        torch._dynamo.reset()
+    assert left == []

@@ -1,7 +1,18 @@
 """Plan: choose how each parameter is laid out, by propagation (DESIGN.md §4).
 
 Megatron's pattern falls out of the rules rather than being matched:
-- an Embedding looked up with data from the user's inputs is vocab-parallel;
+- the word embedding is vocab-parallel, and only it (Megatron keeps position and token-type
+  embeddings whole): an Embedding is vocab-parallel when it is looked up with the user's inputs
+  (token ids; not a buffer such as BERT's ``position_ids``, not ``arange``) and its table is the
+  largest of those (the vocabulary; a 2-row token-type table or positions passed as an input are
+  not). Its one all-reduce then saves (1 - 1/tp) of the biggest table; a small table costs more
+  in that all-reduce than it saves, and replicated its lookup needs no communication at all;
+- any other plain Embedding is tried column-parallel (its table split on the embedding dim, each
+  rank looking up its own columns) and kept so only if its shard, joined with a column-parallel
+  Linear's, reaches a row-parallel Linear with no gather anywhere: T5's relative-position bias
+  ``[buckets, heads]``, whose lookup is added to head-sharded attention scores (each rank then
+  holds, and trains, its heads' bias). Alone it would turn a whole activation into a shard (a
+  position table added to the residual stream): dropped, quietly (replicated costs nothing);
 - a Linear fed a whole (replicated) activation is tried column-parallel; one fed an
   activation sharded on its last dim is row-parallel;
 - a column-parallel try is kept only if its shard reaches a row-parallel Linear or the
@@ -87,11 +98,12 @@ def with_tied_aliases(overrides: dict, aliases: dict[str, str]) -> dict:
     return out
 
 
-def _indices_from_data(idx, params) -> bool:
-    """True if embedding indices come from the user's inputs (tokens), not from ``arange``."""
+def _indices_from_data(idx, state) -> bool:
+    """True if embedding indices come from the user's inputs (tokens), not from ``arange`` or
+    from the module's own parameters and buffers (``state``; BERT's ``position_ids``)."""
     while isinstance(idx, fx.Node):
         if idx.op == "placeholder":
-            return idx not in params
+            return idx not in state
         if (idx.op == "call_method" and idx.target in _INDEX_PASSTHROUGH) or idx.target is operator.getitem:
             idx = idx.args[0]
             continue
@@ -127,12 +139,31 @@ def _fused_chunks(lin: fx.Node) -> int | tuple:
     return len(pieces)
 
 
+def _plain_embedding(e: fx.Node) -> bool:
+    """No ``max_norm`` (it renormalises whole rows), ``scale_grad_by_freq`` or ``sparse``."""
+    def arg(i, name):
+        return e.args[i] if len(e.args) > i else e.kwargs.get(name)
+
+    return isinstance(arg(2, "padding_idx"), (int, type(None))) and arg(3, "max_norm") is None \
+        and not arg(5, "scale_grad_by_freq") and not arg(6, "sparse")
+
+
+def _vocab_tables(embeds: list, state: set, forced: dict) -> set:
+    """Weights of the vocab-parallel embeddings: forced ``vocab``, or the largest plain tables
+    looked up with the user's inputs (see the module docstring)."""
+    data = [e.args[1] for e in embeds if e.args[1] not in forced and _plain_embedding(e)
+            and _indices_from_data(e.args[0], state)]
+    rows = max((int(shape(w)[0]) for w in data), default=0)
+    return {w for w in data if int(shape(w)[0]) == rows} | {e.args[1] for e in embeds if forced.get(e.args[1]) == "vocab"}
+
+
 def make_plan(gm: fx.GraphModule, tp: int, param_fqns: dict, overrides: dict | None = None,
-              known: dict | None = None) -> GraphPlan:
+              known: dict | None = None, buffers: set | None = None) -> GraphPlan:
     """Choose every parameter's layout for ``gm`` (params: placeholder node -> FQN).
 
     ``known``: FQN -> ParamPlan of parameters an earlier graph already stored; they keep it
     (their style is forced, and the same rows, padding included, are taken over).
+    ``buffers``: placeholders of the module's buffers (module state, not the user's inputs).
     """
     known = known or {}
     overrides = {**{f: pp.style for f, pp in known.items() if f in param_fqns.values()}, **(overrides or {})}
@@ -141,14 +172,11 @@ def make_plan(gm: fx.GraphModule, tp: int, param_fqns: dict, overrides: dict | N
 
     linears = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in LINEARS and n.args[1] in params]
     embeds = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is F.embedding and n.args[1] in params]
-    vocab_weights = set()
-    for e in embeds:
-        w = e.args[1]
-        padding_idx, max_norm = (list(e.args[2:4]) + [None, None])[:2]
-        extras = [a for a in e.args[5:] if a]  # scale_grad_by_freq, sparse
-        plain = isinstance(padding_idx, (int, type(None))) and max_norm is None and not extras
-        if forced.get(w) == "vocab" or (w not in forced and plain and _indices_from_data(e.args[0], params)):
-            vocab_weights.add(w)
+    vocab_weights = _vocab_tables(embeds, params | set(buffers or ()), forced)
+    # other tables tried column-parallel (split on the embedding dim); kept if that reaches a row linear
+    col_embeds = {e for e in embeds if e.args[1] not in vocab_weights and _plain_embedding(e) and value(e.args[1]).dim() == 2
+                  and (forced.get(e.args[1]) == "colwise" or (e.args[1] not in forced and int(shape(e.args[1])[1]) % tp == 0))
+                  and all(u.target is F.embedding and u.args[1] is e.args[1] for u in e.args[1].users)}
     chunks = {n: _fused_chunks(n) for n in linears}
 
     replicated: set = set()
@@ -165,7 +193,7 @@ def make_plan(gm: fx.GraphModule, tp: int, param_fqns: dict, overrides: dict | N
         def style_of(node, px):
             w = node.args[1]
             if node.target is F.embedding:
-                return "vocab" if w in vocab_weights else "replicate"
+                return "vocab" if w in vocab_weights else "colwise" if node in col_embeds - replicated else "replicate"
             if w in forced:
                 return {"vocab": "colwise"}.get(forced[w], forced[w])
             if w in vocab_weights:
@@ -200,6 +228,10 @@ def make_plan(gm: fx.GraphModule, tp: int, param_fqns: dict, overrides: dict | N
         for lin in dropped - replicated:
             for op in prop.blocked.get(lin, ()):
                 unsupported.setdefault(op, []).append(param_fqns[lin.args[1]].rsplit(".", 1)[0])
+        # a column-parallel table is an opportunity, not Megatron's pattern: dropped quietly, also
+        # where its shard is gathered anywhere (replicated, its lookup needs no communication)
+        dropped |= {e for e in col_embeds if prop.info[e].kind == "column_embedding" and e.args[1] not in forced
+                    and (e not in prop.good_sinks or e in prop.gathered)}
         if dropped <= replicated:
             break
         replicated |= dropped
@@ -300,7 +332,7 @@ def _param_plans(gm, prop: Propagation, tp: int, param_fqns: dict, known: dict) 
         users = [u for u in node.users if u.op == "call_function"]
         lins = [u for u in users if u.target in LINEARS and u.args[1] is node]
         if any(u.target is F.embedding for u in users):
-            style = "vocab"
+            style = "vocab" if p.dim == 0 else "colwise"
         elif lins:
             style = "colwise" if p.dim == weight_out_dim(lins[0]) else "rowwise"
         else:

@@ -41,6 +41,7 @@ class Propagation:
     fallbacks: list  # ops with no rule that had to gather / reduce
     blocked: dict = field(default_factory=dict)  # column linear -> ops with no rule its shard ran into
     vocab_sinks: set = field(default_factory=set)  # column linears whose shard reaches the vocab-parallel loss
+    gathered: set = field(default_factory=set)  # column linears / tables whose shard some consumer needs otherwise
 
     def placement(self, node):
         return self.info[node].out if node in self.info else None
@@ -355,6 +356,58 @@ def matmul(node, ctx) -> NodeInfo:
     return _replicate_all(node, ctx, "fallback" if isinstance(pa, Shard) or isinstance(pb, Shard) else "replicate")
 
 
+def _einsum_labels(node) -> tuple[list, str] | None:
+    """(per operand its labels, one per dim; the output's labels) of ``torch.einsum(eq, *ops)``.
+    An ellipsis becomes one label per dim it covers, aligned from the right (broadcasting)."""
+    eq, ops = node.args[0], list(node.args[1:])
+    if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
+        ops = list(ops[0])
+    if not isinstance(eq, str) or node.kwargs or not all(is_tensor(o) for o in ops):
+        return None
+    lhs, arrow, out = eq.replace(" ", "").partition("->")
+    terms = lhs.split(",")
+    if len(terms) != len(ops):
+        return None
+    n_ell = max((value(o).dim() - len(t.replace("...", "")) for o, t in zip(ops, terms) if "..." in t), default=0)
+    ell = [chr(0x2460 + i) for i in range(n_ell)]  # labels no equation uses
+    labels = []
+    for o, t in zip(ops, terms):
+        k = value(o).dim() - len(t.replace("...", ""))
+        a, _, b = t.partition("...")
+        labels.append(list(a) + (ell[n_ell - k:] if "..." in t else []) + list(b))
+    if not arrow:  # implicit output: the ellipsis, then the labels used once, sorted
+        once = sorted(c for c in set(lhs) if c.isalpha() and lhs.count(c) == 1)
+        out_labels = ell + once
+    else:
+        a, _, b = out.partition("...")
+        out_labels = list(a) + (ell if "..." in out else []) + list(b)
+    if any(len(ls) != value(o).dim() for ls, o in zip(labels, ops)):
+        return None
+    return list(zip(ops, labels)), out_labels
+
+
+def einsum(node, ctx) -> NodeInfo:
+    """``torch.einsum`` whose operands are sharded on a label kept in the output (a batch-like
+    label: the heads of ``'bhqd,bhkd->bhqk'``): a batched contraction, computed per shard. Every
+    operand with that label takes the same shard (a size-1 dim broadcasts: replicated), the
+    others stay whole; the output is sharded on the label. A shard on a contracted label is
+    gathered (no rule yet)."""
+    parsed = _einsum_labels(node)
+    sh = [(x, p) for x, p in _sharded(ctx, node) if p.chunks == 1 and not p.pad]
+    if parsed is None or not sh:
+        return _replicate_all(node, ctx, "fallback" if _sharded(ctx, node) else "replicate")
+    ops, out_labels = parsed
+    x0, s0 = sh[0]
+    label = dict(ops)[x0][s0.dim]
+    if label not in out_labels:
+        return _replicate_all(node, ctx, "fallback")
+    need = {}
+    for x, ls in ops:
+        d = ls.index(label) if label in ls else None
+        need[x] = R if d is None or shape(x)[d] == 1 else Shard(d)
+    return NodeInfo(Shard(out_labels.index(label)), need, "pointwise")
+
+
 def sdpa(node, ctx) -> NodeInfo:
     """Attention on head-sharded q/k/v stays head-sharded; a mask follows by broadcasting.
     The rewrite (kind ``sdpa``) handles GQA with fewer kv heads than tp and SDPA's own dropout."""
@@ -431,10 +484,15 @@ def linear(node, ctx) -> NodeInfo:
 
 
 def embedding(node, ctx) -> NodeInfo:
+    """vocab: the table split on its rows, a masked local lookup summed over ranks (rewrite).
+    colwise: the table split on its columns; each rank looks up its own, the output is sharded
+    on its last dim (no communication). replicate: a shard of the indices passes through."""
     idx, w = node.args[:2]
     style = ctx.style_of(node, ctx.pl(idx))
     if style == "vocab":
         return NodeInfo(R, {idx: R, w: Shard(0, 1, int(shape(w)[0]) % ctx.tp != 0)}, "vocab")
+    if style == "colwise":
+        return NodeInfo(Shard(value(node).dim() - 1), {idx: R, w: Shard(1)}, "column_embedding")
     p = ctx.pl(idx)
     p = p if isinstance(p, Shard) else R
     return NodeInfo(p, {idx: p, w: R}, "replicate")
@@ -493,6 +551,18 @@ def repeat_interleave(node, ctx) -> NodeInfo:
     return _replicate_all(node, ctx, "fallback" if isinstance(p, Shard) else "replicate")
 
 
+def size_of(node, ctx) -> NodeInfo:
+    """``x.size(d)`` / ``aten.sym_size.int(x, d)`` (a symbolic size, e.g. from the einops rewrite in
+    ``passes/normalize.py``): the logical size of an unsharded dim is the local one, read from the
+    shard as it is; reading the sharded dim needs x whole."""
+    x = node.args[0]
+    p = ctx.pl(x)
+    d = _arg(node, 1, "dim")
+    if isinstance(p, Shard) and (d is None or norm_dim(d, value(x).dim()) == p.dim):
+        return NodeInfo(None, {x: R}, "fallback")
+    return NodeInfo(None, {}, "pointwise")
+
+
 def dropout(node, ctx) -> NodeInfo:
     """Dropout keeps its input's placement. On a plain shard it becomes the runtime's
     ``sharded_dropout`` (an independent mask per rank, RNG streams kept in step)."""
@@ -509,7 +579,8 @@ RULES: dict[Any, Callable[[fx.Node, Ctx], NodeInfo]] = {
     **{u: unary for u in _UNARY},
     **{f: last2_unary for f in ("tril", "triu", torch.tril, torch.triu)},
     **{f: view_like for f in ("view", "reshape", torch.reshape, "flatten", torch.flatten, "unflatten",
-                               torch.unflatten, "squeeze", "unsqueeze", torch.squeeze, torch.unsqueeze, "expand")},
+                               torch.unflatten, "squeeze", "unsqueeze", torch.squeeze, torch.unsqueeze, "expand",
+                               torch.view_as_complex, torch.view_as_real)},
     **{f: transpose for f in ("transpose", torch.transpose, "permute", torch.permute, "t", torch.t, "swapaxes")},
     **{f: split for f in ("split", torch.split, "chunk", torch.chunk, "unbind", torch.unbind)},
     **{f: cat for f in (torch.cat, torch.concat, torch.stack)},
@@ -517,6 +588,8 @@ RULES: dict[Any, Callable[[fx.Node, Ctx], NodeInfo]] = {
     **{f: reduction for f in ("sum", "mean", "amax", "amin", torch.sum, torch.mean, torch.amax, torch.amin,
                                "var", "std", torch.var, "logsumexp", torch.logsumexp, "norm")},
     **{f: matmul for f in (operator.matmul, torch.matmul, "matmul", torch.bmm, "bmm")},
+    **{f: einsum for f in (torch.einsum, "einsum")},
+    **{f: size_of for f in (torch.ops.aten.sym_size.int, "size")},
     SDPA: sdpa,
     F.layer_norm: layer_norm,
     getattr(F, "rms_norm", F.layer_norm): layer_norm,
@@ -594,13 +667,17 @@ def propagate(gm: fx.GraphModule, tp: int, params: set, style_of: Callable, chun
                     if ni.kind == "fallback":
                         for o in origins.get(x, ()):
                             blocked.setdefault(o, []).append(node)
-                if ni.kind in ("rowwise", "vocab_ce") and isinstance(have, Shard) and need == have:
+                # a column-parallel table counts only beside a column linear's shard (T5's bias added to
+                # head-sharded scores); alone it would have split a whole activation (the residual stream)
+                if ni.kind in ("rowwise", "vocab_ce") and isinstance(have, Shard) and need == have \
+                        and any(info[o].kind == "colwise" for o in origins.get(x, ())):
                     good |= origins.get(x, frozenset())
                     if ni.kind == "vocab_ce":
                         vocab |= origins.get(x, frozenset())
             if ni.kind == "fallback" and any(isinstance(ctx.pl(x), (Shard, Partial)) and ni.need.get(x) != ctx.pl(x) for x in ni.need):
                 fallbacks.append(node)
             info[node] = ni
-            origins[node] = frozenset({node}) if ni.kind == "colwise" else _merge_origins(origins, node, ni)
+            origins[node] = frozenset({node}) if ni.kind in ("colwise", "column_embedding") \
+                else _merge_origins(origins, node, ni)
         ctx.place[node] = info[node].out
-    return Propagation(info, origins, good, fallbacks, blocked, vocab)
+    return Propagation(info, origins, good, fallbacks, blocked, vocab, bad)

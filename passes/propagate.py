@@ -235,7 +235,7 @@ def view_like(node, ctx) -> NodeInfo:
             if sizes[k] != -1:
                 new_sizes[("unflatten", k)] = local_size(sizes[k], ctx.tp)
     extra = {"sizes": new_sizes}
-    if p.chunks == 1 and node.target != "expand" and one_head:
+    if one_head:
         extra["one_head"] = True
     return NodeInfo(p.moved(o), {x: p}, "view", extra)
 

@@ -92,7 +92,8 @@ def sequence_parallel(gm: fx.GraphModule, group: str, tp: int, rank: int = 0) ->
     # recompiles for a count that breaks it, and that graph raises here): a guard, not a specialisation
     if static_size(T) is not None and T % tp or static_size(T) is None and bool(T % tp != 0):
         raise TPShardingError(
-            f"sequence_parallel=True: {source_line(sources[0])} has {T} tokens per sequence (dim -2 of "
+            f"sequence_parallel=True: {source_line(sources[0])} has {T} tokens per sequence"
+            f"{'' if static_size(T) is not None else f' ({T.node.hint} in this call)'} (dim -2 of "
             f"{shape_str(value(sources[0]).shape)}), not divisible by tp={tp}. Use a sequence length divisible by "
             f"{tp} (pad the batch), or sequence_parallel=False."
         )

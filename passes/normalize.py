@@ -20,7 +20,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .graph_utils import value
+from .graph_utils import same_shape, same_size, value
 
 _TAGS = ("recompute", "ac_graph_id")  # activation-checkpoint tags a node carries (inline_checkpoint)
 
@@ -102,13 +102,13 @@ def _unbroadcast(node, keep: int):
     (``W[None].expand(B, i, o)`` -> ``W``; ``b.expand(B, T, o)`` -> ``b``); else ``node``."""
     while isinstance(node, fx.Node) and _target(node) in _BROADCASTS and isinstance(node.args[0], fx.Node):
         src, out = node.args[0], _shape(node)
-        if _ndim(src) < keep or out[-keep:] != _shape(src)[-keep:]:
+        if _ndim(src) < keep or not same_shape(out[-keep:], _shape(src)[-keep:]):
             break
         if _target(node) is operator.getitem:
             idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
             if any(i is not None and i is not Ellipsis and i != slice(None) for i in idx):
                 break
-        if _target(node) != "expand" and any(s != 1 for s in out[:-keep]):
+        if _target(node) != "expand" and any(not same_size(s, 1) for s in out[:-keep]):
             break  # unsqueeze / view / [None]: only size-1 leading dims, same elements in order
         node = src
     return node
@@ -167,7 +167,7 @@ def _einsum_linear(node: fx.Node, params: set) -> tuple | None:
 
 def _linear_shape(node: fx.Node, x, target, w) -> bool:
     """The op's result has a linear's shape: x's leading dims, then the out-features."""
-    return _shape(node) == _shape(x)[:-1] + (_shape(w)[0 if target is LINEAR else 1],)
+    return same_shape(_shape(node), _shape(x)[:-1] + (_shape(w)[0 if target is LINEAR else 1],))
 
 
 def param_operands(node: fx.Node, params: set) -> list[fx.Node]:
@@ -212,6 +212,7 @@ def normalize(gm: fx.GraphModule, params: set[fx.Node]) -> fx.GraphModule:
                     g.erase_node(node)
     for node in list(g.nodes):
         _slices_to_split(g, node)
+        _sizes_inline(g, node)
         _rearrange_to_views(g, node)
     for node in reversed(list(g.nodes)):  # W.t(), W.expand(...) left dead by the rewrites above
         if node.op in ("call_method", "call_function") and not node.users and _target(node) in _VIEWS \
@@ -262,6 +263,37 @@ def _slices_to_split(g: fx.Graph, src: fx.Node) -> None:
     split.meta["example_value"] = tuple(value(u) for _, _, u in cuts)
     for i, (_, _, u) in enumerate(cuts):
         u.args = (split, i)
+
+
+_SIZED = {"view", "reshape", "expand", torch.reshape}
+
+
+def _sizes_inline(g: fx.Graph, node: fx.Node) -> None:
+    """``view(x, size)`` with ``size`` a computed ``torch.Size`` node (Dynamo's spelling of
+    ``x.size()[:-1] + (nf,)`` once a dim is symbolic, HF ``Conv1D``) becomes ``view(x, (s0, s1, nf))``:
+    one entry per dim, static sizes as ints, so the view rule can rewrite a sharded dim's entry."""
+    if _target(node) not in _SIZED or len(node.args) != 2 or node.kwargs or not isinstance(node.args[1], fx.Node):
+        return
+    size = node.args[1]
+    sizes = value(size)
+    if not isinstance(sizes, (tuple, list)) or isinstance(sizes, torch.Tensor):
+        return
+    if _target(size) is torch.Size and len(size.args) == 1 and isinstance(size.args[0], (tuple, list)) \
+            and len(size.args[0]) == len(sizes):
+        entries = list(size.args[0])
+    else:
+        entries = []
+        for i, v in enumerate(sizes):
+            if isinstance(v, int):
+                entries.append(v)
+                continue
+            with g.inserting_before(node):
+                item = g.call_function(operator.getitem, (size, i))
+            item.meta["example_value"] = v
+            entries.append(item)
+    node.args = (node.args[0], tuple(entries))
+    if not size.users:
+        g.erase_node(size)
 
 
 def _to_linear(node: fx.Node, target, x, w, b) -> None:

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from tpcompile.errors import TPShardingError
 
-from .graph_utils import divisors, is_tensor, shape, source_line, value
+from .graph_utils import divisors, is_tensor, same_size, shape, shape_str, source_line, static_size, value
 from .layout import ParamPlan
 from .normalize import CONTRACTIONS, LINEARS, param_operands, weight_out_dim
 from .placements import STYLES, Replicate, Shard, local_size
@@ -121,7 +121,8 @@ def _fused_chunks(lin: fx.Node) -> int | tuple:
     out = lin
     while len(out.users) == 1:
         (u,) = out.users
-        if u.op == "call_method" and u.target in ("view", "reshape") and shape(u)[-1:] == shape(out)[-1:]:
+        if u.op == "call_method" and u.target in ("view", "reshape") and value(u).dim() and value(out).dim() \
+                and same_size(shape(u)[-1], shape(out)[-1]):
             out = u
             continue
         break
@@ -133,10 +134,10 @@ def _fused_chunks(lin: fx.Node) -> int | tuple:
     dim = sp.args[2] if len(sp.args) > 2 else sp.kwargs.get("dim", 0)
     if dim % nd != nd - 1:
         return 1
-    pieces = value(sp)
-    if len({tuple(p.shape) for p in pieces}) != 1:
-        return tuple(int(p.shape[-1]) for p in pieces)
-    return len(pieces)
+    sizes = tuple(static_size(p.shape[-1]) for p in value(sp))  # the fused dim: static (the weight's)
+    if None in sizes:
+        return 1
+    return len(sizes) if len(set(sizes)) == 1 else sizes
 
 
 def _plain_embedding(e: fx.Node) -> bool:
@@ -267,13 +268,15 @@ def _unsharded_contractions(gm: fx.GraphModule, prop: Propagation, param_fqns: d
 
 
 def _unsplittable_heads(prop: Propagation, tp: int) -> dict:
-    """Column linear -> (view node, size) for head splits of its output that tp does not divide."""
+    """Column linear -> (view node, size) for head splits of its output that tp does not divide,
+    and for views that may be one head (``C -> (1, head_dim)``, MQA)."""
     out = {}
     for node, ni in prop.info.items():
         bad = ni.extra.get("unsplittable")
-        if bad and isinstance(bad[1], int) and int(bad[1]) % tp and value(node).dim() > value(node.args[0]).dim():
+        size = 1 if ni.extra.get("one_head") else static_size(bad[1]) if bad and bad[1] is not None else None
+        if size is not None and size % tp and value(node).dim() > value(node.args[0]).dim():
             for o in prop.origins.get(node.args[0], ()):
-                out[o] = (node, int(bad[1]))
+                out[o] = (node, size)
     return out
 
 
@@ -300,15 +303,15 @@ def _check_views(prop: Propagation, tp: int, param_fqns: dict) -> None:
     """A head split that tp does not divide is a user-facing error, not a silent gather."""
     for node, ni in prop.info.items():
         bad = ni.extra.get("unsplittable")
-        if not bad or bad[1] is None or not isinstance(bad[1], int) or int(bad[1]) % tp == 0:
+        size = static_size(bad[1]) if bad and bad[1] is not None else None
+        if size is None or size % tp == 0:
             continue
-        size = int(bad[1])
         origin = sorted(param_fqns[o.args[1]].rsplit(".", 1)[0] for o in prop.origins.get(node.args[0], ()))
         fix = ", ".join(f"{o!r}: 'replicate'" for o in origin)
         what = f"{size} heads" if value(node).dim() > value(node.args[0]).dim() else f"a dim of size {size}"
         raise TPShardingError(
             f"{source_line(node)}: the output of {', '.join(origin) or node.args[0].name} is split into "
-            f"{what} (shape {tuple(int(s) for s in shape(node))}), and {size} is not divisible by tp={tp}. "
+            f"{what} (shape {shape_str(shape(node))}), and {size} is not divisible by tp={tp}. "
             f"Use tp in {_set(divisors(size))}, or keep these projections whole: plan={{{fix}}}."
         )
 

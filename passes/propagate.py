@@ -15,12 +15,11 @@ import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import sympy
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .graph_utils import is_tensor, norm_dim, shape, value
+from .graph_utils import is_tensor, norm_dim, numel_expr, same_shape, same_size, shape, static_size, value
 from .normalize import LINEAR, LINEAR_IO, SDPA, weight_out_dim
 from .placements import R, Partial, Placement, Replicate, Shard, local_size
 
@@ -79,17 +78,6 @@ def _arg(node, i, name, default=None):
     return node.kwargs.get(name, default)
 
 
-def _expr(s):
-    return s.node.expr if isinstance(s, torch.SymInt) else sympy.Integer(int(s))
-
-
-def _prod(xs):
-    out = sympy.Integer(1)
-    for x in xs:
-        out = out * _expr(x)
-    return sympy.expand(out)
-
-
 def _sharded(ctx, node):
     """(input node, Shard) pairs among the tensor inputs of ``node``."""
     return [(x, ctx.pl(x)) for x in _tensors(node) if isinstance(ctx.pl(x), Shard)]
@@ -99,6 +87,8 @@ def _sharded(ctx, node):
 def pointwise(node, ctx) -> NodeInfo:
     """Elementwise with broadcasting: a shard survives; replicated operands that are full-size
     on the sharded dim are split locally to match (no communication forward)."""
+    if not is_tensor(node):  # maths on sizes (``SymInt`` / ``SymFloat`` under dynamic shapes)
+        return _replicate_all(node, ctx)
     out_nd = value(node).dim()
     ins = _tensors(node)
     sh = _sharded(ctx, node)
@@ -110,7 +100,7 @@ def pointwise(node, ctx) -> NodeInfo:
     for x in ins:
         nd = value(x).dim()
         d = o - (out_nd - nd)
-        if d < 0 or shape(x)[d] == 1:
+        if d < 0 or same_size(shape(x)[d], 1):
             need[x] = R
         else:
             need[x] = s0.moved(d)
@@ -135,20 +125,54 @@ def last2_unary(node, ctx) -> NodeInfo:
     return _replicate_all(node, ctx)
 
 
+def _factor_run(in_shape, out_shape, d: int) -> int | None:
+    """Out dim where the factors of in dim ``d`` start through a reshape, or None.
+
+    The in dims before ``d`` become the out dims before the run: matched dim by dim when they
+    are the same sizes (``(B, T, C) -> (B, T, H, hd)``, whatever B and T are: a size-1 batch or
+    one decode token included), else by their product (``(B*T, C) -> (B, T, C)``), size-1 out
+    dims at the boundary then counted before the run (the prefix).
+    """
+    if d <= len(out_shape) and same_shape(in_shape[:d], out_shape[:d]):
+        return d
+    pre = numel_expr(in_shape[:d])
+    starts = [s for s in range(len(out_shape)) if numel_expr(out_shape[:s]) == pre]
+    if not starts:
+        return None
+    s = starts[0]
+    while s + 1 < len(out_shape) and same_size(out_shape[s], 1) and numel_expr(out_shape[:s + 1]) == pre:
+        s += 1
+    return s
+
+
 def _map_dim(in_shape, out_shape, d: int, tp: int):
-    """Out dim that carries the shard of in dim ``d`` through a reshape, or None.
+    """Out dim that carries the shard of in dim ``d`` through a reshape: (o, ok), or (None, False).
 
     Sharding in-dim ``d`` into tp blocks equals sharding out-dim ``o`` into tp blocks iff the
-    products of the dims before them agree (row-major order), and both sizes split by tp.
-    Returns (o, ok) where ok says whether out_shape[o] is divisible by tp.
+    products of the dims before them agree (row-major order), and both sizes split by tp: ``o``
+    is the first factor of ``d`` that is not 1. ``ok`` says whether out_shape[o] is a static size
+    divisible by tp (the sharded dims come from weights; a symbolic batch / sequence dim never is).
     """
-    pre = _prod(in_shape[:d])
-    for o in range(len(out_shape)):
-        if _prod(out_shape[:o]) == pre and _expr(out_shape[o]) != 1:
-            b = out_shape[o]
-            ok = not isinstance(b, torch.SymInt) and int(b) % tp == 0
-            return o, ok
+    s = _factor_run(in_shape, out_shape, d)
+    if s is None:
+        return None, False
+    for o in range(s, len(out_shape)):
+        if not same_size(out_shape[o], 1):
+            b = static_size(out_shape[o])
+            return o, b is not None and b % tp == 0
     return None, False
+
+
+def _one_head(in_shape, out_shape, d: int) -> bool:
+    """The view splits in dim ``d`` (a projection's whole width) into ``(1, width)``: one head (MQA).
+
+    Only a split that adds exactly that one dim, after leading dims matched one by one: a
+    size-1 batch or sequence dim next to the split (decode, ``(B, 1, C) -> (B, 1, H, hd)``) is
+    not a head dim.
+    """
+    s = _factor_run(in_shape, out_shape, d)
+    return (s == d and len(out_shape) == len(in_shape) + 1 and s + 1 < len(out_shape)
+            and same_size(out_shape[s], 1) and same_size(out_shape[s + 1], in_shape[d]))
 
 
 def _size_args(node):
@@ -171,22 +195,24 @@ def view_like(node, ctx) -> NodeInfo:
     if not isinstance(p, Shard):
         return NodeInfo(R, {x: R}, "view")
     in_shape, out_shape = shape(x), shape(node)
+    one_head = False
     if node.target == "expand":
         o = p.dim + len(out_shape) - len(in_shape)
         ok = True
     elif p.chunks > 1:
         # a fused piece-wise shard survives only a reshape that leaves its dim alone
         o, ok = _map_dim(in_shape, out_shape, p.dim, ctx.tp)
-        ok = ok and o is not None and _expr(out_shape[o]) == _expr(in_shape[p.dim]) and _prod(in_shape[p.dim:]) == _prod(out_shape[o:])
+        ok = ok and o is not None and same_size(out_shape[o], in_shape[p.dim]) \
+            and numel_expr(in_shape[p.dim:]) == numel_expr(out_shape[o:])
     else:
         o, ok = _map_dim(in_shape, out_shape, p.dim, ctx.tp)
-        if node.target in ("view", "reshape", torch.reshape) and o and _expr(out_shape[o - 1]) == 1 \
-                and _prod(out_shape[:o - 1]) == _prod(in_shape[:p.dim]):
-            # C -> (1, head_dim): one head (MQA). Its shard would land on head_dim, which attention
-            # contracts; report one unsplittable head instead (k/v kept whole, see plan._few_kv_heads)
-            return NodeInfo(R, {x: R}, "view", {"unsplittable": (p, 1)})
+        # C -> (1, head_dim) may be one head (MQA): its shard then lands on head_dim, which attention
+        # contracts. Said to the plan (plan._few_kv_heads keeps k/v whole when a sibling q projection
+        # has heads that split); the same shapes are a one-token ``(B*T, C) -> (B, 1, C)``, so the
+        # shard itself goes on (it is the same split of the same elements either way)
+        one_head = node.target in ("view", "reshape", torch.reshape) and _one_head(in_shape, out_shape, p.dim)
     if p.pad and o is not None and p.chunks == 1:
-        ok = not isinstance(out_shape[o], torch.SymInt)  # a padded vocabulary: ranks hold ceil(n / tp)
+        ok = static_size(out_shape[o]) is not None  # a padded vocabulary: ranks hold ceil(n / tp)
     if o is None or not ok:
         size = out_shape[o] if o is not None else None
         return NodeInfo(R, {x: R}, "view", {"unsplittable": (p, size)})
@@ -195,7 +221,7 @@ def view_like(node, ctx) -> NodeInfo:
     if form is not None:
         sizes = node.args[first] if form == "tuple" else node.args[first:]
         lit = sizes[o]
-        full = int(out_shape[o])
+        full = static_size(out_shape[o])
         if isinstance(lit, int) and lit == full:
             new_sizes[o] = local_size(full, ctx.tp)
         elif isinstance(lit, int) and lit == -1:
@@ -209,7 +235,10 @@ def view_like(node, ctx) -> NodeInfo:
             k = o - dim
             if sizes[k] != -1:
                 new_sizes[("unflatten", k)] = local_size(sizes[k], ctx.tp)
-    return NodeInfo(p.moved(o), {x: p}, "view", {"sizes": new_sizes})
+    extra = {"sizes": new_sizes}
+    if one_head:
+        extra["one_head"] = True
+    return NodeInfo(p.moved(o), {x: p}, "view", extra)
 
 
 def transpose(node, ctx) -> NodeInfo:
@@ -286,7 +315,7 @@ def cat(node, ctx) -> NodeInfo:
     dim = norm_dim(_arg(node, 1, "dim", 0), nd)
     stack = node.target in (torch.stack,)
     # ``cat`` skips 1-D empty tensors (a fresh KV cache is ``torch.tensor([])``): they stay as they are
-    empty = set() if stack else {x for x in xs if isinstance(x, fx.Node) and tuple(shape(x)) == (0,)}
+    empty = set() if stack else {x for x in xs if isinstance(x, fx.Node) and same_shape(shape(x), (0,))}
     pls = {ctx.pl(x) for x in xs if x not in empty}
     if len(pls) == 1:
         (p,) = pls
@@ -346,12 +375,12 @@ def matmul(node, ctx) -> NodeInfo:
     if isinstance(pa, Shard) and pa.dim < na - 2:
         o = pa.dim + out_nd - na
         db = o - (out_nd - nb)
-        need_b = R if db < 0 or shape(b)[db] == 1 else Shard(db)
+        need_b = R if db < 0 or same_size(shape(b)[db], 1) else Shard(db)
         return NodeInfo(Shard(o), {a: pa, b: need_b}, "pointwise")
     if isinstance(pb, Shard) and pb.dim < nb - 2:
         o = pb.dim + out_nd - nb
         da = o - (out_nd - na)
-        need_a = R if da < 0 or shape(a)[da] == 1 else Shard(da)
+        need_a = R if da < 0 or same_size(shape(a)[da], 1) else Shard(da)
         return NodeInfo(Shard(o), {a: need_a, b: pb}, "pointwise")
     return _replicate_all(node, ctx, "fallback" if isinstance(pa, Shard) or isinstance(pb, Shard) else "replicate")
 
@@ -427,7 +456,7 @@ def sdpa(node, ctx) -> NodeInfo:
     mask = _arg(node, 3, "attn_mask")
     if isinstance(mask, fx.Node):
         md = pq.dim - (nd - value(mask).dim())
-        need[mask] = R if md < 0 or shape(mask)[md] == 1 else Shard(md)
+        need[mask] = R if md < 0 or same_size(shape(mask)[md], 1) else Shard(md)
     return NodeInfo(Shard(pq.dim), need, "sdpa", extra)
 
 

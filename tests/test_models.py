@@ -13,7 +13,7 @@ import pytest
 
 from multirank import run_cases
 
-LIBRARIES = ("litgpt",)  # ("timm", "litgpt", "gpt2", "torchtune"): the case files, models_<name>.py
+LIBRARIES = ("litgpt", "gpt2")  # with "timm", "torchtune" as their case files land: models_<name>.py
 
 
 def _library(name: str):

@@ -19,6 +19,7 @@ import fnmatch
 import operator
 from dataclasses import dataclass, field
 
+import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
@@ -28,10 +29,9 @@ from .graph_utils import divisors, is_tensor, shape, source_line, value
 from .layout import ParamPlan
 from .normalize import CONTRACTIONS, LINEARS, param_operands, weight_out_dim
 from .placements import STYLES, Replicate, Shard, local_size
-from .propagate import Propagation, propagate, rule_for
+from .propagate import Propagation, op_class, propagate, rule_for
 
-_INDEX_PASSTHROUGH = {"view", "reshape", "to", "long", "int", "contiguous", "clone", "flatten", "unsqueeze"}
-_SPLITS = {"split", "chunk"}
+_INDEX_PASSTHROUGH = ("view", "cast", "transfer")  # op families (propagate.op_class) token ids pass through
 
 
 @dataclass
@@ -70,7 +70,7 @@ def _indices_from_data(idx, params) -> bool:
     while isinstance(idx, fx.Node):
         if idx.op == "placeholder":
             return idx not in params
-        if (idx.op == "call_method" and idx.target in _INDEX_PASSTHROUGH) or idx.target is operator.getitem:
+        if op_class(idx) in _INDEX_PASSTHROUGH or idx.target is operator.getitem:
             idx = idx.args[0]
             continue
         return False
@@ -87,12 +87,12 @@ def _fused_chunks(lin: fx.Node) -> int | tuple:
     out = lin
     while len(out.users) == 1:
         (u,) = out.users
-        if u.op == "call_method" and u.target in ("view", "reshape") and shape(u)[-1:] == shape(out)[-1:]:
+        if op_class(u) == "view" and shape(u)[-1:] == shape(out)[-1:]:
             out = u
             continue
         break
     users = list(out.users)
-    if len(users) != 1 or users[0].op != "call_method" or users[0].target not in _SPLITS:
+    if len(users) != 1 or op_class(users[0]) != "split" or users[0].target in ("unbind", torch.unbind):
         return 1
     sp = users[0]
     nd = value(out).dim()

@@ -19,7 +19,6 @@ import fnmatch
 import operator
 from dataclasses import dataclass, field
 
-import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
@@ -32,6 +31,7 @@ from .placements import STYLES, Replicate, Shard, local_size
 from .propagate import Propagation, op_class, propagate, rule_for
 
 _INDEX_PASSTHROUGH = ("view", "cast", "transfer")  # op families (propagate.op_class) token ids pass through
+_SPLITS = {"split", "chunk"}  # see _fused_chunks
 
 
 @dataclass
@@ -82,17 +82,19 @@ def _fused_chunks(lin: fx.Node) -> int | tuple:
     the tuple of piece sizes if they differ (fused QKV of grouped-query attention).
 
     Reshapes that keep the last dim in between are looked through (HF Conv1D: ``addmm`` on
-    ``x.view(-1, in)``, then ``view(B, T, 3 * C).split(C, dim=2)``).
+    ``x.view(-1, in)``, then ``view(B, T, 3 * C).split(C, dim=2)``). Only the ``view`` / ``reshape``
+    and ``split`` / ``chunk`` methods, not every op the rule table calls a view or a split: looking
+    through an ``unsqueeze`` too changes HF GPT-BigCode's MQA plan (its fused c_attn), unreviewed.
     """
     out = lin
     while len(out.users) == 1:
         (u,) = out.users
-        if op_class(u) == "view" and shape(u)[-1:] == shape(out)[-1:]:
+        if u.op == "call_method" and u.target in ("view", "reshape") and shape(u)[-1:] == shape(out)[-1:]:
             out = u
             continue
         break
     users = list(out.users)
-    if len(users) != 1 or op_class(users[0]) != "split" or users[0].target in ("unbind", torch.unbind):
+    if len(users) != 1 or users[0].op != "call_method" or users[0].target not in _SPLITS:
         return 1
     sp = users[0]
     nd = value(out).dim()

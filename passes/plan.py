@@ -40,10 +40,10 @@ from .graph_utils import divisors, is_tensor, same_size, shape, shape_str, sourc
 from .layout import ParamPlan
 from .normalize import CONTRACTIONS, LINEARS, param_operands, weight_out_dim
 from .placements import STYLES, Replicate, Shard, local_size
-from .propagate import Propagation, propagate, rule_for
+from .propagate import Propagation, op_class, propagate, rule_for
 
-_INDEX_PASSTHROUGH = {"view", "reshape", "to", "long", "int", "contiguous", "clone", "flatten", "unsqueeze"}
-_SPLITS = {"split", "chunk"}
+_INDEX_PASSTHROUGH = ("view", "cast", "transfer")  # op families (propagate.op_class) token ids pass through
+_SPLITS = {"split", "chunk"}  # see _fused_chunks
 
 
 @dataclass
@@ -104,7 +104,7 @@ def _indices_from_data(idx, state) -> bool:
     while isinstance(idx, fx.Node):
         if idx.op == "placeholder":
             return idx not in state
-        if (idx.op == "call_method" and idx.target in _INDEX_PASSTHROUGH) or idx.target is operator.getitem:
+        if op_class(idx) in _INDEX_PASSTHROUGH or idx.target is operator.getitem:
             idx = idx.args[0]
             continue
         return False
@@ -116,7 +116,9 @@ def _fused_chunks(lin: fx.Node) -> int | tuple:
     the tuple of piece sizes if they differ (fused QKV of grouped-query attention).
 
     Reshapes that keep the last dim in between are looked through (HF Conv1D: ``addmm`` on
-    ``x.view(-1, in)``, then ``view(B, T, 3 * C).split(C, dim=2)``).
+    ``x.view(-1, in)``, then ``view(B, T, 3 * C).split(C, dim=2)``). Only the ``view`` / ``reshape``
+    and ``split`` / ``chunk`` methods, not every op the rule table calls a view or a split: looking
+    through an ``unsqueeze`` too changes HF GPT-BigCode's MQA plan (its fused c_attn), unreviewed.
     """
     out = lin
     while len(out.users) == 1:

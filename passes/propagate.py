@@ -566,7 +566,7 @@ _POINTWISE_METHODS = [
 ]
 _UNARY = [
     "float", "half", "bfloat16", "double", "int", "long", "bool", "to", "type", "type_as", "contiguous", "clone",
-    "detach", F.dropout, torch.nn.functional.dropout, torch.dropout, torch.clone, "requires_grad_",
+    "detach", torch.clone, "requires_grad_",
 ]
 
 def repeat_interleave(node, ctx) -> NodeInfo:
@@ -592,13 +592,66 @@ def size_of(node, ctx) -> NodeInfo:
     return NodeInfo(None, {}, "pointwise")
 
 
+@dataclass(frozen=True)
+class DropoutCall:
+    """A dropout call's arguments, read in one place for every spelling (their defaults and
+    argument orders differ). ``mask_dims``: 0 for an elementwise mask; k for a feature dropout,
+    whose mask spans the first k dims of the input and is 1 (broadcast) on the others."""
+
+    p: float
+    training: bool
+    inplace: bool
+    mask_dims: int
+    alpha: bool
+
+
+# target -> (mask dims given the input's ndim, alpha, in-place (None: an argument), default training).
+# F.dropout1d / 3d add a batch dim to unbatched inputs; F.dropout2d treats 3-D input as (N, C, L).
+_DROPOUTS = {
+    F.dropout: (lambda nd: 0, False, None, True),
+    F.dropout1d: (lambda nd: 2 if nd == 3 else 1, False, None, True),
+    F.dropout2d: (lambda nd: 2, False, None, True),
+    F.dropout3d: (lambda nd: 2 if nd == 5 else 1, False, None, True),
+    F.alpha_dropout: (lambda nd: 0, True, None, False),
+    F.feature_alpha_dropout: (lambda nd: 2, True, None, False),
+    torch.dropout: (lambda nd: 0, False, False, None),
+    torch.dropout_: (lambda nd: 0, False, True, None),
+    torch.feature_dropout: (lambda nd: 2, False, False, None),
+    torch.feature_dropout_: (lambda nd: 2, False, True, None),
+    torch.alpha_dropout: (lambda nd: 0, True, False, None),
+    torch.alpha_dropout_: (lambda nd: 0, True, True, None),
+    torch.feature_alpha_dropout: (lambda nd: 2, True, False, None),
+    torch.feature_alpha_dropout_: (lambda nd: 2, True, True, None),
+}
+
+
+def dropout_call(node: fx.Node) -> DropoutCall | None:
+    """The arguments of a dropout node, or None where ``p`` / ``training`` are not constants."""
+    mask_dims, alpha, inplace, default_training = _DROPOUTS[node.target]
+    if default_training is None:  # torch.dropout(input, p, train)
+        p, training = _arg(node, 1, "p"), _arg(node, 2, "train")
+    else:
+        p, training = _arg(node, 1, "p", 0.5), _arg(node, 2, "training", default_training)
+        inplace = _arg(node, 3, "inplace", False)
+    if not isinstance(p, (int, float)) or not isinstance(training, bool) or not isinstance(inplace, bool):
+        return None
+    return DropoutCall(float(p), training, inplace, mask_dims(value(node.args[0]).dim()), alpha)
+
+
 def dropout(node, ctx) -> NodeInfo:
     """Dropout keeps its input's placement. On a plain shard it becomes the runtime's
-    ``sharded_dropout`` (an independent mask per rank, RNG streams kept in step)."""
+    ``sharded_dropout``: every rank draws the whole tensor's mask, as single device does, and
+    keeps its slice (independent masks per rank, RNG streams in step). A shard it cannot slice
+    that way (fused pieces, padding, a non-constant ``p``) is gathered first."""
     x = node.args[0]
     p = ctx.pl(x)
-    if isinstance(p, Shard) and p.chunks == 1 and not p.pad:
-        return NodeInfo(p, {x: p}, "dropout")
+    call = dropout_call(node)
+    if call is not None and (not call.training or call.p == 0):
+        return unary(node, ctx)  # the identity
+    if isinstance(p, Shard):
+        if p.chunks == 1 and not p.pad and call is not None:
+            return NodeInfo(p, {x: p}, "dropout")
+        return _replicate_all(node, ctx, "fallback")
     return unary(node, ctx)
 
 
@@ -620,18 +673,43 @@ RULES: dict[Any, Callable[[fx.Node, Ctx], NodeInfo]] = {
     **{f: einsum for f in (torch.einsum, "einsum")},
     **{f: size_of for f in (torch.ops.aten.sym_size.int, "size")},
     SDPA: sdpa,
-    F.layer_norm: layer_norm,
-    getattr(F, "rms_norm", F.layer_norm): layer_norm,
+    **{f: layer_norm for f in (F.layer_norm, torch.layer_norm, F.rms_norm, torch.rms_norm)},
     LINEAR: linear,
     LINEAR_IO: linear,
-    F.dropout: dropout,
+    **{f: dropout for f in _DROPOUTS},
     "repeat_interleave": repeat_interleave,
     torch.repeat_interleave: repeat_interleave,
-    torch.dropout: dropout,
     F.embedding: embedding,
     F.cross_entropy: cross_entropy,
     operator.getitem: getitem,
 }
+# One name per rule: the op's family, which every pass asks (sequence parallelism's per-token
+# region, the plan's walks) instead of keeping its own list of ops.
+OP_CLASS: dict[Callable, str] = {
+    pointwise: "pointwise", unary: "cast", last2_unary: "mask", view_like: "view", transpose: "transpose",
+    split: "split", cat: "cat", softmax: "softmax", reduction: "reduction", matmul: "matmul", sdpa: "attention",
+    layer_norm: "norm", linear: "linear", embedding: "embedding", cross_entropy: "loss", dropout: "dropout",
+    repeat_interleave: "repeat", getitem: "index", output: "output", no_tensor_in: "factory",
+}
+
+
+def op_class(node: fx.Node) -> str | None:
+    """The family of ``node``'s op ("pointwise", "cast", "dropout", "norm", "reduction", "view", ...),
+    ``"transfer"`` for a ``.to(device)``, None for an op with no rule."""
+    rule = rule_for(node)
+    if rule is unary and node.target == "to" and any(isinstance(a, (torch.device, str)) for a in node.args[1:]):
+        return "transfer"
+    return OP_CLASS.get(rule)
+
+
+def rule_through(node: fx.Node, placements: dict, tp: int) -> NodeInfo:
+    """What ``node``'s rule says for the given placements of its tensor inputs (absent ones:
+    Replicate), e.g. whether a shard on the token dim survives it with no communication."""
+    ctx = Ctx(tp, lambda n, p: "replicate", lambda n: 1)
+    ctx.place = {x: placements.get(x, R) for x in _tensors(node)}
+    return (rule_for(node) or (lambda n, c: _replicate_all(n, c, "fallback")))(node, ctx)
+
+
 def rule_for(node: fx.Node):
     if node.op == "output":
         return output

@@ -24,7 +24,7 @@ from tpcompile.runtime import vocab_parallel as V
 from .graph_utils import shape, value
 from .plan import GraphPlan
 from .placements import Partial, Replicate, Shard, local_size
-from .propagate import NodeInfo
+from .propagate import NodeInfo, dropout_call
 
 
 def gather_pieces_from_tp(x: torch.Tensor, group: str, dim: int, chunks: int, sizes: tuple | None = None) -> torch.Tensor:
@@ -113,14 +113,12 @@ def _untag(node: fx.Node) -> None:
 
 def shard_dropout(node: fx.Node, dim: int, full: int, rank: int) -> None:
     """Make a dropout on this rank's slice of ``dim`` (size ``full`` whole) draw the whole
-    mask and keep the slice: independent masks per rank, RNG streams in step."""
-    a = list(node.args) + [None] * 3
-    p = node.kwargs.get("p", a[1] if a[1] is not None else 0.5)
-    training = node.kwargs.get("training", node.kwargs.get("train", a[2] if a[2] is not None else True))
-    if node.kwargs.get("inplace", a[3]) or not isinstance(p, (int, float)) or not isinstance(training, bool):
-        return  # symbolic p / training or in-place: leave it (rare; not seen in models so far)
+    mask and keep the slice: single device's mask under the same seed, RNG streams in step.
+    The rule table has checked that its arguments are constants (``dropout_call``)."""
+    call = dropout_call(node)
     node.target = R_.sharded_dropout
-    node.args, node.kwargs = (node.args[0], float(p), training, dim, full, rank), {}
+    node.args = (node.args[0], call.p, call.training, dim, full, rank)
+    node.kwargs = {"mask_dims": call.mask_dims, "alpha": call.alpha, "inplace": call.inplace}
 
 
 def _whole_grad_inputs(node: fx.Node, ni: NodeInfo) -> set:

@@ -17,8 +17,12 @@ per token, so each rank can instead keep ``1/tp`` of the tokens:
   gets the whole value back through ``gather_from_tp`` (all-gather; slice backward).
 
 The token dim is the second-to-last dim of the activations ([B, T, H] -> T, [N, H] -> N).
-The region's ops are those the placement rules call pointwise / unary, LayerNorm/RMSNorm
-over the last dim, and reductions over the last dim with ``keepdim=True``.
+Which ops are per token is the propagation rule table's answer, not a list kept here: an op
+of a per-element family (pointwise, cast, dropout, norm, reduction, softmax) joins the region
+when its rule keeps a shard on the token dim with no communication (LayerNorm / RMSNorm in any
+spelling over the last dim, a ``mean(-1, keepdim=True)``, ...), and the rule's ``need`` says
+how each input from outside the region enters it. A dropout in the region draws the whole
+sequence's mask and keeps this rank's tokens (single device's mask under the same seed).
 """
 from __future__ import annotations
 
@@ -34,10 +38,13 @@ from tpcompile.runtime import vocab_parallel as V
 
 from .graph_utils import same_size, shape_str, size_expr, source_line, static_size, value
 from .normalize import LINEARS
-from .propagate import dropout, layer_norm, pointwise, rule_for, unary
+from .placements import Replicate, Shard
+from .propagate import op_class, rule_through
 from .rewrite import _inherit_meta, shard_dropout
 
-_REDUCTIONS = {"sum", "mean", "amax", "amin", torch.sum, torch.mean, torch.amax, torch.amin}
+# families whose ops compute each position from the same position (views are not: their literal
+# sizes would need rewriting); the rule decides whether the token shard survives a given call
+_PER_ELEMENT = {"pointwise", "cast", "dropout", "norm", "reduction", "softmax"}
 
 
 @dataclass
@@ -52,26 +59,22 @@ class SPResult:
     gathers: list = field(default_factory=list)  # region values made whole for other consumers
 
 
-def _token_wise(node: fx.Node, tokens: int) -> bool:
-    """True if ``node`` computes each token from the same token only, keeping the token dim."""
+def _token_shard(x: fx.Node) -> Shard:
+    return Shard(value(x).dim() - 2)
+
+
+def _token_wise(node: fx.Node, tokens: int, region: set, tp: int):
+    """The rule's answer (a ``NodeInfo``) if ``node`` computes each token from the same token only,
+    keeping the token dim, with its inputs from ``region`` token-sharded; else None."""
     v = value(node)
-    if not isinstance(v, torch.Tensor) or v.dim() < 2 or not same_size(v.shape[-2], tokens):
-        return False
-    rule = rule_for(node)
-    if rule in (pointwise, unary, dropout):
-        return not (node.target == "to" and any(isinstance(a, (torch.device, str)) for a in node.args[1:]))
-    if rule is layer_norm:
-        norm_shape = node.args[1] if len(node.args) > 1 else node.kwargs.get("normalized_shape")
-        return len(norm_shape) == 1
-    if node.target in _REDUCTIONS:
-        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-        dims = dim if isinstance(dim, (list, tuple)) else [dim]
-        keep = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
-        return keep and all(d is not None and d % v.dim() == v.dim() - 1 for d in dims)
-    return False
-
-
-_DROPOUTS = {torch.nn.functional.dropout}
+    if not isinstance(v, torch.Tensor) or v.dim() < 2 or not same_size(v.shape[-2], tokens) \
+            or op_class(node) not in _PER_ELEMENT:
+        return None
+    inside = {x: _token_shard(x) for x in node.all_input_nodes if x in region}
+    ni = rule_through(node, inside, tp)
+    if ni.out != Shard(v.dim() - 2) or any(ni.need.get(x, p) != p for x, p in inside.items()):
+        return None
+    return ni
 
 
 def sequence_parallel(gm: fx.GraphModule, group: str, tp: int, rank: int = 0) -> SPResult:
@@ -102,14 +105,17 @@ def sequence_parallel(gm: fx.GraphModule, group: str, tp: int, rank: int = 0) ->
         return value(x).dim() - 2
 
     region: set = set(sources)
+    rules: dict = {}  # region op -> its rule's answer for token-sharded inputs
     order = list(sources)
     i = 0
     while i < len(order):  # grow the region along per-token consumers
         for u in list(order[i].users):
-            if u not in region and u.op == "call_function" and u.target is M.copy_to_tp:
+            if u in region or (u.op == "call_function" and u.target is M.copy_to_tp):
                 continue
-            if u not in region and _token_wise(u, T):
+            ni = _token_wise(u, T, region, tp)
+            if ni is not None:
                 region.add(u)
+                rules[u] = ni
                 order.append(u)
         i += 1
 
@@ -134,17 +140,17 @@ def sequence_parallel(gm: fx.GraphModule, group: str, tp: int, rank: int = 0) ->
             n.kwargs = {**n.kwargs, "sp_dim": tdim(n)}
             res.entries.append(n)
         else:
-            for x in n.all_input_nodes:  # values from outside the region
-                if x in region or not isinstance(value(x), torch.Tensor):
+            ni = rules[n]
+            for x, need in ni.need.items():  # values from outside the region, as the rule needs them
+                if x in region:
                     continue
-                xv = value(x)
-                if xv.dim() >= 2 and same_size(xv.shape[-2], T):
-                    n.replace_input_with(x, insert(M.scatter_to_sp, x, n, xv.dim() - 2))
+                if isinstance(need, Shard):
+                    n.replace_input_with(x, insert(M.scatter_to_sp, x, n, need.dim))
                     res.slices.append(x)
-                elif xv.requires_grad:
+                elif isinstance(need, Replicate) and getattr(value(x), "requires_grad", False):
                     n.replace_input_with(x, insert(M.copy_to_tp, x, n))
                     res.grad_reductions.append(x)
-            if n.target in _DROPOUTS:  # the full-sequence mask, this rank's tokens
+            if ni.kind == "dropout":  # the full-sequence mask, this rank's tokens
                 shard_dropout(n, tdim(n), T if static_size(T) is not None else _whole_size(g, n, tdim(n), tp), rank)
         for u in list(n.users):  # consumers outside the region
             if u in region or u.target is torch.ops.aten.sym_size.int:  # a size read (``_whole_size``)

@@ -21,17 +21,42 @@ from torch import Tensor
 __all__ = ["sharded_dropout", "sharded_sdpa"]
 
 
-def sharded_dropout(x: Tensor, p: float, training: bool, dim: int, full: int, rank: int) -> Tensor:
-    """``F.dropout(full_x, p, training)`` restricted to this rank's slice ``x`` of ``dim``."""
-    if not training or p == 0.0:
+_SELU_ALPHA = 1.7580993408473766  # alpha dropout keeps SELU's mean and variance (ATen's constant)
+
+
+def sharded_dropout(x: Tensor, p: float, training: bool, dim: int, full: int, rank: int, mask_dims: int = 0,
+                    alpha: bool = False, inplace: bool = False) -> Tensor:
+    """Single-device dropout of the whole tensor (``full`` along ``dim``) restricted to this
+    rank's slice ``x``: the mask is drawn as eager dropout draws it (``bernoulli_(1 - p)`` on
+    the whole mask shape, in the input's dtype), so under the same seed the ranks' slices are
+    exactly single device's mask. ``mask_dims`` k > 0: a feature dropout, whose mask spans the
+    first k dims only (``dim`` >= k: every rank uses the whole mask). ``alpha``: alpha dropout's
+    affine maths. ``inplace``: ``x`` is updated, as ``torch.dropout_`` does."""
+    if not training or p == 0.0 or x.numel() == 0:
         return x
     if p == 1.0:
-        return x * 0.0
+        zero = torch.zeros((), dtype=x.dtype, device=x.device)
+        return x.mul_(zero) if inplace else x * zero
     shape = list(x.shape)
     shape[dim] = full
-    keep = torch.rand(shape, dtype=torch.float32, device=x.device) >= p
-    keep = keep.narrow(dim, rank * x.shape[dim], x.shape[dim])
-    return x * keep.to(x.dtype) / (1.0 - p)
+    if mask_dims:
+        shape = shape[:mask_dims] + [1] * (len(shape) - mask_dims)
+        noise = torch.empty(shape, dtype=x.dtype, device=x.device)
+    elif x.is_contiguous():
+        noise = torch.empty(shape, dtype=x.dtype, device=x.device)
+    else:  # eager's ``empty_like(input)`` keeps the input's dim order, and bernoulli_ fills memory in order
+        order = sorted(range(x.dim()), key=lambda d: -x.stride(d))
+        noise = torch.empty_permuted(shape, order, dtype=x.dtype, device=x.device)
+    noise.bernoulli_(1 - p)
+    if noise.shape[dim] != 1:
+        noise = noise.narrow(dim, rank * x.shape[dim], x.shape[dim])
+    if alpha:
+        a = 1.0 / math.sqrt((_SELU_ALPHA * _SELU_ALPHA * p + 1) * (1 - p))
+        b = (noise - 1) * (_SELU_ALPHA * a) + _SELU_ALPHA * a * p
+        noise = noise * a
+        return x.mul_(noise).add_(b) if inplace else x * noise + b
+    noise = noise / (1 - p)
+    return x.mul_(noise) if inplace else x * noise
 
 
 def sharded_sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None, dropout_p: float = 0.0,

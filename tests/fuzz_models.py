@@ -295,7 +295,7 @@ class FuzzLM(nn.Module):
             self.head = nn.Linear(C, s.vocab, bias=False)
 
     def forward(self, idx, labels):
-        s, (B, T) = self.s, idx.shape
+        s, T = self.s, idx.shape[1]
         x = self.wte(idx)
         if s.positions == "learned":
             x = x + self.wpe(torch.arange(T, device=idx.device))

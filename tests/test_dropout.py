@@ -1,7 +1,11 @@
 """Dropout RNG semantics (Megatron's RNG tracker): the same mask on every rank in replicated
-regions, independent masks per rank on sharded activations. 2 gloo ranks, same seed on each."""
+regions, independent masks per rank on sharded activations: there each rank draws the whole
+tensor's mask as eager dropout does and keeps its slice, so under the same seed a TP model
+draws exactly single device's masks. 2 gloo ranks, same seed on each."""
 import functools
+import warnings
 
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -12,7 +16,9 @@ from multirank import run_cases
 @functools.cache
 def _gloo() -> dict:
     """Every gloo case of this file in one 2-rank job (each case seeds its own draws)."""
-    cases = {"mlp": (_run, ()), "probe": (_sdpa_probe, ()), "grads": (_sdpa_grads, ())}
+    cases = {"mlp": (_run, ()), "probe": (_sdpa_probe, ()), "grads": (_sdpa_grads, ()),
+             "tp": (_spellings_beside_single_device, (False,)), "sp": (_spellings_beside_single_device, (True,)),
+             "sp_mask": (_sp_torch_dropout_mask, ())}
     return dict(zip(cases, run_cases(2, list(cases.values()))))
 
 
@@ -102,7 +108,7 @@ def test_sdpa_dropout_masks_are_slices_of_one_whole_heads_mask():
     assert style == "colwise" and "sharded_sdpa" in code and "scaled_dot_product_attention" not in code
     assert torch.equal(y0, y1)  # gathered at the output: the whole [B, H, T, S] on every rank
     torch.manual_seed(7)
-    keep = torch.rand(y0.shape) >= 0.5  # single device's whole-heads mask, same seed, same maths
+    keep = torch.empty(y0.shape).bernoulli_(0.5) == 1  # single device's whole-heads mask, same seed, same maths
     assert torch.equal(y0 != 0, keep)
     rank0, rank1 = keep[:, : HEADS // 2], keep[:, HEADS // 2:]  # heads [0, 2) on rank 0, [2, 4) on rank 1
     agree = (rank0 == rank1).float().mean().item()
@@ -159,3 +165,140 @@ def test_sdpa_without_dropout_stays_fused():
         c = code(model, **kw)
         assert "scaled_dot_product_attention" in c and "sharded_sdpa" not in c, c
     assert "sharded_sdpa" in code(DropAttn())
+
+
+# --------------------------------------------------------------------------- every spelling, SP on and off
+P = 0.3
+SPELLINGS = {  # name -> dropout of a [B, T, C] activation as the user writes it
+    "F.dropout": lambda x: F.dropout(x, P, True),
+    "nn.Dropout": nn.Dropout(P),
+    "torch.dropout": lambda x: torch.dropout(x, P, True),
+    "F.dropout(inplace=True)": lambda x: F.dropout(x * 1.0, P, True, inplace=True),
+    "torch.dropout_": lambda x: torch.dropout_(x * 1.0, P, True),
+    "F.dropout1d": lambda x: F.dropout1d(x, P, True),  # [N, C, L]: the mask is [B, T, 1]
+    "F.dropout2d": lambda x: F.dropout2d(x, P, True),  # 3-D input: dropout1d's behaviour (with a warning)
+    "F.dropout3d": lambda x: F.dropout3d(x[..., None, None], P, True)[..., 0, 0],
+    "torch.feature_dropout": lambda x: torch.feature_dropout(x, P, True),
+    "F.alpha_dropout": lambda x: F.alpha_dropout(x, P, True),
+    "torch.alpha_dropout_": lambda x: torch.alpha_dropout_(x * 1.0, P, True),
+    "F.feature_alpha_dropout": lambda x: F.feature_alpha_dropout(x, P, True),
+}
+VOCAB, T = 32, 8
+
+
+class _Block(nn.Module):
+    """A dropout on the column-parallel hidden (hidden-sharded) and one on the residual stream
+    (replicated without SP, token-sharded with it)."""
+
+    def __init__(self, drop):
+        super().__init__()
+        self.norm, self.up, self.down, self.drop = nn.RMSNorm(16), nn.Linear(16, 32), nn.Linear(32, 16), drop
+
+    def forward(self, x):
+        return x + self.drop(self.down(self.drop(F.gelu(self.up(self.norm(x))))))
+
+
+class DropSpellings(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.wte, self.ln_f, self.head = nn.Embedding(VOCAB, 16), nn.LayerNorm(16), nn.Linear(16, VOCAB, bias=False)
+        self.blocks = nn.ModuleList(_Block(d) for d in SPELLINGS.values())
+
+    def forward(self, idx, targets):
+        x = self.wte(idx)
+        for b in self.blocks:
+            x = b(x)
+        return F.cross_entropy(self.head(self.ln_f(x)).flatten(0, 1), targets.flatten())
+
+
+def _spellings_beside_single_device(rank, world, sequence_parallel):
+    """3 SGD steps of the TP model (aot_eager: eager RNG) and of an untouched copy, each step's
+    forward under the same seed."""
+    import copy
+
+    import tpcompile
+    from parity import grad_errors
+
+    warnings.filterwarnings("ignore", message="dropout2d")
+    torch.manual_seed(0)
+    model = DropSpellings()
+    ref = copy.deepcopy(model)
+    tp = tpcompile.tp_compile(model, backend="aot_eager", sequence_parallel=sequence_parallel)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (tp, ref)]
+    g = torch.Generator().manual_seed(1)
+    out = {"loss": [], "ref_loss": [], "grad_err": 0.0}
+    for step in range(3):
+        idx, targets = (torch.randint(0, VOCAB, (2, T), generator=g) for _ in range(2))
+        for m, key in ((tp, "loss"), (ref, "ref_loss")):
+            torch.manual_seed(100 + step)
+            loss = m(idx, targets)
+            loss.backward()
+            out[key].append(loss.item())
+        out["grad_err"] = max(out["grad_err"], max(grad_errors(tp, ref, rank).values()))
+        for o in opts:
+            o.step()
+            o.zero_grad()
+    with torch.no_grad():
+        torch.manual_seed(100)
+        out["eval_gap"] = abs(ref(idx, targets).item() - ref.eval()(idx, targets).item())  # dropout did act
+    st = tpcompile.tp_state(tp)
+    out["styles"] = {st.plan[f"blocks.0.{n}.weight"].style for n in ("up", "down")}
+    out["sharded_dropouts"] = sum(r.graph_code.count("sharded_dropout(") for r in st.records)
+    return out
+
+
+@pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp", "tp+sp"])
+def test_every_dropout_spelling_draws_single_device_masks(sequence_parallel):
+    """Loss and every gradient of 3 steps equal single device's under the same seed, for each
+    dropout spelling on a sharded hidden and on the residual stream, SP on and off."""
+    results = _gloo()["sp" if sequence_parallel else "tp"]
+    for rank, r in enumerate(results):
+        assert r["styles"] == {"colwise", "rowwise"}
+        for step, (a, b) in enumerate(zip(r["loss"], r["ref_loss"])):
+            assert abs(a - b) <= 1e-5 * abs(b), f"rank {rank} step {step}: tp {a} vs single device {b}"
+        assert r["loss"] == results[0]["loss"]
+        assert r["grad_err"] <= 1e-5, f"rank {rank}: a gradient is off by {r['grad_err']}"
+        assert r["eval_gap"] > 0.01
+        # the hidden of every block; with SP also each residual dropout but dropout3d's (behind a view)
+        assert r["sharded_dropouts"] == len(SPELLINGS) + (len(SPELLINGS) - 1 if sequence_parallel else 0)
+
+
+class _SPProbe(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(16, 64), nn.Linear(64, 16)
+
+    def forward(self, x):
+        z = self.down(F.gelu(self.up(x)))  # row-parallel: reduce-scattered over tokens under SP
+        return torch.dropout(z, 0.5, True), z
+
+
+def _sp_torch_dropout_mask(rank, world):
+    import copy
+
+    import tpcompile
+
+    torch.manual_seed(0)
+    model = _SPProbe()
+    ref = copy.deepcopy(model)
+    tp = tpcompile.tp_compile(model, backend="aot_eager", sequence_parallel=True)
+    x = torch.randn(2, T, 16, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(7)
+    y, z = tp(x)
+    torch.manual_seed(7)
+    ref_y, _ = ref(x)
+    code = tpcompile.tp_state(tp).records[0].graph_code
+    return (y == 0).numpy(), (z == 0).any().item(), (ref_y == 0).numpy(), code
+
+
+def test_torch_dropout_under_sequence_parallel_draws_the_whole_mask():
+    """``torch.dropout`` on the token-sharded stream: each rank keeps its tokens of one whole
+    mask (single device's under the same seed), so the ranks' masks differ. Before, it ran as a
+    plain op on each rank's tokens: both ranks drew the same mask for different tokens."""
+    (m0, zero0, ref, code), (m1, _, _, _) = _gloo()["sp_mask"]
+    assert "sharded_dropout(" in code and "reduce_scatter_to_sp(" in code and not zero0
+    m0, m1, ref = (torch.from_numpy(a) for a in (m0, m1, ref))
+    assert torch.equal(m0, m1) and torch.equal(m0, ref)  # gathered: single device's whole mask
+    first, second = m0[:, : T // 2], m0[:, T // 2:]  # rank 0's tokens, rank 1's tokens
+    agree = (first == second).float().mean().item()
+    assert agree < 0.75, f"the two ranks' masks agree on {agree:.0%} of entries: not independent"

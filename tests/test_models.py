@@ -13,7 +13,7 @@ import pytest
 
 from multirank import run_cases
 
-LIBRARIES = ("litgpt", "gpt2")  # with "timm", "torchtune" as their case files land: models_<name>.py
+LIBRARIES = ("litgpt", "gpt2", "torchtune")  # with "timm" as its case file lands: models_<name>.py
 
 
 def _library(name: str):

@@ -124,3 +124,48 @@ def test_dropout_in_the_token_sharded_stream():
         assert n >= 3  # embedding dropout and both residual dropouts of each block are region ops
         assert train_loss == results[0][0]  # every rank combines the same loss
         assert train_loss != eval_loss  # the masks are live
+
+
+class _HandRMSNorm(torch.nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
+
+
+NORMS = {
+    "nn.RMSNorm": lambda: torch.nn.RMSNorm(16),  # torch.rms_norm in the graph (torchtune's RMSNorm too)
+    "F.rms_norm": lambda: (lambda x: torch.nn.functional.rms_norm(x, (16,))),
+    "torch.rms_norm": lambda: (lambda x: torch.rms_norm(x, (16,))),
+    "nn.LayerNorm": lambda: torch.nn.LayerNorm(16),
+    "torch.layer_norm": lambda: (lambda x: torch.layer_norm(x, (16,))),
+    "hand-written RMSNorm": lambda: _HandRMSNorm(16),
+}
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_torch_rms_norm_runs_on_token_shards_under_sequence_parallel(norm):
+    """Every norm spelling is a region op: before, ``torch.rms_norm`` had no rule, so the norms
+    ran on whole sequences (all-gathered, then sliced again: collectives above the floor)."""
+
+    class Blocks(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wte = torch.nn.Embedding(32, 16)
+            self.norms = torch.nn.ModuleList(torch.nn.Module() for _ in range(2))
+            for m in self.norms:
+                m.norm, m.up, m.down = NORMS[norm](), torch.nn.Linear(16, 64), torch.nn.Linear(64, 16)
+            self.head = torch.nn.Linear(16, 32, bias=False)
+
+        def forward(self, idx, targets):
+            x = self.wte(idx)
+            for m in self.norms:
+                x = x + m.down(torch.nn.functional.gelu(m.up(m.norm(x))))
+            return torch.nn.functional.cross_entropy(self.head(x).flatten(0, 1), targets.flatten())
+
+    idx = torch.randint(0, 32, (2, 8))
+    rep = tpcompile.explain(Blocks(), idx, idx, world_size=2, sequence_parallel=True)
+    assert rep.above_floor() == {"forward": 0, "backward": 0}, rep.graph_code
+    assert "gather_from_tp(" not in rep.graph_code and rep.graph_code.count("reduce_scatter_to_sp(") == 2

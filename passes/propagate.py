@@ -150,6 +150,19 @@ def _map_dim(in_shape, out_shape, d: int, tp: int):
     return None, False
 
 
+def _pieces_dim(in_shape, out_shape, p: Shard) -> int | None:
+    """Out dim of a reshape that splits a fused ``chunks=k`` dim pieces-first, ``(k * C) -> (k, ...)``
+    (``qkv.reshape(B, N, 3, heads, hd)``), or None. Row-major order makes index i of that dim the
+    i-th piece: the pieces are whole rows of the fused dim, never mixed."""
+    if p.chunks == 1 or p.sizes is not None or p.pad:
+        return None
+    pre = _prod(in_shape[:p.dim])
+    for o in range(len(out_shape)):
+        if _prod(out_shape[:o]) == pre and _expr(out_shape[o]) != 1:
+            return o if _expr(out_shape[o]) == p.chunks and _expr(in_shape[p.dim]) != p.chunks else None
+    return None
+
+
 def _size_args(node):
     """(container, index offset) of the size list of a view-like call, as in ``view(*sizes)``."""
     t = node.target
@@ -170,6 +183,14 @@ def view_like(node, ctx) -> NodeInfo:
     if not isinstance(p, Shard):
         return NodeInfo(R, {x: R}, "view")
     in_shape, out_shape = shape(x), shape(node)
+    need = p
+    pk = _pieces_dim(in_shape, out_shape, p) if node.target != "expand" else None
+    if pk is not None:
+        # (k * C) -> (k, heads, hd): the k fused pieces become a dim of their own, whole on every
+        # rank (a rank's [q_r, k_r, v_r] is its slice of each piece), and each piece's shard lands
+        # where a plain C would put it: a plain shard on heads (ViT's fused qkv)
+        piece = (*in_shape[:p.dim], in_shape[p.dim] // p.chunks, *in_shape[p.dim + 1:])
+        in_shape, out_shape, p = piece, (*out_shape[:pk], *out_shape[pk + 1:]), Shard(p.dim)
     if node.target == "expand":
         o = p.dim + len(out_shape) - len(in_shape)
         ok = True
@@ -184,6 +205,8 @@ def view_like(node, ctx) -> NodeInfo:
             # C -> (1, head_dim): one head (MQA). Its shard would land on head_dim, which attention
             # contracts; report one unsplittable head instead (k/v kept whole, see plan._few_kv_heads)
             return NodeInfo(R, {x: R}, "view", {"unsplittable": (p, 1)})
+    if pk is not None and o is not None:
+        o, out_shape = o + (o >= pk), shape(node)  # back to the reshape's own dims
     if p.pad and o is not None and p.chunks == 1:
         ok = not isinstance(out_shape[o], torch.SymInt)  # a padded vocabulary: ranks hold ceil(n / tp)
     if o is None or not ok:
@@ -208,7 +231,7 @@ def view_like(node, ctx) -> NodeInfo:
             k = o - dim
             if sizes[k] != -1:
                 new_sizes[("unflatten", k)] = local_size(sizes[k], ctx.tp)
-    return NodeInfo(p.moved(o), {x: p}, "view", {"sizes": new_sizes})
+    return NodeInfo(p.moved(o), {x: need}, "view", {"sizes": new_sizes})
 
 
 def transpose(node, ctx) -> NodeInfo:

@@ -89,6 +89,17 @@ def test_clear_errors():
         tpcompile.explain(model, *args, world_size=4, rank=4)
 
 
+def test_a_classifier_head_tp_does_not_divide_is_not_an_error():
+    """10 classes at tp=4: the head's column-parallel try goes back to replicated (its logits are the
+    output), so its size must not stop the plan; it used to raise 'not divisible by tp=4'."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 16), torch.nn.Linear(16, 10))
+    rep = tpcompile.explain(model, torch.randn(2, 16, requires_grad=True), world_size=4)
+    assert rep.plan == {"0.weight": "colwise", "0.bias": "colwise", "2.weight": "rowwise", "2.bias": "replicate",
+                        "3.weight": "replicate", "3.bias": "replicate"}
+    assert rep.above_floor() == {"forward": 0, "backward": 0}
+
+
 def test_dump_dir_under_tp_compile_records_forward_and_backward(tmp_path, monkeypatch):
     monkeypatch.setenv("TPCOMPILE_DUMP_DIR", str(tmp_path))
     with fake_group(world_size=2, rank=1):

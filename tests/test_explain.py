@@ -137,3 +137,31 @@ def test_cli_on_the_example_factory_and_a_meta_factory(tmp_path):
     assert "layers.0.attention.o_proj.weight   rowwise" in r.stdout
     r = _cli("examples/gpt.py:nope", "--world-size", "2")
     assert r.returncode != 0 and "has no function 'nope'" in r.stderr
+
+
+def test_cli_on_timm_create_model_at_world_size_8():
+    """README's command on 2 blocks: a library's own factory with its arguments (``device=meta``: no
+    memory), inputs from ``--input``; ViT's fused qkv in 3 pieces, heads sharded, at the floor."""
+    r = _cli("timm:create_model", "vit_large_patch16_224", "depth=2", "device=meta", "--input", "2x3x224x224",
+             "--world-size", "8")
+    assert r.returncode == 0, r.stderr
+    for line in ("blocks.1.attn.qkv.weight    colwise   dim 0 x3 fused  [3072, 1024] -> [384, 1024]",
+                 "blocks.1.attn.proj.weight   rowwise   dim 1           [1024, 1024] -> [1024, 128]",
+                 "blocks.1.mlp.fc1.weight     colwise   dim 0           [4096, 1024] -> [512, 1024]",
+                 "blocks.1.mlp.fc2.weight     rowwise   dim 1           [1024, 4096] -> [1024, 512]",
+                 "head.weight                 replicate                 [1000, 1024]",
+                 "floor 4 (4 row-parallel linear): at the floor", "floor 4 (4 column-parallel input): at the floor"):
+        assert " ".join(line.split()) in " ".join(r.stdout.split()), line
+
+
+def test_cli_factory_arguments_and_inputs():
+    from tpcompile.__main__ import factory_call, main
+
+    assert factory_call(["vit_base_patch16_224", "depth=2", "device=meta", "qk_norm=True", "img_size=(64, 32)"]) == (
+        ["vit_base_patch16_224"], {"depth": 2, "device": "meta", "qk_norm": True, "img_size": (64, 32)})
+    with pytest.raises(SystemExit, match="returned a model without inputs: give their shapes with --input"):
+        main(["explain", "torch.nn:Linear", "4", "8", "--world-size", "2"])
+    with pytest.raises(SystemExit, match="--input is for a factory that returns just a model"):
+        main(["explain", "factories:meta_llama", "--input", "2x8", "--world-size", "2"])
+    with pytest.raises(SystemExit, match="a shape like 2x3x224x224, got '2,8'"):
+        main(["explain", "torch.nn:Linear", "4", "8", "--input", "2,8", "--world-size", "2"])

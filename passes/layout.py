@@ -89,6 +89,16 @@ class ParamPlan:
         which no DTensor placement can express: see ``assemble`` for the true full tensor)."""
         return not self.pieces
 
+    def mark(self, t):
+        """Tag the DTensor ``t`` (holding this layout's stored shard) with the layout when no
+        placement describes it (unequal pieces): ``full_tensor()`` / ``redistribute()`` read the tag
+        (``tpcompile.params._patch_dtensor_for_pieces``), and ``detach()`` passes it on, so the
+        parameter, its gradient, its ``state_dict()`` entry and its optimizer state all gather to the
+        true full tensor. Returns ``t``."""
+        if not self.exact and t is not None:
+            t._tp_pieces = self
+        return t
+
     # ------------------------------------------------------------------ full <-> shard
     def stored(self, full: torch.Tensor, rank: int) -> torch.Tensor:
         """This rank's stored shard of ``full``, as a fresh tensor (``full`` can be freed)."""

@@ -15,6 +15,7 @@ parameter and the tp values that would work.
 """
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import math
 import operator
@@ -53,6 +54,27 @@ def _style_for_fqn(fqn: str, overrides: dict) -> str | None:
                 raise ValueError(f"plan[{pattern!r}] = {style!r}: style must be one of {STYLES}")
             return style
     return None
+
+
+def validate_overrides(overrides: dict, param_fqns: list[str], owner: str) -> None:
+    """``plan=`` checked against the model's parameter FQNs (tied ones under each name) before
+    anything compiles: a misspelt pattern would otherwise match nothing and be ignored in silence.
+    A pattern must match what ``_style_for_fqn`` matches: a parameter or the module that owns one."""
+    for pattern, style in overrides.items():
+        if style not in STYLES:
+            raise ValueError(f"plan[{pattern!r}] = {style!r}: style must be one of {STYLES}"
+                             + _closest(str(style), STYLES, "did you mean", 0.6))
+        if not any(_style_for_fqn(f, {pattern: style}) for f in param_fqns):
+            owners = [f.rsplit(".", 1)[0] for f in param_fqns if "." in f]
+            raise ValueError(f"plan[{pattern!r}]: the pattern matches no parameter of {owner}, nor a module that "
+                             f"owns one" + _closest(pattern, owners + list(param_fqns), "closest names")
+                             + ". Patterns are FQNs as in model.named_parameters(), or their modules' names; "
+                             "globs allowed (e.g. 'layers.*.mlp.*').")
+
+
+def _closest(word: str, names, what: str, cutoff: float = 0.0) -> str:
+    close = difflib.get_close_matches(word, list(dict.fromkeys(names)), n=5, cutoff=cutoff)
+    return f" ({what}: {', '.join(map(repr, close))})" if close else ""
 
 
 def with_tied_aliases(overrides: dict, aliases: dict[str, str]) -> dict:

@@ -20,7 +20,7 @@ def _gloo() -> dict:
     """Every gloo case of this file in one 2-rank job."""
     cases = {"inputs": (_inputs_shapes_inference, ()), "unsupported": (_unsupported_and_break, ()),
              "whole_grads": (_one_step, (_WholeGradOperands,)), "partial": (_one_step, (_NormOverShards,)),
-             "sharded_break": (_sharded_outputs_break, ())}
+             "sharded_break": (_sharded_outputs_break, ()), "divergence": (_replicas_drift, ())}
     return dict(zip(cases, run_cases(2, list(cases.values()))))
 
 TOL = 1e-5
@@ -308,3 +308,41 @@ def _sharded_outputs_break(rank, world):
 def test_sharded_outputs_across_a_graph_break_is_a_clear_error():
     for msg in _gloo()["sharded_break"]:
         assert msg is not None and "sharded_outputs=True" in msg and "graph break" in msg, msg
+
+
+def _replicas_drift(rank, world):
+    """{case: (the call that raised TPDivergenceError or None, its message)} for 6 AdamW steps of
+    the example GPT: a correct loop (clipping included), one whose learning rate differs per rank
+    from step 4 on (checked at calls 1-3, then every 4th: caught at call 8), and the same with the
+    check off."""
+    def run(every, per_rank_lr):
+        model, (x, y) = gpt.make_model()
+        model = tpcompile.tp_compile(model, backend="aot_eager", check_replicas_every=every)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        for call in range(1, 10):
+            try:
+                loss = model(x, y)
+            except tpcompile.TPDivergenceError as e:
+                return call, str(e)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+            if per_rank_lr and call == 4:
+                opt.param_groups[0]["lr"] *= 1 + rank
+            opt.step()
+            opt.zero_grad()
+        return None, ""
+    return {"correct": run(4, False), "per_rank_lr": run(4, True), "off": run(0, True)}
+
+
+def test_replicas_that_drift_apart_raise_tp_divergence_error():
+    """A per-rank update of replicated parameters (here a per-rank learning rate) is caught at the
+    next check and named; a correct loop with AdamW and clipping stays quiet; 0 turns it off."""
+    for res in _gloo()["divergence"]:
+        assert res["correct"] == (None, "")
+        assert res["off"] == (None, "")
+        call, msg = res["per_rank_lr"]
+        assert call == 8, msg
+        # the first replicated parameter in the model's order (position embeddings) is named
+        assert msg.startswith("tp_compile: wpe.weight is replicated over the TP group but TP ranks [1] hold "
+                              "other values than TP rank 0"), msg
+        assert "check_replicas_every=0" in msg

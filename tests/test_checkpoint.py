@@ -4,6 +4,7 @@ Multi-rank checks run on gloo ranks; the errors run in this process (plain model
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -158,6 +159,143 @@ def _safetensors_worker(rank: int, world: int, path: str) -> dict:
     tpcompile.load_checkpoint(fused, os.path.join(path, "fused.safetensors"))
     return _out({"loss": loss, "full": tpcompile.full_state_dict(model), "unloaded": unloaded, "numel": numel,
             "fused": tpcompile.full_state_dict(fused)})
+
+
+class EveryLayout(nn.Module):
+    """One parameter of every layout kind at TP=2: a GQA fused qkv of unequal pieces (q 64 | k 32 | v 32),
+    a gate-up of equal pieces, a padded vocabulary (63 rows), plain column / row, replicated norms and biases."""
+
+    def __init__(self, C: int = 64, H: int = 8, KV: int = 4, V: int = 63):
+        super().__init__()
+        self.H, self.KV, self.hd, self.V = H, KV, C // H, V
+        self.emb, self.ln = nn.Embedding(V, C), nn.LayerNorm(C)
+        self.qkv, self.o = nn.Linear(C, C + 2 * KV * (C // H)), nn.Linear(C, C)
+        self.up, self.down = nn.Linear(C, 4 * C), nn.Linear(2 * C, C)
+        self.head = nn.Linear(C, V, bias=False)
+
+    def forward(self, x, y):
+        h = self.emb(x)
+        B, T, C = h.shape
+        q, k, v = self.qkv(self.ln(h)).split([C, self.KV * self.hd, self.KV * self.hd], dim=-1)
+        q = q.view(B, T, self.H, self.hd).transpose(1, 2)
+        k, v = [t.view(B, T, self.KV, self.hd).transpose(1, 2) for t in (k, v)]
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        h = h + self.o(a.transpose(1, 2).reshape(B, T, C))
+        g, u = self.up(h).chunk(2, dim=-1)
+        h = h + self.down(torch.nn.functional.silu(g) * u)
+        return torch.nn.functional.cross_entropy(self.head(h).view(-1, self.V), y.view(-1))
+
+
+def _every_layout(meta: bool) -> nn.Module:
+    x = torch.randint(0, 63, (2, 8), generator=torch.Generator().manual_seed(0))
+    if meta:
+        with torch.device("meta"):
+            m = EveryLayout()
+    else:
+        with torch.random.fork_rng():
+            torch.manual_seed(11)
+            m = EveryLayout()
+    return tpcompile.tp_compile(m, example_inputs=(x, x), backend="aot_eager")
+
+
+def _every_layout_worker(rank: int, world: int, path: str) -> bytes:
+    model = _every_layout(meta=False)
+    st = tpcompile.tp_state(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)  # per-element state, linear in the grads
+    x = torch.randint(0, 63, (2, 8), generator=torch.Generator().manual_seed(1))
+    model(x, x).backward()
+    grads = {fqn: p.grad.full_tensor() for fqn, p in st.params.named()}
+    opt.step()
+    sd = model.state_dict()
+    optim_sd = optim_state_dict(model, opt)["state"]
+    tpcompile.save_checkpoint(model, os.path.join(path, "dcp"), optimizer=opt)
+    tpcompile.save_checkpoint(model, os.path.join(path, "st"), format="safetensors")
+    out = {"kinds": {k: (pp.style, pp.chunks, pp.pieces, pp.padded_shape) for k, pp in st.plan.items()},
+           "full": tpcompile.full_state_dict(model, rank0_only=False),
+           "state_dict_full": {k: v.full_tensor() for k, v in sd.items()},
+           "param_full": {fqn: p.full_tensor() for fqn, p in st.params.named()},
+           "grads": grads, "local": {fqn: p.to_local().detach().clone() for fqn, p in st.params.named()},
+           "optim_full": tpcompile.checkpoint.full_optim_state_dict(model, opt, rank0_only=False),
+           "optim_dtensor_full": {f: {k: v.full_tensor() for k, v in s.items() if hasattr(v, "full_tensor")}
+                                  for f, s in optim_sd.items()}}
+    torch.distributed.barrier()
+    for fmt in ("dcp", "st"):
+        loaded = _every_layout(meta=True)
+        lopt = torch.optim.SGD(loaded.parameters(), lr=0.1, momentum=0.9)
+        tpcompile.load_checkpoint(loaded, os.path.join(path, fmt), optimizer=lopt if fmt == "dcp" else None)
+        out[f"loaded_{fmt}"] = tpcompile.full_state_dict(loaded, rank0_only=False)
+        out[f"loaded_{fmt}_local"] = {f: p.to_local().detach().clone() for f, p in tpcompile.tp_state(loaded).params.named()}
+        if fmt == "dcp":
+            out["loaded_optim"] = tpcompile.checkpoint.full_optim_state_dict(loaded, lopt, rank0_only=False)
+    return _out(out)
+
+
+@functools.cache
+def _every_layout_results() -> list:
+    """One gloo job at TP=2 for the layout round trips (its checkpoints in a scratch folder)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        return _ranks(_every_layout_worker, 2, d)
+
+
+def _every_layout_reference() -> tuple[dict, dict]:
+    """The single-device model after the same SGD step: its state dict and the step's gradients."""
+    with torch.random.fork_rng():
+        torch.manual_seed(11)
+        ref = EveryLayout()
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    x = torch.randint(0, 63, (2, 8), generator=torch.Generator().manual_seed(1))
+    ref(x, x).backward()
+    grads = {k: p.grad.clone() for k, p in ref.named_parameters()}
+    opt.step()
+    return ref.state_dict(), grads
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def test_unequal_fused_pieces_state_dict_gathers_the_true_tensor():
+    """Regression: a fused qkv of unequal pieces (q 64 | k 32 | v 32) is a layout no DTensor placement
+    describes; ``state_dict()`` entries (detached parameters) and optimizer state lost the layout the
+    parameter carries, so their ``full_tensor()`` silently came back with rows in rank order."""
+    r = _every_layout_results()[0]
+    assert r["kinds"]["qkv.weight"][2] == (64, 32, 32)
+    ref_sd, ref_grads = _every_layout_reference()
+    for k in ("qkv.weight", "qkv.bias"):
+        assert torch.equal(r["state_dict_full"][k], r["full"][k]) and torch.equal(r["param_full"][k], r["full"][k]), k
+        assert _rel(r["full"][k], ref_sd[k]) < 1e-6, k
+        assert _rel(r["grads"][k], ref_grads[k]) < 1e-5, k
+        for name, v in r["optim_dtensor_full"][k].items():
+            assert torch.equal(v, r["optim_full"][k][name]), (k, name)
+
+
+def test_every_layout_round_trips_through_state_dicts_and_checkpoints():
+    """Every ParamPlan kind at TP=2 (unequal and equal fused pieces, padded vocabulary, column, row,
+    replicate): ``full_state_dict``, ``state_dict()`` and both checkpoint formats give the single-device
+    tensors, and loading restores each rank's stored shard exactly (optimizer state too, from DCP)."""
+    results = _every_layout_results()
+    kinds = results[0]["kinds"]
+    assert kinds["qkv.weight"][:3] == ("colwise", 3, (64, 32, 32))
+    assert kinds["up.weight"][:3] == ("colwise", 2, None)
+    assert kinds["emb.weight"] == ("vocab", 1, None, (64, 64))
+    assert kinds["head.weight"][0] == "colwise" and kinds["head.weight"][3] == (64, 64)
+    assert kinds["o.weight"][0] == kinds["down.weight"][0] == "rowwise"
+    assert kinds["ln.weight"][0] == kinds["o.bias"][0] == "replicate"
+    ref_sd, ref_grads = _every_layout_reference()
+    for rank, r in enumerate(results):
+        for k, v in ref_sd.items():
+            for src in ("full", "state_dict_full", "loaded_dcp", "loaded_st"):
+                assert _rel(r[src][k], v) < 1e-6, (rank, src, k)
+            assert torch.equal(r["loaded_dcp"][k], r["full"][k]) and torch.equal(r["loaded_st"][k], r["full"][k])
+            assert _rel(r["grads"][k], ref_grads[k]) < 1e-5, (rank, k)
+        for fqn, local in r["local"].items():
+            assert torch.equal(r["loaded_dcp_local"][fqn], local), (rank, fqn)
+            assert torch.equal(r["loaded_st_local"][fqn], local), (rank, fqn)
+        for fqn, s in r["optim_full"].items():
+            for name, v in s.items():
+                assert torch.equal(r["loaded_optim"][fqn][name], v), (rank, fqn, name)
 
 
 # ----------------------------------------------------------------------------- multi-rank tests

@@ -139,6 +139,46 @@ def test_cli_on_the_example_factory_and_a_meta_factory(tmp_path):
     assert r.returncode != 0 and "has no function 'nope'" in r.stderr
 
 
+def test_tp_compile_and_explain_work_under_a_torch_compile_wrapper_that_deep_copies_kwargs(monkeypatch):
+    """Lightning (imported by litgpt) replaces ``torch.compile`` with a wrapper that deep-copies its keyword
+    arguments; tpcompile's backend holds a ProcessGroup, so both died with ``cannot pickle ... ProcessGroup``.
+    A copy (or a pickle round trip) of the backend is the backend itself, as with torch's own backends."""
+    import copy
+    import pickle
+
+    copied = []
+    compile_ = torch.compile
+
+    def deep_copying_compile(model, **kwargs):  # what lightning.fabric.wrappers._capture_compile_kwargs does
+        out = compile_(model, **kwargs)
+        copied.append((kwargs, copy.deepcopy(kwargs)))
+        return out
+
+    monkeypatch.setattr(torch, "compile", deep_copying_compile)
+    model, args = gpt.make_model()
+    rep = tpcompile.explain(model, *args, world_size=2)
+    assert rep.above_floor() == {"forward": 0, "backward": 0}
+    with fake_group(2):
+        tp = tpcompile.tp_compile(gpt.make_model()[0], backend="aot_eager")
+        assert tp(*args).shape == ()
+    assert copied and all(c["backend"] is k["backend"] for k, c in copied)
+    backend = copied[-1][0]["backend"]
+    assert pickle.loads(pickle.dumps(backend)) is backend and copy.copy(backend) is backend
+
+
+def test_explain_with_litgpt_imported(monkeypatch):
+    """The real thing: ``import litgpt`` swaps in Lightning's ``torch.compile`` (restored after this test)."""
+    monkeypatch.setattr(torch, "compile", torch.compile)  # restored at teardown, after Lightning replaced it
+    pytest.importorskip("litgpt")
+    from lightning.fabric.wrappers import _capture_compile_kwargs  # noqa: F401 - the wrapper exists
+
+    if not hasattr(torch.compile, "__wrapped__"):  # litgpt imported earlier in this session: wrap again, as its import does
+        monkeypatch.setattr(torch, "compile", _capture_compile_kwargs(torch.compile))
+    model, args = gpt.make_model()
+    rep = tpcompile.explain(model, *args, world_size=4)
+    assert rep.above_floor() == {"forward": 0, "backward": 0}
+
+
 def test_cli_on_timm_create_model_at_world_size_8():
     """README's command on 2 blocks: a library's own factory with its arguments (``device=meta``: no
     memory), inputs from ``--input``; ViT's fused qkv in 3 pieces, heads sharded, at the floor."""

@@ -13,7 +13,7 @@ import pytest
 
 from multirank import run_cases
 
-LIBRARIES = ("timm",)  # the case files, models_<name>.py (also planned: "litgpt", "gpt2", "torchtune")
+LIBRARIES = ("timm", "litgpt")  # the case files, models_<name>.py (also planned: "gpt2", "torchtune")
 
 
 def _library(name: str):

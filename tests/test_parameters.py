@@ -151,17 +151,3 @@ def test_hooks_registered_after_tp_compile_run_and_count():
         assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss)
         assert len(seen["tp"]) == 1 and abs(seen["tp"][0] - seen["ref"][0]) <= 1e-4 * seen["ref"][0]
         assert err <= 1e-5
-
-
-def test_torch_compile_options_pass_through_and_internal_modes_are_refused():
-    """``mode=`` / ``options=`` are torch.compile's Inductor settings: accepted (they used to raise
-    ``TypeError: Backend.__call__() got an unexpected keyword argument 'mode'``); tpcompile's own
-    internal modes ("trace" returns zeros) are not a user's backend."""
-    with fake_group(2):
-        model, (x, y) = gpt.make_model()
-        model = tpcompile.tp_compile(model, backend="aot_eager", mode="max-autotune-no-cudagraphs",
-                                     options={"max_autotune": False})
-        assert torch.isfinite(model(x, y))
-        for internal in ("trace", "plan"):
-            with pytest.raises(ValueError, match="use 'inductor', 'aot_eager' or 'eager'"):
-                tpcompile.tp_compile(gpt.make_model()[0], backend=internal)

@@ -3,8 +3,8 @@
     model = tpcompile.tp_compile(model)   # under torchrun; same batch on every TP rank
     print(tpcompile.explain(model, *batch, world_size=8))   # one process, no torchrun: what TP=8 does
 """
-from tpcompile.errors import (TPCheckpointError, TPEagerFallbackError, TPInputMismatchError, TPParameterError,
-                              TPShardingError, TPWarning)
+from tpcompile.errors import (TPCheckpointError, TPDivergenceError, TPEagerFallbackError, TPInputMismatchError,
+                              TPParameterError, TPShardingError, TPWarning)
 from tpcompile.api import TensorParallel, tp_compile, tp_state
 from tpcompile.pipeline import Collective, GraphRecord
 from tpcompile.checkpoint import full_state_dict, load_checkpoint, save_checkpoint
@@ -24,6 +24,7 @@ __all__ = [
     "TPInputMismatchError",
     "TPEagerFallbackError",
     "TPParameterError",
+    "TPDivergenceError",
     "TPWarning",
     "load_checkpoint",
     "save_checkpoint",

@@ -14,7 +14,7 @@ from tpcompile.backend import USER_MODES, Recorder, compile_twin
 from tpcompile.data_parallel import apply_data_parallel, data_parallel_mesh, refuse_ddp
 from tpcompile.errors import TPEagerFallbackError, TPInputMismatchError, TPShardingError, TPWarning
 from tpcompile.params import TPParameters, watch_optimizers
-from tpcompile.passes.plan import with_tied_aliases
+from tpcompile.passes.plan import validate_overrides, with_tied_aliases
 from tpcompile.pipeline import GraphRecord, Options
 from tpcompile.twin import Twin, trace_config
 
@@ -38,7 +38,8 @@ class TensorParallel:
 
     def __init__(self, model: nn.Module, group, plan: dict | None, compile_options: dict, *,
                  sequence_parallel: bool = False, sharded_outputs: bool = False, broadcast_inputs: bool = False,
-                 dump_dir: str | None = None):
+                 dump_dir: str | None = None, check_replicas_every: int = 100):
+        validate_overrides(plan or {}, fqns_of(model), type(model).__name__)
         self.mesh, self.group = _resolve_mesh(group)
         self.tp, self.rank = dist.get_world_size(self.group), dist.get_rank(self.group)
         self.broadcast_inputs, self.sharded_outputs = broadcast_inputs, sharded_outputs
@@ -59,6 +60,7 @@ class TensorParallel:
             inductor_options=_inductor_options(compile_options))
         self.data_parallel = ""  # what tp_compile(mesh=...) applied: "shard" | "hsdp" | "replicate"
         self._inputs_checked = False
+        self.check_replicas_every, self.calls = check_replicas_every, 0
         self._trace_config = trace_config()
 
     @property
@@ -104,6 +106,10 @@ class TensorParallel:
         elif not self._inputs_checked:
             self._check_inputs(args, kwargs)
             self._inputs_checked = True
+        self.calls += 1
+        every = self.check_replicas_every
+        if every and (self.calls <= 3 or self.calls % every == 0):
+            self.params.check_replicas(self.group, self.device)
         n_graphs, n_calls = len(self.records), self.recorder.calls
         try:
             with torch._dynamo.config.patch(**self._trace_config):
@@ -209,6 +215,11 @@ class TensorParallel:
             )
 
 
+def fqns_of(model: nn.Module) -> list[str]:
+    """The names ``plan=`` patterns are matched against: every parameter, tied ones under each name."""
+    return [n for n, _ in model.named_parameters(remove_duplicate=False)]
+
+
 def _has_nan(out) -> bool:
     """Ghosts are NaN: a result computed on one is NaN (``-inf`` / ``inf`` in a user's output are not ours)."""
     flat, _ = tree_flatten(out)
@@ -242,6 +253,7 @@ def tp_compile(
     init_weights: Any = None,
     device: Any = None,
     dump_dir: str | None = None,
+    check_replicas_every: int = 100,
     **compile_options: Any,
 ) -> nn.Module:
     """Make ``model`` run tensor-parallel over ``group`` (default: WORLD), compiled.
@@ -272,6 +284,9 @@ def tp_compile(
     the parameters are sharded (and a ``meta``-device model's shards allocated, on ``device``,
     default the group's) before ``tp_compile`` returns; ``init_weights`` initialises those:
     see ``tpcompile.checkpoint.prepare`` and docs/checkpoints.md. Needed before ``fully_shard``.
+    ``check_replicas_every``: on the first 3 calls and then every N-th, check that the parameters
+    replicated over the TP group are bitwise equal on every rank (one checksum each, one small
+    all-gather) and raise ``TPDivergenceError`` naming the first that is not; 0 turns it off.
     ``compile_options``: passed to ``torch.compile`` (``dynamic``, ``fullgraph``, ...; ``mode`` and
     ``options`` go to Inductor); ``backend`` picks what compiles the rewritten graph:
     ``"inductor"`` (default), ``"aot_eager"`` or ``"eager"``.
@@ -283,7 +298,8 @@ def tp_compile(
     if mesh is not None:
         group = _tp_of(mesh, group, example_inputs)
     state = TensorParallel(model, group, plan, compile_options, sequence_parallel=sequence_parallel,
-                           sharded_outputs=sharded_outputs, broadcast_inputs=broadcast_inputs, dump_dir=dump_dir)
+                           sharded_outputs=sharded_outputs, broadcast_inputs=broadcast_inputs, dump_dir=dump_dir,
+                           check_replicas_every=check_replicas_every)
     model._tp_state = state
     model.forward = state.forward
     from tpcompile import checkpoint  # checkpoint-facing side: state dicts, meta-device models

@@ -14,6 +14,8 @@ planning trace of ``example_inputs``) only stores the layouts.
 from __future__ import annotations
 
 import functools
+import itertools
+import weakref
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
@@ -133,6 +135,20 @@ class Backend:
             raise ValueError(f"tp_compile(backend={mode!r}): use 'inductor', 'aot_eager' or 'eager'")
         self.twin, self.params, self.options, self.mode, self.recorder = twin, params, options, mode, recorder
         self.inductor_options, self.mesh = inductor_options, mesh
+        self._key = next(_KEYS)
+        _LIVE[self._key] = self
+
+    # A library that wraps torch.compile may copy its keyword arguments (Lightning, imported by litgpt,
+    # deep-copies them). A copy of this backend would plan into copies of the model's parameters and
+    # group, so copies keep identity, as a backend function of torch's own does.
+    def __copy__(self) -> "Backend":
+        return self
+
+    def __deepcopy__(self, memo: dict) -> "Backend":
+        return self
+
+    def __reduce__(self):
+        return _live_backend, (self._key,)
 
     def options_for(self, fqns) -> Options:
         return replace(self.options, known={f: self.params.layouts[f] for f in fqns if f in self.params.layouts})
@@ -175,6 +191,19 @@ class Backend:
             return outputs_as_dtensors(out, sharded, mesh, opts.rank, opts.tp) if sharded else out
 
         return run
+
+
+_KEYS = itertools.count()
+_LIVE: "weakref.WeakValueDictionary[int, Backend]" = weakref.WeakValueDictionary()
+
+
+def _live_backend(key: int) -> Backend:
+    """Unpickling a backend gives the live one (pickle keeps identity, like a module-level function)."""
+    b = _LIVE.get(key)
+    if b is None:
+        raise RuntimeError("a tpcompile backend is bound to the model and process that made it; it cannot be "
+                           "unpickled in another process or after its model is gone. Call tp_compile there.")
+    return b
 
 
 def compile_twin(twin, params, options: Options, mode: str, recorder: Recorder, *, mesh=None,

@@ -32,5 +32,10 @@ class TPParameterError(RuntimeError):
     that turns tensor-parallel DTensors back into plain tensors); the message says what to do."""
 
 
+class TPDivergenceError(RuntimeError):
+    """Parameters every TP rank should hold identically (replicated ones) differ across the group:
+    the ranks no longer run one model. The message names the first one and the usual causes."""
+
+
 __all__ = ["TPWarning", "TPShardingError", "TPEagerFallbackError", "TPInputMismatchError", "TPCheckpointError",
-           "TPParameterError"]
+           "TPParameterError", "TPDivergenceError"]

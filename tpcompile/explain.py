@@ -21,7 +21,7 @@ import torch.nn as nn
 from tpcompile.backend import Recorder, compile_twin
 from tpcompile.params import StandinParameters
 from tpcompile.passes.layout import ParamPlan
-from tpcompile.passes.plan import with_tied_aliases
+from tpcompile.passes.plan import validate_overrides, with_tied_aliases
 from tpcompile.pipeline import Collective, GraphRecord, Options
 from tpcompile.twin import Twin, trace_config
 
@@ -144,6 +144,10 @@ def explain(
     if not 0 <= rank < world_size:
         raise ValueError(f"explain(rank={rank}) must be in [0, {world_size}).")
     from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from tpcompile.api import fqns_of
+
+    validate_overrides(plan or {}, fqns_of(model), type(model).__name__)
 
     breaks_before = Counter(torch._dynamo.utils.counters["graph_break"])
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)

@@ -21,7 +21,7 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn as nn
 
-from tpcompile.errors import TPParameterError, TPShardingError
+from tpcompile.errors import TPDivergenceError, TPParameterError, TPShardingError
 from tpcompile.passes.layout import ParamPlan, contiguous_stride, renamed
 
 
@@ -61,6 +61,34 @@ def _program_view(p, lay: ParamPlan) -> torch.Tensor:
     if lay.padded_shape is None:
         return local.view_as(local)
     return base.view_as(base) if base is not None else lay.pad(local)
+
+
+def _tp_replica(p: torch.Tensor, mesh) -> torch.Tensor | None:
+    """This rank's tensor of ``p`` if ``p`` is replicated over the TP mesh (FSDP2's dp shard of it
+    included: the TP ranks of one dp coordinate hold the same one), else None."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    if not isinstance(p, DTensor):
+        return None
+    pmesh = p.device_mesh
+    if pmesh == mesh:
+        dim = 0
+    elif "tp" in (pmesh.mesh_dim_names or ()) and pmesh["tp"] == mesh:
+        dim = pmesh.mesh_dim_names.index("tp")
+    else:
+        return None
+    return p.to_local() if isinstance(p.placements[dim], Replicate) else None
+
+
+_INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bit_sum(t: torch.Tensor) -> torch.Tensor:
+    """The sum of ``t``'s elements read as integers of their width: equal replicas give equal sums."""
+    t = t.detach().contiguous()
+    as_int = _INT_OF_SIZE.get(t.element_size())
+    bits = t.view(as_int) if as_int is not None else t.view(torch.uint8)
+    return bits.sum(dtype=torch.int64)
 
 
 class TPParameters:
@@ -109,6 +137,44 @@ class TPParameters:
     def named(self) -> Iterable[tuple[str, torch.Tensor]]:
         return ((fqn, self.current(fqn)) for fqn in self.slots)
 
+    # ------------------------------------------------------------------ replicas in step
+    def check_replicas(self, group, device: torch.device) -> None:
+        """Raise ``TPDivergenceError`` if a parameter replicated over the TP group differs across it.
+
+        Replicated parameters get all-reduced gradients, so every rank's optimizer step should keep
+        them bitwise equal; one that differs means the ranks run different models from then on.
+        One checksum per parameter (the sum of its bits as integers: exact, NaN-safe) and one
+        all-gather of those for the whole model."""
+        import torch.distributed as dist
+
+        if dist.get_backend(group) == "fake":  # explain's / the tests' stand-in group: no other ranks to compare
+            return
+        names, sums = [], []
+        for fqn, p in self.named():
+            local = _tp_replica(p, self.mesh)
+            if local is not None and not local.is_meta:
+                names.append(fqn)
+                sums.append(_bit_sum(local))
+        if not names:
+            return
+        mine = torch.stack(sums).to(device)
+        every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(every, mine, group=group)
+        every = torch.stack(every).cpu()
+        differ = (every != every[0]).any(dim=0)
+        if bool(differ.any()):
+            i = int(differ.nonzero()[0])
+            ranks = [r for r in range(every.shape[0]) if every[r, i] != every[0, i]]
+            raise TPDivergenceError(
+                f"tp_compile: {names[i]} is replicated over the TP group but TP ranks {ranks} hold other values "
+                f"than TP rank 0 ({int(differ.sum())} of {len(names)} replicated parameters differ). The ranks no "
+                f"longer run one model. Usual causes: an optimizer step or a parameter update run on some ranks "
+                f"only or with per-rank values (a learning rate, a gradient scaled per rank); gradient clipping "
+                f"by a per-rank norm (clip the DTensor parameters: torch.nn.utils.clip_grad_norm_(model.parameters()) "
+                f"is right); a random op (dropout, noise) applied to parameters with per-rank seeds; weights "
+                f"initialised on each rank without the same seed. Turn the check off with "
+                f"tp_compile(..., check_replicas_every=0).")
+
     # ------------------------------------------------------------------ storing a layout
     def apply(self, pp: ParamPlan) -> None:
         """Store ``pp.fqn`` as ``pp`` says (the first graph that uses a parameter decides)."""
@@ -155,12 +221,16 @@ class TPParameters:
     @staticmethod
     def _carry_pieces(p, pp: ParamPlan) -> None:
         """A parameter of unequal fused pieces, and each gradient it gets, carry their layout
-        (``_patch_dtensor_for_pieces``)."""
+        (``ParamPlan.mark``)."""
         if pp.exact:
             return
-        p._tp_pieces = pp
+        pp.mark(p)
+
+        def mark_grad(q) -> None:
+            pp.mark(q.grad)
+
         if p.requires_grad:
-            p.register_post_accumulate_grad_hook(lambda q: setattr(q.grad, "_tp_pieces", pp))
+            p.register_post_accumulate_grad_hook(mark_grad)
 
     def install(self, pp: ParamPlan, stored: torch.Tensor, requires_grad: bool) -> None:
         """Register a parameter built elsewhere (a meta model's allocated shard) under ``pp``'s slots."""
@@ -318,12 +388,12 @@ def _patch_dtensor_for_pieces() -> None:
     placement describes: the parameter is a ``Shard(dim)`` DTensor whose rows are in rank order.
     So that ``.full_tensor()`` of such a parameter or of its gradient is still the true full tensor
     (and ``redistribute`` a clear error, not a permuted one), both look at the layout they carry."""
-    from torch.distributed._functional_collectives import all_gather_tensor_autograd
+    from torch.distributed._functional_collectives import all_gather_single_autograd
     from torch.distributed.tensor import DTensor
 
     if getattr(DTensor.full_tensor, "_tp_pieces", False):
         return
-    full_tensor, redistribute = DTensor.full_tensor, DTensor.redistribute
+    full_tensor, redistribute, detach = DTensor.full_tensor, DTensor.redistribute, DTensor.detach
 
     def pieces_full_tensor(self, *, grad_placements=None):
         pp = self.__dict__.get("_tp_pieces")
@@ -331,7 +401,7 @@ def _patch_dtensor_for_pieces() -> None:
             return full_tensor(self, grad_placements=grad_placements)
         local = self._local_tensor
         tp = self.device_mesh.size()
-        gathered = all_gather_tensor_autograd(local.contiguous(), gather_dim=pp.dim, group=self.device_mesh.get_group())
+        gathered = all_gather_single_autograd(local.contiguous(), gather_dim=pp.dim, group=self.device_mesh.get_group())
         return pp.assemble(list(gathered.chunk(tp, pp.dim)))
 
     def pieces_redistribute(self, *args, **kwargs):
@@ -343,5 +413,11 @@ def _patch_dtensor_for_pieces() -> None:
                 f"places the pieces right) or tpcompile.full_state_dict.")
         return redistribute(self, *args, **kwargs)
 
+    def pieces_detach(self):
+        # state_dict() holds detached parameters: they must still gather to the true full tensor
+        out = detach(self)
+        pp = self.__dict__.get("_tp_pieces")
+        return pp.mark(out) if pp is not None else out
+
     pieces_full_tensor._tp_pieces = True
-    DTensor.full_tensor, DTensor.redistribute = pieces_full_tensor, pieces_redistribute
+    DTensor.full_tensor, DTensor.redistribute, DTensor.detach = pieces_full_tensor, pieces_redistribute, pieces_detach

@@ -316,6 +316,8 @@ def optim_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict
             part = part_of(model, v, pp) if pp is not None and isinstance(v, DTensor) else None
             if part is not None:
                 dcp_boxes(v, pp, part)
+                if part.slice is None:  # the TP shard itself: full_tensor() places unequal pieces right
+                    pp.mark(v)
             out[k] = v
         state[names[id(p)]] = out
     groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [names[id(p)] for p in g["params"]]}

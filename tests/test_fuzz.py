@@ -1,0 +1,53 @@
+"""Differential fuzzing: generated models (``tests/fuzz_models.py``), tp-compiled at TP=2 and TP=4
+on gloo, against their single-device copies. A *silent* mismatch (no error, a wrong loss or
+gradient, or ranks that disagree) fails, and so does a *crash* (an exception that is not one of
+tpcompile's errors); *match* and *loud* (a tpcompile error, or a ``TPWarning`` fallback that still
+matches) pass.
+
+Default: 20 fixed seeds at both degrees, 40 cases, one gloo job per degree. More:
+
+    TPCOMPILE_FUZZ=500 [TPCOMPILE_FUZZ_START=1000] [TPCOMPILE_FUZZ_DIR=dir] pytest tests/test_fuzz.py
+
+runs 500 more seeds from 1000 at both degrees. A failing case prints its seed and writes a
+standalone repro script (to ``TPCOMPILE_FUZZ_DIR``, default a temporary folder).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from collections import Counter
+
+import pytest
+
+from fuzz_models import classify, run_many, spec, write_repro
+from multirank import run_ranks
+
+DEFAULT_SEEDS = list(range(20))
+
+
+def _fuzz(seeds: list, world: int) -> Counter:
+    by_rank = run_ranks(run_many, world, seeds, timeout=1800)
+    counts, failures = Counter(), []
+    where = os.environ.get("TPCOMPILE_FUZZ_DIR") or tempfile.mkdtemp(prefix="tpcompile-fuzz-")
+    os.makedirs(where, exist_ok=True)
+    for i, seed in enumerate(seeds):
+        outcome, why = classify([r[i] for r in by_rank])
+        counts[outcome] += 1
+        if outcome in ("silent", "crash"):
+            path = write_repro(where, seed, world, outcome, why)
+            failures.append(f"seed {seed} at TP={world}: {outcome}: {why[:800]}\n  {spec(seed)}\n  repro: {path}")
+    print(f"fuzz TP={world}: {len(seeds)} cases: {dict(counts)}")
+    assert not failures, "\n".join(failures)
+    return counts
+
+
+@pytest.mark.parametrize("world", [2, 4], ids=["tp2", "tp4"])
+def test_generated_models_match_single_device_or_fail_loudly(world):
+    _fuzz(DEFAULT_SEEDS, world)
+
+
+if os.environ.get("TPCOMPILE_FUZZ"):
+    @pytest.mark.parametrize("world", [2, 4], ids=["tp2", "tp4"])
+    def test_more_generated_models(world):
+        start, n = int(os.environ.get("TPCOMPILE_FUZZ_START", "1000")), int(os.environ["TPCOMPILE_FUZZ"])
+        _fuzz(list(range(start, start + n)), world)

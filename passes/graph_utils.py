@@ -1,9 +1,17 @@
-"""Small helpers shared by the passes: logical shapes, user source lines, divisors."""
+"""Small helpers shared by the passes: logical shapes, user source lines, divisors.
+
+Shapes may be symbolic (``torch.compile(dynamic=...)``: batch and sequence dims are
+``SymInt``s; the sharded dims, which come from weights, stay ints). The passes compare and
+print sizes only through ``size_expr`` / ``same_size`` / ``static_size`` / ``shape_str``:
+``int(s)``, ``s == t`` or ``s % tp`` on a ``SymInt`` would specialise it (a guard per size,
+a recompile per sequence length) and ``{shape}`` cannot hash it at all.
+"""
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Sequence
 
+import sympy
 import torch
 import torch.fx as fx
 
@@ -57,3 +65,36 @@ def divisors(n: int) -> list[int]:
 
 def norm_dim(d: int, ndim: int) -> int:
     return d + ndim if d < 0 else d
+
+
+def size_expr(s: Any) -> sympy.Expr:
+    """The size as a sympy expression: the symbol's formula for a ``SymInt`` (no guard), else the integer."""
+    return s.node.expr if isinstance(s, torch.SymInt) else sympy.Integer(int(s))
+
+
+def numel_expr(sizes: Sequence) -> sympy.Expr:
+    """The product of ``sizes`` (expanded, so ``s0*s1`` and ``s1*s0`` compare equal)."""
+    out = sympy.Integer(1)
+    for x in sizes:
+        out = out * size_expr(x)
+    return sympy.expand(out)
+
+
+def same_size(a: Any, b: Any) -> bool:
+    """Sizes equal for every value of their symbols (structural: adds no guard)."""
+    return size_expr(a) == size_expr(b)
+
+
+def same_shape(a: Sequence, b: Sequence) -> bool:
+    return len(a) == len(b) and all(same_size(x, y) for x, y in zip(a, b))
+
+
+def static_size(s: Any) -> int | None:
+    """The size as an int if it is one for every value of the symbols, else None."""
+    e = size_expr(s)
+    return int(e) if e.is_Integer else None
+
+
+def shape_str(sizes: Sequence) -> str:
+    """``(s0, 16, 4, 16)``-style text of a shape, symbolic sizes by name (printing adds no guard)."""
+    return "(" + ", ".join(str(size_expr(x)) for x in sizes) + ("," if len(sizes) == 1 else "") + ")"

@@ -9,6 +9,8 @@ The same holds for ``W`` only repeated over leading batch dims (``torch.bmm(x, W
 ``torch.baddbmm(b, x, W[None].expand(...))``) and for an ``einsum`` that is a linear in disguise
 (x's last dim contracted with one dim of W, the output x's other dims then W's other dim).
 Which layout follows from which dim of W is contracted. SDPA spellings become the ``torch._C._nn`` one.
+``einops.rearrange`` (a leaf op under Dynamo: einops registers it in the graph) becomes the
+``reshape`` -> ``permute`` -> ``reshape`` it stands for, so the view rules carry a head shard through it.
 """
 from __future__ import annotations
 
@@ -18,7 +20,9 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .graph_utils import value
+from .graph_utils import same_shape, same_size, value
+
+_TAGS = ("recompute", "ac_graph_id")  # activation-checkpoint tags a node carries (inline_checkpoint)
 
 LINEAR = torch._C._nn.linear
 
@@ -98,13 +102,13 @@ def _unbroadcast(node, keep: int):
     (``W[None].expand(B, i, o)`` -> ``W``; ``b.expand(B, T, o)`` -> ``b``); else ``node``."""
     while isinstance(node, fx.Node) and _target(node) in _BROADCASTS and isinstance(node.args[0], fx.Node):
         src, out = node.args[0], _shape(node)
-        if _ndim(src) < keep or out[-keep:] != _shape(src)[-keep:]:
+        if _ndim(src) < keep or not same_shape(out[-keep:], _shape(src)[-keep:]):
             break
         if _target(node) is operator.getitem:
             idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
             if any(i is not None and i is not Ellipsis and i != slice(None) for i in idx):
                 break
-        if _target(node) != "expand" and any(s != 1 for s in out[:-keep]):
+        if _target(node) != "expand" and any(not same_size(s, 1) for s in out[:-keep]):
             break  # unsqueeze / view / [None]: only size-1 leading dims, same elements in order
         node = src
     return node
@@ -163,7 +167,7 @@ def _einsum_linear(node: fx.Node, params: set) -> tuple | None:
 
 def _linear_shape(node: fx.Node, x, target, w) -> bool:
     """The op's result has a linear's shape: x's leading dims, then the out-features."""
-    return _shape(node) == _shape(x)[:-1] + (_shape(w)[0 if target is LINEAR else 1],)
+    return same_shape(_shape(node), _shape(x)[:-1] + (_shape(w)[0 if target is LINEAR else 1],))
 
 
 def param_operands(node: fx.Node, params: set) -> list[fx.Node]:
@@ -208,6 +212,8 @@ def normalize(gm: fx.GraphModule, params: set[fx.Node]) -> fx.GraphModule:
                     g.erase_node(node)
     for node in list(g.nodes):
         _slices_to_split(g, node)
+        _sizes_inline(g, node)
+        _rearrange_to_views(g, node)
     for node in reversed(list(g.nodes)):  # W.t(), W.expand(...) left dead by the rewrites above
         if node.op in ("call_method", "call_function") and not node.users and _target(node) in _VIEWS \
                 and param_operands(node, params):
@@ -259,6 +265,140 @@ def _slices_to_split(g: fx.Graph, src: fx.Node) -> None:
         u.args = (split, i)
 
 
+_SIZED = {"view", "reshape", "expand", torch.reshape}
+
+
+def _sizes_inline(g: fx.Graph, node: fx.Node) -> None:
+    """``view(x, size)`` with ``size`` a computed ``torch.Size`` node (Dynamo's spelling of
+    ``x.size()[:-1] + (nf,)`` once a dim is symbolic, HF ``Conv1D``) becomes ``view(x, (s0, s1, nf))``:
+    one entry per dim, static sizes as ints, so the view rule can rewrite a sharded dim's entry."""
+    if _target(node) not in _SIZED or len(node.args) != 2 or node.kwargs or not isinstance(node.args[1], fx.Node):
+        return
+    size = node.args[1]
+    sizes = value(size)
+    if not isinstance(sizes, (tuple, list)) or isinstance(sizes, torch.Tensor):
+        return
+    if _target(size) is torch.Size and len(size.args) == 1 and isinstance(size.args[0], (tuple, list)) \
+            and len(size.args[0]) == len(sizes):
+        entries = list(size.args[0])
+    else:
+        entries = []
+        for i, v in enumerate(sizes):
+            if isinstance(v, int):
+                entries.append(v)
+                continue
+            with g.inserting_before(node):
+                item = g.call_function(operator.getitem, (size, i))
+            item.meta["example_value"] = v
+            entries.append(item)
+    node.args = (node.args[0], tuple(entries))
+    if not size.users:
+        g.erase_node(size)
+
+
 def _to_linear(node: fx.Node, target, x, w, b) -> None:
     node.op, node.target = "call_function", target
     node.args, node.kwargs = (x, w, b), {}
+
+
+def _is_rearrange(node: fx.Node) -> bool:
+    t = node.target if node.op == "call_function" else None
+    return getattr(t, "__name__", "") == "rearrange" and getattr(t, "__module__", "").startswith("einops")
+
+
+def _rearrange_groups(pattern: str, nd: int, lengths: dict) -> tuple | None:
+    """(input groups, output groups) of elementary axis names of an einops ``rearrange`` pattern for
+    an ``nd``-dim input; an ellipsis becomes one axis per dim it covers; None if not understood."""
+    from einops.parsing import ParsedExpression
+
+    left, arrow, right = pattern.partition("->")
+    if not arrow:
+        return None
+    try:
+        lhs, rhs = ParsedExpression(left), ParsedExpression(right)
+    except Exception:  # noqa: BLE001 - an invalid pattern: einops itself raises when the op runs
+        return None
+    n_ell = nd - (len(lhs.composition) - 1) if lhs.has_ellipsis else 0
+    ell = [f"…{i}" for i in range(n_ell)]
+
+    def groups(comp):
+        out = []
+        for g in comp:
+            if g == "…":
+                out += [[a] for a in ell]
+            else:
+                out.append([a for n in g for a in (ell if n == "…" else [n])])
+        return out
+
+    ins, outs = groups(lhs.composition), groups(rhs.composition)
+    names_in = [a for grp in ins for a in grp]
+    if len(ins) != nd or sorted(names_in) != sorted(a for grp in outs for a in grp) \
+            or any(not isinstance(v, int) for v in lengths.values()):
+        return None
+    return ins, outs
+
+
+def _rearrange_to_views(g: fx.Graph, node: fx.Node) -> None:
+    """``rearrange(x, "b t (h d) -> b h t d", h=H)`` -> ``x.reshape(b, t, H, d).permute(0, 2, 1, 3)``
+    (and a last ``reshape`` where output axes are composed): the ops it stands for, so that the
+    view and transpose rules carry a shard through it. Left alone (no rule: replicated, warned) if
+    the pattern is not understood."""
+    if not _is_rearrange(node) or len(node.args) != 2 or not isinstance(node.args[1], str) \
+            or not isinstance(node.args[0], fx.Node) or _ndim(node.args[0]) < 0:
+        return
+    x, lengths = node.args[0], dict(node.kwargs)
+    xv = value(x)
+    parsed = _rearrange_groups(node.args[1], xv.dim(), lengths)
+    if parsed is None:
+        return
+    ins, outs = parsed
+    meta = {k: v for k, v in node.meta.items() if k in ("stack_trace", "nn_module_stack", *_TAGS)}
+
+    def emit(target, args, example, op="call_function"):
+        with g.inserting_before(node):
+            n = g.create_node(op, target, args)
+        n.meta.update(meta)
+        n.meta["example_value"] = example
+        return n
+
+    size, node_of = {}, {}  # axis -> its length (int or SymInt), its graph value (int or node)
+    for d, grp in enumerate(ins):
+        known = [a for a in grp if a in lengths]
+        unknown = [a for a in grp if a not in lengths]
+        k = 1
+        for a in known:
+            size[a] = node_of[a] = lengths[a]
+            k *= lengths[a]
+        if len(unknown) > 1:
+            return
+        if unknown:
+            full = xv.shape[d]
+            (a,) = unknown
+            size[a] = full // k
+            if isinstance(full, torch.SymInt):
+                dim_node = emit(torch.ops.aten.sym_size.int, (x, d), full)
+                node_of[a] = dim_node if k == 1 else emit(operator.floordiv, (dim_node, k), size[a])
+            else:
+                node_of[a] = int(full) // k
+    elementary = [a for grp in ins for a in grp]
+    cur = x
+    if any(len(grp) != 1 for grp in ins):
+        cur = emit("reshape", (cur, *[node_of[a] for a in elementary]), xv.reshape([size[a] for a in elementary]), "call_method")
+    order = [a for grp in outs for a in grp]
+    perm = [elementary.index(a) for a in order]
+    if perm != list(range(len(perm))):
+        cur = emit("permute", (cur, *perm), value(cur).permute(perm), "call_method")
+    if any(len(grp) != 1 for grp in outs):
+        dims = []
+        for grp in outs:  # a composed axis: the product of its lengths (a node where one is symbolic)
+            n, v = 1, 1
+            for a in grp:
+                if isinstance(n, int) and isinstance(node_of[a], int):
+                    n = n * node_of[a]
+                else:
+                    n = node_of[a] if n == 1 else emit(operator.mul, (n, node_of[a]), v * size[a])
+                v = v * size[a]
+            dims.append(n)
+        cur = emit("reshape", (cur, *dims), value(node), "call_method")
+    node.replace_all_uses_with(cur)
+    g.erase_node(node)

@@ -1,7 +1,18 @@
 """Plan: choose how each parameter is laid out, by propagation (DESIGN.md §4).
 
 Megatron's pattern falls out of the rules rather than being matched:
-- an Embedding looked up with data from the user's inputs is vocab-parallel;
+- the word embedding is vocab-parallel, and only it (Megatron keeps position and token-type
+  embeddings whole): an Embedding is vocab-parallel when it is looked up with the user's inputs
+  (token ids; not a buffer such as BERT's ``position_ids``, not ``arange``) and its table is the
+  largest of those (the vocabulary; a 2-row token-type table or positions passed as an input are
+  not). Its one all-reduce then saves (1 - 1/tp) of the biggest table; a small table costs more
+  in that all-reduce than it saves, and replicated its lookup needs no communication at all;
+- any other plain Embedding is tried column-parallel (its table split on the embedding dim, each
+  rank looking up its own columns) and kept so only if its shard, joined with a column-parallel
+  Linear's, reaches a row-parallel Linear with no gather anywhere: T5's relative-position bias
+  ``[buckets, heads]``, whose lookup is added to head-sharded attention scores (each rank then
+  holds, and trains, its heads' bias). Alone it would turn a whole activation into a shard (a
+  position table added to the residual stream): dropped, quietly (replicated costs nothing);
 - a Linear fed a whole (replicated) activation is tried column-parallel; one fed an
   activation sharded on its last dim is row-parallel;
 - a column-parallel try is kept only if its shard reaches a row-parallel Linear or the
@@ -17,7 +28,6 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-import math
 import operator
 from dataclasses import dataclass, field
 
@@ -27,7 +37,8 @@ import torch.nn.functional as F
 
 from tpcompile.errors import TPShardingError
 
-from .graph_utils import divisors, is_tensor, norm_dim, shape, source_line, value
+from .graph_utils import (divisors, is_tensor, norm_dim, numel_expr, same_size, shape, shape_str, source_line,
+                          static_size, value)
 from .layout import ParamPlan
 from .normalize import CONTRACTIONS, LINEARS, param_operands, weight_out_dim
 from .placements import STYLES, Replicate, Shard, local_size
@@ -89,11 +100,12 @@ def with_tied_aliases(overrides: dict, aliases: dict[str, str]) -> dict:
     return out
 
 
-def _indices_from_data(idx, params) -> bool:
-    """True if embedding indices come from the user's inputs (tokens), not from ``arange``."""
+def _indices_from_data(idx, state) -> bool:
+    """True if embedding indices come from the user's inputs (tokens), not from ``arange`` or
+    from the module's own parameters and buffers (``state``; BERT's ``position_ids``)."""
     while isinstance(idx, fx.Node):
         if idx.op == "placeholder":
-            return idx not in params
+            return idx not in state
         if (idx.op == "call_method" and idx.target in _INDEX_PASSTHROUGH) or idx.target is operator.getitem:
             idx = idx.args[0]
             continue
@@ -111,7 +123,8 @@ def _fused_chunks(lin: fx.Node) -> int | tuple:
     out = lin
     while len(out.users) == 1:
         (u,) = out.users
-        if u.op == "call_method" and u.target in ("view", "reshape") and shape(u)[-1:] == shape(out)[-1:]:
+        if u.op == "call_method" and u.target in ("view", "reshape") and value(u).dim() and value(out).dim() \
+                and same_size(shape(u)[-1], shape(out)[-1]):
             out = u
             continue
         break
@@ -125,10 +138,28 @@ def _fused_chunks(lin: fx.Node) -> int | tuple:
     dim = sp.args[2] if len(sp.args) > 2 else sp.kwargs.get("dim", 0)
     if dim % nd != nd - 1:
         return 1
-    pieces = value(sp)
-    if len({tuple(p.shape) for p in pieces}) != 1:
-        return tuple(int(p.shape[-1]) for p in pieces)
-    return len(pieces)
+    sizes = tuple(static_size(p.shape[-1]) for p in value(sp))  # the fused dim: static (the weight's)
+    if None in sizes:
+        return 1
+    return len(sizes) if len(set(sizes)) == 1 else sizes
+
+
+def _plain_embedding(e: fx.Node) -> bool:
+    """No ``max_norm`` (it renormalises whole rows), ``scale_grad_by_freq`` or ``sparse``."""
+    def arg(i, name):
+        return e.args[i] if len(e.args) > i else e.kwargs.get(name)
+
+    return isinstance(arg(2, "padding_idx"), (int, type(None))) and arg(3, "max_norm") is None \
+        and not arg(5, "scale_grad_by_freq") and not arg(6, "sparse")
+
+
+def _vocab_tables(embeds: list, state: set, forced: dict) -> set:
+    """Weights of the vocab-parallel embeddings: forced ``vocab``, or the largest plain tables
+    looked up with the user's inputs (see the module docstring)."""
+    data = [e.args[1] for e in embeds if e.args[1] not in forced and _plain_embedding(e)
+            and _indices_from_data(e.args[0], state)]
+    rows = max((int(shape(w)[0]) for w in data), default=0)
+    return {w for w in data if int(shape(w)[0]) == rows} | {e.args[1] for e in embeds if forced.get(e.args[1]) == "vocab"}
 
 
 def _pieces_split(out: fx.Node, view: fx.Node) -> int:
@@ -137,12 +168,12 @@ def _pieces_split(out: fx.Node, view: fx.Node) -> int:
     (``unbind``, or ``t[0]``, ``t[1]``, ...): a fused projection of k pieces, as ``split`` shows it
     (ViT's ``qkv.reshape(B, N, 3, heads, hd).permute(2, 0, 3, 1, 4).unbind(0)``). Else 1."""
     src, dst = shape(out), shape(view)
-    pre = math.prod(int(s) for s in src[:-1]) if all(isinstance(s, int) for s in src[:-1]) else None
-    axis = next((o for o in range(len(dst)) if all(isinstance(s, int) for s in dst[:o + 1])
-                 and math.prod(int(s) for s in dst[:o]) == pre and int(dst[o]) != 1), None)
-    if pre is None or axis is None or int(dst[axis]) in (1, int(src[-1])):
+    pre = numel_expr(src[:-1])
+    axis = next((o for o in range(len(dst)) if numel_expr(dst[:o]) == pre and not same_size(dst[o], 1)), None)
+    k = static_size(dst[axis]) if axis is not None else None
+    if k is None or k == 1 or same_size(dst[axis], src[-1]):
         return 1
-    k, node = int(dst[axis]), view
+    node = view
     while len(node.users) == 1 and next(iter(node.users)).target in _MOVES:
         (node,) = node.users
         axis = _moved_axis(node, axis)
@@ -178,11 +209,12 @@ def _int_at(idx, axis: int) -> bool:
 
 
 def make_plan(gm: fx.GraphModule, tp: int, param_fqns: dict, overrides: dict | None = None,
-              known: dict | None = None) -> GraphPlan:
+              known: dict | None = None, buffers: set | None = None) -> GraphPlan:
     """Choose every parameter's layout for ``gm`` (params: placeholder node -> FQN).
 
     ``known``: FQN -> ParamPlan of parameters an earlier graph already stored; they keep it
     (their style is forced, and the same rows, padding included, are taken over).
+    ``buffers``: placeholders of the module's buffers (module state, not the user's inputs).
     """
     known = known or {}
     overrides = {**{f: pp.style for f, pp in known.items() if f in param_fqns.values()}, **(overrides or {})}
@@ -191,14 +223,11 @@ def make_plan(gm: fx.GraphModule, tp: int, param_fqns: dict, overrides: dict | N
 
     linears = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in LINEARS and n.args[1] in params]
     embeds = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is F.embedding and n.args[1] in params]
-    vocab_weights = set()
-    for e in embeds:
-        w = e.args[1]
-        padding_idx, max_norm = (list(e.args[2:4]) + [None, None])[:2]
-        extras = [a for a in e.args[5:] if a]  # scale_grad_by_freq, sparse
-        plain = isinstance(padding_idx, (int, type(None))) and max_norm is None and not extras
-        if forced.get(w) == "vocab" or (w not in forced and plain and _indices_from_data(e.args[0], params)):
-            vocab_weights.add(w)
+    vocab_weights = _vocab_tables(embeds, params | set(buffers or ()), forced)
+    # other tables tried column-parallel (split on the embedding dim); kept if that reaches a row linear
+    col_embeds = {e for e in embeds if e.args[1] not in vocab_weights and _plain_embedding(e) and value(e.args[1]).dim() == 2
+                  and (forced.get(e.args[1]) == "colwise" or (e.args[1] not in forced and int(shape(e.args[1])[1]) % tp == 0))
+                  and all(u.target is F.embedding and u.args[1] is e.args[1] for u in e.args[1].users)}
     chunks = {n: _fused_chunks(n) for n in linears}
 
     replicated: set = set()
@@ -215,7 +244,7 @@ def make_plan(gm: fx.GraphModule, tp: int, param_fqns: dict, overrides: dict | N
         def style_of(node, px):
             w = node.args[1]
             if node.target is F.embedding:
-                return "vocab" if w in vocab_weights else "replicate"
+                return "vocab" if w in vocab_weights else "colwise" if node in col_embeds - replicated else "replicate"
             if w in forced:
                 return {"vocab": "colwise"}.get(forced[w], forced[w])
             if w in vocab_weights:
@@ -251,6 +280,10 @@ def make_plan(gm: fx.GraphModule, tp: int, param_fqns: dict, overrides: dict | N
         for lin in dropped - replicated:
             for op in prop.blocked.get(lin, ()):
                 unsupported.setdefault(op, []).append(param_fqns[lin.args[1]].rsplit(".", 1)[0])
+        # a column-parallel table is an opportunity, not Megatron's pattern: dropped quietly, also
+        # where its shard is gathered anywhere (replicated, its lookup needs no communication)
+        dropped |= {e for e in col_embeds if prop.info[e].kind == "column_embedding" and e.args[1] not in forced
+                    and (e not in prop.good_sinks or e in prop.gathered)}
         if dropped <= replicated:
             break
         replicated |= dropped
@@ -292,13 +325,15 @@ def _unsharded_contractions(gm: fx.GraphModule, prop: Propagation, param_fqns: d
 
 
 def _unsplittable_heads(prop: Propagation, tp: int) -> dict:
-    """Column linear -> (view node, size) for head splits of its output that tp does not divide."""
+    """Column linear -> (view node, size) for head splits of its output that tp does not divide,
+    and for views that may be one head (``C -> (1, head_dim)``, MQA)."""
     out = {}
     for node, ni in prop.info.items():
         bad = ni.extra.get("unsplittable")
-        if bad and isinstance(bad[1], int) and int(bad[1]) % tp and value(node).dim() > value(node.args[0]).dim():
+        size = 1 if ni.extra.get("one_head") else static_size(bad[1]) if bad and bad[1] is not None else None
+        if size is not None and size % tp and value(node).dim() > value(node.args[0]).dim():
             for o in prop.origins.get(node.args[0], ()):
-                out[o] = (node, int(bad[1]))
+                out[o] = (node, size)
     return out
 
 
@@ -325,15 +360,15 @@ def _check_views(prop: Propagation, tp: int, param_fqns: dict) -> None:
     """A head split that tp does not divide is a user-facing error, not a silent gather."""
     for node, ni in prop.info.items():
         bad = ni.extra.get("unsplittable")
-        if not bad or bad[1] is None or not isinstance(bad[1], int) or int(bad[1]) % tp == 0:
+        size = static_size(bad[1]) if bad and bad[1] is not None else None
+        if size is None or size % tp == 0:
             continue
-        size = int(bad[1])
         origin = sorted(param_fqns[o.args[1]].rsplit(".", 1)[0] for o in prop.origins.get(node.args[0], ()))
         fix = ", ".join(f"{o!r}: 'replicate'" for o in origin)
         what = f"{size} heads" if value(node).dim() > value(node.args[0]).dim() else f"a dim of size {size}"
         raise TPShardingError(
             f"{source_line(node)}: the output of {', '.join(origin) or node.args[0].name} is split into "
-            f"{what} (shape {tuple(int(s) for s in shape(node))}), and {size} is not divisible by tp={tp}. "
+            f"{what} (shape {shape_str(shape(node))}), and {size} is not divisible by tp={tp}. "
             f"Use tp in {_set(divisors(size))}, or keep these projections whole: plan={{{fix}}}."
         )
 
@@ -357,7 +392,7 @@ def _param_plans(gm, prop: Propagation, tp: int, param_fqns: dict, known: dict) 
         users = [u for u in node.users if u.op == "call_function"]
         lins = [u for u in users if u.target in LINEARS and u.args[1] is node]
         if any(u.target is F.embedding for u in users):
-            style = "vocab"
+            style = "vocab" if p.dim == 0 else "colwise"
         elif lins:
             style = "colwise" if p.dim == weight_out_dim(lins[0]) else "rowwise"
         else:

@@ -15,12 +15,11 @@ import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import sympy
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .graph_utils import is_tensor, norm_dim, shape, value
+from .graph_utils import is_tensor, norm_dim, numel_expr, same_shape, same_size, shape, static_size, value
 from .normalize import LINEAR, LINEAR_IO, SDPA, weight_out_dim
 from .placements import R, Partial, Placement, Replicate, Shard, local_size
 
@@ -41,6 +40,7 @@ class Propagation:
     fallbacks: list  # ops with no rule that had to gather / reduce
     blocked: dict = field(default_factory=dict)  # column linear -> ops with no rule its shard ran into
     vocab_sinks: set = field(default_factory=set)  # column linears whose shard reaches the vocab-parallel loss
+    gathered: set = field(default_factory=set)  # column linears / tables whose shard some consumer needs otherwise
 
     def placement(self, node):
         return self.info[node].out if node in self.info else None
@@ -78,17 +78,6 @@ def _arg(node, i, name, default=None):
     return node.kwargs.get(name, default)
 
 
-def _expr(s):
-    return s.node.expr if isinstance(s, torch.SymInt) else sympy.Integer(int(s))
-
-
-def _prod(xs):
-    out = sympy.Integer(1)
-    for x in xs:
-        out = out * _expr(x)
-    return sympy.expand(out)
-
-
 def _sharded(ctx, node):
     """(input node, Shard) pairs among the tensor inputs of ``node``."""
     return [(x, ctx.pl(x)) for x in _tensors(node) if isinstance(ctx.pl(x), Shard)]
@@ -98,6 +87,8 @@ def _sharded(ctx, node):
 def pointwise(node, ctx) -> NodeInfo:
     """Elementwise with broadcasting: a shard survives; replicated operands that are full-size
     on the sharded dim are split locally to match (no communication forward)."""
+    if not is_tensor(node):  # maths on sizes (``SymInt`` / ``SymFloat`` under dynamic shapes)
+        return _replicate_all(node, ctx)
     out_nd = value(node).dim()
     ins = _tensors(node)
     sh = _sharded(ctx, node)
@@ -109,7 +100,7 @@ def pointwise(node, ctx) -> NodeInfo:
     for x in ins:
         nd = value(x).dim()
         d = o - (out_nd - nd)
-        if d < 0 or shape(x)[d] == 1:
+        if d < 0 or same_size(shape(x)[d], 1):
             need[x] = R
         else:
             need[x] = s0.moved(d)
@@ -134,20 +125,54 @@ def last2_unary(node, ctx) -> NodeInfo:
     return _replicate_all(node, ctx)
 
 
+def _factor_run(in_shape, out_shape, d: int) -> int | None:
+    """Out dim where the factors of in dim ``d`` start through a reshape, or None.
+
+    The in dims before ``d`` become the out dims before the run: matched dim by dim when they
+    are the same sizes (``(B, T, C) -> (B, T, H, hd)``, whatever B and T are: a size-1 batch or
+    one decode token included), else by their product (``(B*T, C) -> (B, T, C)``), size-1 out
+    dims at the boundary then counted before the run (the prefix).
+    """
+    if d <= len(out_shape) and same_shape(in_shape[:d], out_shape[:d]):
+        return d
+    pre = numel_expr(in_shape[:d])
+    starts = [s for s in range(len(out_shape)) if numel_expr(out_shape[:s]) == pre]
+    if not starts:
+        return None
+    s = starts[0]
+    while s + 1 < len(out_shape) and same_size(out_shape[s], 1) and numel_expr(out_shape[:s + 1]) == pre:
+        s += 1
+    return s
+
+
 def _map_dim(in_shape, out_shape, d: int, tp: int):
-    """Out dim that carries the shard of in dim ``d`` through a reshape, or None.
+    """Out dim that carries the shard of in dim ``d`` through a reshape: (o, ok), or (None, False).
 
     Sharding in-dim ``d`` into tp blocks equals sharding out-dim ``o`` into tp blocks iff the
-    products of the dims before them agree (row-major order), and both sizes split by tp.
-    Returns (o, ok) where ok says whether out_shape[o] is divisible by tp.
+    products of the dims before them agree (row-major order), and both sizes split by tp: ``o``
+    is the first factor of ``d`` that is not 1. ``ok`` says whether out_shape[o] is a static size
+    divisible by tp (the sharded dims come from weights; a symbolic batch / sequence dim never is).
     """
-    pre = _prod(in_shape[:d])
-    for o in range(len(out_shape)):
-        if _prod(out_shape[:o]) == pre and _expr(out_shape[o]) != 1:
-            b = out_shape[o]
-            ok = not isinstance(b, torch.SymInt) and int(b) % tp == 0
-            return o, ok
+    s = _factor_run(in_shape, out_shape, d)
+    if s is None:
+        return None, False
+    for o in range(s, len(out_shape)):
+        if not same_size(out_shape[o], 1):
+            b = static_size(out_shape[o])
+            return o, b is not None and b % tp == 0
     return None, False
+
+
+def _one_head(in_shape, out_shape, d: int) -> bool:
+    """The view splits in dim ``d`` (a projection's whole width) into ``(1, width)``: one head (MQA).
+
+    Only a split that adds exactly that one dim, after leading dims matched one by one: a
+    size-1 batch or sequence dim next to the split (decode, ``(B, 1, C) -> (B, 1, H, hd)``) is
+    not a head dim.
+    """
+    s = _factor_run(in_shape, out_shape, d)
+    return (s == d and len(out_shape) == len(in_shape) + 1 and s + 1 < len(out_shape)
+            and same_size(out_shape[s], 1) and same_size(out_shape[s + 1], in_shape[d]))
 
 
 def _pieces_dim(in_shape, out_shape, p: Shard) -> int | None:
@@ -156,11 +181,8 @@ def _pieces_dim(in_shape, out_shape, p: Shard) -> int | None:
     i-th piece: the pieces are whole rows of the fused dim, never mixed."""
     if p.chunks == 1 or p.sizes is not None or p.pad:
         return None
-    pre = _prod(in_shape[:p.dim])
-    for o in range(len(out_shape)):
-        if _prod(out_shape[:o]) == pre and _expr(out_shape[o]) != 1:
-            return o if _expr(out_shape[o]) == p.chunks and _expr(in_shape[p.dim]) != p.chunks else None
-    return None
+    o, _ = _map_dim(in_shape, out_shape, p.dim, 1)  # the first factor of the fused dim
+    return o if o is not None and same_size(out_shape[o], p.chunks) and not same_size(in_shape[p.dim], p.chunks) else None
 
 
 def _size_args(node):
@@ -183,6 +205,7 @@ def view_like(node, ctx) -> NodeInfo:
     if not isinstance(p, Shard):
         return NodeInfo(R, {x: R}, "view")
     in_shape, out_shape = shape(x), shape(node)
+    one_head = False
     need = p
     pk = _pieces_dim(in_shape, out_shape, p) if node.target != "expand" else None
     if pk is not None:
@@ -197,18 +220,19 @@ def view_like(node, ctx) -> NodeInfo:
     elif p.chunks > 1:
         # a fused piece-wise shard survives only a reshape that leaves its dim alone
         o, ok = _map_dim(in_shape, out_shape, p.dim, ctx.tp)
-        ok = ok and o is not None and _expr(out_shape[o]) == _expr(in_shape[p.dim]) and _prod(in_shape[p.dim:]) == _prod(out_shape[o:])
+        ok = ok and o is not None and same_size(out_shape[o], in_shape[p.dim]) \
+            and numel_expr(in_shape[p.dim:]) == numel_expr(out_shape[o:])
     else:
         o, ok = _map_dim(in_shape, out_shape, p.dim, ctx.tp)
-        if node.target in ("view", "reshape", torch.reshape) and o and _expr(out_shape[o - 1]) == 1 \
-                and _prod(out_shape[:o - 1]) == _prod(in_shape[:p.dim]):
-            # C -> (1, head_dim): one head (MQA). Its shard would land on head_dim, which attention
-            # contracts; report one unsplittable head instead (k/v kept whole, see plan._few_kv_heads)
-            return NodeInfo(R, {x: R}, "view", {"unsplittable": (p, 1)})
+        # C -> (1, head_dim) may be one head (MQA): its shard then lands on head_dim, which attention
+        # contracts. Said to the plan (plan._few_kv_heads keeps k/v whole when a sibling q projection
+        # has heads that split); the same shapes are a one-token ``(B*T, C) -> (B, 1, C)``, so the
+        # shard itself goes on (it is the same split of the same elements either way)
+        one_head = node.target in ("view", "reshape", torch.reshape) and _one_head(in_shape, out_shape, p.dim)
     if pk is not None and o is not None:
         o, out_shape = o + (o >= pk), shape(node)  # back to the reshape's own dims
     if p.pad and o is not None and p.chunks == 1:
-        ok = not isinstance(out_shape[o], torch.SymInt)  # a padded vocabulary: ranks hold ceil(n / tp)
+        ok = static_size(out_shape[o]) is not None  # a padded vocabulary: ranks hold ceil(n / tp)
     if o is None or not ok:
         size = out_shape[o] if o is not None else None
         return NodeInfo(R, {x: R}, "view", {"unsplittable": (p, size)})
@@ -217,7 +241,7 @@ def view_like(node, ctx) -> NodeInfo:
     if form is not None:
         sizes = node.args[first] if form == "tuple" else node.args[first:]
         lit = sizes[o]
-        full = int(out_shape[o])
+        full = static_size(out_shape[o])
         if isinstance(lit, int) and lit == full:
             new_sizes[o] = local_size(full, ctx.tp)
         elif isinstance(lit, int) and lit == -1:
@@ -231,7 +255,10 @@ def view_like(node, ctx) -> NodeInfo:
             k = o - dim
             if sizes[k] != -1:
                 new_sizes[("unflatten", k)] = local_size(sizes[k], ctx.tp)
-    return NodeInfo(p.moved(o), {x: need}, "view", {"sizes": new_sizes})
+    extra = {"sizes": new_sizes}
+    if one_head:
+        extra["one_head"] = True
+    return NodeInfo(p.moved(o), {x: need}, "view", extra)
 
 
 def transpose(node, ctx) -> NodeInfo:
@@ -308,7 +335,7 @@ def cat(node, ctx) -> NodeInfo:
     dim = norm_dim(_arg(node, 1, "dim", 0), nd)
     stack = node.target in (torch.stack,)
     # ``cat`` skips 1-D empty tensors (a fresh KV cache is ``torch.tensor([])``): they stay as they are
-    empty = set() if stack else {x for x in xs if isinstance(x, fx.Node) and tuple(shape(x)) == (0,)}
+    empty = set() if stack else {x for x in xs if isinstance(x, fx.Node) and same_shape(shape(x), (0,))}
     pls = {ctx.pl(x) for x in xs if x not in empty}
     if len(pls) == 1:
         (p,) = pls
@@ -368,14 +395,66 @@ def matmul(node, ctx) -> NodeInfo:
     if isinstance(pa, Shard) and pa.dim < na - 2:
         o = pa.dim + out_nd - na
         db = o - (out_nd - nb)
-        need_b = R if db < 0 or shape(b)[db] == 1 else Shard(db)
+        need_b = R if db < 0 or same_size(shape(b)[db], 1) else Shard(db)
         return NodeInfo(Shard(o), {a: pa, b: need_b}, "pointwise")
     if isinstance(pb, Shard) and pb.dim < nb - 2:
         o = pb.dim + out_nd - nb
         da = o - (out_nd - na)
-        need_a = R if da < 0 or shape(a)[da] == 1 else Shard(da)
+        need_a = R if da < 0 or same_size(shape(a)[da], 1) else Shard(da)
         return NodeInfo(Shard(o), {a: need_a, b: pb}, "pointwise")
     return _replicate_all(node, ctx, "fallback" if isinstance(pa, Shard) or isinstance(pb, Shard) else "replicate")
+
+
+def _einsum_labels(node) -> tuple[list, str] | None:
+    """(per operand its labels, one per dim; the output's labels) of ``torch.einsum(eq, *ops)``.
+    An ellipsis becomes one label per dim it covers, aligned from the right (broadcasting)."""
+    eq, ops = node.args[0], list(node.args[1:])
+    if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
+        ops = list(ops[0])
+    if not isinstance(eq, str) or node.kwargs or not all(is_tensor(o) for o in ops):
+        return None
+    lhs, arrow, out = eq.replace(" ", "").partition("->")
+    terms = lhs.split(",")
+    if len(terms) != len(ops):
+        return None
+    n_ell = max((value(o).dim() - len(t.replace("...", "")) for o, t in zip(ops, terms) if "..." in t), default=0)
+    ell = [chr(0x2460 + i) for i in range(n_ell)]  # labels no equation uses
+    labels = []
+    for o, t in zip(ops, terms):
+        k = value(o).dim() - len(t.replace("...", ""))
+        a, _, b = t.partition("...")
+        labels.append(list(a) + (ell[n_ell - k:] if "..." in t else []) + list(b))
+    if not arrow:  # implicit output: the ellipsis, then the labels used once, sorted
+        once = sorted(c for c in set(lhs) if c.isalpha() and lhs.count(c) == 1)
+        out_labels = ell + once
+    else:
+        a, _, b = out.partition("...")
+        out_labels = list(a) + (ell if "..." in out else []) + list(b)
+    if any(len(ls) != value(o).dim() for ls, o in zip(labels, ops)):
+        return None
+    return list(zip(ops, labels)), out_labels
+
+
+def einsum(node, ctx) -> NodeInfo:
+    """``torch.einsum`` whose operands are sharded on a label kept in the output (a batch-like
+    label: the heads of ``'bhqd,bhkd->bhqk'``): a batched contraction, computed per shard. Every
+    operand with that label takes the same shard (a size-1 dim broadcasts: replicated), the
+    others stay whole; the output is sharded on the label. A shard on a contracted label is
+    gathered (no rule yet)."""
+    parsed = _einsum_labels(node)
+    sh = [(x, p) for x, p in _sharded(ctx, node) if p.chunks == 1 and not p.pad]
+    if parsed is None or not sh:
+        return _replicate_all(node, ctx, "fallback" if _sharded(ctx, node) else "replicate")
+    ops, out_labels = parsed
+    x0, s0 = sh[0]
+    label = dict(ops)[x0][s0.dim]
+    if label not in out_labels:
+        return _replicate_all(node, ctx, "fallback")
+    need = {}
+    for x, ls in ops:
+        d = ls.index(label) if label in ls else None
+        need[x] = R if d is None or shape(x)[d] == 1 else Shard(d)
+    return NodeInfo(Shard(out_labels.index(label)), need, "pointwise")
 
 
 def sdpa(node, ctx) -> NodeInfo:
@@ -397,7 +476,7 @@ def sdpa(node, ctx) -> NodeInfo:
     mask = _arg(node, 3, "attn_mask")
     if isinstance(mask, fx.Node):
         md = pq.dim - (nd - value(mask).dim())
-        need[mask] = R if md < 0 or shape(mask)[md] == 1 else Shard(md)
+        need[mask] = R if md < 0 or same_size(shape(mask)[md], 1) else Shard(md)
     return NodeInfo(Shard(pq.dim), need, "sdpa", extra)
 
 
@@ -454,10 +533,15 @@ def linear(node, ctx) -> NodeInfo:
 
 
 def embedding(node, ctx) -> NodeInfo:
+    """vocab: the table split on its rows, a masked local lookup summed over ranks (rewrite).
+    colwise: the table split on its columns; each rank looks up its own, the output is sharded
+    on its last dim (no communication). replicate: a shard of the indices passes through."""
     idx, w = node.args[:2]
     style = ctx.style_of(node, ctx.pl(idx))
     if style == "vocab":
         return NodeInfo(R, {idx: R, w: Shard(0, 1, int(shape(w)[0]) % ctx.tp != 0)}, "vocab")
+    if style == "colwise":
+        return NodeInfo(Shard(value(node).dim() - 1), {idx: R, w: Shard(1)}, "column_embedding")
     p = ctx.pl(idx)
     p = p if isinstance(p, Shard) else R
     return NodeInfo(p, {idx: p, w: R}, "replicate")
@@ -516,6 +600,18 @@ def repeat_interleave(node, ctx) -> NodeInfo:
     return _replicate_all(node, ctx, "fallback" if isinstance(p, Shard) else "replicate")
 
 
+def size_of(node, ctx) -> NodeInfo:
+    """``x.size(d)`` / ``aten.sym_size.int(x, d)`` (a symbolic size, e.g. from the einops rewrite in
+    ``passes/normalize.py``): the logical size of an unsharded dim is the local one, read from the
+    shard as it is; reading the sharded dim needs x whole."""
+    x = node.args[0]
+    p = ctx.pl(x)
+    d = _arg(node, 1, "dim")
+    if isinstance(p, Shard) and (d is None or norm_dim(d, value(x).dim()) == p.dim):
+        return NodeInfo(None, {x: R}, "fallback")
+    return NodeInfo(None, {}, "pointwise")
+
+
 def dropout(node, ctx) -> NodeInfo:
     """Dropout keeps its input's placement. On a plain shard it becomes the runtime's
     ``sharded_dropout`` (an independent mask per rank, RNG streams kept in step)."""
@@ -532,7 +628,8 @@ RULES: dict[Any, Callable[[fx.Node, Ctx], NodeInfo]] = {
     **{u: unary for u in _UNARY},
     **{f: last2_unary for f in ("tril", "triu", torch.tril, torch.triu)},
     **{f: view_like for f in ("view", "reshape", torch.reshape, "flatten", torch.flatten, "unflatten",
-                               torch.unflatten, "squeeze", "unsqueeze", torch.squeeze, torch.unsqueeze, "expand")},
+                               torch.unflatten, "squeeze", "unsqueeze", torch.squeeze, torch.unsqueeze, "expand",
+                               torch.view_as_complex, torch.view_as_real)},
     **{f: transpose for f in ("transpose", torch.transpose, "permute", torch.permute, "t", torch.t, "swapaxes")},
     **{f: split for f in ("split", torch.split, "chunk", torch.chunk, "unbind", torch.unbind)},
     **{f: cat for f in (torch.cat, torch.concat, torch.stack)},
@@ -540,6 +637,8 @@ RULES: dict[Any, Callable[[fx.Node, Ctx], NodeInfo]] = {
     **{f: reduction for f in ("sum", "mean", "amax", "amin", torch.sum, torch.mean, torch.amax, torch.amin,
                                "var", "std", torch.var, "logsumexp", torch.logsumexp, "norm")},
     **{f: matmul for f in (operator.matmul, torch.matmul, "matmul", torch.bmm, "bmm")},
+    **{f: einsum for f in (torch.einsum, "einsum")},
+    **{f: size_of for f in (torch.ops.aten.sym_size.int, "size")},
     SDPA: sdpa,
     F.layer_norm: layer_norm,
     getattr(F, "rms_norm", F.layer_norm): layer_norm,
@@ -617,13 +716,17 @@ def propagate(gm: fx.GraphModule, tp: int, params: set, style_of: Callable, chun
                     if ni.kind == "fallback":
                         for o in origins.get(x, ()):
                             blocked.setdefault(o, []).append(node)
-                if ni.kind in ("rowwise", "vocab_ce") and isinstance(have, Shard) and need == have:
+                # a column-parallel table counts only beside a column linear's shard (T5's bias added to
+                # head-sharded scores); alone it would have split a whole activation (the residual stream)
+                if ni.kind in ("rowwise", "vocab_ce") and isinstance(have, Shard) and need == have \
+                        and any(info[o].kind == "colwise" for o in origins.get(x, ())):
                     good |= origins.get(x, frozenset())
                     if ni.kind == "vocab_ce":
                         vocab |= origins.get(x, frozenset())
             if ni.kind == "fallback" and any(isinstance(ctx.pl(x), (Shard, Partial)) and ni.need.get(x) != ctx.pl(x) for x in ni.need):
                 fallbacks.append(node)
             info[node] = ni
-            origins[node] = frozenset({node}) if ni.kind == "colwise" else _merge_origins(origins, node, ni)
+            origins[node] = frozenset({node}) if ni.kind in ("colwise", "column_embedding") \
+                else _merge_origins(origins, node, ni)
         ctx.place[node] = info[node].out
-    return Propagation(info, origins, good, fallbacks, blocked, vocab)
+    return Propagation(info, origins, good, fallbacks, blocked, vocab, bad)

@@ -22,6 +22,7 @@ over the last dim, and reductions over the last dim with ``keepdim=True``.
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -31,7 +32,7 @@ from tpcompile.errors import TPShardingError
 from tpcompile.runtime import mappings as M
 from tpcompile.runtime import vocab_parallel as V
 
-from .graph_utils import source_line, value
+from .graph_utils import same_size, shape_str, size_expr, source_line, static_size, value
 from .normalize import LINEARS
 from .propagate import dropout, layer_norm, pointwise, rule_for, unary
 from .rewrite import _inherit_meta, shard_dropout
@@ -54,7 +55,7 @@ class SPResult:
 def _token_wise(node: fx.Node, tokens: int) -> bool:
     """True if ``node`` computes each token from the same token only, keeping the token dim."""
     v = value(node)
-    if not isinstance(v, torch.Tensor) or v.dim() < 2 or v.shape[-2] != tokens:
+    if not isinstance(v, torch.Tensor) or v.dim() < 2 or not same_size(v.shape[-2], tokens):
         return False
     rule = rule_for(node)
     if rule in (pointwise, unary, dropout):
@@ -81,14 +82,19 @@ def sequence_parallel(gm: fx.GraphModule, group: str, tp: int, rank: int = 0) ->
                and ((n.target is M.reduce_from_tp and n.args[0].target in LINEARS) or n.target is V.vocab_parallel_embedding)]
     if not sources:
         return res
-    tokens = {int(value(n).shape[-2]) for n in sources}
+    tokens = {size_expr(value(n).shape[-2]): value(n).shape[-2] for n in sources}
     if len(tokens) != 1:
-        raise TPShardingError(f"sequence_parallel=True: activations with different token counts {sorted(tokens)}.")
-    res.tokens = T = tokens.pop()
-    if T % tp:
+        raise TPShardingError(f"sequence_parallel=True: activations with different token counts "
+                              f"{sorted(str(t) for t in tokens)}.")
+    (T,) = tokens.values()
+    res.tokens = static_size(T)
+    # a symbolic token count: ``bool`` of the SymBool guards the graph on ``T % tp == 0`` (Dynamo
+    # recompiles for a count that breaks it, and that graph raises here): a guard, not a specialisation
+    if static_size(T) is not None and T % tp or static_size(T) is None and bool(T % tp != 0):
         raise TPShardingError(
-            f"sequence_parallel=True: {source_line(sources[0])} has {T} tokens per sequence (dim -2 of "
-            f"{tuple(value(sources[0]).shape)}), not divisible by tp={tp}. Use a sequence length divisible by "
+            f"sequence_parallel=True: {source_line(sources[0])} has {T} tokens per sequence"
+            f"{'' if static_size(T) is not None else f' ({T.node.hint} in this call)'} (dim -2 of "
+            f"{shape_str(value(sources[0]).shape)}), not divisible by tp={tp}. Use a sequence length divisible by "
             f"{tp} (pad the batch), or sequence_parallel=False."
         )
 
@@ -128,20 +134,20 @@ def sequence_parallel(gm: fx.GraphModule, group: str, tp: int, rank: int = 0) ->
             n.kwargs = {**n.kwargs, "sp_dim": tdim(n)}
             res.entries.append(n)
         else:
-            if n.target in _DROPOUTS:
-                shard_dropout(n, tdim(n), T, rank)  # the full-sequence mask, this rank's tokens
             for x in n.all_input_nodes:  # values from outside the region
                 if x in region or not isinstance(value(x), torch.Tensor):
                     continue
                 xv = value(x)
-                if xv.dim() >= 2 and xv.shape[-2] == T:
+                if xv.dim() >= 2 and same_size(xv.shape[-2], T):
                     n.replace_input_with(x, insert(M.scatter_to_sp, x, n, xv.dim() - 2))
                     res.slices.append(x)
                 elif xv.requires_grad:
                     n.replace_input_with(x, insert(M.copy_to_tp, x, n))
                     res.grad_reductions.append(x)
+            if n.target in _DROPOUTS:  # the full-sequence mask, this rank's tokens
+                shard_dropout(n, tdim(n), T if static_size(T) is not None else _whole_size(g, n, tdim(n), tp), rank)
         for u in list(n.users):  # consumers outside the region
-            if u in region:
+            if u in region or u.target is torch.ops.aten.sym_size.int:  # a size read (``_whole_size``)
                 continue
             if u.op == "call_function" and u.target is M.copy_to_tp and u.meta.get("tp_mapping") == "copy_to_tp":
                 u.target, u.args = M.gather_from_sp, (n, group, tdim(n))
@@ -154,6 +160,13 @@ def sequence_parallel(gm: fx.GraphModule, group: str, tp: int, rank: int = 0) ->
     g.lint()
     gm.recompile()
     return res
+
+
+def _whole_size(g: fx.Graph, n: fx.Node, dim: int, tp: int) -> fx.Node:
+    """A node computing the whole (symbolic) size of dim ``dim`` of ``n``'s input from its token shard."""
+    with g.inserting_before(n):
+        local = g.call_function(torch.ops.aten.sym_size.int, (n.args[0], dim))
+        return g.call_function(operator.mul, (local, tp))
 
 
 def floor_with_sp(res: SPResult, loss_collectives: int) -> dict:

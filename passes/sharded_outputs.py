@@ -13,7 +13,7 @@ import torch.fx as fx
 
 from tpcompile.runtime import mappings as M
 
-from .graph_utils import value
+from .graph_utils import static_size, value
 from .rewrite import gather_padded_from_tp
 
 _GATHERS = (M.gather_from_tp, gather_padded_from_tp)
@@ -31,7 +31,10 @@ def keep_outputs_sharded(gm: fx.GraphModule) -> dict[int, tuple[int, int]]:
     for i, v in enumerate(vals):
         if isinstance(v, fx.Node) and v.target in _GATHERS and list(v.users) == [out]:
             dim = v.args[2] % value(v).dim()
-            vals[i], kept[i] = v.args[0], (dim, int(value(v).shape[dim]))
+            full = static_size(value(v).shape[dim])  # a vocabulary or hidden dim: from a weight, static
+            if full is None:
+                continue
+            vals[i], kept[i] = v.args[0], (dim, full)
             gathers.add(v)
     if kept:
         out.args = (type(out.args[0])(vals),)

@@ -21,7 +21,10 @@ Tolerances (a silent TP bug is off by O(1): a missing all-reduce doubles or halv
 wrong slice scrambles it): fp32: the loss within 1e-4 relative, each gradient within
 1e-5 + 1e-3 * max|its single-device gradient|. bf16 parameters / autocast: the yardstick is an
 fp32 copy of the model (the same values), and TP's error against it may be at most 4x single
-device's own bf16 error against it, plus 1e-3 (loss, relative) / 2e-3 * max|gradient|.
+device's own bf16 error against it, plus 1e-3 (loss, relative) / 2^-4 * max|gradient| (16 bf16
+epsilons: a gradient summed from per-rank partial sums that cancel, e.g. a norm weight's under
+sequence parallelism, rounds each partial to bf16: seeds 3014 and 3032 were 4-6x single
+device's error, and match in fp32).
 """
 from __future__ import annotations
 
@@ -414,7 +417,7 @@ def classify(by_rank: list) -> tuple[str, str]:
                 return "silent", f"rank {rank} step {step}: loss {a} vs single device {refs}"
         for step, errs in enumerate(r["grad_err"]):
             for fqn, (err, ref_err, scale) in errs.items():
-                if not err <= (4 * ref_err + 2e-3 * scale if low else 1e-5 + 1e-3 * scale):
+                if not err <= (4 * ref_err + 2 ** -4 * scale if low else 1e-5 + 1e-3 * scale):
                     return "silent", (f"rank {rank} step {step}: grad of {fqn} off by {err:.3g} (max |grad| {scale:.3g}"
                                       + (f"; single device's bf16 error {ref_err:.3g})" if low else ")"))
     return ("loud" if r0["warnings"] else "match"), "; ".join(r0["warnings"])[:300]

@@ -58,6 +58,15 @@ CONFIGS = {
     "granite": ("GraniteConfig", "GraniteForCausalLM", dict(_LLAMA_LIKE, num_attention_heads=4, num_key_value_heads=2)),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(
         _LLAMA_LIKE, num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)),
+    # masked LM: positions and token types looked up with buffers (position_ids, token_type_ids), tied decoder
+    "bert": ("BertConfig", "BertForMaskedLM", dict(
+        vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)),
+    # encoder-decoder, relative position bias [buckets, heads] added to the attention scores, tied shared embedding
+    "t5": ("T5Config", "T5ForConditionalGeneration", dict(
+        vocab_size=256, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, dropout_rate=0.0,
+        relative_attention_num_buckets=32, relative_attention_max_distance=64, decoder_start_token_id=0,
+        pad_token_id=0)),
 }
 
 
@@ -135,6 +144,7 @@ def train_hf_beside_reference(rank: int, world: int, family: str, steps: int = 3
     out["full_numel"] = sum(p.numel() for p in ref_params.values())
     out["plan"] = {fqn: (pp.style, pp.dim, pp.chunks, pp.local_shape, pp.padded_shape) for fqn, pp in st.plan.items()}
     out["collectives"] = [(c.phase, c.kind) for r in st.records for c in r.collectives]
+    out["floor"] = [{ph: sum(why.values()) for ph, why in r.floor.items()} for r in st.records]
     out["n_graphs"] = len(st.records)
     # activation checkpointing: the forward ATen ops the backward graph recomputes
     bw = [n for r in st.records for ph, g in r.compiled_graphs if ph == "backward" for n in g.graph.nodes]

@@ -55,6 +55,22 @@ def test_three_layers_at_world_size_8_hits_the_floor_and_leaves_the_model_alone(
     assert not hasattr(model, "_tp_state") and not dist.is_initialized()
 
 
+def test_symbolic_batch_and_sequence_same_plan_and_floor_bytes_dynamic():
+    """Inputs marked dynamic: one graph with symbolic batch / sequence, the plan and the counts of the
+    static trace; a collective's size depends on them, so its bytes read "dynamic" (not 0, not a guess)."""
+    model, (x, y) = gpt.make_model(n_layer=1)
+    static = tpcompile.explain(model, x, y, world_size=2)
+    x, y = x.clone(), y.clone()
+    for t in (x, y):
+        torch._dynamo.mark_dynamic(t, 0)
+        torch._dynamo.mark_dynamic(t, 1)
+    rep = tpcompile.explain(model, x, y, world_size=2)
+    assert len(rep.records) == 1 and rep.plan == static.plan and rep.counts() == static.counts()
+    assert rep.above_floor() == {"forward": 0, "backward": 0}
+    assert all(c.nbytes == -1 for c in rep.collectives) and all(c.nbytes > 0 for c in static.collectives)
+    assert "; dynamic" in str(rep) and " 0 B" not in str(rep)
+
+
 def test_a_model_on_meta_stays_on_meta():
     model, args = llama.make_model(n_layers=2, device="meta")
     rep = tpcompile.explain(model, *args, world_size=4, rank=3)

@@ -10,6 +10,7 @@ tied head, vocabulary 250: padded at TP=4), Llama (GQA 8/4 heads, RoPE, SwiGLU),
 (q/k/v biases, 2 kv heads: fewer than tp at TP=4).
 """
 import functools
+from collections import Counter
 
 import pytest
 import torch
@@ -167,6 +168,10 @@ MORE = {  # family -> {tp: number of TPWarnings}
     "gpt_bigcode": {2: 6},  # MQA fused c_attn after unsqueeze: attention replicated
     "bloom": {2: 8},  # GeLU as a custom autograd.Function, ALiBi: attention and MLP replicated
     "mixtral": {2: 6},  # MoE: router and experts (grouped matmul) replicated; attention sharded
+    # position_ids / token_type_ids buffers: those tables replicated, only the word embedding vocab-parallel.
+    # The one warning: the MLM head's dense feeds a LayerNorm over its features, so it stays replicated
+    "bert": {2: 1},  # TP=4: plan and collectives in tests/test_attention_spellings.py
+    "t5": {2: 0},  # relative position bias column-parallel on its heads: added to head-sharded scores
 }
 
 
@@ -205,6 +210,23 @@ def test_more_hf_families_match_single_device(trained_more):
         gemma = by_family["gemma"][0]["plan"]
         assert gemma["model.layers.0.self_attn.k_proj.weight"][0] == "replicate"
         assert gemma["model.layers.0.self_attn.q_proj.weight"][0] == "colwise"
+        for family in ("bert", "t5"):  # Megatron's floor, plus one all-gather: the [B, T, V] logits returned
+            r = by_family[family][0]
+            have = Counter(ph for ph, _ in r["collectives"])
+            (floor,) = r["floor"]
+            assert have == {"forward": floor["forward"] + 1, "backward": floor["backward"]}, (family, have, floor)
+        bert = by_family["bert"][0]
+        assert bert["plan"]["bert.embeddings.word_embeddings.weight"][0] == "vocab"
+        assert bert["plan"]["bert.embeddings.position_embeddings.weight"][0] == "replicate"
+        assert bert["plan"]["bert.embeddings.token_type_embeddings.weight"][0] == "replicate"
+        assert bert["floor"] == [{"forward": 2 * 2 + 1 + 1, "backward": 2 * 2 + 1}]  # + embedding, loss; + head input
+        assert "cls.predictions.transform.dense" in bert["warnings"][0]
+        t5 = by_family["t5"][0]
+        for stack in ("encoder", "decoder"):
+            bias = t5["plan"][f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
+            assert bias[:4] == ("colwise", 1, 1, (32, 2)), bias  # [buckets, heads]: this rank's heads
+        assert t5["plan"]["shared.weight"][0] == "vocab"
+        assert not any(k == "all_gather" for ph, k in t5["collectives"] if ph == "backward")
         mixtral = by_family["mixtral"][0]
         assert mixtral["plan"]["model.layers.0.mlp.experts.gate_up_proj"][0] == "replicate"
         assert any("grouped_mm" in m and "experts.gate_up_proj" in m for m in mixtral["warnings"])

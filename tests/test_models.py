@@ -13,7 +13,7 @@ import pytest
 
 from multirank import run_cases
 
-LIBRARIES = ("timm", "litgpt")  # the case files, models_<name>.py (also planned: "gpt2", "torchtune")
+LIBRARIES = ("timm", "litgpt", "gpt2")  # with "torchtune" as its case file lands: models_<name>.py
 
 
 def _library(name: str):

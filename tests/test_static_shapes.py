@@ -1,4 +1,4 @@
-"""The compiled program sees every local shard with static sizes.
+"""The compiled program sees every local shard with static sizes, also when batch and sequence are symbolic.
 
 The backend swaps Dynamo's ghost parameters for this rank's local shards before AOTAutograd.
 A tensor Dynamo never saw gets fresh symbolic sizes with no guard source there: the kernels
@@ -61,4 +61,30 @@ def test_local_shards_have_static_sizes(model_name):
         assert [phase for phase, _ in rec.compiled_graphs] == ["forward", "backward"]
         for phase, gm in rec.compiled_graphs:
             assert _symbolic_placeholders(gm) == [], f"{phase} graph has symbolic sizes"
+        assert rec.plan["q.weight" if model_name != "gpt" else "h.0.attn.q_proj.weight"].style == "colwise"
+
+
+@pytest.mark.parametrize("model_name", ["gpt", "inferred_heads"])
+def test_symbolic_batch_and_sequence_keep_local_shards_static(model_name):
+    """``mark_dynamic`` on batch and sequence: the activations are symbolic (``view(B, T, -1, hd)``
+    next to symbolic B, T; ``flatten(0, 1)``), the local shards still static, the plan the same."""
+    torch.manual_seed(0)
+    if model_name == "gpt":
+        import gpt
+
+        model, (x, y) = gpt.make_model()
+    else:
+        model = InferredHeads()
+        x, y = torch.randint(0, 64, (2, 8)), torch.randint(0, 64, (2, 8))
+    for t in (x, y):
+        torch._dynamo.mark_dynamic(t, 0)
+        torch._dynamo.mark_dynamic(t, 1)
+    with fake_group(2):
+        model = tpcompile.tp_compile(model, backend="aot_eager")
+        model(x, y).backward()
+        (rec,) = tpcompile.tp_state(model).records
+        fw = dict(rec.compiled_graphs)["forward"]
+        tokens = [n.name for n in fw.graph.nodes if n.op == "placeholder" and isinstance(n.meta.get("val"), torch.Tensor)
+                  and n.meta["val"].dtype == torch.int64]
+        assert len(tokens) == 2 and _symbolic_placeholders(fw) == tokens, "only idx / targets are symbolic"
         assert rec.plan["q.weight" if model_name != "gpt" else "h.0.attn.q_proj.weight"].style == "colwise"

@@ -179,7 +179,13 @@ class Backend:
             # fakify the local shard ourselves, with static shapes: left to AOTAutograd it gets
             # fresh symbols with no source, and a shape guard on one of them fails to build
             inputs[i] = fake_mode.from_tensor(t, static_shapes=True) if fake_mode is not None else t
-        compiled = _compile(gm, inputs, record, mode, on_graph, stand_in, self.inductor_options)
+        try:
+            compiled = _compile(gm, inputs, record, mode, on_graph, stand_in, self.inductor_options)
+        except torch._dynamo.exc.RestartAnalysis:
+            # Dynamo traces the frame again (AOTAutograd's ``tensorify_python_scalars`` specialises a
+            # float under ``dynamic=True``): this graph is never run, the next one replaces it
+            rec.records.remove(record)
+            raise
         sharded, opts, mesh = program.sharded_outputs, self.options, self.mesh
 
         def run(*args):

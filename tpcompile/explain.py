@@ -100,7 +100,8 @@ class Report:
             floor = self.floor.get(ph, {})
             why = " + ".join(f"{n} {r}" for r, n in floor.items()) or "nothing"
             verdict = "at the floor" if extra[ph] == 0 else f"{extra[ph]:+d} vs the floor"
-            lines.append(f"  {ph:<8} {kinds}; {_bytes(sum(max(x.nbytes, 0) for x in mine))}")
+            total = sum(x.nbytes for x in mine) if all(x.nbytes >= 0 for x in mine) else -1  # -1: symbolic sizes
+            lines.append(f"  {ph:<8} {kinds}; {_bytes(total)}")
             lines.append(f"           floor {sum(floor.values())} ({why}): {verdict}")
         lines += ["", "where they come from:", *("  " + r for r in self.collectives_summary().splitlines())]
         lines += ["", "warnings:" if self.warnings else "warnings: none", *("  " + w for w in self.warnings)]
@@ -108,7 +109,7 @@ class Report:
 
 
 def _bytes(n: int) -> str:
-    if n < 0:
+    if n < 0:  # a collective of a graph with symbolic batch / sequence sizes
         return "dynamic"
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":

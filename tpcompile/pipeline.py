@@ -125,8 +125,9 @@ def communication_floor(plan: GraphPlan) -> dict:
 
 
 def plan_graph(gm: fx.GraphModule, fqns: dict, tp: int, overrides: dict,
-               known: dict | None = None) -> tuple[GraphPlan, list[str]]:
+               known: dict | None = None, buffers: set | None = None) -> tuple[GraphPlan, list[str]]:
     """The graph passes before any sharding: inline checkpointed blocks, normalize, plan.
+    ``buffers``: the placeholders that are module buffers (state, not the user's inputs).
 
     Returns the plan and warnings of the inlining (selective policies not honoured).
     """
@@ -137,7 +138,7 @@ def plan_graph(gm: fx.GraphModule, fqns: dict, tp: int, overrides: dict,
         for line, selective in inline_checkpoints(gm) if selective
     ]
     normalize(gm, set(fqns))
-    return make_plan(gm, tp, fqns, overrides, known), notes
+    return make_plan(gm, tp, fqns, overrides, known, buffers), notes
 
 
 def tp_program(gm: fx.GraphModule, param_fqns: dict[int, str], options: Options, names: dict[str, str] | None = None,
@@ -150,7 +151,8 @@ def tp_program(gm: fx.GraphModule, param_fqns: dict[int, str], options: Options,
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     fqns = {placeholders[i]: f for i, f in param_fqns.items()}
     original_code = readable_code(gm.graph, names)
-    plan, notes = plan_graph(gm, fqns, options.tp, options.overrides, options.known)
+    buffers = {n for n in placeholders if n.name in names and n not in fqns}
+    plan, notes = plan_graph(gm, fqns, options.tp, options.overrides, options.known, buffers)
     layouts = {i: plan.params[placeholders[i]] for i in param_fqns}
     fallbacks = [_warn_fallback(n, plan) for n in plan.prop.fallbacks]
     fallbacks += [_warn_unsupported(n, mods) for n, mods in plan.unsupported.items()]

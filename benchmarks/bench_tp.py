@@ -49,6 +49,10 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tpcompile.compat import torchvision_without_kernels
+
+torchvision_without_kernels()  # transformers imports torchvision when it and pillow are there (timm's tests)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CONFIGS = ["single", "dtensor-eager", "dtensor-compiled", "dtensor-lossp", "tpcompile", "tpcompile-sp"]

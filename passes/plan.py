@@ -31,12 +31,14 @@ import fnmatch
 import operator
 from dataclasses import dataclass, field
 
+import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
 from tpcompile.errors import TPShardingError
 
-from .graph_utils import divisors, is_tensor, same_size, shape, shape_str, source_line, static_size, value
+from .graph_utils import (divisors, is_tensor, norm_dim, numel_expr, same_size, shape, shape_str, source_line,
+                          static_size, value)
 from .layout import ParamPlan
 from .normalize import CONTRACTIONS, LINEARS, param_operands, weight_out_dim
 from .placements import STYLES, Replicate, Shard, local_size
@@ -129,6 +131,8 @@ def _fused_chunks(lin: fx.Node) -> int | tuple:
             continue
         break
     users = list(out.users)
+    if len(users) == 1 and users[0].target in _RESHAPES:
+        return _pieces_split(out, users[0])
     if len(users) != 1 or users[0].op != "call_method" or users[0].target not in _SPLITS:
         return 1
     sp = users[0]
@@ -158,6 +162,52 @@ def _vocab_tables(embeds: list, state: set, forced: dict) -> set:
             and _indices_from_data(e.args[0], state)]
     rows = max((int(shape(w)[0]) for w in data), default=0)
     return {w for w in data if int(shape(w)[0]) == rows} | {e.args[1] for e in embeds if forced.get(e.args[1]) == "vocab"}
+
+
+def _pieces_split(out: fx.Node, view: fx.Node) -> int:
+    """k if ``view`` reshapes the last dim of ``out`` pieces-first, ``(k * C) -> (k, ...)``, and that
+    new dim, wherever permutes / transposes move it, is then taken apart into its k entries
+    (``unbind``, or ``t[0]``, ``t[1]``, ...): a fused projection of k pieces, as ``split`` shows it
+    (ViT's ``qkv.reshape(B, N, 3, heads, hd).permute(2, 0, 3, 1, 4).unbind(0)``). Else 1."""
+    src, dst = shape(out), shape(view)
+    pre = numel_expr(src[:-1])
+    axis = next((o for o in range(len(dst)) if numel_expr(dst[:o]) == pre and not same_size(dst[o], 1)), None)
+    k = static_size(dst[axis]) if axis is not None else None
+    if k is None or k == 1 or same_size(dst[axis], src[-1]):
+        return 1
+    node = view
+    while len(node.users) == 1 and next(iter(node.users)).target in _MOVES:
+        (node,) = node.users
+        axis = _moved_axis(node, axis)
+    users = list(node.users)
+    if len(users) == 1 and users[0].target in ("unbind", torch.unbind) \
+            and norm_dim(users[0].args[1] if len(users[0].args) > 1 else users[0].kwargs.get("dim", 0), len(dst)) == axis:
+        return k
+    if users and all(u.target is operator.getitem and _int_at(u.args[1], axis) for u in users):
+        return k
+    return 1
+
+
+_RESHAPES = {"view", "reshape", torch.reshape}
+_MOVES = {"permute", torch.permute, "transpose", torch.transpose, "swapaxes", "contiguous"}
+
+
+def _moved_axis(node: fx.Node, axis: int) -> int:
+    """Where dim ``axis`` of a permute / transpose's input is in its output."""
+    nd = value(node).dim()
+    if node.target in ("permute", torch.permute):
+        dims = node.args[1] if isinstance(node.args[1], (tuple, list)) else node.args[1:]
+        return [norm_dim(d, nd) for d in dims].index(axis)
+    if node.target == "contiguous":
+        return axis
+    a, b = norm_dim(node.args[1], nd), norm_dim(node.args[2], nd)
+    return {a: b, b: a}.get(axis, axis)
+
+
+def _int_at(idx, axis: int) -> bool:
+    """``t[i]`` picks entry i of dim ``axis``: an int there and whole slices before it."""
+    items = list(idx) if isinstance(idx, tuple) else [idx]
+    return len(items) > axis and isinstance(items[axis], int) and all(i == slice(None) for i in items[:axis])
 
 
 def make_plan(gm: fx.GraphModule, tp: int, param_fqns: dict, overrides: dict | None = None,
@@ -211,8 +261,11 @@ def make_plan(gm: fx.GraphModule, tp: int, param_fqns: dict, overrides: dict | N
             return "replicate"
 
         prop = propagate(gm, tp, params, style_of, lambda n: chunks.get(n, 1))
-        if first:
-            _param_plans(gm, prop, tp, param_fqns, known)  # parameter sizes first: the clearer error
+        tried = {n for n in linears if prop.info[n].kind == "colwise"}
+        dropped = {n for n in tried if n not in prop.good_sinks and n.args[1] not in forced and n.args[1] not in vocab_weights}
+        if first:  # parameter sizes first: the clearer error; none for column tries about to be dropped
+            doomed = _operands(dropped) - _operands(tried - dropped)  # (a classifier head: 1000 % 16 classes)
+            _param_plans(gm, prop, tp, {n: f for n, f in param_fqns.items() if n not in doomed}, known)
         few = {n: h for n, h in _few_kv_heads(prop, tp, forced, chunks).items() if n not in replicated}
         if few:  # GQA / MQA with fewer kv heads than tp: keep k/v whole, plan again
             replicated |= set(few)
@@ -226,8 +279,6 @@ def make_plan(gm: fx.GraphModule, tp: int, param_fqns: dict, overrides: dict | N
         if first:
             _check_views(prop, tp, param_fqns)
             first = False
-        tried = {n for n in linears if prop.info[n].kind == "colwise"}
-        dropped = {n for n in tried if n not in prop.good_sinks and n.args[1] not in forced and n.args[1] not in vocab_weights}
         for lin in dropped - replicated:
             for op in prop.blocked.get(lin, ()):
                 unsupported.setdefault(op, []).append(param_fqns[lin.args[1]].rsplit(".", 1)[0])
@@ -240,6 +291,12 @@ def make_plan(gm: fx.GraphModule, tp: int, param_fqns: dict, overrides: dict | N
         replicated |= dropped
     notes += _unsharded_contractions(gm, prop, param_fqns, forced)
     return GraphPlan(_param_plans(gm, prop, tp, param_fqns, known), prop, tp, unsupported, notes)
+
+
+def _operands(linears: set) -> set:
+    """Weight and bias nodes of these linears."""
+    return {a for n in linears for a in (n.args[1], n.args[2] if len(n.args) > 2 else n.kwargs.get("bias"))
+            if isinstance(a, fx.Node)}
 
 
 def _unsharded_contractions(gm: fx.GraphModule, prop: Propagation, param_fqns: dict, forced: dict) -> list[str]:

@@ -175,6 +175,16 @@ def _one_head(in_shape, out_shape, d: int) -> bool:
             and same_size(out_shape[s], 1) and same_size(out_shape[s + 1], in_shape[d]))
 
 
+def _pieces_dim(in_shape, out_shape, p: Shard) -> int | None:
+    """Out dim of a reshape that splits a fused ``chunks=k`` dim pieces-first, ``(k * C) -> (k, ...)``
+    (``qkv.reshape(B, N, 3, heads, hd)``), or None. Row-major order makes index i of that dim the
+    i-th piece: the pieces are whole rows of the fused dim, never mixed."""
+    if p.chunks == 1 or p.sizes is not None or p.pad:
+        return None
+    o, _ = _map_dim(in_shape, out_shape, p.dim, 1)  # the first factor of the fused dim
+    return o if o is not None and same_size(out_shape[o], p.chunks) and not same_size(in_shape[p.dim], p.chunks) else None
+
+
 def _size_args(node):
     """(container, index offset) of the size list of a view-like call, as in ``view(*sizes)``."""
     t = node.target
@@ -196,6 +206,14 @@ def view_like(node, ctx) -> NodeInfo:
         return NodeInfo(R, {x: R}, "view")
     in_shape, out_shape = shape(x), shape(node)
     one_head = False
+    need = p
+    pk = _pieces_dim(in_shape, out_shape, p) if node.target != "expand" else None
+    if pk is not None:
+        # (k * C) -> (k, heads, hd): the k fused pieces become a dim of their own, whole on every
+        # rank (a rank's [q_r, k_r, v_r] is its slice of each piece), and each piece's shard lands
+        # where a plain C would put it: a plain shard on heads (ViT's fused qkv)
+        piece = (*in_shape[:p.dim], in_shape[p.dim] // p.chunks, *in_shape[p.dim + 1:])
+        in_shape, out_shape, p = piece, (*out_shape[:pk], *out_shape[pk + 1:]), Shard(p.dim)
     if node.target == "expand":
         o = p.dim + len(out_shape) - len(in_shape)
         ok = True
@@ -211,6 +229,8 @@ def view_like(node, ctx) -> NodeInfo:
         # has heads that split); the same shapes are a one-token ``(B*T, C) -> (B, 1, C)``, so the
         # shard itself goes on (it is the same split of the same elements either way)
         one_head = node.target in ("view", "reshape", torch.reshape) and _one_head(in_shape, out_shape, p.dim)
+    if pk is not None and o is not None:
+        o, out_shape = o + (o >= pk), shape(node)  # back to the reshape's own dims
     if p.pad and o is not None and p.chunks == 1:
         ok = static_size(out_shape[o]) is not None  # a padded vocabulary: ranks hold ceil(n / tp)
     if o is None or not ok:
@@ -238,7 +258,7 @@ def view_like(node, ctx) -> NodeInfo:
     extra = {"sizes": new_sizes}
     if one_head:
         extra["one_head"] = True
-    return NodeInfo(p.moved(o), {x: p}, "view", extra)
+    return NodeInfo(p.moved(o), {x: need}, "view", extra)
 
 
 def transpose(node, ctx) -> NodeInfo:

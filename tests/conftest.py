@@ -1,6 +1,12 @@
 import pytest
 import torch
 
+from tpcompile.compat import torchvision_without_kernels
+
+# timm's tests install PyPI's torchvision (a CUDA build) beside the CPU torch; transformers imports
+# it too once pillow is there: let it import here and in every gloo rank (tests/multirank.py)
+torchvision_without_kernels()
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

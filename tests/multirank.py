@@ -12,6 +12,12 @@ from typing import Any, Callable
 
 import torch.multiprocessing as mp
 
+from tpcompile.compat import torchvision_without_kernels
+
+# a spawned rank imports this module (``_entry``) before the case's own (which may import timm or
+# transformers, and so torchvision): see tests/conftest.py
+torchvision_without_kernels()
+
 
 def _entry(fn: Callable, rank: int, world_size: int, store_path: str, queue, args, kwargs) -> None:
     import torch

@@ -167,6 +167,33 @@ class SDPAEnableGQA(nn.Module):
         return self.o(y.transpose(1, 2).reshape(B, T, D)).pow(2).mean()
 
 
+class FusedQKVReshapeUnbind(nn.Module):
+    """ViT's attention (timm): one fused qkv projection reshaped pieces-first to (3, heads, head_dim),
+    permuted to (3, B, heads, T, head_dim) and taken apart with ``unbind(0)``; SDPA; output projection."""
+
+    def __init__(self, dim=D, heads=4):
+        super().__init__()
+        self.h = heads
+        self.qkv, self.o = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def attend(self, qkv):
+        q, k, v = qkv.unbind(0)
+        return F.scaled_dot_product_attention(q, k, v)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        qkv = self.qkv(x).reshape(B, T, 3, self.h, C // self.h).permute(2, 0, 3, 1, 4)
+        return self.o(self.attend(qkv).transpose(1, 2).reshape(B, T, C)).pow(2).mean()
+
+
+class FusedQKVReshapeIndex(FusedQKVReshapeUnbind):
+    """The same, taken apart by ``qkv[0], qkv[1], qkv[2]`` (older timm), attention written out."""
+
+    def attend(self, qkv):
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        return (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(dim=-1) @ v
+
+
 SHARDED = {  # spelling -> (up weight style/dim, down weight style/dim)
     ModuleLinear: (("l1.weight", "colwise", 0), ("l2.weight", "rowwise", 1)),
     FunctionalLinear: (("w1", "colwise", 0), ("w2", "rowwise", 1)),
@@ -179,7 +206,7 @@ SHARDED = {  # spelling -> (up weight style/dim, down weight style/dim)
     BmmBroadcast: (("w1", "colwise", 1), ("w2", "rowwise", 0)),
 }
 REPLICATED = [Einsum3D]
-FUSED = [FusedQKVGQA, SDPAEnableGQA]
+FUSED = [FusedQKVGQA, SDPAEnableGQA, FusedQKVReshapeUnbind, FusedQKVReshapeIndex]
 ALL = list(SHARDED) + REPLICATED + FUSED
 
 

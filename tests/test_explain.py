@@ -105,6 +105,17 @@ def test_clear_errors():
         tpcompile.explain(model, *args, world_size=4, rank=4)
 
 
+def test_a_classifier_head_tp_does_not_divide_is_not_an_error():
+    """10 classes at tp=4: the head's column-parallel try goes back to replicated (its logits are the
+    output), so its size must not stop the plan; it used to raise 'not divisible by tp=4'."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 16), torch.nn.Linear(16, 10))
+    rep = tpcompile.explain(model, torch.randn(2, 16, requires_grad=True), world_size=4)
+    assert rep.plan == {"0.weight": "colwise", "0.bias": "colwise", "2.weight": "rowwise", "2.bias": "replicate",
+                        "3.weight": "replicate", "3.bias": "replicate"}
+    assert rep.above_floor() == {"forward": 0, "backward": 0}
+
+
 def test_dump_dir_under_tp_compile_records_forward_and_backward(tmp_path, monkeypatch):
     monkeypatch.setenv("TPCOMPILE_DUMP_DIR", str(tmp_path))
     with fake_group(world_size=2, rank=1):
@@ -182,3 +193,31 @@ def test_explain_with_litgpt_imported(monkeypatch):
     model, args = gpt.make_model()
     rep = tpcompile.explain(model, *args, world_size=4)
     assert rep.above_floor() == {"forward": 0, "backward": 0}
+
+
+def test_cli_on_timm_create_model_at_world_size_8():
+    """README's command on 2 blocks: a library's own factory with its arguments (``device=meta``: no
+    memory), inputs from ``--input``; ViT's fused qkv in 3 pieces, heads sharded, at the floor."""
+    r = _cli("timm:create_model", "vit_large_patch16_224", "depth=2", "device=meta", "--input", "2x3x224x224",
+             "--world-size", "8")
+    assert r.returncode == 0, r.stderr
+    for line in ("blocks.1.attn.qkv.weight    colwise   dim 0 x3 fused  [3072, 1024] -> [384, 1024]",
+                 "blocks.1.attn.proj.weight   rowwise   dim 1           [1024, 1024] -> [1024, 128]",
+                 "blocks.1.mlp.fc1.weight     colwise   dim 0           [4096, 1024] -> [512, 1024]",
+                 "blocks.1.mlp.fc2.weight     rowwise   dim 1           [1024, 4096] -> [1024, 512]",
+                 "head.weight                 replicate                 [1000, 1024]",
+                 "floor 4 (4 row-parallel linear): at the floor", "floor 4 (4 column-parallel input): at the floor"):
+        assert " ".join(line.split()) in " ".join(r.stdout.split()), line
+
+
+def test_cli_factory_arguments_and_inputs():
+    from tpcompile.__main__ import factory_call, main
+
+    assert factory_call(["vit_base_patch16_224", "depth=2", "device=meta", "qk_norm=True", "img_size=(64, 32)"]) == (
+        ["vit_base_patch16_224"], {"depth": 2, "device": "meta", "qk_norm": True, "img_size": (64, 32)})
+    with pytest.raises(SystemExit, match="returned a model without inputs: give their shapes with --input"):
+        main(["explain", "torch.nn:Linear", "4", "8", "--world-size", "2"])
+    with pytest.raises(SystemExit, match="--input is for a factory that returns just a model"):
+        main(["explain", "factories:meta_llama", "--input", "2x8", "--world-size", "2"])
+    with pytest.raises(SystemExit, match="a shape like 2x3x224x224, got '2,8'"):
+        main(["explain", "torch.nn:Linear", "4", "8", "--input", "2,8", "--world-size", "2"])

@@ -13,7 +13,7 @@ import pytest
 
 from multirank import run_cases
 
-LIBRARIES = ("litgpt", "gpt2", "torchtune")  # with "timm" as its case file lands: models_<name>.py
+LIBRARIES = ("timm", "litgpt", "gpt2", "torchtune")  # the case files: models_<name>.py
 
 
 def _library(name: str):

@@ -95,6 +95,42 @@ def test_fused_qkv_with_unequal_pieces(world):
         assert qkv.style == "replicate" and o.style == "replicate"
 
 
+@pytest.mark.parametrize("cls", [spellings.FusedQKVReshapeUnbind, spellings.FusedQKVReshapeIndex], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("world", [2, 4])
+def test_fused_qkv_reshaped_pieces_first_is_a_three_piece_column_shard(cls, world):
+    """ViT's ``qkv(x).reshape(B, T, 3, heads, hd).permute(2, 0, 3, 1, 4)`` then ``unbind(0)`` or
+    ``[0], [1], [2]`` is ``split`` by another name: qkv column-parallel in 3 pieces (a rank keeps the
+    q, k and v rows of its heads), the reshape shards heads, the output projection row-parallel, at
+    the floor. It used to read the 3 as heads and refuse tp=2."""
+    with fake_group(world_size=world):
+        model, x = spellings.make(cls)
+        model = tpcompile.tp_compile(model, backend="eager")
+        with _no_warning():
+            model(x)
+        plan = tpcompile.tp_state(model).plan
+        w = model.qkv.weight.to_local().detach()
+    qkv, n = plan["qkv.weight"], spellings.D // world
+    assert (qkv.style, qkv.dim, qkv.chunks, qkv.local_shape) == ("colwise", 0, 3, (3 * n, spellings.D))
+    assert plan["qkv.bias"].chunks == 3 and plan["o.weight"].style == "rowwise"
+    full = spellings.make(cls)[0].qkv.weight.detach()  # rank 0: rows [0, n) of each of q, k, v
+    assert torch.equal(w, torch.cat([full[i * spellings.D:i * spellings.D + n] for i in range(3)]))
+    model, x = spellings.make(cls)
+    rep = tpcompile.explain(model, x.requires_grad_(), world_size=world)
+    assert rep.counts() == {("forward", "all_reduce"): 1, ("backward", "all_reduce"): 1}
+    assert rep.above_floor() == {"forward": 0, "backward": 0} and not rep.warnings
+    assert f"reshape(2, 8, 3, {4 // world}, 4)" in rep.graph_code
+
+
+@pytest.mark.parametrize("world,dim,heads", [(2, 24, 3), (4, 16, 2)])
+def test_fused_qkv_reshaped_with_heads_tp_does_not_divide_names_the_heads(world, dim, heads):
+    """The hint counts heads, not the 3 pieces: tp must divide the heads."""
+    torch.manual_seed(0)
+    model = spellings.FusedQKVReshapeUnbind(dim, heads)
+    with pytest.raises(tpcompile.TPShardingError, match=rf"qkv is split into {heads} heads .* not divisible by "
+                       rf"tp={world}\. Use tp in \{{1, {heads}\}}"):
+        tpcompile.explain(model, torch.randn(2, 8, dim), world_size=world)
+
+
 class _no_warning:
     def __enter__(self):
         import warnings

@@ -2,7 +2,7 @@
 
 One gloo job per TP degree runs every library's cases (``models_<library>.py``: each has
 ``CASES = {name: (rank_fn, kwargs)}`` and ``check(name, world, results)``), so a library is
-imported once per rank for all of them. A library that is not installed skips its cases.
+imported once per rank for all of them.
 """
 from __future__ import annotations
 

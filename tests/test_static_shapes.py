@@ -44,16 +44,18 @@ def _symbolic_placeholders(gm: torch.fx.GraphModule) -> list[str]:
     ]
 
 
-@pytest.mark.parametrize("model_name", ["gpt", "inferred_heads"])
-def test_local_shards_have_static_sizes(model_name):
+def _model(model_name: str):
     torch.manual_seed(0)
     if model_name == "gpt":
         import gpt
 
-        model, (x, y) = gpt.make_model()
-    else:
-        model = InferredHeads()
-        x, y = torch.randint(0, 64, (2, 8)), torch.randint(0, 64, (2, 8))
+        return gpt.make_model()
+    return InferredHeads(), (torch.randint(0, 64, (2, 8)), torch.randint(0, 64, (2, 8)))
+
+
+@pytest.mark.parametrize("model_name", ["gpt", "inferred_heads"])
+def test_local_shards_have_static_sizes(model_name):
+    model, (x, y) = _model(model_name)
     with fake_group(2):
         model = tpcompile.tp_compile(model, backend="aot_eager")
         model(x, y).backward()
@@ -68,14 +70,7 @@ def test_local_shards_have_static_sizes(model_name):
 def test_symbolic_batch_and_sequence_keep_local_shards_static(model_name):
     """``mark_dynamic`` on batch and sequence: the activations are symbolic (``view(B, T, -1, hd)``
     next to symbolic B, T; ``flatten(0, 1)``), the local shards still static, the plan the same."""
-    torch.manual_seed(0)
-    if model_name == "gpt":
-        import gpt
-
-        model, (x, y) = gpt.make_model()
-    else:
-        model = InferredHeads()
-        x, y = torch.randint(0, 64, (2, 8)), torch.randint(0, 64, (2, 8))
+    model, (x, y) = _model(model_name)
     for t in (x, y):
         torch._dynamo.mark_dynamic(t, 0)
         torch._dynamo.mark_dynamic(t, 1)

@@ -122,12 +122,16 @@ def sequence_parallel(gm: fx.GraphModule, group: str, tp: int, rank: int = 0) ->
     cache: dict = {}
 
     def insert(fn, x, before, *args):
+        """``fn(x)``, made once for all its users, placed before the earliest of them (users are
+        visited in no particular order: a later one may stand before the first)."""
         key = (fn, x)
         if key not in cache:
             with g.inserting_before(before):
                 cache[key] = g.call_function(fn, (x, group, *args))
             cache[key].meta["tp_mapping"] = fn.__name__
             _inherit_meta(cache[key], before)
+        elif _comes_after(cache[key], before):
+            before.prepend(cache[key])
         return cache[key]
 
     for n in [n for n in g.nodes if n in region]:
@@ -166,6 +170,16 @@ def sequence_parallel(gm: fx.GraphModule, group: str, tp: int, rank: int = 0) ->
     g.lint()
     gm.recompile()
     return res
+
+
+def _comes_after(a: fx.Node, b: fx.Node) -> bool:
+    """True if node ``a`` stands after node ``b`` in their graph."""
+    n = b.next
+    while n.op != "root":
+        if n is a:
+            return True
+        n = n.next
+    return False
 
 
 def _whole_size(g: fx.Graph, n: fx.Node, dim: int, tp: int) -> fx.Node:

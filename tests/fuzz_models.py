@@ -21,10 +21,12 @@ Tolerances (a silent TP bug is off by O(1): a missing all-reduce doubles or halv
 wrong slice scrambles it): fp32: the loss within 1e-4 relative, each gradient within
 1e-5 + 1e-3 * max|its single-device gradient|. bf16 parameters / autocast: the yardstick is an
 fp32 copy of the model (the same values), and TP's error against it may be at most 4x single
-device's own bf16 error against it, plus 1e-3 (loss, relative) / 2^-4 * max|gradient| (16 bf16
-epsilons: a gradient summed from per-rank partial sums that cancel, e.g. a norm weight's under
-sequence parallelism, rounds each partial to bf16: seeds 3014 and 3032 were 4-6x single
-device's error, and match in fp32).
+device's own bf16 error against it, plus one bf16 epsilon (4e-3) of the loss / 2^-4 * max|gradient|
+(16 epsilons: a gradient summed from per-rank partial sums that cancel, e.g. a norm weight's under
+sequence parallelism, rounds each partial to bf16: seeds 3014 and 3032 were 4-6x single device's
+error; the row-parallel partial sums under autocast moved seed 10305's loss 10x single device's
+error). bf16 parameters are judged on the first step only: after an update rounded to bf16 the
+two models are no longer the same point (seed 10320, step 1). Each of these matches in fp32.
 """
 from __future__ import annotations
 
@@ -410,12 +412,13 @@ def classify(by_rank: list) -> tuple[str, str]:
     for rank, r in enumerate(by_rank):
         if r["loss"] != r0["loss"]:
             return "silent", f"rank {rank} loss {r['loss']} != rank 0's {r0['loss']}"
-        for step, (a, refs) in enumerate(zip(r["loss"], r["ref_loss"])):
+        steps = 1 if s.dtype == "bf16" else len(r["loss"])  # bf16 updates round differently: judge step 0
+        for step, (a, refs) in enumerate(zip(r["loss"][:steps], r["ref_loss"])):
             b = refs[-1]
-            ok = abs(a - b) <= (4 * abs(refs[0] - b) + 1e-3 * abs(b) if low else 1e-4 * max(abs(b), 1e-6))
+            ok = abs(a - b) <= (4 * abs(refs[0] - b) + 4e-3 * abs(b) if low else 1e-4 * max(abs(b), 1e-6))
             if not ok:
                 return "silent", f"rank {rank} step {step}: loss {a} vs single device {refs}"
-        for step, errs in enumerate(r["grad_err"]):
+        for step, errs in enumerate(r["grad_err"][:steps]):
             for fqn, (err, ref_err, scale) in errs.items():
                 if not err <= (4 * ref_err + 2 ** -4 * scale if low else 1e-5 + 1e-3 * scale):
                     return "silent", (f"rank {rank} step {step}: grad of {fqn} off by {err:.3g} (max |grad| {scale:.3g}"

@@ -73,6 +73,7 @@ class Spec:
     sequence_parallel: bool
     batch: int
     seq: int
+    dropout: float  # p of the embedding / attention-output dropouts (p > 0: the masks must be single device's)
 
 
 def spec(seed: int) -> Spec:
@@ -107,6 +108,7 @@ def spec(seed: int) -> Spec:
         loss=(r.random() < 0.5, r.choice((0.0, 0.0, 0.1)), r.choice(("mean", "mean", "sum"))),
         dtype=dtype, plan=plan,
         sequence_parallel=r.random() < 0.25, batch=r.choice((1, 2, 3)), seq=r.choice((8, 8, 12, 6)),
+        dropout=r.choice((0.0, 0.0, 0.1)),  # drawn last: the other fields of a seed stay as they were
     )
 
 
@@ -236,7 +238,7 @@ class Attention(nn.Module):
             mask = torch.triu(torch.ones(T, T, dtype=torch.bool, device=x.device), 1)
             y = att.masked_fill(mask, float("-inf")).softmax(dim=-1) @ v
         y = y.transpose(1, 2).reshape(B, T, C)
-        return F.dropout(self.o(y), 0.0, self.training)
+        return F.dropout(self.o(y), s.dropout, self.training)
 
 
 class MLP(nn.Module):
@@ -301,7 +303,7 @@ class FuzzLM(nn.Module):
         x = self.wte(idx)
         if s.positions == "learned":
             x = x + self.wpe(torch.arange(T, device=idx.device))
-        x = F.dropout(x, 0.0, self.training)
+        x = F.dropout(x, s.dropout, self.training)
         for b in self.blocks:
             x = ckpt.checkpoint(b, x, use_reentrant=False) if s.checkpoint else b(x)
             if s.graph_break == "in_loop":
@@ -361,6 +363,7 @@ def run_case(rank: int, world: int, seed: int, backend: str = "aot_eager") -> di
             for idx, labels in batches(s):
                 losses = []
                 for m in models:
+                    torch.manual_seed(1000 * seed + len(out["loss"]))  # the same dropout masks for each copy
                     with ctx() if m is not ref32 else torch.autocast("cpu", enabled=False):
                         losses.append(m(idx, labels))
                     losses[-1].backward()

@@ -7,7 +7,7 @@ fused q/k/v (equal split, chunk, per-head interleaved, unequal GQA pieces, per-g
 ``F.rms_norm``), qk-norm, activations and gated MLPs (fused gate-up too), biases, pre-norm /
 post-norm / parallel blocks, SDPA or hand-written attention, RoPE (full / partial) or learned
 positions, checkpointed blocks, graph breaks (inside the block loop or before the head), dropout
-with p=0, the loss's ``ignore_index`` / label smoothing / reduction, bf16 parameters or autocast,
+(p = 0 or 0.1: every copy seeded the same, so the masks must be single device's), the loss's ``ignore_index`` / label smoothing / reduction, bf16 parameters or autocast,
 ``plan=`` overrides and sequence parallelism. ``run_case`` trains it for 2 SGD steps both ways
 on one gloo rank and ``classify`` sorts the outcome:
 

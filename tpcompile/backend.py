@@ -71,15 +71,37 @@ def output_zeros(gm: fx.GraphModule) -> Callable:
     """A stand-in for ``gm`` returning zeros of its outputs' logical shapes, computing nothing.
 
     Call it on the captured graph (before the passes): the values Dynamo recorded there are
-    what the rank's program returns, so code after a graph break still traces.
+    what the rank's program returns, so code after a graph break still traces. A dynamic graph's
+    output sizes are expressions of its inputs' sizes: they are evaluated on each call's inputs.
     """
     out = next(n for n in gm.graph.nodes if n.op == "output")
     vals = torch.utils._pytree.tree_map(lambda n: value(n) if isinstance(n, fx.Node) else n, out.args[0])
+    inputs = [value(n) for n in gm.graph.nodes if n.op == "placeholder"]
 
-    def zeros(v):
-        return torch.zeros(v.shape, dtype=v.dtype, device=v.device) if isinstance(v, torch.Tensor) else v
+    def bindings(args) -> dict:
+        known = {}
+        for v, a in zip(inputs, args):
+            if isinstance(v, torch.SymInt):
+                known[v.node.expr] = int(a)
+            elif isinstance(v, torch.Tensor) and isinstance(a, torch.Tensor):
+                for s, n in zip(v.shape, a.shape):
+                    if isinstance(s, torch.SymInt) and s.node.expr.is_Symbol:
+                        known[s.node.expr] = int(n)
+        return known
 
-    return lambda *args: torch.utils._pytree.tree_map(zeros, vals)
+    def size(s, known: dict) -> int:
+        return int(s.node.expr.xreplace(known)) if isinstance(s, torch.SymInt) else s
+
+    def zeros(v, known: dict):
+        if not isinstance(v, torch.Tensor):
+            return size(v, known) if isinstance(v, torch.SymInt) else v
+        return torch.zeros([size(s, known) for s in v.shape], dtype=v.dtype, device=v.device)
+
+    def stand_in(*args):
+        known = bindings(args)
+        return torch.utils._pytree.tree_map(lambda v: zeros(v, known), vals)
+
+    return stand_in
 
 
 @dataclass

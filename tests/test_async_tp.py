@@ -148,33 +148,26 @@ def test_one_rank_runs_no_collective():
     assert calls == {}
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_async_tp_fuses_on_cuda():
+@pytest.mark.gpu
+def test_async_tp_fuses_on_cuda(monkeypatch):
     """On one GPU (a 1-rank NCCL group, the TP rewrite kept with TPCOMPILE_TP1_REWRITE=1):
-    Inductor's generated code calls the fused symmetric-memory ops, and the loss and gradients
-    equal those without async TP."""
-    import os
-
+    Inductor's generated code calls the fused symmetric-memory ops with ``async_tp=True`` and not
+    without, and the loss and gradients are the same both ways."""
     from torch._inductor.utils import run_and_get_code
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29531")
-    os.environ["TPCOMPILE_TP1_REWRITE"] = "1"
-    dist.init_process_group("nccl", rank=0, world_size=1)
-    try:
-        results = []
-        for async_tp in (False, True):
-            torch._dynamo.reset()
-            model, (x, y) = gpt.make_model(device="cuda", n_embd=1024, n_head=8, n_layer=1, block_size=64)
-            model = tpcompile.tp_compile(model, sequence_parallel=True, async_tp=async_tp)
-            (loss,), code = run_and_get_code(lambda: (model(x, y),))
-            loss.backward()
-            results.append((loss.detach(), [p.grad.full_tensor() for p in model.parameters()], "\n".join(code)))
-        assert "fused_all_gather_matmul" in results[1][2] and "fused_matmul_reduce_scatter" in results[1][2]
-        assert "fused_all_gather_matmul" not in results[0][2]
-        torch.testing.assert_close(results[1][0], results[0][0])
-        for a, b in zip(results[1][1], results[0][1]):
-            torch.testing.assert_close(a, b)
-    finally:
-        os.environ.pop("TPCOMPILE_TP1_REWRITE", None)
-        dist.destroy_process_group()
+    monkeypatch.setenv("TPCOMPILE_TP1_REWRITE", "1")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
+    results = []
+    for async_tp in (False, True):
+        torch._dynamo.reset()
+        model, (x, y) = gpt.make_model(device="cuda", n_embd=1024, n_head=8, n_layer=1, block_size=64)
+        model = tpcompile.tp_compile(model, sequence_parallel=True, async_tp=async_tp)
+        loss, code = run_and_get_code(model, x, y)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.full_tensor() for p in model.parameters()], "\n".join(code)))
+    assert "fused_all_gather_matmul" in results[1][2] and "fused_matmul_reduce_scatter" in results[1][2]
+    assert "fused_all_gather_matmul" not in results[0][2]
+    torch.testing.assert_close(results[1][0], results[0][0])
+    for a, b in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(a, b)

@@ -163,12 +163,21 @@ def check_gpt_tp_program() -> dict:
 def check_reduce_overhead() -> dict:
     import torch
 
+    import importlib
+
     torch._dynamo.utils.counters.clear()
+    reasons = []  # why Inductor ran a graph without CUDA graphs (its message, caught where it is raised)
+    for mod in ("cudagraph_utils", "cudagraph_trees", "output_code", "compile_fx"):
+        mod = importlib.import_module(f"torch._inductor.{mod}")
+        bump = getattr(mod, "log_cudagraph_skip_and_bump_counter", None)
+        if bump is not None:
+            setattr(mod, "log_cudagraph_skip_and_bump_counter",
+                    lambda msg, bump=bump: (reasons.append(msg), bump(msg))[1])
     r = _gpt_step_code("reduce-overhead", keep_tp=True, steps=3)
     skipped = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]  # graphs that ran without CUDA graphs
     close = all(abs(a - b) <= 1e-4 * abs(b) for a, b in zip(r["losses"], r["ref_losses"]))
     return {"ok": close and not skipped and r["grad_err"] <= 1e-4, "losses": r["losses"],
-            "eager": r["ref_losses"], "cudagraph skips": skipped, "grad rel err": r["grad_err"]}
+            "eager": r["ref_losses"], "cudagraph skips": skipped, "why": reasons[:3], "grad rel err": r["grad_err"]}
 
 
 CHILD = {"ce kernels": check_ce_kernels, "gpt tp program": check_gpt_tp_program,

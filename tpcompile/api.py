@@ -38,7 +38,7 @@ class TensorParallel:
 
     def __init__(self, model: nn.Module, group, plan: dict | None, compile_options: dict, *,
                  sequence_parallel: bool = False, sharded_outputs: bool = False, broadcast_inputs: bool = False,
-                 dump_dir: str | None = None, check_replicas_every: int = 100):
+                 dump_dir: str | None = None, check_replicas_every: int = 100, async_tp: bool = False):
         validate_overrides(plan or {}, fqns_of(model), type(model).__name__)
         self.mesh, self.group = _resolve_mesh(group)
         self.tp, self.rank = dist.get_world_size(self.group), dist.get_rank(self.group)
@@ -49,15 +49,19 @@ class TensorParallel:
         refuse_ddp()
         self.options = Options(self.tp, self.rank, self.group.group_name,
                                overrides=with_tied_aliases(plan or {}, self.twin.aliases),
-                               sequence_parallel=sequence_parallel, sharded_outputs=sharded_outputs)
+                               sequence_parallel=sequence_parallel, sharded_outputs=sharded_outputs,
+                               rewrite_one_rank=os.environ.get("TPCOMPILE_TP1_REWRITE") == "1")
         self.recorder = Recorder(self.rank, dump_dir or os.environ.get("TPCOMPILE_DUMP_DIR") or None)
         compile_options = dict(compile_options)
         mode = compile_options.pop("backend", "inductor")
         if mode not in USER_MODES:  # "trace" / "plan" are explain's and the planner's
             raise ValueError(f"tp_compile(backend={mode!r}): use 'inductor', 'aot_eager' or 'eager'")
+        inductor_options = _inductor_options(compile_options)
+        if async_tp:
+            inductor_options["_micro_pipeline_tp"] = _async_tp(self.group, mode, sequence_parallel)
         self.compiled, self.twin.compile = compile_twin(
             self.twin, self.params, self.options, mode, self.recorder, mesh=self.mesh, compile_options=compile_options,
-            inductor_options=_inductor_options(compile_options))
+            inductor_options=inductor_options)
         self.data_parallel = ""  # what tp_compile(mesh=...) applied: "shard" | "hsdp" | "replicate"
         self._inputs_checked = False
         self.check_replicas_every, self.calls = check_replicas_every, 0
@@ -101,14 +105,16 @@ class TensorParallel:
     # ----------------------------------------------------------------- the module's forward
     def forward(self, *args, **kwargs):
         self.twin.sync()
-        if self.broadcast_inputs:
+        if self.tp == 1:  # one rank: nothing to broadcast, compare or check (no collective at all)
+            pass
+        elif self.broadcast_inputs:
             args, kwargs = self._broadcast(args, kwargs)
         elif not self._inputs_checked:
             self._check_inputs(args, kwargs)
             self._inputs_checked = True
         self.calls += 1
         every = self.check_replicas_every
-        if every and (self.calls <= 3 or self.calls % every == 0):
+        if every and self.tp > 1 and (self.calls <= 3 or self.calls % every == 0):
             self.params.check_replicas(self.group, self.device)
         n_graphs, n_calls = len(self.records), self.recorder.calls
         try:
@@ -227,6 +233,32 @@ def _has_nan(out) -> bool:
     return any(isinstance(t, torch.Tensor) and t.is_floating_point() and bool(t.isnan().any()) for t in flat)
 
 
+def _async_tp(group, mode: str, sequence_parallel: bool) -> bool:
+    """Turn on Inductor's async TP (``_micro_pipeline_tp``: each SP all-gather -> matmul and
+    matmul -> reduce-scatter becomes one pipelined symmetric-memory op) for ``group``: its
+    symmetric memory is enabled here, which the pass requires. Only SP graphs have those
+    collectives; off CUDA + NCCL Inductor fuses nothing (the graphs are still in its form)."""
+    import warnings
+
+    if not sequence_parallel:
+        raise ValueError("tp_compile(async_tp=True) needs sequence_parallel=True: async TP overlaps the all-gathers "
+                         "and reduce-scatters of sequence parallelism with their matmuls (plain TP's all-reduces "
+                         "do not fuse).")
+    if mode != "inductor":
+        raise ValueError(f"tp_compile(async_tp=True) is an Inductor pass: use backend='inductor', not {mode!r}.")
+    if dist.get_backend(group) == "nccl" and torch.cuda.is_available():
+        from torch.distributed._symmetric_memory import enable_symm_mem_for_group
+
+        with warnings.catch_warnings():  # deprecated in 2.13, but the pass still asks for it
+            warnings.simplefilter("ignore", FutureWarning)
+            enable_symm_mem_for_group(group.group_name)
+    else:
+        warnings.warn(f"tp_compile(async_tp=True): async TP needs CUDA and NCCL; on this {dist.get_backend(group)} "
+                      f"group Inductor fuses nothing (the program is the same as without it).", TPWarning,
+                      stacklevel=4)
+    return True
+
+
 def _inductor_options(compile_options: dict) -> dict:
     """``mode=`` / ``options=`` of ``torch.compile`` are Inductor's: take them out (a custom backend
     cannot take them) and hand them to Inductor as config patches."""
@@ -254,6 +286,7 @@ def tp_compile(
     device: Any = None,
     dump_dir: str | None = None,
     check_replicas_every: int = 100,
+    async_tp: bool = False,
     **compile_options: Any,
 ) -> nn.Module:
     """Make ``model`` run tensor-parallel over ``group`` (default: WORLD), compiled.
@@ -287,6 +320,10 @@ def tp_compile(
     ``check_replicas_every``: on the first 3 calls and then every N-th, check that the parameters
     replicated over the TP group are bitwise equal on every rank (one checksum each, one small
     all-gather) and raise ``TPDivergenceError`` naming the first that is not; 0 turns it off.
+    ``async_tp``: with ``sequence_parallel=True`` on CUDA + NCCL, Inductor's async TP
+    (``_micro_pipeline_tp``) splits each all-gather -> matmul and matmul -> reduce-scatter into
+    pipelined chunks that overlap communication with compute (symmetric memory is enabled for
+    the TP group); the numbers are unchanged.
     ``compile_options``: passed to ``torch.compile`` (``dynamic``, ``fullgraph``, ...; ``mode`` and
     ``options`` go to Inductor); ``backend`` picks what compiles the rewritten graph:
     ``"inductor"`` (default), ``"aot_eager"`` or ``"eager"``.
@@ -299,7 +336,7 @@ def tp_compile(
         group = _tp_of(mesh, group, example_inputs)
     state = TensorParallel(model, group, plan, compile_options, sequence_parallel=sequence_parallel,
                            sharded_outputs=sharded_outputs, broadcast_inputs=broadcast_inputs, dump_dir=dump_dir,
-                           check_replicas_every=check_replicas_every)
+                           check_replicas_every=check_replicas_every, async_tp=async_tp)
     model._tp_state = state
     model.forward = state.forward
     from tpcompile import checkpoint  # checkpoint-facing side: state dicts, meta-device models

@@ -44,6 +44,7 @@ class Options:
     overrides: dict = field(default_factory=dict)
     sequence_parallel: bool = False
     sharded_outputs: bool = False
+    rewrite_one_rank: bool = False  # keep the TP program at tp=1 (TPCOMPILE_TP1_REWRITE=1: one-GPU checks)
     known: dict = field(default_factory=dict)  # FQN -> ParamPlan already stored (an earlier graph's)
 
 
@@ -161,9 +162,13 @@ def tp_program(gm: fx.GraphModule, param_fqns: dict[int, str], options: Options,
         fallbacks.append(msg)
     fallbacks += [_warn_subgraph(n, fqns) for n in gm.graph.nodes
                   if n.op == "call_function" and isinstance(n.target, torch._ops.HigherOrderOperator)]
-    floor = communication_floor(plan)
+    rewritten = not plan_only and (options.tp > 1 or options.sharded_outputs or options.rewrite_one_rank)
+    floor = communication_floor(plan) if rewritten or plan_only else {"forward": {}, "backward": {}}
     sharded: dict = {}
-    if not plan_only:
+    # one rank: every shard is the whole tensor and every mapping op an identity, so the captured
+    # graph is the program (torch.compile's); sharded_outputs keeps the rewrite for its DTensor outputs,
+    # and TPCOMPILE_TP1_REWRITE=1 keeps it to check the TP program on one GPU (make gpu-check)
+    if rewritten:
         rewrite(gm, plan, options.group_name, options.rank)
         if options.sequence_parallel:
             sp = sequence_parallel(gm, options.group_name, options.tp, options.rank)

@@ -151,7 +151,20 @@ class Backend:
         return _live_backend, (self._key,)
 
     def options_for(self, fqns) -> Options:
-        return replace(self.options, known={f: self.params.layouts[f] for f in fqns if f in self.params.layouts})
+        """The pipeline's options for one graph: the layouts already stored, and whether to fuse the
+        norms (``fuse_norm=None``: when captured under ``no_grad``; Dynamo guards on grad mode, so a
+        later call with gradients gets a graph of its own, unfused)."""
+        fuse = self.options.fuse_norm
+        if fuse is None:
+            fuse = not torch.is_grad_enabled()
+        elif fuse and torch.is_grad_enabled() and self.mode != "plan":
+            raise ValueError(
+                "tp_compile(fuse_norm=True): the fused reduction + residual add + RMSNorm is an inference op "
+                "(no backward), but this graph is captured with gradients enabled. Call the model under "
+                "torch.no_grad() / torch.inference_mode(), or pass fuse_norm=None (fused under no_grad only) "
+                "or False.")
+        return replace(self.options, fuse_norm=fuse,
+                       known={f: self.params.layouts[f] for f in fqns if f in self.params.layouts})
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list) -> Callable:
         mode, twin, params, rec = self.mode, self.twin, self.params, self.recorder

@@ -89,7 +89,7 @@ def _eval_logits(rank: int, world: int, name: str, sp: bool, dtype: torch.dtype)
     out = {}
     for fuse in (None, False):  # None: fused (the default under no_grad)
         model, _ = _model(name)
-        model = tpcompile.tp_compile(model.to(dtype), sequence_parallel=sp, fuse_norm=fuse, backend="aot_eager")
+        model = tpcompile.tp_compile(model.to(dtype), sequence_parallel=sp, fuse_norm=fuse, backend="eager")
         with torch.no_grad():
             got = model(ids)
         out["fused" if fuse is None else "unfused"] = (got.logits if hasattr(got, "logits") else got).float()
@@ -100,9 +100,10 @@ def _eval_logits(rank: int, world: int, name: str, sp: bool, dtype: torch.dtype)
             "logits": to_bytes(f)}
 
 
-# default: no SP in bf16 (the spelling's casts matter) and SP with Gemma's 1 + w.float()
-GLOO = [("example", False, torch.bfloat16), ("gemma", True, torch.float32)]
-GLOO += [("example", False, torch.float32), ("example", True, torch.float32), ("gemma", False, torch.float32)] \
+# default: the example Llama without SP in bf16 (its casts matter) and with SP; Gemma's spelling is
+# checked against its own module below (test_norm_forms_equal_the_models_own_modules)
+GLOO = [("example", False, torch.bfloat16), ("example", True, torch.float32)]
+GLOO += [("gemma", True, torch.float32), ("example", False, torch.float32), ("gemma", False, torch.float32)] \
     if ALL else []
 
 
@@ -123,22 +124,48 @@ def test_fused_logits_equal_unfused_and_single_device(case):
         assert torch.equal(*logits)  # every rank the same logits, bitwise
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_norm_forms_equal_the_models_own_modules(dtype):
+    """The op's norm, in the form the pass reads off each graph, bitwise equals the model's own norm
+    module (what the unfused graph computes eagerly): the example Llama's, HF Llama's, HF Gemma's."""
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from tpcompile.runtime.fused_norm import NormForm, rms_norm_reference
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 8, 64, generator=g).to(dtype)
+    for module, form in [(llama.RMSNorm(64, eps=1e-5), NormForm(1e-5, upcast=True, tail="cw")),
+                         (LlamaRMSNorm(64, eps=1e-6), NormForm(1e-6, upcast=True, tail="cw")),
+                         (GemmaRMSNorm(64, eps=1e-6), NormForm(1e-6, upcast=True, tail="wc", offset=1.0,
+                                                                weight_upcast=True))]:
+        with torch.no_grad():
+            module.weight.copy_(torch.randn(64, generator=g))
+            module.to(dtype)
+            assert torch.equal(rms_norm_reference(h, module.weight, form), module(h)), type(module).__name__
+    w = torch.randn(64, generator=g).to(dtype)
+    assert torch.equal(rms_norm_reference(h, w, NormForm(1e-5, aten=True)), torch.nn.functional.rms_norm(h, (64,), w, 1e-5))
+
+
 @pytest.mark.gpu
 def test_symmetric_memory_all_reduce_on_cuda():
     """The CUDA kernel of the op (symmetric-memory all-reduce, NCCL above the threshold) equals the
     torch reference. Needs CUDA; one rank exercises the single-rank group."""
     import torch.distributed as dist
+    import torch.distributed._symmetric_memory as symm_mem
 
     from tpcompile.runtime.fused_norm import NormForm, reduce_add_rms_norm, rms_norm_reference
 
-    if not dist.is_initialized():
-        dist.init_process_group("nccl", init_method="tcp://127.0.0.1:29533", rank=0, world_size=1)
-    group = dist.group.WORLD.group_name
-    torch.distributed._symmetric_memory.enable_symm_mem_for_group(group)
-    for n in (64, 1 << 20):  # one-shot and above the two-shot threshold (NCCL)
-        p, r = torch.randn(2, n // 2, 64, device="cuda"), torch.randn(2, n // 2, 64, device="cuda")
-        w = torch.randn(64, device="cuda")
+    dist.init_process_group("nccl", init_method="tcp://127.0.0.1:29533", rank=0, world_size=1)
+    try:
+        group = dist.group.WORLD.group_name
+        symm_mem.enable_symm_mem_for_group(group)
         form = NormForm(1e-5, upcast=True, tail="cw")
-        normed, h = reduce_add_rms_norm(p, r, w, group, None, form)
-        torch.testing.assert_close(h, p + r)
-        torch.testing.assert_close(normed, rms_norm_reference(p + r, w, form))
+        for tokens in (64, 1 << 14, 1 << 16):  # bf16 [2, T, 64]: 16 KiB one-shot, 4 MiB two-shot, 16 MiB NCCL
+            p, r = (torch.randn(2, tokens, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+            w = torch.randn(64, device="cuda", dtype=torch.bfloat16)
+            normed, h = reduce_add_rms_norm(p, r, w, group, None, form)
+            assert torch.equal(h, p + r)
+            assert torch.equal(normed, rms_norm_reference(p + r, w, form))
+    finally:
+        dist.destroy_process_group()

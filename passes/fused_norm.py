@@ -68,9 +68,11 @@ def _defined_before(a: fx.Node, b: fx.Node) -> bool:
     return False
 
 
-def fuse_norms(gm: fx.GraphModule, group: str) -> list[FusedNorm]:
+def fuse_norms(gm: fx.GraphModule, group: str, needs_backward: bool = True) -> list[FusedNorm]:
     """Replace every ``row-parallel reduction -> residual add -> RMSNorm -> column input`` of ``gm``
-    (in place) by the fused op; returns what it fused."""
+    (in place) by the fused op; returns what it fused. ``needs_backward``: the graph is trained, so
+    only an SP norm read by one ``gather_from_sp`` is fused (a ``gather_from_tp`` beside it has
+    another backward: a split of a whole gradient, where the op's is a reduce-scatter of a partial one)."""
     g = gm.graph
     done = []
     for red in [n for n in g.nodes if n.op == "call_function" and n.target in (M.reduce_from_tp, M.reduce_scatter_to_sp)
@@ -84,8 +86,9 @@ def fuse_norms(gm: fx.GraphModule, group: str) -> list[FusedNorm]:
         if sp:  # the normed shard only goes to all-gathers over the tokens (into the next column-parallel
             # linears, or whole to replicated ones: MQA's k/v); in the forward they are one all-gather
             outs = list(norm.out.users)
-            if not outs or any(u.target not in (M.gather_from_sp, M.gather_from_tp) or u.args[2] != red.args[2]
-                               for u in outs):
+            kinds = (M.gather_from_sp,) if needs_backward else (M.gather_from_sp, M.gather_from_tp)
+            if not outs or any(u.target not in kinds or u.args[2] != red.args[2] for u in outs) \
+                    or needs_backward and len(outs) != 1:
                 continue
         else:  # whatever reads the norm (Megatron's f of the next column-parallel input, a replicated head)
             outs = [norm.out]

@@ -22,7 +22,8 @@ above those sizes or where the group has no symmetric memory. The SP form uses N
 reduce-scatter / all-gather (the token dim of ``[B, T, H]`` is not the leading dim that
 ``symm_mem.reduce_scatter_out`` splits). Add and norm are torch ops there (no Triton kernel yet).
 
-Inference only: the op has no autograd formula (the pass refuses to fuse a graph that needs one).
+Backward (for ``tp_compile(..., fuse_norm=True)`` when training): the conjugate collectives around
+autograd's gradient of the same norm arithmetic.
 """
 from __future__ import annotations
 
@@ -37,8 +38,6 @@ __all__ = ["NormForm", "reduce_add_rms_norm", "rms_norm_reference", "ONE_SHOT_MA
 
 ONE_SHOT_MAX_BYTES = 256 * 1024  # one-shot: every rank reads every peer's buffer (latency-bound sizes)
 TWO_SHOT_MAX_BYTES = 8 * 1024 * 1024  # two-shot: reduce-scatter + all-gather in the symmetric buffer
-_GRAD_MSG = ("tpcompile::reduce_add_rms_norm has no backward: the fused reduction + residual add + RMSNorm "
-             "is for inference (model.eval() under torch.no_grad()). Compile with fuse_norm=False to train.")
 
 
 @dataclass(frozen=True)
@@ -107,15 +106,40 @@ def _(partial, residual, weight, group, sp_dim, eps, aten, upcast, tail, offset,
     return _all_gather(rms_norm_reference(h, weight, form), sp_dim, group), h
 
 
-def _no_grad_only(ctx, inputs, output):
-    raise RuntimeError(_GRAD_MSG)
+def _setup_context(ctx, inputs, output):
+    partial, residual, weight, group, sp_dim, *form = inputs
+    ctx.save_for_backward(output[1], weight)
+    ctx.group, ctx.sp_dim, ctx.form, ctx.partial_dtype = group, sp_dim, _form(*form), partial.dtype
 
 
-def _backward(ctx, *grads):
-    raise RuntimeError(_GRAD_MSG)
+def _backward(ctx, g_normed, g_h):
+    """Megatron's conjugates around the norm's own gradient: with SP the all-gather's backward is a
+    reduce-scatter of ``g_normed`` and the reduce-scatter's an all-gather of ``g_h``; without SP the
+    all-reduce's backward is the identity (the f after the op all-reduces the column input's grad).
+    The norm's gradient is autograd's on the same arithmetic (``rms_norm_reference``)."""
+    h, weight = ctx.saved_tensors
+    group, sp_dim = ctx.group, ctx.sp_dim
+    g_w = None
+    if g_normed is not None:
+        if sp_dim is not None:
+            g_normed = _reduce_scatter(g_normed, sp_dim, group)
+        with torch.enable_grad():
+            hh = h.detach().requires_grad_()
+            ww = weight.detach().requires_grad_() if weight is not None and ctx.needs_input_grad[2] else weight
+            stream = hh.view_as(hh)  # the residual stream's own consumers: their gradient joins in autograd's order
+            normed = rms_norm_reference(stream, ww, ctx.form)
+            wants = [hh] + ([ww] if ww is not weight else [])
+            outs, g_outs = ([normed, stream], [g_normed, g_h]) if g_h is not None else ([normed], [g_normed])
+            grads = torch.autograd.grad(outs, wants, g_outs)
+        g_h = grads[0]
+        g_w = grads[1] if len(grads) > 1 else None
+    if g_h is None:
+        g_h = torch.zeros_like(h)
+    g_partial = (_all_gather(g_h, sp_dim, group) if sp_dim is not None else g_h).to(ctx.partial_dtype)
+    return g_partial, g_h, g_w, None, None, None, None, None, None, None, None
 
 
-_reduce_add_rms_norm.register_autograd(_backward, setup_context=_no_grad_only)
+_reduce_add_rms_norm.register_autograd(_backward, setup_context=_setup_context)
 
 
 def reduce_add_rms_norm(partial: Tensor, residual: Tensor, weight: Tensor | None, group: str,

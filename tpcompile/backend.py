@@ -153,17 +153,10 @@ class Backend:
     def options_for(self, fqns) -> Options:
         """The pipeline's options for one graph: the layouts already stored, and whether to fuse the
         norms (``fuse_norm=None``: when captured under ``no_grad``; Dynamo guards on grad mode, so a
-        later call with gradients gets a graph of its own, unfused)."""
-        fuse = self.options.fuse_norm
-        if fuse is None:
-            fuse = not torch.is_grad_enabled()
-        elif fuse and torch.is_grad_enabled() and self.mode != "plan":
-            raise ValueError(
-                "tp_compile(fuse_norm=True): the fused reduction + residual add + RMSNorm is an inference op "
-                "(no backward), but this graph is captured with gradients enabled. Call the model under "
-                "torch.no_grad() / torch.inference_mode(), or pass fuse_norm=None (fused under no_grad only) "
-                "or False.")
-        return replace(self.options, fuse_norm=fuse,
+        call with gradients gets a graph of its own, unfused unless ``fuse_norm=True``)."""
+        grad = torch.is_grad_enabled()
+        fuse = (not grad) if self.options.fuse_norm is None else self.options.fuse_norm
+        return replace(self.options, fuse_norm=fuse, needs_backward=grad,
                        known={f: self.params.layouts[f] for f in fqns if f in self.params.layouts})
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list) -> Callable:

@@ -46,9 +46,10 @@ class Options:
     sequence_parallel: bool = False
     sharded_outputs: bool = False
     known: dict = field(default_factory=dict)  # FQN -> ParamPlan already stored (an earlier graph's)
-    # fuse each row-parallel reduction + residual add + RMSNorm into one op (passes/fused_norm.py): an
-    # inference op with no backward. None: decided per graph by the backend (on when captured under no_grad)
+    # fuse each row-parallel reduction + residual add + RMSNorm into one op (passes/fused_norm.py).
+    # None: decided per graph by the backend (on when captured under no_grad)
     fuse_norm: bool | None = None
+    needs_backward: bool = True  # the graph will be differentiated (captured with gradients enabled)
 
 
 @dataclass
@@ -191,7 +192,7 @@ def tp_program(gm: fx.GraphModule, param_fqns: dict[int, str], options: Options,
         if options.sequence_parallel:
             sp = sequence_parallel(gm, options.group_name, options.tp, options.rank)
             floor = floor_with_sp(sp, floor["forward"].get("vocab-parallel loss", 0))
-        fused = fuse_norms(gm, options.group_name) if options.fuse_norm else []
+        fused = fuse_norms(gm, options.group_name, options.needs_backward) if options.fuse_norm else []
         sharded = keep_outputs_sharded(gm) if options.sharded_outputs else {}
     record = GraphRecord(
         {pp.fqn: pp for pp in plan.params.values()}, original_code, readable_code(gm.graph, names), fallbacks,

@@ -24,7 +24,7 @@ import torch
 import torch.fx as fx
 
 from tpcompile.runtime import mappings as M
-from tpcompile.runtime import fused_norm as FN
+from tpcompile.runtime import fused_norm as _registers_the_op  # noqa: F401  (tpcompile::reduce_add_rms_norm)
 
 from .graph_utils import same_shape, shape, source_line, value
 from .normalize import LINEARS

@@ -22,8 +22,9 @@ above those sizes or where the group has no symmetric memory. The SP form uses N
 reduce-scatter / all-gather (the token dim of ``[B, T, H]`` is not the leading dim that
 ``symm_mem.reduce_scatter_out`` splits). Add and norm are torch ops there (no Triton kernel yet).
 
-Backward (for ``tp_compile(..., fuse_norm=True)`` when training): the conjugate collectives around
-autograd's gradient of the same norm arithmetic.
+Backward (``tp_compile(..., fuse_norm=True)`` in training): the conjugate collectives around
+autograd's gradient of the same norm arithmetic, the residual stream's gradient joined in autograd's
+order: bitwise equal to the unfused program's gradients.
 """
 from __future__ import annotations
 

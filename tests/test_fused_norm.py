@@ -16,7 +16,6 @@ import torch
 
 import llama
 import tpcompile
-from fakepg import fake_group
 from hf_models import make_model as make_hf
 from multirank import run_cases, to_bytes
 

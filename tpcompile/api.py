@@ -285,8 +285,7 @@ def tp_compile(
     ``fuse_norm``: run each row-parallel reduction, the residual add and the RMSNorm after it (and,
     with SP, the next all-gather) as one op, ``tpcompile::reduce_add_rms_norm`` (Megatron's inference
     layers; docs/fused_norm.md). ``None`` (default): for graphs captured under ``torch.no_grad()`` /
-    ``inference_mode``; ``False``: never; ``True``: always, and an error for a graph captured with
-    gradients enabled (the op has no backward).
+    ``inference_mode``; ``True``: training graphs too (the op has a backward); ``False``: never.
     ``example_inputs`` (args tuple, or kwargs dict): plan now rather than on the first call, so
     the parameters are sharded (and a ``meta``-device model's shards allocated, on ``device``,
     default the group's) before ``tp_compile`` returns; ``init_weights`` initialises those:

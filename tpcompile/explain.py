@@ -140,7 +140,7 @@ def explain(
     One process, no GPU, no torchrun: a fake process group stands in for the TP group.
     The model is not modified (its parameters stay bitwise the same; one built on
     ``meta`` stays on ``meta``). ``plan``, ``fuse_norm``: as ``tp_compile`` takes them (called under
-    ``torch.no_grad()``, the norms are fused by default, as ``tp_compile`` would).
+    ``torch.no_grad()``, the norms are fused by default, as ``tp_compile`` fuses them).
     """
     if getattr(model, "_tp_state", None) is not None:
         raise RuntimeError("explain() takes the plain model, before tp_compile (this one is already tensor-parallel).")

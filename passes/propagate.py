@@ -675,6 +675,140 @@ def dropout(node, ctx) -> NodeInfo:
     return unary(node, ctx)
 
 
+@dataclass
+class RMSNormCall:
+    """An RMSNorm over the last dim of ``x``, in a spelling the rules know (``rms_norm_of``).
+
+    ``out``: the normed value; ``nodes``: the ops from ``x`` to ``out`` (``out`` last), which
+    nothing else reads; ``weight``: the node multiplied in (before any cast / offset), or None.
+    The other fields are ``tpcompile.runtime.fused_norm.NormForm``'s: the same arithmetic in the
+    same order, so a fused op can reproduce the spelling bitwise.
+    """
+
+    x: fx.Node
+    out: fx.Node
+    nodes: list
+    weight: fx.Node | None
+    eps: float
+    aten: bool = False
+    upcast: bool = False
+    tail: str = ""
+    offset: float = 0.0
+    weight_upcast: bool = False
+    weight_nodes: list = field(default_factory=list)  # the ``w.float()`` / ``1 + w`` ops the norm alone reads
+
+
+_ADDS = (operator.add, torch.add, "add")
+_MULS = (operator.mul, torch.mul, "mul")
+
+
+def _only_user(n: fx.Node) -> fx.Node | None:
+    return next(iter(n.users)) if len(n.users) == 1 else None
+
+
+def _other(node: fx.Node, x: Any) -> Any:
+    """The operand of a binary ``node`` that is not ``x`` (None unless exactly one is ``x``)."""
+    a = list(node.args[:2])
+    if len(a) != 2 or node.kwargs or (a[0] is x) == (a[1] is x):
+        return None
+    return a[1] if a[0] is x else a[0]
+
+
+def _is_float32_cast(n: fx.Node, x: fx.Node) -> bool:
+    return op_class(n) == "cast" and n.args[0] is x and value(n).dtype == torch.float32 \
+        and same_shape(shape(n), shape(x))
+
+
+def _weight_term(t: Any, width: Any) -> tuple | None:
+    """``(w, offset, upcast, nodes)`` if ``t`` is ``w``, ``w.float()``, ``1 + w`` or ``1 + w.float()`` for a 1-D
+    ``w`` of the normalized width (Gemma's ``1 + w``); else None."""
+    if not isinstance(t, fx.Node) or not is_tensor(t):
+        return None
+    offset, nodes = 0.0, []
+    if t.target in _ADDS and len(t.users) == 1 and not t.kwargs:
+        consts = [a for a in t.args[:2] if isinstance(a, (int, float))]
+        nodes = [a for a in t.args[:2] if isinstance(a, fx.Node)]
+        if len(consts) != 1 or len(nodes) != 1 or consts[0] == 0:
+            return None
+        nodes, offset, t = [t], float(consts[0]), nodes[0]
+    upcast = op_class(t) == "cast" and value(t).dtype == torch.float32 and len(t.users) == 1 \
+        and isinstance(t.args[0], fx.Node) and same_shape(shape(t), shape(t.args[0]))
+    w = t.args[0] if upcast else t
+    if not is_tensor(w) or value(w).dim() != 1 or not same_size(shape(w)[0], width):
+        return None
+    return w, offset, upcast, nodes + ([t] if upcast else [])
+
+
+def rms_norm_of(x: fx.Node) -> RMSNormCall | None:
+    """The RMSNorm that ``x`` feeds, if it is one the rules know: ``torch.rms_norm`` over the last
+    dim, or the hand-written ``x * rsqrt(mean(x^2, -1, keepdim) + eps)`` (optionally on ``x.float()``)
+    followed by casts back to ``x``'s dtype and one multiply by ``w`` / ``w.float()`` / ``1 + w`` in
+    any order (Llama's, Gemma's, T5's spellings). None otherwise, or when a step's value is read
+    by anything outside the norm."""
+    if not is_tensor(x):
+        return None
+    users = list(x.users)
+    width = shape(x)[-1]
+    for u in users:  # torch.rms_norm(x, (H,), w, eps)
+        if op_class(u) == "norm" and u.target in (F.rms_norm, torch.rms_norm) and u.args[0] is x:
+            ns, w, eps = _arg(u, 1, "normalized_shape"), _arg(u, 2, "weight"), _arg(u, 3, "eps")
+            if len(ns) != 1 or not (eps is None or isinstance(eps, float)):
+                return None
+            eps = torch.finfo(value(x).dtype).eps if eps is None else eps
+            return RMSNormCall(x, u, [u], w, float(eps), aten=True)
+    for xf in [u for u in users if _is_float32_cast(u, x)] + [x]:
+        call = _hand_written_rms_norm(x, xf, width)
+        if call is not None:
+            return call
+    return None
+
+
+def _hand_written_rms_norm(x: fx.Node, xf: fx.Node, width: Any) -> RMSNormCall | None:
+    """``rms_norm_of`` for ``xf * rsqrt(mean(xf^2, -1, keepdim) + eps)`` (``xf``: ``x`` or its float cast)."""
+    sq = [u for u in xf.users if (u.target in ("pow", torch.pow) and u.args[0] is xf and _arg(u, 1, "exponent") == 2
+                                  and len(u.args) == 2 and not u.kwargs)
+          or (u.target in _MULS and u.args[:2] == (xf, xf) and not u.kwargs)
+          or (u.target in ("square", torch.square) and u.args == (xf,))]
+    if len(sq) != 1:
+        return None
+    mean = _only_user(sq[0])
+    if mean is None or op_class(mean) != "reduction" or mean.target not in ("mean", torch.mean) \
+            or _arg(mean, 3, "dtype") is not None or not _arg(mean, 2, "keepdim", False):
+        return None
+    dims = _arg(mean, 1, "dim")
+    dims = dims if isinstance(dims, (tuple, list)) else [dims]
+    if [norm_dim(d, value(xf).dim()) if isinstance(d, int) else None for d in dims] != [value(xf).dim() - 1]:
+        return None
+    add = _only_user(mean)
+    eps = _other(add, mean) if add is not None and add.target in _ADDS else None
+    if not isinstance(eps, float):
+        return None
+    rs = _only_user(add)
+    if rs is None or rs.target not in (torch.rsqrt, "rsqrt") or rs.args != (add,) or rs.kwargs:
+        return None
+    y = _only_user(rs)
+    if y is None or y.target not in _MULS or _other(y, rs) is not xf:
+        return None
+    if xf is not x and len(xf.users) != 2:  # the cast feeds the square and the multiply, nothing else
+        return None
+    nodes = ([xf] if xf is not x else []) + [sq[0], mean, add, rs, y]
+    out, tail, weight, offset, w_up, w_nodes = y, "", None, 0.0, False, []
+    while len(out.users) == 1 and len(tail) < 3:
+        u = _only_user(out)
+        if op_class(u) == "cast" and u.args[0] is out and value(u).dtype == value(x).dtype \
+                and same_shape(shape(u), shape(out)) and (u.target != "type_as" or u.args[1] is x) \
+                and all(not isinstance(a, fx.Node) or a is x for a in u.args[1:]) and not u.kwargs:
+            tail += "c"
+        elif u.target in _MULS and weight is None and (term := _weight_term(_other(u, out), width)) is not None:
+            weight, offset, w_up, w_nodes = term
+            tail += "w"
+        else:
+            break
+        nodes.append(u)
+        out = u
+    return RMSNormCall(x, out, nodes, weight, eps, False, xf is not x, tail, offset, w_up, w_nodes)
+
+
 RULES: dict[Any, Callable[[fx.Node, Ctx], NodeInfo]] = {
     **{f: pointwise for f in _POINTWISE_FNS},
     **{m: pointwise for m in _POINTWISE_METHODS},

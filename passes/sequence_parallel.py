@@ -137,6 +137,8 @@ def sequence_parallel(gm: fx.GraphModule, group: str, tp: int, rank: int = 0) ->
                 cache[key] = g.call_function(fn, (x, group, *args))
             cache[key].meta["tp_mapping"] = fn.__name__
             _inherit_meta(cache[key], before)
+            if value(x) is not None:  # meta values stay logical (whole) shapes, as the rewrite's mappings
+                cache[key].meta["example_value"] = value(x)
         elif _comes_after(cache[key], before):
             before.prepend(cache[key])
         return cache[key]

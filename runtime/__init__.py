@@ -20,6 +20,7 @@ from .mappings import (
     scatter_to_tp,
 )
 from .fused_linear_ce import fused_linear_cross_entropy
+from .fused_norm import reduce_add_rms_norm
 from .vocab_parallel import vocab_parallel_cross_entropy, vocab_parallel_embedding
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "group_name",
     "group_rank",
     "group_size",
+    "reduce_add_rms_norm",
     "reduce_from_tp",
     "reduce_scatter_to_sp",
     "reduce_scatter_to_tp",

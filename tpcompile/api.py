@@ -38,7 +38,8 @@ class TensorParallel:
 
     def __init__(self, model: nn.Module, group, plan: dict | None, compile_options: dict, *,
                  sequence_parallel: bool = False, sharded_outputs: bool = False, broadcast_inputs: bool = False,
-                 dump_dir: str | None = None, check_replicas_every: int = 100, async_tp: bool = False):
+                 fuse_norm: bool | None = None, dump_dir: str | None = None, check_replicas_every: int = 100,
+                 async_tp: bool = False):
         validate_overrides(plan or {}, fqns_of(model), type(model).__name__)
         self.mesh, self.group = _resolve_mesh(group)
         self.tp, self.rank = dist.get_world_size(self.group), dist.get_rank(self.group)
@@ -50,7 +51,7 @@ class TensorParallel:
         self.options = Options(self.tp, self.rank, self.group.group_name,
                                overrides=with_tied_aliases(plan or {}, self.twin.aliases),
                                sequence_parallel=sequence_parallel, sharded_outputs=sharded_outputs,
-                               rewrite_one_rank=os.environ.get("TPCOMPILE_TP1_REWRITE") == "1")
+                               rewrite_one_rank=os.environ.get("TPCOMPILE_TP1_REWRITE") == "1", fuse_norm=fuse_norm)
         self.recorder = Recorder(self.rank, dump_dir or os.environ.get("TPCOMPILE_DUMP_DIR") or None)
         compile_options = dict(compile_options)
         mode = compile_options.pop("backend", "inductor")
@@ -281,6 +282,7 @@ def tp_compile(
     sequence_parallel: bool = False,
     sharded_outputs: bool = False,
     broadcast_inputs: bool = False,
+    fuse_norm: bool | None = None,
     example_inputs: Any = None,
     init_weights: Any = None,
     device: Any = None,
@@ -313,6 +315,10 @@ def tp_compile(
     call; the loss is unaffected. Needs the model captured as one graph.
     ``broadcast_inputs``: broadcast every input from the group's first rank each call
     instead of checking, on the first call, that all ranks got the same inputs.
+    ``fuse_norm``: run each row-parallel reduction, the residual add and the RMSNorm after it (and,
+    with SP, the next all-gather) as one op, ``tpcompile::reduce_add_rms_norm`` (Megatron's inference
+    layers; docs/fused_norm.md). ``None`` (default): for graphs captured under ``torch.no_grad()`` /
+    ``inference_mode``; ``True``: training graphs too (the op has a backward); ``False``: never.
     ``example_inputs`` (args tuple, or kwargs dict): plan now rather than on the first call, so
     the parameters are sharded (and a ``meta``-device model's shards allocated, on ``device``,
     default the group's) before ``tp_compile`` returns; ``init_weights`` initialises those:
@@ -335,8 +341,8 @@ def tp_compile(
     if mesh is not None:
         group = _tp_of(mesh, group, example_inputs)
     state = TensorParallel(model, group, plan, compile_options, sequence_parallel=sequence_parallel,
-                           sharded_outputs=sharded_outputs, broadcast_inputs=broadcast_inputs, dump_dir=dump_dir,
-                           check_replicas_every=check_replicas_every, async_tp=async_tp)
+                           sharded_outputs=sharded_outputs, broadcast_inputs=broadcast_inputs, fuse_norm=fuse_norm,
+                           dump_dir=dump_dir, check_replicas_every=check_replicas_every, async_tp=async_tp)
     model._tp_state = state
     model.forward = state.forward
     from tpcompile import checkpoint  # checkpoint-facing side: state dicts, meta-device models

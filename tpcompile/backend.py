@@ -173,7 +173,13 @@ class Backend:
         return _live_backend, (self._key,)
 
     def options_for(self, fqns) -> Options:
-        return replace(self.options, known={f: self.params.layouts[f] for f in fqns if f in self.params.layouts})
+        """The pipeline's options for one graph: the layouts already stored, and whether to fuse the
+        norms (``fuse_norm=None``: when captured under ``no_grad``; Dynamo guards on grad mode, so a
+        call with gradients gets a graph of its own, unfused unless ``fuse_norm=True``)."""
+        grad = torch.is_grad_enabled()
+        fuse = (not grad) if self.options.fuse_norm is None else self.options.fuse_norm
+        return replace(self.options, fuse_norm=fuse, needs_backward=grad,
+                       known={f: self.params.layouts[f] for f in fqns if f in self.params.layouts})
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list) -> Callable:
         mode, twin, params, rec = self.mode, self.twin, self.params, self.recorder

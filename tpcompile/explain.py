@@ -63,6 +63,7 @@ class Report:
         width = max((len(c.module) for c in self.collectives), default=0)
         return "\n".join(
             f"{c.phase:<8} {c.kind:<14} {_bytes(c.nbytes):>10}  {c.module or '(model)':<{width}}  {c.source}"
+            + (f"  [fused: {c.fused}]" if c.fused else "")
             for c in self.collectives
         ) + "\n"
 
@@ -103,6 +104,11 @@ class Report:
             total = sum(x.nbytes for x in mine) if all(x.nbytes >= 0 for x in mine) else -1  # -1: symbolic sizes
             lines.append(f"  {ph:<8} {kinds}; {_bytes(total)}")
             lines.append(f"           floor {sum(floor.values())} ({why}): {verdict}")
+        fused = [f for r in self.records for f in r.fused_norms]
+        if fused:
+            sp = " + all-gather" if fused[0].sequence_parallel else ""
+            lines += ["", f"fused: {len(fused)} x reduce{sp} + residual add + RMSNorm in one op "
+                          f"(tpcompile::reduce_add_rms_norm), at:", *(f"  {f.source}" for f in fused)]
         lines += ["", "where they come from:", *("  " + r for r in self.collectives_summary().splitlines())]
         lines += ["", "warnings:" if self.warnings else "warnings: none", *("  " + w for w in self.warnings)]
         return "\n".join(lines)
@@ -125,6 +131,7 @@ def explain(
     rank: int = 0,
     sequence_parallel: bool = False,
     plan: dict[str, str] | None = None,
+    fuse_norm: bool | None = None,
     dump_dir: str | None = None,
     **kwargs: Any,
 ) -> Report:
@@ -132,7 +139,8 @@ def explain(
 
     One process, no GPU, no torchrun: a fake process group stands in for the TP group.
     The model is not modified (its parameters stay bitwise the same; one built on
-    ``meta`` stays on ``meta``). ``plan``: the same overrides ``tp_compile`` takes.
+    ``meta`` stays on ``meta``). ``plan``, ``fuse_norm``: as ``tp_compile`` takes them (called under
+    ``torch.no_grad()``, the norms are fused by default, as ``tp_compile`` fuses them).
     """
     if getattr(model, "_tp_state", None) is not None:
         raise RuntimeError("explain() takes the plain model, before tp_compile (this one is already tensor-parallel).")
@@ -158,7 +166,8 @@ def explain(
         twin = Twin(model, torch.device("cpu"), meta_buffers_as_ghosts=True)
         params = StandinParameters(twin)
         options = Options(world_size, rank, dist.group.WORLD.group_name,
-                          overrides=with_tied_aliases(plan or {}, twin.aliases), sequence_parallel=sequence_parallel)
+                          overrides=with_tied_aliases(plan or {}, twin.aliases), sequence_parallel=sequence_parallel,
+                          fuse_norm=fuse_norm)
         recorder = Recorder(rank, dump_dir)
         compiled, twin.compile = compile_twin(twin, params, options, "trace", recorder)
         twin.sync()

@@ -18,6 +18,7 @@ import torch.fx as fx
 from tpcompile.dump import readable_code
 from tpcompile.errors import TPWarning
 from tpcompile.passes.graph_utils import module_path, source_line
+from tpcompile.passes.fused_norm import FUSED_OP, fuse_norms
 from tpcompile.passes.inline_checkpoint import inline_checkpoints
 from tpcompile.passes.layout import ParamPlan
 from tpcompile.passes.normalize import normalize
@@ -46,6 +47,10 @@ class Options:
     sharded_outputs: bool = False
     rewrite_one_rank: bool = False  # keep the TP program at tp=1 (TPCOMPILE_TP1_REWRITE=1: one-GPU checks)
     known: dict = field(default_factory=dict)  # FQN -> ParamPlan already stored (an earlier graph's)
+    # fuse each row-parallel reduction + residual add + RMSNorm into one op (passes/fused_norm.py).
+    # None: decided per graph by the backend (on when captured under no_grad)
+    fuse_norm: bool | None = None
+    needs_backward: bool = True  # the graph will be differentiated (captured with gradients enabled)
 
 
 @dataclass
@@ -55,6 +60,7 @@ class Collective:
     nbytes: int
     source: str  # the user's file:line `code`
     module: str = ""  # FQN of the module it serves ("" = the top module)
+    fused: str = ""  # the fused op it runs inside ("reduce_add_rms_norm"), "" for a plain collective
 
 
 @dataclass
@@ -73,6 +79,7 @@ class GraphRecord:
     compiled_graphs: list = field(default_factory=list)  # (phase, fx.GraphModule) Inductor / AOT compiled
     ends_at: str = ""  # the user's source line of the graph's last op (where a graph break, if any, is)
     exit_mappings: list = field(default_factory=list)  # mapping ops that make outputs whole at the graph's end
+    fused_norms: list = field(default_factory=list)  # passes.fused_norm.FusedNorm, one per fused reduction
 
 
 @dataclass
@@ -89,6 +96,9 @@ def collectives_of(gm: fx.GraphModule, phase: str) -> list[Collective]:
     """The ``_c10d_functional`` collectives of a post-AOTAutograd graph, in order."""
     out = []
     for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target is FUSED_OP:  # its collectives run inside the op
+            out += _fused_collectives(n, phase)
+            continue
         if n.op != "call_function" or getattr(n.target, "namespace", None) != "_c10d_functional":
             continue
         kind = COLLECTIVES.get(n.target._opname)
@@ -100,6 +110,19 @@ def collectives_of(gm: fx.GraphModule, phase: str) -> list[Collective]:
         nbytes = val.numel() * val.element_size() if isinstance(val, torch.Tensor) and not _symbolic(val) else -1
         out.append(Collective(kind, phase, int(nbytes), source_line(n), module_path(n)))
     return out
+
+
+def _fused_collectives(n: fx.Node, phase: str) -> list[Collective]:
+    """The all-reduce (no SP) or reduce-scatter + all-gather (SP) of a ``reduce_add_rms_norm`` node."""
+    partial, sp_dim = n.args[0].meta.get("val"), n.args[4]
+    normed = n.meta.get("val")[0] if isinstance(n.meta.get("val"), (tuple, list)) else None
+
+    def nbytes(t):
+        return t.numel() * t.element_size() if isinstance(t, torch.Tensor) and not _symbolic(t) else -1
+
+    kinds = [("all_reduce", partial)] if sp_dim is None else [("reduce_scatter", partial), ("all_gather", normed)]
+    return [Collective(k, phase, int(nbytes(t)), source_line(n), module_path(n), fused="reduce_add_rms_norm")
+            for k, t in kinds]
 
 
 def _symbolic(t: torch.Tensor) -> bool:
@@ -165,6 +188,7 @@ def tp_program(gm: fx.GraphModule, param_fqns: dict[int, str], options: Options,
     rewritten = not plan_only and (options.tp > 1 or options.sharded_outputs or options.rewrite_one_rank)
     floor = communication_floor(plan) if rewritten or plan_only else {"forward": {}, "backward": {}}
     sharded: dict = {}
+    fused: list = []
     # one rank: every shard is the whole tensor and every mapping op an identity, so the captured
     # graph is the program (torch.compile's); sharded_outputs keeps the rewrite for its DTensor outputs,
     # and TPCOMPILE_TP1_REWRITE=1 keeps it to check the TP program on one GPU (make gpu-check)
@@ -173,12 +197,14 @@ def tp_program(gm: fx.GraphModule, param_fqns: dict[int, str], options: Options,
         if options.sequence_parallel:
             sp = sequence_parallel(gm, options.group_name, options.tp, options.rank)
             floor = floor_with_sp(sp, floor["forward"].get("vocab-parallel loss", 0))
+        fused = fuse_norms(gm, options.group_name, options.needs_backward) if options.fuse_norm else []
         sharded = keep_outputs_sharded(gm) if options.sharded_outputs else {}
     record = GraphRecord(
         {pp.fqn: pp for pp in plan.params.values()}, original_code, readable_code(gm.graph, names), fallbacks,
         time.perf_counter() - t0, floor, names, gm,
     )
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    record.fused_norms = fused
     record.exit_mappings = [n.meta["tp_mapping"] for n in out_node.all_input_nodes if "tp_mapping" in n.meta]
     last = [n for n in gm.graph.nodes if n.op == "call_function" and n.meta.get("stack_trace")]
     record.ends_at = source_line(last[-1]) if last else ""

@@ -18,7 +18,8 @@ kv-head copies (``style="kvcopy"``: grouped-query attention with fewer kv heads 
 safetensors reads) is the plain ``Replicate`` one and exact; the *program* takes the rows its
 query heads need (``program_rows``, ``piece_rows``) from that replicated weight inside the graph
 (``take_rows``: Megatron's f, then a narrow), so the selection, and a KV cache built from it,
-are this rank's kv heads only. Their gradient is all-reduced in the backward (one per weight).
+are this rank's kv heads only. Their gradient is all-reduced in the backward: one collective for the
+k / v weights and biases of one attention (``rewrite.take_rows_of``).
 """
 from __future__ import annotations
 

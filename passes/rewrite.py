@@ -57,6 +57,26 @@ def take_rows(x: torch.Tensor, group: str, dim: int, rows: tuple) -> torch.Tenso
     return torch.cat(parts, dim) if len(parts) > 1 else parts[0]
 
 
+def take_rows_of(group: str, specs: tuple, *xs: torch.Tensor) -> tuple:
+    """``take_rows`` of several replicated tensors (the k / v weights and biases of one attention) through
+    ONE f: their gradients are all-reduced together, one collective in the backward. ``specs``: per
+    tensor ``(dim, rows)``."""
+    flat = M.copy_to_tp(torch.cat([x.reshape(-1) for x in xs]), group)
+    out, at = [], 0
+    for x, (dim, rows) in zip(xs, specs):
+        whole = flat.narrow(0, at, x.numel()).view(x.shape)
+        at += x.numel()
+        parts = [whole.narrow(dim, start, n) for start, n in rows]
+        out.append(torch.cat(parts, dim) if len(parts) > 1 else parts[0])
+    return tuple(out)
+
+
+def kv_copy_key(consumer: fx.Node, ni: NodeInfo):
+    """What kv copies taken for ``consumer`` are grouped by (one backward all-reduce per group): the
+    input activation of a ``kvcopy`` projection (k and v of one attention share it), else the consumer."""
+    return ("input", consumer.args[0]) if ni.kind == "kvcopy" else ("op", consumer)
+
+
 def copies_to_shard(x: torch.Tensor, group: str, dim: int, copies: int, rank: int) -> torch.Tensor:
     """A kv-copy block as the plain shard of the same dim: this rank's ``1 / copies`` of its group's
     block (the repeated kv heads of this rank's query heads). No communication."""
@@ -175,6 +195,7 @@ class _Rewriter:
         self.info = plan.prop.info
         self.cache: dict = {}
         self.alias: dict = {}  # a rewritten node -> the node that now carries its value
+        self.keys: dict = {}  # op -> its kv-copy group (``kv_copy_key``), keyed before its inputs are rewritten
 
     def _call(self, before, fn, *args):
         with self.g.inserting_before(before):
@@ -211,6 +232,7 @@ class _Rewriter:
             if ni is None or node.op in ("placeholder", "get_attr"):
                 continue
             whole_grad = _whole_grad_inputs(node, ni)
+            self.keys[node] = kv_copy_key(node, ni)
             for x0, need in ni.need.items():
                 x = self.alias.get(x0, x0)
                 new = self._placed(x, need, node)
@@ -219,9 +241,33 @@ class _Rewriter:
                 if new is not x:
                     node.replace_input_with(x, new)
             getattr(self, "_" + ni.kind, lambda n, i: None)(node, ni)
+        self._group_kv_copies()
         self.g.lint()
         self.gm.recompile()
         return self.gm
+
+    def _group_kv_copies(self) -> None:
+        """The ``take_rows`` of one group (``kv_copy_key``) become one ``take_rows_of``: one f for all."""
+        groups: dict = {}
+        for n in self.g.nodes:
+            if n.op == "call_function" and n.target is take_rows:
+                keys = {self.keys.get(u) for u in n.users}
+                key = keys.pop() if len(keys) == 1 else ("node", n)
+                groups.setdefault(key, []).append(n)
+        for nodes in groups.values():
+            if len(nodes) < 2:
+                continue
+            specs = tuple((n.args[2], n.args[3]) for n in nodes)
+            with self.g.inserting_before(nodes[0]):
+                many = self.g.call_function(take_rows_of, (self.group, specs, *[n.args[0] for n in nodes]))
+            many.meta["tp_mapping"] = "take_rows_of"
+            _inherit_meta(many, nodes[0])
+            with self.g.inserting_before(nodes[0]):
+                items = [self.g.call_function(operator.getitem, (many, i)) for i in range(len(nodes))]
+            for n, item in zip(nodes, items):
+                item.meta.update({k: v for k, v in n.meta.items() if k in ("example_value", "stack_trace", "nn_module_stack")})
+                n.replace_all_uses_with(item)
+                self.g.erase_node(n)
 
     # --- per-rule rewrites -------------------------------------------------------------
     def _f(self, x, consumer):

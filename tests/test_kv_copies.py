@@ -3,7 +3,8 @@
 Megatron / vLLM keep the queries sharded and give each rank the kv head its query heads use.
 tpcompile stores those k / v weights (or the fused ``[q | k | v]``) replicated, so every user view
 is the plain ``Replicate`` one, and the program takes its kv head's rows in the graph (``take_rows``:
-Megatron's f, then a narrow; the weight's gradient is all-reduced in the backward). On gloo, for the
+Megatron's f, then a narrow; the gradients of one attention's k / v weights and biases are all-reduced
+together in the backward, one collective). On gloo, for the
 spellings users write (HF's ``repeat_kv`` with attention written out, SDPA ``enable_gqa``,
 ``repeat_interleave``, a fused ``[q | k | v]`` cut by ``split``), MQA (one kv head) included: loss,
 every gradient and ``clip_grad_norm_``'s norm over AdamW steps equal single device; the queries and
@@ -61,8 +62,9 @@ def _check(world, spelling, kv, layers, results):
     (floor,) = r["floor"]
     have = Counter(ph for ph, _ in r["collectives"])
     # Megatron's floor (per layer 2 row-parallel, 2 column inputs; the embedding, the loss, the head's
-    # input) plus one backward all-reduce per replicated weight that kv copies are taken from
-    copied = layers * (1 if spelling == "fused" else 4 if spelling == "repeat_kv" else 2)
+    # input) plus one backward all-reduce per attention for the weights kv copies are taken from (k and v
+    # weights and biases together, or the fused qkv)
+    copied = layers
     assert floor == {"forward": {"row-parallel linear": 2 * layers, "vocab-parallel embedding": 1,
                                  "vocab-parallel loss": 1},
                      "backward": {"column-parallel input": 2 * layers + 1, "kv-copy weight gradient": copied}}, floor

@@ -23,7 +23,7 @@ from tpcompile.passes.layout import ParamPlan
 from tpcompile.passes.normalize import normalize
 from tpcompile.passes.placements import Shard
 from tpcompile.passes.plan import GraphPlan, make_plan
-from tpcompile.passes.rewrite import rewrite
+from tpcompile.passes.rewrite import kv_copy_key, rewrite
 from tpcompile.passes.sequence_parallel import floor_with_sp, sequence_parallel
 from tpcompile.passes.sharded_outputs import keep_outputs_sharded
 
@@ -127,12 +127,12 @@ def communication_floor(plan: GraphPlan) -> dict:
 
 
 def kv_copy_weights(plan: GraphPlan) -> int:
-    """Replicated values needing a gradient that kv-head copies are taken from (``take_rows``: one
-    all-reduce each in the backward)."""
-    taken = {x for ni in plan.prop.info.values() for x, need in ni.need.items()
-             if isinstance(need, Shard) and need.copies and not isinstance(plan.prop.placement(x), Shard)
-             and getattr(value(x), "requires_grad", False)}
-    return len(taken)
+    """Groups (``rewrite.kv_copy_key``: the k / v weights and biases of one attention) of replicated values
+    needing a gradient that kv-head copies are taken from: one backward all-reduce each."""
+    groups = {kv_copy_key(n, ni) for n, ni in plan.prop.info.items() for x, need in ni.need.items()
+              if isinstance(need, Shard) and need.copies and not isinstance(plan.prop.placement(x), Shard)
+              and getattr(value(x), "requires_grad", False)}
+    return len(groups)
 
 
 def plan_graph(gm: fx.GraphModule, fqns: dict, tp: int, overrides: dict,

@@ -39,7 +39,7 @@ from tpcompile.errors import TPShardingError
 
 from .graph_utils import (divisors, is_tensor, norm_dim, numel_expr, same_size, shape, shape_str, source_line,
                           static_size, value)
-from .layout import ParamPlan
+from .layout import KVCopies, ParamPlan
 from .normalize import CONTRACTIONS, LINEARS, param_operands, weight_out_dim
 from .placements import STYLES, Replicate, Shard, local_size
 from .propagate import Propagation, op_class, propagate, rule_for
@@ -219,7 +219,9 @@ def make_plan(gm: fx.GraphModule, tp: int, param_fqns: dict, overrides: dict | N
     ``buffers``: placeholders of the module's buffers (module state, not the user's inputs).
     """
     known = known or {}
-    overrides = {**{f: pp.style for f, pp in known.items() if f in param_fqns.values()}, **(overrides or {})}
+    # kv copies are stored replicated and chosen again from the graph (the same graph decides the same)
+    overrides = {**{f: pp.style for f, pp in known.items() if f in param_fqns.values() and pp.style != "kvcopy"},
+                 **(overrides or {})}
     params = set(param_fqns)
     forced = {n: s for n, f in param_fqns.items() if (s := _style_for_fqn(f, overrides)) is not None}
 
@@ -233,6 +235,7 @@ def make_plan(gm: fx.GraphModule, tp: int, param_fqns: dict, overrides: dict | N
     chunks = {n: _fused_chunks(n) for n in linears}
 
     replicated: set = set()
+    copies: dict = {}  # k / v projection -> ranks sharing one kv head (fewer kv heads than tp)
     unsupported: dict = {}
     notes: list = []
     for lin, c in chunks.items():  # unequal fused pieces that tp does not divide (kv heads < tp): keep whole
@@ -253,6 +256,8 @@ def make_plan(gm: fx.GraphModule, tp: int, param_fqns: dict, overrides: dict | N
                 return "colwise"  # LM head tied to a vocab-parallel embedding
             if node in replicated:
                 return "replicate"
+            if node in copies:
+                return "kvcopy"
             nd = value(node.args[0]).dim()
             if isinstance(px, Shard) and px.dim == nd - 1 and px.chunks == 1 and not px.pad:
                 return "rowwise"
@@ -260,20 +265,23 @@ def make_plan(gm: fx.GraphModule, tp: int, param_fqns: dict, overrides: dict | N
                 return "colwise"
             return "replicate"
 
-        prop = propagate(gm, tp, params, style_of, lambda n: chunks.get(n, 1))
-        tried = {n for n in linears if prop.info[n].kind == "colwise"}
+        prop = propagate(gm, tp, params, style_of, lambda n: chunks.get(n, 1), lambda n: copies.get(n, 1))
+        tried = {n for n in linears if prop.info[n].kind in ("colwise", "kvcopy")}
         dropped = {n for n in tried if n not in prop.good_sinks and n.args[1] not in forced and n.args[1] not in vocab_weights}
         if first:  # parameter sizes first: the clearer error; none for column tries about to be dropped
             doomed = _operands(dropped) - _operands(tried - dropped)  # (a classifier head: 1000 % 16 classes)
             _param_plans(gm, prop, tp, {n: f for n, f in param_fqns.items() if n not in doomed}, known)
-        few = {n: h for n, h in _few_kv_heads(prop, tp, forced, chunks).items() if n not in replicated}
-        if few:  # GQA / MQA with fewer kv heads than tp: keep k/v whole, plan again
-            replicated |= set(few)
+        few = {n: h for n, h in _few_kv_heads(prop, tp, forced, chunks).items() if n not in replicated | set(copies)}
+        if few:  # GQA / MQA with fewer kv heads than tp: kv-head copies where tp divides by them, plan again
             for lin in sorted(few, key=lambda n: n.name):
+                if _copyable(few[lin], chunks.get(lin, 1), tp):
+                    copies[lin] = tp // few[lin]
+                    continue
+                replicated.add(lin)
                 notes.append(
                     f"tpcompile: {param_fqns[lin.args[1]].rsplit('.', 1)[0]} has {few[lin]} heads, not divisible "
-                    f"by tp={tp} (grouped-query attention): it stays replicated and each rank takes the kv heads "
-                    f"its query heads need (correct, costs its full weight per rank)."
+                    f"by tp={tp} and not dividing it (grouped-query attention): it stays replicated and each rank "
+                    f"takes the kv heads its query heads need (correct, costs its full weight per rank)."
                 )
             continue
         if first:
@@ -324,6 +332,14 @@ def _unsharded_contractions(gm: fx.GraphModule, prop: Propagation, param_fqns: d
                 f"plan={{{fqn!r}: 'replicate'}} silences this warning."
             )
     return out
+
+
+def _copyable(heads: int, chunks, tp: int) -> bool:
+    """kv-head copies need tp to be a multiple of the kv heads (each rank then uses exactly one) and,
+    for fused ``[q | k | v]`` pieces, the query piece to split over tp."""
+    if heads < 1 or tp % heads:
+        return False
+    return not isinstance(chunks, tuple) or (max(chunks) % tp == 0 and len(set(chunks)) > 1)
 
 
 def _unsplittable_heads(prop: Propagation, tp: int) -> dict:
@@ -379,13 +395,25 @@ def _set(xs) -> str:
     return "{" + ", ".join(str(x) for x in sorted(xs)) + "}"
 
 
+def _kv_copies(node: fx.Node, prop: Propagation, tp: int) -> KVCopies | None:
+    """The program rows of a weight / bias that a ``kvcopy`` projection takes kv-head copies of."""
+    for u in node.users:
+        need = prop.info[u].need.get(node) if u in prop.info and prop.info[u].kind == "kvcopy" else None
+        if isinstance(need, Shard) and need.copies:
+            full = int(shape(node)[need.dim])
+            sizes = need.sizes or (full // need.chunks,) * need.chunks
+            return KVCopies(need.dim, tuple(sizes), need.copies, tp)
+    return None
+
+
 def _param_plans(gm, prop: Propagation, tp: int, param_fqns: dict, known: dict) -> dict:
     out = {}
     for node, fqn in param_fqns.items():
         p = prop.info[node].out if node in prop.info else None
         full = tuple(int(s) for s in shape(node)) if is_tensor(node) else ()
         if not isinstance(p, Shard):
-            out[node] = ParamPlan(fqn, "replicate", None, 1, full, full)
+            kv = _kv_copies(node, prop, tp) if is_tensor(node) else None
+            out[node] = ParamPlan(fqn, "kvcopy" if kv else "replicate", None, 1, full, full, kv=kv)
             continue
         k = known.get(fqn)
         if k is not None and k.sharded and k.dim == p.dim and tuple(k.full_shape) == full:

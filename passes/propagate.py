@@ -49,10 +49,12 @@ class Propagation:
 class Ctx:
     """What a rule may look at: placements of inputs, logical shapes, tp, the plan."""
 
-    def __init__(self, tp: int, style_of: Callable[[fx.Node, Any], str], chunks_of: Callable[[fx.Node], int]):
+    def __init__(self, tp: int, style_of: Callable[[fx.Node, Any], str], chunks_of: Callable[[fx.Node], int],
+                 copies_of: Callable[[fx.Node], int] = lambda n: 1):
         self.tp = tp
         self.style_of = style_of
         self.chunks_of = chunks_of
+        self.copies_of = copies_of
         self.place: dict = {}
 
     def pl(self, x) -> Placement | None:
@@ -94,13 +96,15 @@ def pointwise(node, ctx) -> NodeInfo:
     sh = _sharded(ctx, node)
     if not sh:
         return NodeInfo(R, {x: R for x in ins}, "pointwise")
-    x0, s0 = sh[0]
+    x0, s0 = next(((x, p) for x, p in sh if not p.copies), sh[0])  # kv copies meet a plain shard as one
     o = s0.dim + out_nd - value(x0).dim()
     need = {}
     for x in ins:
         nd = value(x).dim()
         d = o - (out_nd - nd)
-        if d < 0 or same_size(shape(x)[d], 1):
+        if d >= 0 and ctx.pl(x) == s0.moved(d):  # sharded alike (kv copies of one head: a dim of size 1)
+            need[x] = s0.moved(d)
+        elif d < 0 or same_size(shape(x)[d], 1):
             need[x] = R
         else:
             need[x] = s0.moved(d)
@@ -222,8 +226,12 @@ def view_like(node, ctx) -> NodeInfo:
         o, ok = _map_dim(in_shape, out_shape, p.dim, ctx.tp)
         ok = ok and o is not None and same_size(out_shape[o], in_shape[p.dim]) \
             and numel_expr(in_shape[p.dim:]) == numel_expr(out_shape[o:])
+    elif p.copies and p.split_over(ctx.tp) == 1:
+        # one kv head held by every rank (MQA): its shard stays on the head dim, of size 1
+        o = _factor_run(in_shape, out_shape, p.dim)
+        ok = o is not None and o < len(out_shape) and numel_expr(in_shape[p.dim:]) == numel_expr(out_shape[o:])
     else:
-        o, ok = _map_dim(in_shape, out_shape, p.dim, ctx.tp)
+        o, ok = _map_dim(in_shape, out_shape, p.dim, p.split_over(ctx.tp))  # kv copies: tp / m blocks
         # C -> (1, head_dim) may be one head (MQA): its shard then lands on head_dim, which attention
         # contracts. Said to the plan (plan._few_kv_heads keeps k/v whole when a sibling q projection
         # has heads that split); the same shapes are a one-token ``(B*T, C) -> (B, 1, C)``, so the
@@ -243,7 +251,7 @@ def view_like(node, ctx) -> NodeInfo:
         lit = sizes[o]
         full = static_size(out_shape[o])
         if isinstance(lit, int) and lit == full:
-            new_sizes[o] = local_size(full, ctx.tp)
+            new_sizes[o] = p.local(full, ctx.tp)
         elif isinstance(lit, int) and lit == -1:
             pass
         else:
@@ -254,7 +262,7 @@ def view_like(node, ctx) -> NodeInfo:
         if dim <= o < dim + len(sizes):
             k = o - dim
             if sizes[k] != -1:
-                new_sizes[("unflatten", k)] = local_size(sizes[k], ctx.tp)
+                new_sizes[("unflatten", k)] = p.local(sizes[k], ctx.tp)
     extra = {"sizes": new_sizes}
     if one_head:
         extra["one_head"] = True
@@ -325,7 +333,8 @@ def split(node, ctx) -> NodeInfo:
         return NodeInfo(tuple(p.moved(o) for _ in range(n)), {x: p}, "split")
     piece_sizes = tuple(int(v.shape[dim]) for v in value(node))
     if p.chunks == n and (len(set(piece_sizes)) == 1 if p.sizes is None else p.sizes == piece_sizes):
-        return NodeInfo(tuple(Shard(dim) for _ in range(n)), {x: p}, "split", {"local_split": True})
+        outs = tuple(Shard(dim, copies=(c,) if c > 1 else None) for c in p.piece_copies())  # k, v: their copies
+        return NodeInfo(outs, {x: p}, "split", {"local_split": True})
     return NodeInfo(tuple(R for _ in range(n)), {x: R}, "fallback")
 
 
@@ -377,7 +386,7 @@ def reduction(node, ctx) -> NodeInfo:
     dims = _arg(node, 1, "dim")
     dims = list(range(nd)) if dims is None else [norm_dim(d, nd) for d in (dims if isinstance(dims, (tuple, list)) else [dims])]
     keep = _arg(node, 2, "keepdim", False)
-    if p.dim in dims and node.target in _SUMS and p.chunks == 1 and not p.pad and is_tensor(node) \
+    if p.dim in dims and node.target in _SUMS and p.plain and is_tensor(node) \
             and _arg(node, 3, "dtype") is None:
         return NodeInfo(Partial(), {x: p}, "partial_sum", {"mean": _SUMS[node.target]})
     if p.dim in dims or not is_tensor(node):
@@ -442,7 +451,7 @@ def einsum(node, ctx) -> NodeInfo:
     others stay whole; the output is sharded on the label. A shard on a contracted label is
     gathered (no rule yet)."""
     parsed = _einsum_labels(node)
-    sh = [(x, p) for x, p in _sharded(ctx, node) if p.chunks == 1 and not p.pad]
+    sh = [(x, p) for x, p in _sharded(ctx, node) if p.plain]
     if parsed is None or not sh:
         return _replicate_all(node, ctx, "fallback" if _sharded(ctx, node) else "replicate")
     ops, out_labels = parsed
@@ -468,7 +477,12 @@ def sdpa(node, ctx) -> NodeInfo:
     need = {q: pq, k: Shard(pq.dim), v: Shard(pq.dim)}
     extra = {"dim": pq.dim, "q_heads": int(shape(q)[pq.dim]), "gqa": False}
     gqa = node.kwargs.get("enable_gqa", False) and int(shape(k)[pq.dim]) != int(shape(q)[pq.dim])
-    if gqa and not isinstance(ctx.pl(k), Shard) and int(shape(k)[pq.dim]) % ctx.tp:
+    pk = ctx.pl(k)
+    if gqa and isinstance(pk, Shard) and pk.dim == pq.dim and pk.copies and ctx.pl(v) == pk and pq.plain \
+            and int(shape(k)[pq.dim]) * pk.copies[0] == ctx.tp:
+        # kv-head copies: each rank holds the one kv head its query heads use, SDPA's GQA runs locally
+        need[k] = need[v] = pk
+    elif gqa and not isinstance(pk, Shard) and int(shape(k)[pq.dim]) % ctx.tp:
         # SDPA's own GQA with fewer kv heads than tp (k/v projections kept whole): each rank
         # takes the kv heads of its own query heads (see rewrite ``kv_for_rank``)
         need[k] = need[v] = R
@@ -516,6 +530,18 @@ def linear(node, ctx) -> NodeInfo:
         if isinstance(b, fx.Node):
             need[b] = Shard(0, chunks, pad, sizes)
         return NodeInfo(Shard(value(node).dim() - 1, chunks, pad, sizes), need, "colwise")
+    if style == "kvcopy":
+        # k / v of grouped-query attention with fewer kv heads than tp: W stays whole (stored replicated);
+        # the program takes the rows of this rank's kv head (rewrite: take_rows). Pieces [q | k | v]: q split
+        # plainly, the narrower k, v pieces as copies
+        c, m = ctx.chunks_of(node), ctx.copies_of(node)
+        chunks, sizes = (len(c), tuple(c)) if isinstance(c, tuple) else (c, None)
+        copies = tuple(m if s < max(sizes) else 1 for s in sizes) if sizes else (m,) * chunks
+        place = Shard(od, chunks, False, sizes, copies)
+        need[x], need[w] = R, place
+        if isinstance(b, fx.Node):
+            need[b] = place.moved(0)
+        return NodeInfo(place.moved(value(node).dim() - 1), need, "kvcopy")
     if style == "rowwise":
         need[x] = Shard(nd - 1)
         need[w] = Shard(1 - od)
@@ -669,7 +695,7 @@ def dropout(node, ctx) -> NodeInfo:
     if call is not None and (not call.training or call.p == 0):
         return unary(node, ctx)  # the identity
     if isinstance(p, Shard):
-        if p.chunks == 1 and not p.pad and call is not None:
+        if p.plain and call is not None:
             return NodeInfo(p, {x: p}, "dropout")
         return _replicate_all(node, ctx, "fallback")
     return unary(node, ctx)
@@ -888,16 +914,18 @@ def _merge_origins(prop_origins, node, info):
     return frozenset(src)
 
 
-def propagate(gm: fx.GraphModule, tp: int, params: set, style_of: Callable, chunks_of: Callable = lambda n: 1) -> Propagation:
+def propagate(gm: fx.GraphModule, tp: int, params: set, style_of: Callable, chunks_of: Callable = lambda n: 1,
+              copies_of: Callable = lambda n: 1) -> Propagation:
     """Placement of every node of ``gm``.
 
     Inputs are replicated (the same batch on every rank). A parameter takes the placement its
     first consumer needs (that is how it will be stored); later consumers that need another
     one get a mapping op like any other value.
     ``style_of(node, input_placement)``: the plan's layout for a linear / embedding node;
-    ``chunks_of(node)``: pieces of a fused column-parallel projection.
+    ``chunks_of(node)``: pieces of a fused column-parallel projection; ``copies_of(node)``: ranks
+    sharing one kv head of a ``kvcopy`` projection.
     """
-    ctx = Ctx(tp, style_of, chunks_of)
+    ctx = Ctx(tp, style_of, chunks_of, copies_of)
     info: dict = {}
     origins: dict = {}
     good: set = set()
@@ -918,8 +946,8 @@ def propagate(gm: fx.GraphModule, tp: int, params: set, style_of: Callable, chun
             else:
                 ni = rule(node, ctx)
             for x, need in ni.need.items():  # a parameter is stored the way its first consumer needs
-                if x in params and ctx.place.get(x) is None:
-                    ctx.place[x] = info[x].out = need
+                if x in params and ctx.place.get(x) is None:  # (kv copies are taken from a replicated one)
+                    ctx.place[x] = info[x].out = R if isinstance(need, Shard) and need.copies else need
             # what each sharded input's origin linears learn from this consumer
             for x, need in ni.need.items():
                 have = ctx.pl(x)
@@ -931,14 +959,14 @@ def propagate(gm: fx.GraphModule, tp: int, params: set, style_of: Callable, chun
                 # a column-parallel table counts only beside a column linear's shard (T5's bias added to
                 # head-sharded scores); alone it would have split a whole activation (the residual stream)
                 if ni.kind in ("rowwise", "vocab_ce") and isinstance(have, Shard) and need == have \
-                        and any(info[o].kind == "colwise" for o in origins.get(x, ())):
+                        and any(info[o].kind in ("colwise", "kvcopy") for o in origins.get(x, ())):
                     good |= origins.get(x, frozenset())
                     if ni.kind == "vocab_ce":
                         vocab |= origins.get(x, frozenset())
             if ni.kind == "fallback" and any(isinstance(ctx.pl(x), (Shard, Partial)) and ni.need.get(x) != ctx.pl(x) for x in ni.need):
                 fallbacks.append(node)
             info[node] = ni
-            origins[node] = frozenset({node}) if ni.kind in ("colwise", "column_embedding") \
+            origins[node] = frozenset({node}) if ni.kind in ("colwise", "column_embedding", "kvcopy") \
                 else _merge_origins(origins, node, ni)
         ctx.place[node] = info[node].out
     return Propagation(info, origins, good, fallbacks, blocked, vocab, bad)

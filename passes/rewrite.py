@@ -22,22 +22,66 @@ from tpcompile.runtime import random as R_
 from tpcompile.runtime import vocab_parallel as V
 
 from .graph_utils import shape, value
+from .layout import piece_rows
 from .plan import GraphPlan
 from .placements import Partial, Replicate, Shard, local_size
 from .propagate import NodeInfo, dropout_call
 
 
-def gather_pieces_from_tp(x: torch.Tensor, group: str, dim: int, chunks: int, sizes: tuple | None = None) -> torch.Tensor:
+def gather_pieces_from_tp(x: torch.Tensor, group: str, dim: int, chunks: int, sizes: tuple | None = None,
+                          copies: tuple | None = None) -> torch.Tensor:
     """All-gather a ``chunks``-piece shard and put the pieces back in logical order.
 
     Each rank holds [p0_r, p1_r, ...]; the gather gives [p0_0, p1_0, .., p0_1, ..] and the
     logical order is [p0_0, p0_1, .., p1_0, ..]. ``sizes``: logical piece sizes if unequal.
+    ``copies``: per piece, ranks holding the same block (kv-head copies): the first rank of each
+    group gives it, so the backward hands the whole gradient of a block to one rank of its group.
     """
     full = M.gather_from_tp(x, group, dim)
     tp = full.shape[dim] // x.shape[dim]
-    local = [s // tp for s in sizes] if sizes else [x.shape[dim] // chunks] * chunks
+    copies = copies or (1,) * chunks
+    if sizes:
+        local = [s * c // tp for s, c in zip(sizes, copies)]
+    else:
+        local = [x.shape[dim] // chunks] * chunks
     per_rank = [r.split(local, dim) for r in full.split(x.shape[dim], dim)]
-    return torch.cat([per_rank[r][i] for i in range(len(local)) for r in range(tp)], dim)
+    return torch.cat([per_rank[r][i] for i in range(len(local)) for r in range(0, tp, copies[i])], dim)
+
+
+def take_rows(x: torch.Tensor, group: str, dim: int, rows: tuple) -> torch.Tensor:
+    """This rank's rows ``((start, length), ...)`` along ``dim`` of a replicated ``x``, through
+    Megatron's f: kv-head copies taken from a replicated k / v weight (``ParamPlan.program_rows``).
+    The rows' gradient comes from this rank's query heads only; f's all-reduce makes it whole."""
+    x = M.copy_to_tp(x, group)
+    parts = [x.narrow(dim, start, n) for start, n in rows]
+    return torch.cat(parts, dim) if len(parts) > 1 else parts[0]
+
+
+def take_rows_of(group: str, specs: tuple, *xs: torch.Tensor) -> tuple:
+    """``take_rows`` of several replicated tensors (the k / v weights and biases of one attention) through
+    ONE f: their gradients are all-reduced together, one collective in the backward. ``specs``: per
+    tensor ``(dim, rows)``."""
+    flat = M.copy_to_tp(torch.cat([x.reshape(-1) for x in xs]), group)
+    out, at = [], 0
+    for x, (dim, rows) in zip(xs, specs):
+        whole = flat.narrow(0, at, x.numel()).view(x.shape)
+        at += x.numel()
+        parts = [whole.narrow(dim, start, n) for start, n in rows]
+        out.append(torch.cat(parts, dim) if len(parts) > 1 else parts[0])
+    return tuple(out)
+
+
+def kv_copy_key(consumer: fx.Node, ni: NodeInfo):
+    """What kv copies taken for ``consumer`` are grouped by (one backward all-reduce per group): the
+    input activation of a ``kvcopy`` projection (k and v of one attention share it), else the consumer."""
+    return ("input", consumer.args[0]) if ni.kind == "kvcopy" else ("op", consumer)
+
+
+def copies_to_shard(x: torch.Tensor, group: str, dim: int, copies: int, rank: int) -> torch.Tensor:
+    """A kv-copy block as the plain shard of the same dim: this rank's ``1 / copies`` of its group's
+    block (the repeated kv heads of this rank's query heads). No communication."""
+    n = x.shape[dim] // copies
+    return x.narrow(dim, (rank % copies) * n, n)
 
 
 def scatter_pieces_to_tp(x: torch.Tensor, group: str, dim: int, chunks: int, sizes: tuple | None = None) -> torch.Tensor:
@@ -71,8 +115,17 @@ def kv_for_rank(kv: torch.Tensor, group: str, dim: int, q_heads: int, rank: int)
     return kv.narrow(dim, rank * local, local)
 
 
-def _redistribute_call(have, need, group, full=None):
+def _redistribute_call(have, need, group, full=None, rank=0, tp=1):
     """(function, extra args) turning placement ``have`` into ``need``."""
+    if isinstance(have, Replicate) and isinstance(need, Shard) and need.copies:
+        sizes = need.sizes or (full // need.chunks,) * need.chunks
+        return take_rows, (group, need.dim, tuple((s.start, s.length) for s in piece_rows(sizes, need.copies, tp, rank)))
+    if isinstance(have, Shard) and have.copies:
+        if isinstance(need, Replicate):
+            return gather_pieces_from_tp, (group, have.dim, have.chunks, have.sizes, have.copies)
+        if isinstance(need, Shard) and need.plain and need.dim == have.dim and have.chunks == 1:
+            return copies_to_shard, (group, have.dim, have.copies[0], rank)
+        return None
     if isinstance(have, Shard) and have.pad and isinstance(need, Replicate):
         return gather_padded_from_tp, (group, have.dim, full)
     if isinstance(have, Replicate) and isinstance(need, Shard) and need.pad:
@@ -142,6 +195,7 @@ class _Rewriter:
         self.info = plan.prop.info
         self.cache: dict = {}
         self.alias: dict = {}  # a rewritten node -> the node that now carries its value
+        self.keys: dict = {}  # op -> its kv-copy group (``kv_copy_key``), keyed before its inputs are rewritten
 
     def _call(self, before, fn, *args):
         with self.g.inserting_before(before):
@@ -160,11 +214,13 @@ class _Rewriter:
         key = (x, need)
         if key not in self.cache:
             full = int(shape(x)[have.dim]) if isinstance(have, Shard) else None
-            call = _redistribute_call(have, need, self.group, full)
+            if isinstance(need, Shard) and need.copies:
+                full = int(shape(x)[need.dim])
+            call = _redistribute_call(have, need, self.group, full, self.rank, self.plan.tp)
             if call is None:  # Shard(a) -> Shard(b), or Partial -> Shard: go through Replicate
                 mid = self._placed(x, Replicate(), consumer)
                 self.info[mid] = NodeInfo(Replicate())
-                call = _redistribute_call(Replicate(), need, self.group)
+                call = _redistribute_call(Replicate(), need, self.group, full, self.rank, self.plan.tp)
                 self.cache[key] = self._call(consumer, call[0], mid, *call[1])
             else:
                 self.cache[key] = self._call(consumer, call[0], x, *call[1])
@@ -176,6 +232,7 @@ class _Rewriter:
             if ni is None or node.op in ("placeholder", "get_attr"):
                 continue
             whole_grad = _whole_grad_inputs(node, ni)
+            self.keys[node] = kv_copy_key(node, ni)
             for x0, need in ni.need.items():
                 x = self.alias.get(x0, x0)
                 new = self._placed(x, need, node)
@@ -184,9 +241,33 @@ class _Rewriter:
                 if new is not x:
                     node.replace_input_with(x, new)
             getattr(self, "_" + ni.kind, lambda n, i: None)(node, ni)
+        self._group_kv_copies()
         self.g.lint()
         self.gm.recompile()
         return self.gm
+
+    def _group_kv_copies(self) -> None:
+        """The ``take_rows`` of one group (``kv_copy_key``) become one ``take_rows_of``: one f for all."""
+        groups: dict = {}
+        for n in self.g.nodes:
+            if n.op == "call_function" and n.target is take_rows:
+                keys = {self.keys.get(u) for u in n.users}
+                key = keys.pop() if len(keys) == 1 else ("node", n)
+                groups.setdefault(key, []).append(n)
+        for nodes in groups.values():
+            if len(nodes) < 2:
+                continue
+            specs = tuple((n.args[2], n.args[3]) for n in nodes)
+            with self.g.inserting_before(nodes[0]):
+                many = self.g.call_function(take_rows_of, (self.group, specs, *[n.args[0] for n in nodes]))
+            many.meta["tp_mapping"] = "take_rows_of"
+            _inherit_meta(many, nodes[0])
+            with self.g.inserting_before(nodes[0]):
+                items = [self.g.call_function(operator.getitem, (many, i)) for i in range(len(nodes))]
+            for n, item in zip(nodes, items):
+                item.meta.update({k: v for k, v in n.meta.items() if k in ("example_value", "stack_trace", "nn_module_stack")})
+                n.replace_all_uses_with(item)
+                self.g.erase_node(n)
 
     # --- per-rule rewrites -------------------------------------------------------------
     def _f(self, x, consumer):
@@ -199,6 +280,8 @@ class _Rewriter:
     def _colwise(self, node, ni):
         x = node.args[0]
         node.replace_input_with(x, self._f(x, node))
+
+    _kvcopy = _colwise  # its input's gradient is partial too: the same f as the query projection's
 
     def _then(self, node, fn, *args, keys=("stack_trace", "nn_module_stack", *RECOMPUTE_TAGS)) -> fx.Node:
         """Insert ``fn(node, *args)`` right after ``node``; it takes over ``node``'s users."""
@@ -293,7 +376,12 @@ class _Rewriter:
             return
         sizes = node.args[1]
         tp = self.plan.tp
-        new = [s // tp for s in sizes] if isinstance(sizes, (list, tuple)) else sizes // tp
+        p = self.info[node.args[0]].out if node.args[0] in self.info else None
+        if isinstance(sizes, (list, tuple)):  # kv copies: a block of tp / m of their pieces
+            copies = p.piece_copies() if isinstance(p, Shard) and p.copies else (1,) * len(sizes)
+            new = [s * c // tp for s, c in zip(sizes, copies)]
+        else:
+            new = sizes // tp
         node.args = (node.args[0], new, *node.args[2:])
 
 

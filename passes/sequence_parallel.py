@@ -273,15 +273,16 @@ def _whole_size(g: fx.Graph, n: fx.Node, dim: int, tp: int) -> fx.Node:
         return g.call_function(operator.mul, (local, tp))
 
 
-def floor_with_sp(res: SPResult, loss_collectives: int) -> dict:
+def floor_with_sp(res: SPResult, loss_collectives: int, kv_copy_weights: int = 0) -> dict:
     """DESIGN.md's floor with SP: the all-reduces' bytes as all-gathers + reduce-scatters, plus
-    the backward all-reduces of replicated weights used on token shards (norm weights, biases)."""
+    the backward all-reduces of replicated weights used on token shards (norm weights, biases)
+    and of those kv-head copies are taken from."""
     fwd = {"reduce-scatter into SP": len(res.entries), "all-gather out of SP": len(res.exits),
            "vocab-parallel loss": loss_collectives}
     bwd = {"all-gather (reduce-scatter's backward)": len(res.entries),
            "reduce-scatter (all-gather's backward)": len(res.exits),
            "replicated-weight gradient all-reduce": len(res.grad_reductions) + res.grad_buckets,
-           "sliced input gradient all-gather": len(res.slices)}
+           "sliced input gradient all-gather": len(res.slices), "kv-copy weight gradient": kv_copy_weights}
     return {"forward": {k: v for k, v in fwd.items() if v}, "backward": {k: v for k, v in bwd.items() if v}}
 
 

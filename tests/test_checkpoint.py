@@ -163,7 +163,8 @@ def _safetensors_worker(rank: int, world: int, path: str) -> dict:
 
 class EveryLayout(nn.Module):
     """One parameter of every layout kind at TP=2: a GQA fused qkv of unequal pieces (q 64 | k 32 | v 32),
-    a gate-up of equal pieces, a padded vocabulary (63 rows), plain column / row, replicated norms and biases."""
+    a gate-up of equal pieces, a padded vocabulary (63 rows), plain column / row, replicated norms and biases,
+    kv-head copies (a second attention with one kv head: k2 / v2 stored whole, each rank's program takes it)."""
 
     def __init__(self, C: int = 64, H: int = 8, KV: int = 4, V: int = 63):
         super().__init__()
@@ -171,6 +172,7 @@ class EveryLayout(nn.Module):
         self.emb, self.ln = nn.Embedding(V, C), nn.LayerNorm(C)
         self.qkv, self.o = nn.Linear(C, C + 2 * KV * (C // H)), nn.Linear(C, C)
         self.up, self.down = nn.Linear(C, 4 * C), nn.Linear(2 * C, C)
+        self.q2, self.k2, self.v2, self.o2 = nn.Linear(C, C), nn.Linear(C, C // H, bias=False), nn.Linear(C, C // H), nn.Linear(C, C)
         self.head = nn.Linear(C, V, bias=False)
 
     def forward(self, x, y):
@@ -181,6 +183,10 @@ class EveryLayout(nn.Module):
         k, v = [t.view(B, T, self.KV, self.hd).transpose(1, 2) for t in (k, v)]
         a = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         h = h + self.o(a.transpose(1, 2).reshape(B, T, C))
+        q = self.q2(h).view(B, T, self.H, self.hd).transpose(1, 2)
+        k, v = [t.view(B, T, 1, self.hd).transpose(1, 2) for t in (self.k2(h), self.v2(h))]
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        h = h + self.o2(a.transpose(1, 2).reshape(B, T, C))
         g, u = self.up(h).chunk(2, dim=-1)
         h = h + self.down(torch.nn.functional.silu(g) * u)
         return torch.nn.functional.cross_entropy(self.head(h).view(-1, self.V), y.view(-1))
@@ -273,7 +279,7 @@ def test_unequal_fused_pieces_state_dict_gathers_the_true_tensor():
 
 def test_every_layout_round_trips_through_state_dicts_and_checkpoints():
     """Every ParamPlan kind at TP=2 (unequal and equal fused pieces, padded vocabulary, column, row,
-    replicate): ``full_state_dict``, ``state_dict()`` and both checkpoint formats give the single-device
+    replicate, kv-head copies): ``full_state_dict``, ``state_dict()`` and both checkpoint formats give the single-device
     tensors, and loading restores each rank's stored shard exactly (optimizer state too, from DCP)."""
     results = _every_layout_results()
     kinds = results[0]["kinds"]
@@ -283,6 +289,9 @@ def test_every_layout_round_trips_through_state_dicts_and_checkpoints():
     assert kinds["head.weight"][0] == "colwise" and kinds["head.weight"][3] == (64, 64)
     assert kinds["o.weight"][0] == kinds["down.weight"][0] == "rowwise"
     assert kinds["ln.weight"][0] == kinds["o.bias"][0] == "replicate"
+    # one kv head < tp=2 (k2 has no bias: a key bias's gradient is zero, softmax does not see it)
+    assert kinds["k2.weight"][0] == kinds["v2.weight"][0] == kinds["v2.bias"][0] == "kvcopy"
+    assert kinds["q2.weight"][0] == "colwise" and kinds["o2.weight"][0] == "rowwise"
     ref_sd, ref_grads = _every_layout_reference()
     for rank, r in enumerate(results):
         for k, v in ref_sd.items():

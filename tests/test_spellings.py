@@ -144,10 +144,10 @@ class _no_warning:
 
 
 def test_sdpa_enable_gqa_with_fewer_kv_heads_than_tp_on_gloo():
-    """TP=4, 2 kv heads: k/v projections stay whole (warned), each rank feeds SDPA the kv heads of
-    its own query heads; loss and gradients equal single device."""
+    """TP=4, 2 kv heads: kv-head copies (k / v stored whole, each rank's program takes the one kv head
+    of its query heads and SDPA's GQA runs on it); loss and gradients equal single device."""
     for rank, res in enumerate(run_ranks(spellings.parity_all, 4, ["SDPAEnableGQA"])):
         loss, ref, err, styles = res["SDPAEnableGQA"]
         assert abs(loss - ref) <= 1e-5 * abs(ref) and err <= 1e-5, (rank, loss, ref, err)
         assert styles["q.weight"] == "colwise" and styles["o.weight"] == "rowwise"
-        assert styles["k.weight"] == styles["v.weight"] == "replicate"
+        assert styles["k.weight"] == styles["v.weight"] == styles["k.bias"] == "kvcopy"

@@ -72,6 +72,8 @@ class Report:
         rows = []
         for fqn, pp in self.params.items():
             shard = "" if pp.style == "replicate" else f"dim {pp.dim}" + (f" x{pp.chunks} fused" if pp.chunks > 1 else "")
+            if pp.kv is not None:  # stored whole; the program takes its kv head's rows
+                shard = f"dim {pp.kv.dim} rows " + "+".join(f"{s.start}:{s.start + s.length}" for s in pp.program_rows(0)) + " (rank 0)"
             local = "" if pp.local_shape == pp.full_shape else f" -> {list(pp.local_shape)}"
             if getattr(pp, "padded_shape", None):
                 local += f" (padded to {list(pp.padded_shape)})"

@@ -17,13 +17,14 @@ import torch.fx as fx
 
 from tpcompile.dump import readable_code
 from tpcompile.errors import TPWarning
-from tpcompile.passes.graph_utils import module_path, source_line
+from tpcompile.passes.graph_utils import module_path, source_line, value
 from tpcompile.passes.fused_norm import FUSED_OP, fuse_norms
 from tpcompile.passes.inline_checkpoint import inline_checkpoints
 from tpcompile.passes.layout import ParamPlan
 from tpcompile.passes.normalize import normalize
+from tpcompile.passes.placements import Shard
 from tpcompile.passes.plan import GraphPlan, make_plan
-from tpcompile.passes.rewrite import rewrite
+from tpcompile.passes.rewrite import kv_copy_key, rewrite
 from tpcompile.passes.sequence_parallel import floor_with_sp, sequence_parallel
 from tpcompile.passes.sharded_outputs import keep_outputs_sharded
 
@@ -138,14 +139,24 @@ def communication_floor(plan: GraphPlan) -> dict:
 
     Forward: one reduction per row-parallel linear and per vocab-parallel embedding, one
     collective per vocab-parallel loss. Backward: one reduction of the input gradient per
-    distinct activation that feeds column-parallel linears (q, k, v share one).
+    distinct activation that feeds column-parallel linears (q, k, v share one), and one of the
+    gradient of each replicated weight that kv-head copies are taken from (``kv_copy_weights``).
     """
     kinds = [ni.kind for ni in plan.prop.info.values()]
-    col_inputs = {n.args[0] for n, ni in plan.prop.info.items() if ni.kind == "colwise"}
+    col_inputs = {n.args[0] for n, ni in plan.prop.info.items() if ni.kind in ("colwise", "kvcopy")}
     fwd = {"row-parallel linear": kinds.count("rowwise"), "vocab-parallel embedding": kinds.count("vocab"),
            "vocab-parallel loss": kinds.count("vocab_ce")}
-    bwd = {"column-parallel input": len(col_inputs)}
+    bwd = {"column-parallel input": len(col_inputs), "kv-copy weight gradient": kv_copy_weights(plan)}
     return {"forward": {k: v for k, v in fwd.items() if v}, "backward": {k: v for k, v in bwd.items() if v}}
+
+
+def kv_copy_weights(plan: GraphPlan) -> int:
+    """Groups (``rewrite.kv_copy_key``: the k / v weights and biases of one attention) of replicated values
+    needing a gradient that kv-head copies are taken from: one backward all-reduce each."""
+    groups = {kv_copy_key(n, ni) for n, ni in plan.prop.info.items() for x, need in ni.need.items()
+              if isinstance(need, Shard) and need.copies and not isinstance(plan.prop.placement(x), Shard)
+              and getattr(value(x), "requires_grad", False)}
+    return len(groups)
 
 
 def plan_graph(gm: fx.GraphModule, fqns: dict, tp: int, overrides: dict,
@@ -196,7 +207,7 @@ def tp_program(gm: fx.GraphModule, param_fqns: dict[int, str], options: Options,
         rewrite(gm, plan, options.group_name, options.rank)
         if options.sequence_parallel:
             sp = sequence_parallel(gm, options.group_name, options.tp, options.rank)
-            floor = floor_with_sp(sp, floor["forward"].get("vocab-parallel loss", 0))
+            floor = floor_with_sp(sp, floor["forward"].get("vocab-parallel loss", 0), kv_copy_weights(plan))
         fused = fuse_norms(gm, options.group_name, options.needs_backward) if options.fuse_norm else []
         sharded = keep_outputs_sharded(gm) if options.sharded_outputs else {}
     record = GraphRecord(

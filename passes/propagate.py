@@ -607,6 +607,10 @@ def size_of(node, ctx) -> NodeInfo:
     x = node.args[0]
     p = ctx.pl(x)
     d = _arg(node, 1, "dim")
+    if node.target in ("numel", torch.numel) or (isinstance(p, Shard) and d is not None
+                                                   and norm_dim(d, value(x).dim()) == p.dim):
+        if isinstance(p, Shard) and not p.pad:  # every rank holds 1/tp of the dim: local size * tp
+            return NodeInfo(None, {x: p}, "sharded_size")
     if isinstance(p, Shard) and (d is None or norm_dim(d, value(x).dim()) == p.dim):
         return NodeInfo(None, {x: R}, "fallback")
     return NodeInfo(None, {}, "pointwise")
@@ -691,7 +695,7 @@ RULES: dict[Any, Callable[[fx.Node, Ctx], NodeInfo]] = {
                                "var", "std", torch.var, "logsumexp", torch.logsumexp, "norm")},
     **{f: matmul for f in (operator.matmul, torch.matmul, "matmul", torch.bmm, "bmm")},
     **{f: einsum for f in (torch.einsum, "einsum")},
-    **{f: size_of for f in (torch.ops.aten.sym_size.int, "size")},
+    **{f: size_of for f in (torch.ops.aten.sym_size.int, "size", "numel", torch.numel)},
     SDPA: sdpa,
     **{f: layer_norm for f in (F.layer_norm, torch.layer_norm, F.rms_norm, torch.rms_norm)},
     LINEAR: linear,
@@ -754,10 +758,12 @@ def _merge_origins(prop_origins, node, info):
     return frozenset(src)
 
 
-def propagate(gm: fx.GraphModule, tp: int, params: set, style_of: Callable, chunks_of: Callable = lambda n: 1) -> Propagation:
+def propagate(gm: fx.GraphModule, tp: int, params: set, style_of: Callable, chunks_of: Callable = lambda n: 1,
+              state: dict | None = None) -> Propagation:
     """Placement of every node of ``gm``.
 
-    Inputs are replicated (the same batch on every rank). A parameter takes the placement its
+    Inputs are replicated (the same batch on every rank), except ``state`` (placeholder ->
+    placement): sharded state an earlier graph returned as this rank's shard (a KV cache). A parameter takes the placement its
     first consumer needs (that is how it will be stored); later consumers that need another
     one get a mapping op like any other value.
     ``style_of(node, input_placement)``: the plan's layout for a linear / embedding node;
@@ -773,7 +779,7 @@ def propagate(gm: fx.GraphModule, tp: int, params: set, style_of: Callable, chun
     blocked: dict = {}
     for node in gm.graph.nodes:
         if node.op == "placeholder":
-            p = None if node in params or not is_tensor(node) else R
+            p = None if node in params or not is_tensor(node) else (state or {}).get(node, R)
             info[node] = NodeInfo(p, {}, "placeholder")
         elif node.op == "get_attr":
             info[node] = NodeInfo(R if is_tensor(node) else None, {}, "replicate")

@@ -223,6 +223,11 @@ class _Rewriter:
             self.alias[node] = out
         self.info[out] = NodeInfo(Replicate())
 
+    def _sharded_size(self, node, ni):
+        """``x.numel()`` / ``x.size(d)`` of the sharded dim of an unpadded shard: the logical size
+        is the local one times tp (a KV cache's ``numel() == 0`` test reads no communication)."""
+        self._then(node, operator.mul, self.plan.tp, keys=("stack_trace", "nn_module_stack"))
+
     def _partial_sum(self, node, ni):
         """A mean over the sharded dim: each rank's mean of its part, / tp, sums to the mean."""
         if ni.extra["mean"]:

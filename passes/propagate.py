@@ -679,7 +679,36 @@ def dropout(node, ctx) -> NodeInfo:
     return unary(node, ctx)
 
 
+_FACTORIES = (torch.zeros, torch.empty, torch.full, torch.ones)
+
+
+def _fresh_buffer(x: fx.Node, node: fx.Node) -> bool:
+    """``x`` is a buffer this graph creates (``torch.zeros(B, H, L, hd)``: a static KV cache's lazy
+    allocation) whose first use is ``node``: it can be created as a shard instead."""
+    return x.op == "call_function" and x.target in _FACTORIES and next(iter(x.users), None) is node
+
+
+def index_copy(node, ctx) -> NodeInfo:
+    """``cache.index_copy_(dim, positions, new)`` (a static KV cache written in place): with the new
+    values sharded on another dim (heads), the cache holds the same shard and each rank writes
+    its own heads. The cache must already be held so (state an earlier graph returned sharded),
+    or be a buffer this graph creates for it (then created as a shard, ``extra["shard_buffer"]``);
+    otherwise the new values are made whole and the whole cache written."""
+    dest, idx, src = node.args[0], node.args[2], node.args[3]
+    dim = norm_dim(node.args[1], value(dest).dim())
+    pd, ps = ctx.pl(dest), ctx.pl(src)
+    writes = {"writes": dest} if node.target != "index_copy" and node.target is not torch.index_copy else {}
+    if isinstance(ps, Shard) and ps.dim != dim and ps.chunks == 1 and not ps.pad:
+        if pd == ps:
+            return NodeInfo(ps, {dest: ps, idx: R, src: ps}, "pointwise", writes)
+        if isinstance(pd, Replicate) and _fresh_buffer(dest, node):
+            return NodeInfo(ps, {dest: ps, idx: R, src: ps}, "pointwise", {"shard_buffer": dest, **writes})
+    p = pd if isinstance(pd, Shard) else R  # written in place: the cache keeps its placement
+    return NodeInfo(p, {dest: p, idx: R, src: p}, "fallback" if isinstance(ps, Shard) or p != R else "replicate")
+
+
 RULES: dict[Any, Callable[[fx.Node, Ctx], NodeInfo]] = {
+    **{f: index_copy for f in ("index_copy_", "index_copy", torch.index_copy)},
     **{f: pointwise for f in _POINTWISE_FNS},
     **{m: pointwise for m in _POINTWISE_METHODS},
     **{u: unary for u in _UNARY},
@@ -714,6 +743,7 @@ OP_CLASS: dict[Callable, str] = {
     split: "split", cat: "cat", softmax: "softmax", reduction: "reduction", matmul: "matmul", sdpa: "attention",
     layer_norm: "norm", linear: "linear", embedding: "embedding", cross_entropy: "loss", dropout: "dropout",
     repeat_interleave: "repeat", getitem: "index", output: "output", no_tensor_in: "factory",
+    index_copy: "index_copy",
 }
 
 
@@ -792,6 +822,10 @@ def propagate(gm: fx.GraphModule, tp: int, params: set, style_of: Callable, chun
             for x, need in ni.need.items():  # a parameter is stored the way its first consumer needs
                 if x in params and ctx.place.get(x) is None:
                     ctx.place[x] = info[x].out = need
+            buf = ni.extra.get("shard_buffer")
+            if buf is not None:  # a buffer created for this in-place writer: created as its shard
+                ctx.place[buf] = need = ni.need[buf]
+                info[buf] = NodeInfo(need, {}, "shard_buffer", {"dim": need.dim})
             # what each sharded input's origin linears learn from this consumer
             for x, need in ni.need.items():
                 have = ctx.pl(x)
@@ -812,5 +846,8 @@ def propagate(gm: fx.GraphModule, tp: int, params: set, style_of: Callable, chun
             info[node] = ni
             origins[node] = frozenset({node}) if ni.kind in ("colwise", "column_embedding") \
                 else _merge_origins(origins, node, ni)
+            if "writes" in ni.extra:  # in place: later reads of the written tensor carry the shard too
+                w = ni.extra["writes"]
+                origins[w] = origins.get(w, frozenset()) | origins[node]
         ctx.place[node] = info[node].out
     return Propagation(info, origins, good, fallbacks, blocked, vocab, bad)

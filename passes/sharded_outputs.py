@@ -45,9 +45,14 @@ def keep_outputs_sharded(gm: fx.GraphModule) -> dict[int, tuple[int, int]]:
     return kept
 
 
-def _appends_to_state(node: fx.Node, state: set) -> bool:
-    """``cat([past, new])`` onto a state input or onto nothing (``torch.tensor([])``, a fresh
-    cache): a KV cache growing by the new tokens' k / v."""
+def _is_state(node: fx.Node, state: set, info: dict) -> bool:
+    """A KV cache: ``cat([past, new])`` onto a state input or onto nothing (``torch.tensor([])``, a
+    fresh dynamic cache), or a buffer created sharded for an in-place writer (a static cache's
+    ``torch.zeros``, ``propagate.index_copy``), or ``index_copy_`` into either."""
+    if node in state or (node in info and info[node].kind == "shard_buffer"):
+        return True
+    if node.op == "call_method" and node.target in ("index_copy_", "index_copy"):
+        return _is_state(node.args[0], state, info)
     if node.op != "call_function" or node.target is not torch.cat or not node.args[0]:
         return False
     first = node.args[0][0]
@@ -66,7 +71,7 @@ def keep_state_sharded(gm: fx.GraphModule, state: set, info: dict) -> dict[int, 
     gathers = []
     for i, v in enumerate(vals):
         if isinstance(v, fx.Node) and v.target in _GATHERS and list(v.users) == [out] \
-                and v.args[0] in info and _appends_to_state(v.args[0], state):
+                and v.args[0] in info and _is_state(v.args[0], state, info):
             vals[i], kept[i] = v.args[0], (info[v.args[0]].out, tuple(value(v).shape))
             gathers.append(v)
     if kept:

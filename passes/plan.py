@@ -261,7 +261,7 @@ def make_plan(gm: fx.GraphModule, tp: int, param_fqns: dict, overrides: dict | N
                 return "colwise"
             return "replicate"
 
-        prop = propagate(gm, tp, params, style_of, lambda n: chunks.get(n, 1), state)
+        prop = propagate(gm, tp, params, style_of, lambda n: chunks.get(n, 1), state, set(buffers or ()))
         tried = {n for n in linears if prop.info[n].kind == "colwise"}
         dropped = {n for n in tried if n not in prop.good_sinks and n.args[1] not in forced and n.args[1] not in vocab_weights}
         if first:  # parameter sizes first: the clearer error; none for column tries about to be dropped

@@ -54,6 +54,7 @@ class Ctx:
         self.style_of = style_of
         self.chunks_of = chunks_of
         self.place: dict = {}
+        self.buffers: set = set()  # module-buffer placeholders (a hand-written KV cache may be adopted sharded)
 
     def pl(self, x) -> Placement | None:
         if not isinstance(x, fx.Node):
@@ -682,10 +683,12 @@ def dropout(node, ctx) -> NodeInfo:
 _FACTORIES = (torch.zeros, torch.empty, torch.full, torch.ones)
 
 
-def _fresh_buffer(x: fx.Node, node: fx.Node) -> bool:
+def _fresh_buffer(x: fx.Node, node: fx.Node, ctx) -> bool:
     """``x`` is a buffer this graph creates (``torch.zeros(B, H, L, hd)``: a static KV cache's lazy
-    allocation) whose first use is ``node``: it can be created as a shard instead."""
-    return x.op == "call_function" and x.target in _FACTORIES and next(iter(x.users), None) is node
+    allocation) or a module buffer (a hand-written loop's ``k_cache``), and ``node`` its first use:
+    it can be held as a shard instead (created so, or adopted by the backend)."""
+    created = x.op == "call_function" and x.target in _FACTORIES
+    return (created or x in ctx.buffers) and next(iter(x.users), None) is node
 
 
 def index_copy(node, ctx) -> NodeInfo:
@@ -701,13 +704,38 @@ def index_copy(node, ctx) -> NodeInfo:
     if isinstance(ps, Shard) and ps.dim != dim and ps.chunks == 1 and not ps.pad:
         if pd == ps:
             return NodeInfo(ps, {dest: ps, idx: R, src: ps}, "pointwise", writes)
-        if isinstance(pd, Replicate) and _fresh_buffer(dest, node):
+        if isinstance(pd, Replicate) and _fresh_buffer(dest, node, ctx):
             return NodeInfo(ps, {dest: ps, idx: R, src: ps}, "pointwise", {"shard_buffer": dest, **writes})
     p = pd if isinstance(pd, Shard) else R  # written in place: the cache keeps its placement
     return NodeInfo(p, {dest: p, idx: R, src: p}, "fallback" if isinstance(ps, Shard) or p != R else "replicate")
 
 
+def setitem(node, ctx) -> NodeInfo:
+    """``cache[:, :, pos] = new`` (a hand-written static KV cache): whole slices up to and on the
+    cache's sharded dim, ``new`` sharded on that same dim: each rank writes its own heads. The
+    cache is held sharded as for ``index_copy``; anything else makes ``new`` whole."""
+    dest, idx, src = node.args
+    pd, ps = ctx.pl(dest), ctx.pl(src)
+    items = list(idx) if isinstance(idx, tuple) else [idx]
+    if isinstance(ps, Shard) and ps.chunks == 1 and not ps.pad and is_tensor(src) \
+            and value(src).dim() == value(dest).dim() and Ellipsis not in items and None not in items \
+            and all(i == slice(None) for i in items[: ps.dim + 1]):
+        tensors = [i for i in items if isinstance(i, fx.Node)]
+        need = {dest: ps, src: ps, **{i: R for i in tensors if is_tensor(i)}}
+        if pd == ps:
+            return NodeInfo(None, need, "pointwise", {"writes": dest})
+        if isinstance(pd, Replicate) and _fresh_buffer(dest, node, ctx):
+            return NodeInfo(None, need, "pointwise", {"shard_buffer": dest, "writes": dest})
+    p = pd if isinstance(pd, Shard) else R
+    ins = {x: R for x in _tensors(node)}
+    ins.update({dest: p, src: R})
+    if isinstance(p, Shard):  # a sharded cache written with something else: no rule
+        ins[dest] = R
+    return NodeInfo(None, ins, "fallback" if isinstance(ps, Shard) or isinstance(p, Shard) else "replicate")
+
+
 RULES: dict[Any, Callable[[fx.Node, Ctx], NodeInfo]] = {
+    operator.setitem: setitem,
     **{f: index_copy for f in ("index_copy_", "index_copy", torch.index_copy)},
     **{f: pointwise for f in _POINTWISE_FNS},
     **{m: pointwise for m in _POINTWISE_METHODS},
@@ -743,7 +771,7 @@ OP_CLASS: dict[Callable, str] = {
     split: "split", cat: "cat", softmax: "softmax", reduction: "reduction", matmul: "matmul", sdpa: "attention",
     layer_norm: "norm", linear: "linear", embedding: "embedding", cross_entropy: "loss", dropout: "dropout",
     repeat_interleave: "repeat", getitem: "index", output: "output", no_tensor_in: "factory",
-    index_copy: "index_copy",
+    index_copy: "index_copy", setitem: "index_copy",
 }
 
 
@@ -789,7 +817,7 @@ def _merge_origins(prop_origins, node, info):
 
 
 def propagate(gm: fx.GraphModule, tp: int, params: set, style_of: Callable, chunks_of: Callable = lambda n: 1,
-              state: dict | None = None) -> Propagation:
+              state: dict | None = None, buffers: set = frozenset()) -> Propagation:
     """Placement of every node of ``gm``.
 
     Inputs are replicated (the same batch on every rank), except ``state`` (placeholder ->
@@ -800,6 +828,7 @@ def propagate(gm: fx.GraphModule, tp: int, params: set, style_of: Callable, chun
     ``chunks_of(node)``: pieces of a fused column-parallel projection.
     """
     ctx = Ctx(tp, style_of, chunks_of)
+    ctx.buffers = set(buffers)
     info: dict = {}
     origins: dict = {}
     good: set = set()

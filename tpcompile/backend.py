@@ -25,7 +25,7 @@ import torch.fx as fx
 from tpcompile.errors import TPShardingError, TPWarning
 from tpcompile.passes.graph_utils import value
 from tpcompile.passes.placements import local_size
-from tpcompile.twin import state_ghost, state_of
+from tpcompile.twin import state_ghost, state_ghost_register, state_of
 from tpcompile.pipeline import Collective, GraphRecord, Options, collectives_of, communication_floor, tp_program
 
 USER_MODES = ("inductor", "aot_eager", "eager")  # what a user's ``backend=`` may be
@@ -182,7 +182,8 @@ class Backend:
             # fakify the local shard ourselves, with static shapes: left to AOTAutograd it gets
             # fresh symbols with no source, and a shape guard on one of them fails to build
             inputs[i] = fake_mode.from_tensor(t, static_shapes=True) if fake_mode is not None else t
-        for i, p in state_in.items():  # a KV cache shard: the logical sizes (symbolic ones kept), its dim cut
+        adopted = {i: p for i, p in program.adopted.items() if i not in state_in}
+        for i, p in {**state_in, **adopted}.items():  # a KV cache shard: the logical sizes (symbolic kept), its dim cut
             inputs[i] = _local_like(value(placeholders[i]), p, self.options.tp, fake_mode)
         try:
             compiled = _compile(gm, inputs, record, mode, on_graph, stand_in, self.inductor_options)
@@ -201,6 +202,8 @@ class Backend:
                 args[i] = t
             for i in state_in:
                 args[i] = _state_local(args[i], state_in[i])
+            for i, p in adopted.items():  # a module buffer written with sharded values: held as its shard
+                args[i] = _adopt(args[i], p, opts.rank, opts.tp)
             out = compiled(*args)
             if state_out:
                 out = list(out)
@@ -233,6 +236,23 @@ def _state_local(t: torch.Tensor, placement) -> torch.Tensor:
             f"({'a plain tensor' if st is None else st[1]}) between calls of a compiled graph. Pass back the cache "
             f"the model returned; rebuild it (reset the cache) to start over.")
     return st[0].contiguous()
+
+
+def _adopt(t: torch.Tensor, placement, rank: int, tp: int) -> torch.Tensor:
+    """This rank's shard of a module buffer (a hand-written KV cache) that the program writes with
+    sharded values: the buffer object itself becomes a state ghost of the same shape (its whole
+    memory is freed), so every later graph takes it back sharded."""
+    st = state_of(t)
+    if st is not None:
+        return _state_local(t, placement)
+    n = local_size(t.shape[placement.dim], tp)
+    local = t.detach().narrow(placement.dim, rank * n, n).clone()
+    shape = tuple(t.shape)
+    ghost = state_ghost(local, shape, placement)
+    with torch.no_grad():
+        t.set_(ghost.untyped_storage(), 0, shape, [0] * len(shape))
+    state_ghost_register(t, local, placement)
+    return local
 
 
 _KEYS = itertools.count()

@@ -83,6 +83,7 @@ class Program:
     layouts: dict[int, ParamPlan]  # placeholder index -> layout of the parameter it takes
     sharded_outputs: dict = field(default_factory=dict)  # output index -> (dim, full size), kept sharded
     state_outputs: dict = field(default_factory=dict)  # output index -> (placement, logical shape): a KV cache
+    adopted: dict = field(default_factory=dict)  # placeholder index -> placement: a module buffer held sharded
 
 
 def collectives_of(gm: fx.GraphModule, phase: str) -> list[Collective]:
@@ -184,7 +185,9 @@ def tp_program(gm: fx.GraphModule, param_fqns: dict[int, str], options: Options,
     record.exit_mappings = [n.meta["tp_mapping"] for n in out_node.all_input_nodes if "tp_mapping" in n.meta]
     last = [n for n in gm.graph.nodes if n.op == "call_function" and n.meta.get("stack_trace")]
     record.ends_at = source_line(last[-1]) if last else ""
-    return Program(gm, record, layouts, sharded, kept_state)
+    adopted = {i: plan.prop.info[n].out for i, n in enumerate(placeholders)
+               if n in plan.prop.info and plan.prop.info[n].kind == "shard_buffer"}
+    return Program(gm, record, layouts, sharded, kept_state, adopted)
 
 
 def _warn_unsupported(node: fx.Node, modules: list) -> str:

@@ -195,8 +195,13 @@ def state_ghost(local: torch.Tensor, shape: tuple, placement: Any) -> torch.Tens
     never turn symbolic, and a growing cache would recompile every token."""
     one = torch.full((1,), float("nan") if local.is_floating_point() else 0, dtype=local.dtype, device=local.device)
     g = torch.empty(0, dtype=local.dtype, device=local.device).set_(one.untyped_storage(), 0, shape, [0] * len(shape))
-    _state_table()[g] = (local, placement)
+    state_ghost_register(g, local, placement)
     return g
+
+
+def state_ghost_register(g: torch.Tensor, local: torch.Tensor, placement: Any) -> None:
+    """``g`` (a ghost: NaN, stride 0) stands for ``local`` from now on."""
+    _state_table()[g] = (local, placement)
 
 
 def state_of(t: Any) -> tuple | None:

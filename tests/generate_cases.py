@@ -151,3 +151,24 @@ def hand_written_loop(rank: int, world: int, new_tokens: int = 8) -> dict:
             "styles": {f: p.style for f, p in st.plan.items()},
             "collectives": [sorted(c.kind for c in r.collectives) for r in st.records],
             "warnings": [str(w.message) for w in caught if issubclass(w.category, tpcompile.TPWarning)]}
+
+
+def from_pretrained_generate(rank: int, world: int, path: str, new_tokens: int = 8) -> dict:
+    """``tpcompile.from_pretrained`` on a ``save_pretrained`` directory (several shard files),
+    then greedy ``generate``, beside the original model loaded whole by transformers."""
+    import transformers as tf
+
+    import tpcompile
+    from parity import local_numel
+
+    ref = tf.AutoModelForCausalLM.from_pretrained(path).eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tp = tpcompile.from_pretrained(path, backend="aot_eager")
+        ids, mask = _prompt(ref.config.vocab_size)
+        kw = dict(max_new_tokens=new_tokens, do_sample=False, pad_token_id=0, attention_mask=mask)
+        with torch.no_grad():
+            want, got = ref.generate(ids, **kw), tp.generate(ids, **kw)
+    return {"tokens": got.tolist(), "ref_tokens": want.tolist(), "training": tp.training,
+            "warnings": [str(w.message) for w in caught if issubclass(w.category, tpcompile.TPWarning)],
+            "numel": local_numel(tp), "full_numel": sum(p.numel() for p in ref.parameters())}

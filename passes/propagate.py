@@ -706,6 +706,15 @@ def index_copy(node, ctx) -> NodeInfo:
             return NodeInfo(ps, {dest: ps, idx: R, src: ps}, "pointwise", writes)
         if isinstance(pd, Replicate) and _fresh_buffer(dest, node, ctx):
             return NodeInfo(ps, {dest: ps, idx: R, src: ps}, "pointwise", {"shard_buffer": dest, **writes})
+    if isinstance(pd, Shard) and (pd.dim == dim or pd.chunks != 1 or pd.pad):
+        from tpcompile.errors import TPShardingError
+
+        from .graph_utils import source_line
+
+        raise TPShardingError(
+            f"tpcompile: `{node.name}` at {source_line(node)} writes along dim {dim} of a tensor sharded as {pd}: "
+            f"the positions are global, each rank holds a slice. Keep the projections feeding it replicated "
+            f"with plan={{...: 'replicate'}}.")
     p = pd if isinstance(pd, Shard) else R  # written in place: the cache keeps its placement
     return NodeInfo(p, {dest: p, idx: R, src: p}, "fallback" if isinstance(ps, Shard) or p != R else "replicate")
 
@@ -726,12 +735,18 @@ def setitem(node, ctx) -> NodeInfo:
             return NodeInfo(None, need, "pointwise", {"writes": dest})
         if isinstance(pd, Replicate) and _fresh_buffer(dest, node, ctx):
             return NodeInfo(None, need, "pointwise", {"shard_buffer": dest, "writes": dest})
-    p = pd if isinstance(pd, Shard) else R
-    ins = {x: R for x in _tensors(node)}
-    ins.update({dest: p, src: R})
-    if isinstance(p, Shard):  # a sharded cache written with something else: no rule
-        ins[dest] = R
-    return NodeInfo(None, ins, "fallback" if isinstance(ps, Shard) or isinstance(p, Shard) else "replicate")
+    if isinstance(pd, Shard):  # written in place: gathering it first would write into a copy
+        from tpcompile.errors import TPShardingError
+
+        from .graph_utils import source_line
+
+        raise TPShardingError(
+            f"tpcompile: `{node.name}` at {source_line(node)} writes into a tensor sharded as {pd} with an index "
+            f"or value ({ps}) that has no tensor-parallel rule (only whole slices up to the sharded dim and a "
+            f"value sharded the same way). Write the cache with `cache[:, :, pos] = new` / "
+            f"`cache.index_copy_(dim, pos, new)`, or keep the projections feeding it replicated with "
+            f"plan={{...: 'replicate'}}.")
+    return NodeInfo(None, {x: R for x in _tensors(node)}, "fallback" if isinstance(ps, Shard) else "replicate")
 
 
 RULES: dict[Any, Callable[[fx.Node, Ctx], NodeInfo]] = {

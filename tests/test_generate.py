@@ -122,3 +122,41 @@ def test_from_pretrained_generates_the_original_tokens():
     assert r["tokens"] == r["ref_tokens"]
     assert r["training"] is False
     assert r["numel"] < 0.6 * r["full_numel"], (r["numel"], r["full_numel"])
+
+
+class _Writes(__import__("torch").nn.Module):
+    """A head-sharded cache (``index_copy_`` of sharded k on the positions), then a second write
+    ``how`` the rules cannot shard: along the heads, or through an index on the heads."""
+
+    def __init__(self, how: str):
+        import torch
+
+        super().__init__()
+        self.k, self.o, self.how = torch.nn.Linear(32, 32, bias=False), torch.nn.Linear(32, 32, bias=False), how
+
+    def forward(self, x, pos):
+        import torch
+
+        B, T, C = x.shape
+        k = self.k(x).view(B, T, 4, 8).transpose(1, 2)
+        cache = torch.zeros((B, 4, 16, 8))
+        cache.index_copy_(2, pos, k)
+        if self.how == "heads":
+            cache.index_copy_(1, torch.tensor([0]), torch.ones(B, 1, 16, 8))
+        else:
+            cache[:, 0] = torch.ones(B, 16, 8)
+        return self.o(cache[:, :, :T].transpose(1, 2).reshape(B, T, C))
+
+
+@pytest.mark.parametrize("how", ["heads", "setitem"])
+def test_a_write_into_a_sharded_cache_with_no_rule_is_refused(how):
+    """An in-place write cannot be made whole first (it would write into a copy): refused, naming it."""
+    import torch
+
+    import tpcompile
+    from fakepg import fake_group
+
+    with fake_group(2):
+        model = tpcompile.tp_compile(_Writes(how), backend="eager")
+        with pytest.raises(tpcompile.TPShardingError, match="test_generate.py.*(writes along dim 1|writes into a tensor)"):
+            model(torch.randn(2, 5, 32), torch.arange(5))

@@ -172,3 +172,47 @@ def from_pretrained_generate(rank: int, world: int, path: str, new_tokens: int =
     return {"tokens": got.tolist(), "ref_tokens": want.tolist(), "training": tp.training,
             "warnings": [str(w.message) for w in caught if issubclass(w.category, tpcompile.TPWarning)],
             "numel": local_numel(tp), "full_numel": sum(p.numel() for p in ref.parameters())}
+
+
+def _nccl_entry(rank: int, world: int, store_path: str, queue) -> None:
+    import torch.distributed as dist
+
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
+    try:
+        queue.put((rank, cuda_graph_loop(rank, world)))
+    finally:
+        dist.destroy_process_group()
+
+
+def cuda_graph_loop(rank: int, world: int, new_tokens: int = 8) -> dict:
+    """The gpt-fast loop on CUDA under ``tp_compile(mode="reduce-overhead")`` (Inductor's CUDA
+    graphs): tokens against single device, and Inductor's count of graphs it would not capture."""
+    import tpcompile
+
+    torch.manual_seed(0)
+    model = HandWrittenLM().eval().cuda()
+    ref = copy.deepcopy(model)
+    prompt = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(3)).cuda()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    tp = tpcompile.tp_compile(model, mode="reduce-overhead")
+    with torch.no_grad():
+        want = _decode_loop_on(ref, prompt, new_tokens)
+        got = _decode_loop_on(tp, prompt, new_tokens)
+    return {"tokens": got, "ref_tokens": want, "skips": counters["inductor"]["cudagraph_skips"],
+            "n_graphs": len(tpcompile.tp_state(tp).records)}
+
+
+def _decode_loop_on(model, prompt, new_tokens: int) -> list:
+    """``_decode_loop`` with its position / mask tensors on the prompt's device."""
+    dev, T, L = prompt.device, prompt.shape[1], model.max_len
+    pos = torch.arange(T, device=dev)
+    logits = model(prompt, pos, torch.arange(L, device=dev)[None, :] <= pos[:, None])
+    out, tok = prompt.tolist(), logits[:, -1].argmax(-1)
+    for t in range(T, T + new_tokens):
+        for b in range(len(out)):
+            out[b].append(int(tok[b]))
+        logits = model(tok[:, None], torch.tensor([t], device=dev), torch.arange(L, device=dev)[None, :] <= t)
+        tok = logits[:, -1].argmax(-1)
+    return out

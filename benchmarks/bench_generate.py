@@ -92,16 +92,7 @@ def _rank(rank: int, world: int, args, cache: str) -> dict:
 def _run(world: int, args, cache: str) -> dict:
     from multirank import run_ranks
 
-    if world == 1:
-        import torch.distributed as dist
-
-        store = dist.HashStore()
-        dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-        try:
-            return _rank(0, 1, args, cache)
-        finally:
-            dist.destroy_process_group()
-    return run_ranks(_rank, world, args, cache, timeout=3600)[0]
+    return run_ranks(_rank, world, args, cache, timeout=3600)[0]  # a fresh process per run, TP=1 too
 
 
 def main() -> None:

@@ -211,12 +211,13 @@ def _int_at(idx, axis: int) -> bool:
 
 
 def make_plan(gm: fx.GraphModule, tp: int, param_fqns: dict, overrides: dict | None = None,
-              known: dict | None = None, buffers: set | None = None) -> GraphPlan:
+              known: dict | None = None, buffers: set | None = None, state: dict | None = None) -> GraphPlan:
     """Choose every parameter's layout for ``gm`` (params: placeholder node -> FQN).
 
     ``known``: FQN -> ParamPlan of parameters an earlier graph already stored; they keep it
     (their style is forced, and the same rows, padding included, are taken over).
     ``buffers``: placeholders of the module's buffers (module state, not the user's inputs).
+    ``state``: placeholder -> placement of sharded state inputs (a KV cache kept sharded).
     """
     known = known or {}
     # kv copies are stored replicated and chosen again from the graph (the same graph decides the same)
@@ -265,7 +266,8 @@ def make_plan(gm: fx.GraphModule, tp: int, param_fqns: dict, overrides: dict | N
                 return "colwise"
             return "replicate"
 
-        prop = propagate(gm, tp, params, style_of, lambda n: chunks.get(n, 1), lambda n: copies.get(n, 1))
+        prop = propagate(gm, tp, params, style_of, lambda n: chunks.get(n, 1), lambda n: copies.get(n, 1),
+                         state, set(buffers or ()))
         tried = {n for n in linears if prop.info[n].kind in ("colwise", "kvcopy")}
         dropped = {n for n in tried if n not in prop.good_sinks and n.args[1] not in forced and n.args[1] not in vocab_weights}
         if first:  # parameter sizes first: the clearer error; none for column tries about to be dropped

@@ -56,6 +56,7 @@ class Ctx:
         self.chunks_of = chunks_of
         self.copies_of = copies_of
         self.place: dict = {}
+        self.buffers: set = set()  # module-buffer placeholders (a hand-written KV cache may be adopted sharded)
 
     def pl(self, x) -> Placement | None:
         if not isinstance(x, fx.Node):
@@ -633,6 +634,10 @@ def size_of(node, ctx) -> NodeInfo:
     x = node.args[0]
     p = ctx.pl(x)
     d = _arg(node, 1, "dim")
+    if node.target in ("numel", torch.numel) or (isinstance(p, Shard) and d is not None
+                                                   and norm_dim(d, value(x).dim()) == p.dim):
+        if isinstance(p, Shard) and not p.pad:  # every rank holds 1/tp of the dim: local size * tp
+            return NodeInfo(None, {x: p}, "sharded_size")
     if isinstance(p, Shard) and (d is None or norm_dim(d, value(x).dim()) == p.dim):
         return NodeInfo(None, {x: R}, "fallback")
     return NodeInfo(None, {}, "pointwise")
@@ -835,7 +840,78 @@ def _hand_written_rms_norm(x: fx.Node, xf: fx.Node, width: Any) -> RMSNormCall |
     return RMSNormCall(x, out, nodes, weight, eps, False, xf is not x, tail, offset, w_up, w_nodes)
 
 
+_FACTORIES = (torch.zeros, torch.empty, torch.full, torch.ones)
+
+
+def _fresh_buffer(x: fx.Node, node: fx.Node, ctx) -> bool:
+    """``x`` is a buffer this graph creates (``torch.zeros(B, H, L, hd)``: a static KV cache's lazy
+    allocation) or a module buffer (a hand-written loop's ``k_cache``), and ``node`` its first use:
+    it can be held as a shard instead (created so, or adopted by the backend)."""
+    created = x.op == "call_function" and x.target in _FACTORIES
+    return (created or x in ctx.buffers) and next(iter(x.users), None) is node
+
+
+def index_copy(node, ctx) -> NodeInfo:
+    """``cache.index_copy_(dim, positions, new)`` (a static KV cache written in place): with the new
+    values sharded on another dim (heads), the cache holds the same shard and each rank writes
+    its own heads. The cache must already be held so (state an earlier graph returned sharded),
+    or be a buffer this graph creates for it (then created as a shard, ``extra["shard_buffer"]``);
+    otherwise the new values are made whole and the whole cache written."""
+    dest, idx, src = node.args[0], node.args[2], node.args[3]
+    dim = norm_dim(node.args[1], value(dest).dim())
+    pd, ps = ctx.pl(dest), ctx.pl(src)
+    writes = {"writes": dest} if node.target != "index_copy" and node.target is not torch.index_copy else {}
+    if isinstance(ps, Shard) and ps.dim != dim and ps.chunks == 1 and not ps.pad:
+        if pd == ps:
+            return NodeInfo(ps, {dest: ps, idx: R, src: ps}, "pointwise", writes)
+        if isinstance(pd, Replicate) and _fresh_buffer(dest, node, ctx):
+            return NodeInfo(ps, {dest: ps, idx: R, src: ps}, "pointwise", {"shard_buffer": dest, **writes})
+    if isinstance(pd, Shard) and (pd.dim == dim or pd.chunks != 1 or pd.pad):
+        from tpcompile.errors import TPShardingError
+
+        from .graph_utils import source_line
+
+        raise TPShardingError(
+            f"tpcompile: `{node.name}` at {source_line(node)} writes along dim {dim} of a tensor sharded as {pd}: "
+            f"the positions are global, each rank holds a slice. Keep the projections feeding it replicated "
+            f"with plan={{...: 'replicate'}}.")
+    p = pd if isinstance(pd, Shard) else R  # written in place: the cache keeps its placement
+    return NodeInfo(p, {dest: p, idx: R, src: p}, "fallback" if isinstance(ps, Shard) or p != R else "replicate")
+
+
+def setitem(node, ctx) -> NodeInfo:
+    """``cache[:, :, pos] = new`` (a hand-written static KV cache): whole slices up to and on the
+    cache's sharded dim, ``new`` sharded on that same dim: each rank writes its own heads. The
+    cache is held sharded as for ``index_copy``; anything else makes ``new`` whole."""
+    dest, idx, src = node.args
+    pd, ps = ctx.pl(dest), ctx.pl(src)
+    items = list(idx) if isinstance(idx, tuple) else [idx]
+    if isinstance(ps, Shard) and ps.chunks == 1 and not ps.pad and is_tensor(src) \
+            and value(src).dim() == value(dest).dim() and Ellipsis not in items and None not in items \
+            and all(i == slice(None) for i in items[: ps.dim + 1]):
+        tensors = [i for i in items if isinstance(i, fx.Node)]
+        need = {dest: ps, src: ps, **{i: R for i in tensors if is_tensor(i)}}
+        if pd == ps:
+            return NodeInfo(None, need, "pointwise", {"writes": dest})
+        if isinstance(pd, Replicate) and _fresh_buffer(dest, node, ctx):
+            return NodeInfo(None, need, "pointwise", {"shard_buffer": dest, "writes": dest})
+    if isinstance(pd, Shard):  # written in place: gathering it first would write into a copy
+        from tpcompile.errors import TPShardingError
+
+        from .graph_utils import source_line
+
+        raise TPShardingError(
+            f"tpcompile: `{node.name}` at {source_line(node)} writes into a tensor sharded as {pd} with an index "
+            f"or value ({ps}) that has no tensor-parallel rule (only whole slices up to the sharded dim and a "
+            f"value sharded the same way). Write the cache with `cache[:, :, pos] = new` / "
+            f"`cache.index_copy_(dim, pos, new)`, or keep the projections feeding it replicated with "
+            f"plan={{...: 'replicate'}}.")
+    return NodeInfo(None, {x: R for x in _tensors(node)}, "fallback" if isinstance(ps, Shard) else "replicate")
+
+
 RULES: dict[Any, Callable[[fx.Node, Ctx], NodeInfo]] = {
+    operator.setitem: setitem,
+    **{f: index_copy for f in ("index_copy_", "index_copy", torch.index_copy)},
     **{f: pointwise for f in _POINTWISE_FNS},
     **{m: pointwise for m in _POINTWISE_METHODS},
     **{u: unary for u in _UNARY},
@@ -851,7 +927,7 @@ RULES: dict[Any, Callable[[fx.Node, Ctx], NodeInfo]] = {
                                "var", "std", torch.var, "logsumexp", torch.logsumexp, "norm")},
     **{f: matmul for f in (operator.matmul, torch.matmul, "matmul", torch.bmm, "bmm")},
     **{f: einsum for f in (torch.einsum, "einsum")},
-    **{f: size_of for f in (torch.ops.aten.sym_size.int, "size")},
+    **{f: size_of for f in (torch.ops.aten.sym_size.int, "size", "numel", torch.numel)},
     SDPA: sdpa,
     **{f: layer_norm for f in (F.layer_norm, torch.layer_norm, F.rms_norm, torch.rms_norm)},
     LINEAR: linear,
@@ -870,6 +946,7 @@ OP_CLASS: dict[Callable, str] = {
     split: "split", cat: "cat", softmax: "softmax", reduction: "reduction", matmul: "matmul", sdpa: "attention",
     layer_norm: "norm", linear: "linear", embedding: "embedding", cross_entropy: "loss", dropout: "dropout",
     repeat_interleave: "repeat", getitem: "index", output: "output", no_tensor_in: "factory",
+    index_copy: "index_copy", setitem: "index_copy",
 }
 
 
@@ -915,10 +992,12 @@ def _merge_origins(prop_origins, node, info):
 
 
 def propagate(gm: fx.GraphModule, tp: int, params: set, style_of: Callable, chunks_of: Callable = lambda n: 1,
-              copies_of: Callable = lambda n: 1) -> Propagation:
+              copies_of: Callable = lambda n: 1, state: dict | None = None,
+              buffers: set = frozenset()) -> Propagation:
     """Placement of every node of ``gm``.
 
-    Inputs are replicated (the same batch on every rank). A parameter takes the placement its
+    Inputs are replicated (the same batch on every rank), except ``state`` (placeholder ->
+    placement): sharded state an earlier graph returned as this rank's shard (a KV cache). A parameter takes the placement its
     first consumer needs (that is how it will be stored); later consumers that need another
     one get a mapping op like any other value.
     ``style_of(node, input_placement)``: the plan's layout for a linear / embedding node;
@@ -926,6 +1005,7 @@ def propagate(gm: fx.GraphModule, tp: int, params: set, style_of: Callable, chun
     sharing one kv head of a ``kvcopy`` projection.
     """
     ctx = Ctx(tp, style_of, chunks_of, copies_of)
+    ctx.buffers = set(buffers)
     info: dict = {}
     origins: dict = {}
     good: set = set()
@@ -935,7 +1015,7 @@ def propagate(gm: fx.GraphModule, tp: int, params: set, style_of: Callable, chun
     blocked: dict = {}
     for node in gm.graph.nodes:
         if node.op == "placeholder":
-            p = None if node in params or not is_tensor(node) else R
+            p = None if node in params or not is_tensor(node) else (state or {}).get(node, R)
             info[node] = NodeInfo(p, {}, "placeholder")
         elif node.op == "get_attr":
             info[node] = NodeInfo(R if is_tensor(node) else None, {}, "replicate")
@@ -948,6 +1028,10 @@ def propagate(gm: fx.GraphModule, tp: int, params: set, style_of: Callable, chun
             for x, need in ni.need.items():  # a parameter is stored the way its first consumer needs
                 if x in params and ctx.place.get(x) is None:  # (kv copies are taken from a replicated one)
                     ctx.place[x] = info[x].out = R if isinstance(need, Shard) and need.copies else need
+            buf = ni.extra.get("shard_buffer")
+            if buf is not None:  # a buffer created for this in-place writer: created as its shard
+                ctx.place[buf] = need = ni.need[buf]
+                info[buf] = NodeInfo(need, {}, "shard_buffer", {"dim": need.dim})
             # what each sharded input's origin linears learn from this consumer
             for x, need in ni.need.items():
                 have = ctx.pl(x)
@@ -968,5 +1052,8 @@ def propagate(gm: fx.GraphModule, tp: int, params: set, style_of: Callable, chun
             info[node] = ni
             origins[node] = frozenset({node}) if ni.kind in ("colwise", "column_embedding", "kvcopy") \
                 else _merge_origins(origins, node, ni)
+            if "writes" in ni.extra:  # in place: later reads of the written tensor carry the shard too
+                w = ni.extra["writes"]
+                origins[w] = origins.get(w, frozenset()) | origins[node]
         ctx.place[node] = info[node].out
     return Propagation(info, origins, good, fallbacks, blocked, vocab, bad)

@@ -306,6 +306,20 @@ class _Rewriter:
             self.alias[node] = out
         self.info[out] = NodeInfo(Replicate())
 
+    def _shard_buffer(self, node, ni):
+        """A buffer the graph creates (``torch.zeros(B, H, L, hd)``) for an in-place writer whose
+        values are sharded: created as this rank's shard (the sharded dim's size / tp)."""
+        d = ni.extra["dim"]
+        packed = isinstance(node.args[0], (tuple, list))  # zeros((B, H, L, hd)) / full(size, v) or zeros(B, H, L, hd)
+        sizes, rest = (list(node.args[0]), node.args[1:]) if packed else (list(node.args), ())
+        sizes[d] = local_size(sizes[d], self.plan.tp)
+        node.args = (tuple(sizes), *rest)
+
+    def _sharded_size(self, node, ni):
+        """``x.numel()`` / ``x.size(d)`` of the sharded dim of an unpadded shard: the logical size
+        is the local one times tp (a KV cache's ``numel() == 0`` test reads no communication)."""
+        self._then(node, operator.mul, self.plan.tp, keys=("stack_trace", "nn_module_stack"))
+
     def _partial_sum(self, node, ni):
         """A mean over the sharded dim: each rank's mean of its part, / tp, sums to the mean."""
         if ni.extra["mean"]:

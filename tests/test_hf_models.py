@@ -116,7 +116,8 @@ def test_hf_training_matches_single_device(trained, family):
 @pytest.mark.parametrize("trained", [2], indirect=True, ids=["tp2"])
 def test_hf_kv_cache_built_in_the_forward(trained):
     """``use_cache=True``: the cache starts as ``torch.tensor([])`` and is ``cat``-ed with the
-    head-sharded k / v; that keeps them sharded (the returned cache is gathered at the end)."""
+    head-sharded k / v; that keeps them sharded, and the returned cache stays sharded too (state
+    ghosts: ``tpcompile.twin.state_ghost``; generation with it: tests/test_generate.py)."""
     world, by_family = trained
     results = by_family["llama-cache"]
     plan = _check_parity(results, world)

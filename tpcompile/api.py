@@ -16,7 +16,7 @@ from tpcompile.errors import TPEagerFallbackError, TPInputMismatchError, TPShard
 from tpcompile.params import TPParameters, watch_optimizers
 from tpcompile.passes.plan import validate_overrides, with_tied_aliases
 from tpcompile.pipeline import GraphRecord, Options
-from tpcompile.twin import Twin, trace_config
+from tpcompile.twin import Twin, state_of, trace_config
 
 
 def _resolve_mesh(group):
@@ -192,7 +192,7 @@ class TensorParallel:
         self._check_inputs(args, kwargs, shapes_only=True)
         out = []
         for x in flat:
-            if isinstance(x, torch.Tensor):
+            if isinstance(x, torch.Tensor) and state_of(x) is None:  # a KV cache's shard is each rank's own
                 x = x.detach().clone().to(self.device)
                 dist.broadcast(x, src=src, group=self.group)
             out.append(x)
@@ -203,7 +203,7 @@ class TensorParallel:
         flat, _ = tree_flatten((args, kwargs))
         h = hashlib.sha256()
         for x in flat:
-            if isinstance(x, torch.Tensor):
+            if isinstance(x, torch.Tensor) and state_of(x) is None:
                 h.update(repr((tuple(x.shape), x.dtype)).encode())
                 if not shapes_only:
                     h.update(x.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
@@ -231,6 +231,7 @@ def _has_nan(out) -> bool:
     """Ghosts are NaN: a result computed on one is NaN (``-inf`` / ``inf`` in a user's output are not ours)."""
     flat, _ = tree_flatten(out)
     flat = [getattr(t, "_local_tensor", t) for t in flat]  # a DTensor output (sharded_outputs): its shard
+    flat = [t[0] if (t := state_of(x)) is not None else x for x in flat]  # a KV cache ghost: its shard
     return any(isinstance(t, torch.Tensor) and t.is_floating_point() and bool(t.isnan().any()) for t in flat)
 
 
@@ -345,6 +346,8 @@ def tp_compile(
                            dump_dir=dump_dir, check_replicas_every=check_replicas_every, async_tp=async_tp)
     model._tp_state = state
     model.forward = state.forward
+    if callable(getattr(model, "generate", None)):  # Hugging Face generation
+        model.generate = _generating(model.generate, state)
     from tpcompile import checkpoint  # checkpoint-facing side: state dicts, meta-device models
 
     checkpoint.install_state_dict_hooks(model)
@@ -352,6 +355,36 @@ def tp_compile(
     if mesh is not None:
         state.data_parallel = apply_data_parallel(model, mesh)
     return model
+
+
+def same_rng_on_tp_ranks(state: TensorParallel) -> None:
+    """Give every TP rank the first rank's RNG state (CPU, and CUDA on an NCCL group).
+
+    Sampled tokens are inputs of the next step: a rank that draws another token computes another
+    sequence, and the collectives then mix the two (the inference version of the silent TP bug).
+    The logits every rank samples from are bitwise the same (gathered, or combined by the
+    vocab-parallel sampler), so with the same generator state every rank draws the same token."""
+    src = dist.get_global_rank(state.group, 0)
+    cpu = torch.get_rng_state()
+    t = cpu.to(state.device)
+    dist.broadcast(t, src=src, group=state.group)
+    torch.set_rng_state(t.cpu())
+    if state.device.type == "cuda":
+        g = torch.cuda.get_rng_state().to(state.device)
+        dist.broadcast(g, src=src, group=state.group)
+        torch.cuda.set_rng_state(g.cpu())
+
+
+def _generating(generate, state: TensorParallel):
+    """``model.generate`` that starts from one RNG state on every TP rank (``same_rng_on_tp_ranks``)."""
+    import functools
+
+    @functools.wraps(generate)
+    def tp_generate(*args, **kwargs):
+        same_rng_on_tp_ranks(state)
+        return generate(*args, **kwargs)
+
+    return tp_generate
 
 
 def _tp_of(mesh, group, example_inputs):

@@ -25,6 +25,7 @@ import torch.fx as fx
 from tpcompile.errors import TPShardingError, TPWarning
 from tpcompile.passes.graph_utils import value
 from tpcompile.passes.placements import local_size
+from tpcompile.twin import state_ghost, state_ghost_register, state_of
 from tpcompile.pipeline import Collective, GraphRecord, Options, collectives_of, communication_floor, tp_program
 
 USER_MODES = ("inductor", "aot_eager", "eager")  # what a user's ``backend=`` may be
@@ -187,7 +188,9 @@ class Backend:
         param_fqns = {i: twin.fqn_of[id(ex)] for i, ex in enumerate(example_inputs) if id(ex) in twin.fqn_of}
         names = {n.name: twin.names[id(ex)] for n, ex in zip(placeholders, example_inputs) if id(ex) in twin.names}
         stand_in = output_zeros(gm) if mode in ("trace", "plan") else None
-        program = tp_program(gm, param_fqns, self.options_for(param_fqns.values()), names, plan_only=mode == "plan")
+        state_in = {i: st[1] for i, ex in enumerate(example_inputs) if (st := state_of(ex)) is not None}
+        program = tp_program(gm, param_fqns, self.options_for(param_fqns.values()), names, plan_only=mode == "plan",
+                             state=state_in)
         for lay in program.layouts.values():
             params.apply(lay)
         index = list(program.layouts)
@@ -207,6 +210,9 @@ class Backend:
             # fakify the local shard ourselves, with static shapes: left to AOTAutograd it gets
             # fresh symbols with no source, and a shape guard on one of them fails to build
             inputs[i] = fake_mode.from_tensor(t, static_shapes=True) if fake_mode is not None else t
+        adopted = {i: p for i, p in program.adopted.items() if i not in state_in}
+        for i, p in {**state_in, **adopted}.items():  # a KV cache shard: the logical sizes (symbolic kept), its dim cut
+            inputs[i] = _local_like(value(placeholders[i]), p, self.options.tp, fake_mode)
         try:
             compiled = _compile(gm, inputs, record, mode, on_graph, stand_in, self.inductor_options)
         except torch._dynamo.exc.RestartAnalysis:
@@ -215,16 +221,66 @@ class Backend:
             rec.records.remove(record)
             raise
         sharded, opts, mesh = program.sharded_outputs, self.options, self.mesh
+        state_out = program.state_outputs
 
         def run(*args):
             rec.calls += 1
             args = list(args)
             for i, t in zip(index, params.program_locals([fqn_of[id(args[i])] for i in index], layouts)):
                 args[i] = t
+            for i in state_in:
+                args[i] = _state_local(args[i], state_in[i])
+            for i, p in adopted.items():  # a module buffer written with sharded values: held as its shard
+                args[i] = _adopt(args[i], p, opts.rank, opts.tp)
             out = compiled(*args)
+            if state_out:
+                out = list(out)
+                for i, (p, _) in state_out.items():
+                    shape = list(out[i].shape)
+                    shape[p.dim] = state_out[i][1][p.dim]  # heads: static, the logical count
+                    out[i] = state_ghost(out[i], tuple(shape), p)
             return outputs_as_dtensors(out, sharded, mesh, opts.rank, opts.tp) if sharded else out
 
         return run
+
+
+def _local_like(fake, placement, tp: int, fake_mode):
+    """A fake of this rank's shard of a state input whose logical fake (Dynamo's, symbolic sizes
+    kept: a cache grows every token) is ``fake``."""
+    sizes = list(fake.shape)
+    sizes[placement.dim] = local_size(sizes[placement.dim], tp)
+    if fake_mode is None:
+        return torch.empty(sizes, dtype=fake.dtype, device=fake.device)
+    with fake_mode:
+        return torch.empty(sizes, dtype=fake.dtype, device=fake.device)
+
+
+def _state_local(t: torch.Tensor, placement) -> torch.Tensor:
+    """The shard a state ghost stands for (contiguous: the layout the program was compiled for)."""
+    st = state_of(t)
+    if st is None or st[1] != placement:
+        raise TPShardingError(
+            f"tpcompile: a sharded state input (a KV cache, placement {placement}) was replaced by another tensor "
+            f"({'a plain tensor' if st is None else st[1]}) between calls of a compiled graph. Pass back the cache "
+            f"the model returned; rebuild it (reset the cache) to start over.")
+    return st[0].contiguous()
+
+
+def _adopt(t: torch.Tensor, placement, rank: int, tp: int) -> torch.Tensor:
+    """This rank's shard of a module buffer (a hand-written KV cache) that the program writes with
+    sharded values: the buffer object itself becomes a state ghost of the same shape (its whole
+    memory is freed), so every later graph takes it back sharded."""
+    st = state_of(t)
+    if st is not None:
+        return _state_local(t, placement)
+    n = local_size(t.shape[placement.dim], tp)
+    local = t.detach().narrow(placement.dim, rank * n, n).clone()
+    shape = tuple(t.shape)
+    ghost = state_ghost(local, shape, placement)
+    with torch.no_grad():
+        t.set_(ghost.untyped_storage(), 0, shape, [0] * len(shape))
+    state_ghost_register(t, local, placement)
+    return local
 
 
 _KEYS = itertools.count()

@@ -26,7 +26,7 @@ from tpcompile.passes.placements import Shard
 from tpcompile.passes.plan import GraphPlan, make_plan
 from tpcompile.passes.rewrite import kv_copy_key, rewrite
 from tpcompile.passes.sequence_parallel import floor_with_sp, sequence_parallel
-from tpcompile.passes.sharded_outputs import keep_outputs_sharded
+from tpcompile.passes.sharded_outputs import keep_outputs_sharded, keep_state_sharded
 
 COLLECTIVES = {
     "all_reduce": "all_reduce",
@@ -91,6 +91,8 @@ class Program:
     record: GraphRecord
     layouts: dict[int, ParamPlan]  # placeholder index -> layout of the parameter it takes
     sharded_outputs: dict = field(default_factory=dict)  # output index -> (dim, full size), kept sharded
+    state_outputs: dict = field(default_factory=dict)  # output index -> (placement, logical shape): a KV cache
+    adopted: dict = field(default_factory=dict)  # placeholder index -> placement: a module buffer held sharded
 
 
 def collectives_of(gm: fx.GraphModule, phase: str) -> list[Collective]:
@@ -160,9 +162,11 @@ def kv_copy_weights(plan: GraphPlan) -> int:
 
 
 def plan_graph(gm: fx.GraphModule, fqns: dict, tp: int, overrides: dict,
-               known: dict | None = None, buffers: set | None = None) -> tuple[GraphPlan, list[str]]:
+               known: dict | None = None, buffers: set | None = None,
+               state: dict | None = None) -> tuple[GraphPlan, list[str]]:
     """The graph passes before any sharding: inline checkpointed blocks, normalize, plan.
-    ``buffers``: the placeholders that are module buffers (state, not the user's inputs).
+    ``buffers``: the placeholders that are module buffers (state, not the user's inputs);
+    ``state``: placeholder -> placement of sharded state inputs (a KV cache an earlier graph returned).
 
     Returns the plan and warnings of the inlining (selective policies not honoured).
     """
@@ -173,21 +177,23 @@ def plan_graph(gm: fx.GraphModule, fqns: dict, tp: int, overrides: dict,
         for line, selective in inline_checkpoints(gm) if selective
     ]
     normalize(gm, set(fqns))
-    return make_plan(gm, tp, fqns, overrides, known, buffers), notes
+    return make_plan(gm, tp, fqns, overrides, known, buffers, state), notes
 
 
 def tp_program(gm: fx.GraphModule, param_fqns: dict[int, str], options: Options, names: dict[str, str] | None = None,
-               plan_only: bool = False) -> Program:
+               plan_only: bool = False, state: dict | None = None) -> Program:
     """Plan ``gm`` (placeholder index -> parameter FQN in ``param_fqns``) and, unless ``plan_only``,
     rewrite it in place into rank ``options.rank``'s program. Warns (``TPWarning``) for every part
-    left replicated or made whole."""
+    left replicated or made whole. ``state``: placeholder index -> placement of the sharded state
+    (KV cache) inputs; outputs that grow it stay sharded (``Program.state_outputs``)."""
     t0 = time.perf_counter()
     names = names or {}
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     fqns = {placeholders[i]: f for i, f in param_fqns.items()}
     original_code = readable_code(gm.graph, names)
     buffers = {n for n in placeholders if n.name in names and n not in fqns}
-    plan, notes = plan_graph(gm, fqns, options.tp, options.overrides, options.known, buffers)
+    state_nodes = {placeholders[i]: p for i, p in (state or {}).items()}
+    plan, notes = plan_graph(gm, fqns, options.tp, options.overrides, options.known, buffers, state_nodes)
     layouts = {i: plan.params[placeholders[i]] for i in param_fqns}
     fallbacks = [_warn_fallback(n, plan) for n in plan.prop.fallbacks]
     fallbacks += [_warn_unsupported(n, mods) for n, mods in plan.unsupported.items()]
@@ -200,11 +206,13 @@ def tp_program(gm: fx.GraphModule, param_fqns: dict[int, str], options: Options,
     floor = communication_floor(plan) if rewritten or plan_only else {"forward": {}, "backward": {}}
     sharded: dict = {}
     fused: list = []
+    kept_state: dict = {}
     # one rank: every shard is the whole tensor and every mapping op an identity, so the captured
     # graph is the program (torch.compile's); sharded_outputs keeps the rewrite for its DTensor outputs,
     # and TPCOMPILE_TP1_REWRITE=1 keeps it to check the TP program on one GPU (make gpu-check)
     if rewritten:
         rewrite(gm, plan, options.group_name, options.rank)
+        kept_state = keep_state_sharded(gm, set(state_nodes), plan.prop.info)
         if options.sequence_parallel:
             sp = sequence_parallel(gm, options.group_name, options.tp, options.rank)
             floor = floor_with_sp(sp, floor["forward"].get("vocab-parallel loss", 0), kv_copy_weights(plan))
@@ -219,7 +227,9 @@ def tp_program(gm: fx.GraphModule, param_fqns: dict[int, str], options: Options,
     record.exit_mappings = [n.meta["tp_mapping"] for n in out_node.all_input_nodes if "tp_mapping" in n.meta]
     last = [n for n in gm.graph.nodes if n.op == "call_function" and n.meta.get("stack_trace")]
     record.ends_at = source_line(last[-1]) if last else ""
-    return Program(gm, record, layouts, sharded)
+    adopted = {i: plan.prop.info[n].out for i, n in enumerate(placeholders)
+               if n in plan.prop.info and plan.prop.info[n].kind == "shard_buffer"}
+    return Program(gm, record, layouts, sharded, kept_state, adopted)
 
 
 def _warn_unsupported(node: fx.Node, modules: list) -> str:

@@ -76,11 +76,12 @@ def test_every_spelling_matches_single_device_on_gloo():
 @pytest.mark.parametrize("world", [2, 4])
 def test_fused_qkv_with_unequal_pieces(world):
     """q [16] bigger than k, v [8 each] (GQA). TP=2: each piece split on its own; TP=4: 2 kv heads
-    cannot be split, so the fused projection stays replicated, with a warning."""
+    for 4 ranks: kv-head copies (the weight stored replicated, each rank's program takes its q rows
+    and the kv head its queries use), the output projection row-parallel, no warning."""
     with fake_group(world_size=world):
         model, x = spellings.make(spellings.FusedQKVGQA)
         model = tpcompile.tp_compile(model, backend="eager")
-        with pytest.warns(tpcompile.TPWarning) if world == 4 else _no_warning():
+        with _no_warning():
             model(x)
         plan = tpcompile.tp_state(model).plan
     qkv, o = plan["qkv.weight"], plan["o.weight"]
@@ -92,7 +93,7 @@ def test_fused_qkv_with_unequal_pieces(world):
         full = spellings.FusedQKVGQA().qkv.weight.detach()  # rank 0 keeps q[:8], k[:4], v[:4]
         assert torch.equal(w, torch.cat([full[:8], full[16:20], full[24:28]]))
     else:
-        assert qkv.style == "replicate" and o.style == "replicate"
+        assert (qkv.style, qkv.kv.sizes, qkv.kv.copies, o.style) == ("kvcopy", (16, 8, 8), (1, 2, 2), "rowwise")
 
 
 @pytest.mark.parametrize("cls", [spellings.FusedQKVReshapeUnbind, spellings.FusedQKVReshapeIndex], ids=lambda c: c.__name__)

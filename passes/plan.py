@@ -40,12 +40,13 @@ from tpcompile.errors import TPShardingError
 from .graph_utils import (divisors, is_tensor, norm_dim, numel_expr, same_size, shape, shape_str, source_line,
                           static_size, value)
 from .layout import ParamPlan
-from .normalize import CONTRACTIONS, LINEARS, param_operands, weight_out_dim
+from .normalize import CONTRACTIONS, GROUPED, PROJECTIONS, param_operands, weight_out_dim
 from .placements import STYLES, Replicate, Shard, local_size
 from .propagate import Propagation, op_class, propagate, rule_for
 
 _INDEX_PASSTHROUGH = ("view", "cast", "transfer")  # op families (propagate.op_class) token ids pass through
 _SPLITS = {"split", "chunk"}  # see _fused_chunks
+_BASE_STYLE = {"vocab": "colwise", "expert-colwise": "colwise", "expert-rowwise": "rowwise"}  # as a linear's rule reads it
 
 
 @dataclass
@@ -223,7 +224,7 @@ def make_plan(gm: fx.GraphModule, tp: int, param_fqns: dict, overrides: dict | N
     params = set(param_fqns)
     forced = {n: s for n, f in param_fqns.items() if (s := _style_for_fqn(f, overrides)) is not None}
 
-    linears = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in LINEARS and n.args[1] in params]
+    linears = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in PROJECTIONS and n.args[1] in params]
     embeds = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is F.embedding and n.args[1] in params]
     vocab_weights = _vocab_tables(embeds, params | set(buffers or ()), forced)
     # other tables tried column-parallel (split on the embedding dim); kept if that reaches a row linear
@@ -248,7 +249,7 @@ def make_plan(gm: fx.GraphModule, tp: int, param_fqns: dict, overrides: dict | N
             if node.target is F.embedding:
                 return "vocab" if w in vocab_weights else "colwise" if node in col_embeds - replicated else "replicate"
             if w in forced:
-                return {"vocab": "colwise"}.get(forced[w], forced[w])
+                return _BASE_STYLE.get(forced[w], forced[w])
             if w in vocab_weights:
                 return "colwise"  # LM head tied to a vocab-parallel embedding
             if node in replicated:
@@ -392,17 +393,19 @@ def _param_plans(gm, prop: Propagation, tp: int, param_fqns: dict, known: dict) 
             out[node] = k  # stored by an earlier graph (e.g. a padded vocabulary whose loss is elsewhere)
             continue
         users = [u for u in node.users if u.op == "call_function"]
-        lins = [u for u in users if u.target in LINEARS and u.args[1] is node]
+        lins = [u for u in users if u.target in PROJECTIONS and u.args[1] is node]
         if any(u.target is F.embedding for u in users):
             style = "vocab" if p.dim == 0 else "colwise"
         elif lins:
             style = "colwise" if p.dim == weight_out_dim(lins[0]) else "rowwise"
+            if lins[0].target is GROUPED:  # a 3-D expert weight: every expert split the same way
+                style = "expert-" + style
         else:
             style = "colwise"  # a bias / scale that follows a column-parallel output
         size = full[p.dim]
         # padding is for a vocabulary: the embedding, or an LM head whose shard reaches the loss
         vocab_like = style == "vocab" or any(u in prop.vocab_sinks for u in lins) or any(
-            u.args[2] is node and u in prop.vocab_sinks for u in users if u.target in LINEARS and len(u.args) > 2)
+            u.args[2] is node and u in prop.vocab_sinks for u in users if u.target in PROJECTIONS and len(u.args) > 2)
         if p.pad and vocab_like:
             local = list(full)
             local[p.dim] = local_size(size, tp)

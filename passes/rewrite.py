@@ -21,7 +21,7 @@ from tpcompile.runtime import mappings as M
 from tpcompile.runtime import random as R_
 from tpcompile.runtime import vocab_parallel as V
 
-from .graph_utils import shape, value
+from .graph_utils import is_tensor, shape, value
 from .plan import GraphPlan
 from .placements import Partial, Replicate, Shard, local_size
 from .propagate import NodeInfo, dropout_call
@@ -69,6 +69,22 @@ def kv_for_rank(kv: torch.Tensor, group: str, dim: int, q_heads: int, rank: int)
     n_rep, local = q_heads // kv.shape[dim], q_heads // tp
     kv = M.copy_to_tp(kv, group).repeat_interleave(n_rep, dim)
     return kv.narrow(dim, rank * local, local)
+
+
+_GATHERS = {operator.getitem, "repeat_interleave", torch.repeat_interleave, "to", "float", "contiguous"}
+
+
+def token_source(x: fx.Node) -> tuple[fx.Node | None, fx.Node]:
+    """(first op, its input) of the chain that dispatches tokens to an expert matmul: row picks
+    ``h[perm // k]``, ``h.repeat_interleave(k, 0)`` and casts, walked back from ``x``. Megatron's f
+    commutes with each of them (all linear in the rows), so it goes on the tokens before the chain:
+    one all-reduce of the ``[N, H]`` input gradient in the backward, not of ``[N * k, H]``, and the
+    same f as a shared expert or any other column linear reading those tokens."""
+    top, src = None, x
+    while src.op in ("call_function", "call_method") and src.target in _GATHERS and isinstance(src.args[0], fx.Node) \
+            and is_tensor(src.args[0]) and value(src.args[0]).dim() == value(x).dim():
+        top, src = src, src.args[0]
+    return top, src
 
 
 def _redistribute_call(have, need, group, full=None):
@@ -129,8 +145,8 @@ def _whole_grad_inputs(node: fx.Node, ni: NodeInfo) -> set:
     (all-reduce backward) on that edge, as a column-parallel linear's input does. Not on
     edges into replicated ops, whose gradient is already whole on every rank.
     """
-    if ni.kind not in ("pointwise", "dropout", "sdpa") or not isinstance(ni.out, Shard):
-        return set()
+    if ni.kind not in ("pointwise", "dropout", "sdpa") or not isinstance(ni.out, (Shard, Partial)):
+        return set()  # (a Partial output: each rank's backward gives its summand's part of their gradient)
     kv = set(node.args[1:3]) if ni.kind == "sdpa" and ni.extra.get("gqa") else set()  # kv_for_rank has its f
     return {x for x, need in ni.need.items()
             if isinstance(need, Replicate) and x not in kv and getattr(value(x), "requires_grad", False)}
@@ -198,6 +214,11 @@ class _Rewriter:
 
     def _colwise(self, node, ni):
         x = node.args[0]
+        if ni.extra.get("grouped"):  # experts: the f on the tokens before they are dispatched (k x fewer rows)
+            top, src = token_source(x)
+            if top is not None:
+                top.replace_input_with(src, self._f(src, top))
+                return
         node.replace_input_with(x, self._f(x, node))
 
     def _then(self, node, fn, *args, keys=("stack_trace", "nn_module_stack", *RECOMPUTE_TAGS)) -> fx.Node:

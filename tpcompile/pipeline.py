@@ -22,7 +22,7 @@ from tpcompile.passes.inline_checkpoint import inline_checkpoints
 from tpcompile.passes.layout import ParamPlan
 from tpcompile.passes.normalize import normalize
 from tpcompile.passes.plan import GraphPlan, make_plan
-from tpcompile.passes.rewrite import rewrite
+from tpcompile.passes.rewrite import rewrite, token_source
 from tpcompile.passes.sequence_parallel import floor_with_sp, sequence_parallel
 from tpcompile.passes.sharded_outputs import keep_outputs_sharded
 
@@ -113,14 +113,17 @@ def communication_floor(plan: GraphPlan) -> dict:
     """Megatron's minimum for this plan: per phase, how many collectives and why.
 
     Forward: one reduction per row-parallel linear and per vocab-parallel embedding, one
-    collective per vocab-parallel loss. Backward: one reduction of the input gradient per
-    distinct activation that feeds column-parallel linears (q, k, v share one).
+    collective per vocab-parallel loss, one per MoE layer after its weighted combine. Backward: one
+    reduction of the input gradient per distinct activation that feeds column-parallel linears
+    (q, k, v share one; experts count the tokens before dispatch), and one of the routing weights'
+    gradient per MoE layer (each rank's expert outputs are summands: so is that gradient).
     """
     kinds = [ni.kind for ni in plan.prop.info.values()]
-    col_inputs = {n.args[0] for n, ni in plan.prop.info.items() if ni.kind == "colwise"}
+    col_inputs = {(token_source(n.args[0])[1] if ni.extra.get("grouped") else n.args[0])
+                  for n, ni in plan.prop.info.items() if ni.kind == "colwise"}
     fwd = {"row-parallel linear": kinds.count("rowwise"), "vocab-parallel embedding": kinds.count("vocab"),
-           "vocab-parallel loss": kinds.count("vocab_ce")}
-    bwd = {"column-parallel input": len(col_inputs)}
+           "vocab-parallel loss": kinds.count("vocab_ce"), "expert combine": kinds.count("expert_rowwise")}
+    bwd = {"column-parallel input": len(col_inputs), "expert routing weights": kinds.count("expert_rowwise")}
     return {"forward": {k: v for k, v in fwd.items() if v}, "backward": {k: v for k, v in bwd.items() if v}}
 
 

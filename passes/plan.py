@@ -41,7 +41,7 @@ from .graph_utils import (divisors, is_tensor, norm_dim, numel_expr, same_size, 
                           static_size, value)
 from .layout import ParamPlan
 from .normalize import CONTRACTIONS, GROUPED, PROJECTIONS, param_operands, weight_out_dim
-from .placements import STYLES, Replicate, Shard, local_size
+from .placements import STYLES, Partial, Replicate, Shard, local_size
 from .propagate import Propagation, op_class, propagate, rule_for
 
 _INDEX_PASSTHROUGH = ("view", "cast", "transfer")  # op families (propagate.op_class) token ids pass through
@@ -234,6 +234,7 @@ def make_plan(gm: fx.GraphModule, tp: int, param_fqns: dict, overrides: dict | N
     chunks = {n: _fused_chunks(n) for n in linears}
 
     replicated: set = set()
+    pending: set = set()
     unsupported: dict = {}
     notes: list = []
     for lin, c in chunks.items():  # unequal fused pieces that tp does not divide (kv heads < tp): keep whole
@@ -261,7 +262,11 @@ def make_plan(gm: fx.GraphModule, tp: int, param_fqns: dict, overrides: dict | N
                 return "colwise"
             return "replicate"
 
-        prop = propagate(gm, tp, params, style_of, lambda n: chunks.get(n, 1))
+        prop = propagate(gm, tp, params, style_of, lambda n: chunks.get(n, 1), frozenset(pending))
+        joined = _joins_pending_sum(prop) - pending
+        if joined:  # shared experts: their row-parallel sums join the routed experts' (one reduction)
+            pending |= joined
+            continue
         tried = {n for n in linears if prop.info[n].kind == "colwise"}
         dropped = {n for n in tried if n not in prop.good_sinks and n.args[1] not in forced and n.args[1] not in vocab_weights}
         if first:  # parameter sizes first: the clearer error; none for column tries about to be dropped
@@ -281,6 +286,8 @@ def make_plan(gm: fx.GraphModule, tp: int, param_fqns: dict, overrides: dict | N
             _check_views(prop, tp, param_fqns)
             first = False
         for lin in dropped - replicated:
+            if _is_router(lin):  # E logits per token, picked by top-k: replicated by design, not a miss
+                continue
             for op in prop.blocked.get(lin, ()):
                 unsupported.setdefault(op, []).append(param_fqns[lin.args[1]].rsplit(".", 1)[0])
         # a column-parallel table is an opportunity, not Megatron's pattern: dropped quietly, also
@@ -292,6 +299,61 @@ def make_plan(gm: fx.GraphModule, tp: int, param_fqns: dict, overrides: dict | N
         replicated |= dropped
     notes += _unsharded_contractions(gm, prop, param_fqns, forced)
     return GraphPlan(_param_plans(gm, prop, tp, param_fqns, known), prop, tp, unsupported, notes)
+
+
+_TOPK = {torch.topk, "topk"}
+_SCALES = {operator.mul, torch.mul, "mul", operator.truediv, torch.div, "div", operator.neg, torch.neg, "neg"}
+_ADDS = {operator.add, torch.add, "add"}
+
+
+def _row_source(node, prop: Propagation, depth: int = 6) -> fx.Node | None:
+    """The bias-free row-parallel linear whose whole output ``node`` is, through views, casts and
+    scalings by whole values (``sigmoid(gate(x)) * shared_expert(x)``), or None."""
+    ni = prop.info.get(node)
+    if ni is None or depth == 0:
+        return None
+    if ni.kind == "rowwise" and node.target in PROJECTIONS and (len(node.args) < 3 or node.args[2] is None) \
+            and not node.kwargs.get("bias"):
+        return node
+    if node.target in _SCALES or op_class(node) in ("view", "cast"):
+        ins = [node.args[0]] if node.target in (operator.truediv, torch.div, "div") else node.all_input_nodes
+        for x in ins:
+            if is_tensor(x) and (r := _row_source(x, prop, depth - 1)) is not None:
+                return r
+    return None
+
+
+def _joins_pending_sum(prop: Propagation) -> set:
+    """Row linears (shared experts) whose output is added to a pending sum (a MoE combine): kept
+    pending too, so ``routed + shared`` is reduced by one all-reduce instead of two."""
+    out = set()
+    for node, ni in prop.info.items():
+        if node.op == "call_function" and node.target in _ADDS and len(node.args) == 2:
+            a, b = node.args
+            pa, pb = prop.placement(a), prop.placement(b)
+            for part, other in ((pa, b), (pb, a)):
+                if isinstance(part, Partial) and isinstance(other, fx.Node) and prop.placement(other) == Replicate():
+                    r = _row_source(other, prop)
+                    if r is not None:
+                        out.add(r)
+    return out
+
+
+def _is_router(lin: fx.Node, depth: int = 6) -> bool:
+    """The linear is a MoE router: its logits reach ``topk`` through casts, softmax / sigmoid and
+    views. Its output is E scores per token that top-k needs whole on every rank (so that every rank
+    routes alike), a gather away from any shard: kept replicated quietly, as Megatron keeps it."""
+    frontier = {lin}
+    for _ in range(depth):
+        nxt = set()
+        for n in frontier:
+            for u in n.users:
+                if u.target in _TOPK:
+                    return True
+                if op_class(u) in ("cast", "softmax", "pointwise", "view"):
+                    nxt.add(u)
+        frontier = nxt
+    return False
 
 
 def _operands(linears: set) -> set:

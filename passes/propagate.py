@@ -49,10 +49,12 @@ class Propagation:
 class Ctx:
     """What a rule may look at: placements of inputs, logical shapes, tp, the plan."""
 
-    def __init__(self, tp: int, style_of: Callable[[fx.Node, Any], str], chunks_of: Callable[[fx.Node], int]):
+    def __init__(self, tp: int, style_of: Callable[[fx.Node, Any], str], chunks_of: Callable[[fx.Node], int],
+                 pending: frozenset = frozenset()):
         self.tp = tp
         self.style_of = style_of
         self.chunks_of = chunks_of
+        self.pending = pending  # row linears whose sum stays pending (joined to a MoE combine's, see plan)
         self.place: dict = {}
 
     def pl(self, x) -> Placement | None:
@@ -94,7 +96,10 @@ def pointwise(node, ctx) -> NodeInfo:
     partial = _partial_through(node, ctx, ins)
     if partial is not None:
         return partial
-    sh = _sharded(ctx, node)
+    # a shard of a dim that broadcasts (size 1 against a longer one: a ``[N, 1]`` gate times ``[N, H]``)
+    # is no shard of the output: that input is made whole, like any replicated one
+    sh = [(x, p) for x, p in _sharded(ctx, node)
+          if same_size(shape(x)[p.dim], shape(node)[p.dim + out_nd - value(x).dim()])]
     if not sh:
         return NodeInfo(R, {x: R for x in ins}, "pointwise")
     x0, s0 = sh[0]
@@ -568,6 +573,8 @@ def linear(node, ctx) -> NodeInfo:
         need[w] = Shard(1 - od)
         if isinstance(b, fx.Node):
             need[b] = R
+        elif node in ctx.pending:  # a shared expert: its sum is reduced with the routed experts' (one all-reduce)
+            return NodeInfo(P, need, "rowwise", {"pending": True})
         return NodeInfo(R, need, "rowwise")
     need[w] = R
     if isinstance(b, fx.Node):
@@ -824,16 +831,18 @@ def _merge_origins(prop_origins, node, info):
     return frozenset(src)
 
 
-def propagate(gm: fx.GraphModule, tp: int, params: set, style_of: Callable, chunks_of: Callable = lambda n: 1) -> Propagation:
+def propagate(gm: fx.GraphModule, tp: int, params: set, style_of: Callable, chunks_of: Callable = lambda n: 1,
+              pending: frozenset = frozenset()) -> Propagation:
     """Placement of every node of ``gm``.
 
     Inputs are replicated (the same batch on every rank). A parameter takes the placement its
     first consumer needs (that is how it will be stored); later consumers that need another
     one get a mapping op like any other value.
     ``style_of(node, input_placement)``: the plan's layout for a linear / embedding node;
-    ``chunks_of(node)``: pieces of a fused column-parallel projection.
+    ``chunks_of(node)``: pieces of a fused column-parallel projection; ``pending``: row linears whose
+    output stays a pending sum (Partial) instead of being reduced at once.
     """
-    ctx = Ctx(tp, style_of, chunks_of)
+    ctx = Ctx(tp, style_of, chunks_of, pending)
     info: dict = {}
     origins: dict = {}
     good: set = set()

@@ -137,7 +137,7 @@ def shard_dropout(node: fx.Node, dim: int, full: int, rank: int) -> None:
     node.kwargs = {"mask_dims": call.mask_dims, "alpha": call.alpha, "inplace": call.inplace}
 
 
-def _whole_grad_inputs(node: fx.Node, ni: NodeInfo) -> set:
+def whole_grad_inputs(node: fx.Node, ni: NodeInfo) -> set:
     """Replicated inputs that need a gradient, used whole by an op whose output is sharded.
 
     Each rank's backward then gives only its shard's part of their gradient (a norm weight
@@ -191,7 +191,7 @@ class _Rewriter:
             ni = self.info.get(node)
             if ni is None or node.op in ("placeholder", "get_attr"):
                 continue
-            whole_grad = _whole_grad_inputs(node, ni)
+            whole_grad = whole_grad_inputs(node, ni)
             for x0, need in ni.need.items():
                 x = self.alias.get(x0, x0)
                 new = self._placed(x, need, node)
@@ -234,6 +234,8 @@ class _Rewriter:
         return out
 
     def _rowwise(self, node, ni):
+        if ni.extra.get("pending"):  # reduced where it is needed whole, with the expert combine's sum
+            return
         bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
         node.args, node.kwargs = (node.args[0], node.args[1], None), {}
         out = red = self._then(node, M.reduce_from_tp, self.group, keys=("stack_trace", "nn_module_stack"))

@@ -60,11 +60,11 @@ CONFIGS = {
         _LLAMA_LIKE, num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)),
     # MoE: top-k router, 3-D expert weights (gate_up_proj [E, 2I, H], down_proj [E, H, I]) per experts implementation
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
-        _LLAMA_LIKE, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2,
+        _LLAMA_LIKE, num_attention_heads=4, num_key_value_heads=4, head_dim=16, num_experts=4, num_experts_per_tok=2,
         moe_intermediate_size=64, norm_topk_prob=True)),
     # MoE with a shared expert (a plain MLP beside the routed ones, scaled by a sigmoid gate)
     "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(
-        _LLAMA_LIKE, num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+        _LLAMA_LIKE, num_attention_heads=4, num_key_value_heads=4, num_experts=4, num_experts_per_tok=2,
         moe_intermediate_size=64, shared_expert_intermediate_size=128)),
     # masked LM: positions and token types looked up with buffers (position_ids, token_type_ids), tied decoder
     "bert": ("BertConfig", "BertForMaskedLM", dict(
@@ -153,6 +153,7 @@ def train_hf_beside_reference(rank: int, world: int, family: str, steps: int = 3
     out["plan"] = {fqn: (pp.style, pp.dim, pp.chunks, pp.local_shape, pp.padded_shape) for fqn, pp in st.plan.items()}
     out["collectives"] = [(c.phase, c.kind) for r in st.records for c in r.collectives]
     out["floor"] = [{ph: sum(why.values()) for ph, why in r.floor.items()} for r in st.records]
+    out["floor_why"] = [r.floor for r in st.records]
     out["n_graphs"] = len(st.records)
     # activation checkpointing: the forward ATen ops the backward graph recomputes
     bw = [n for r in st.records for ph, g in r.compiled_graphs if ph == "backward" for n in g.graph.nodes]

@@ -246,10 +246,9 @@ def test_sharded_outputs_return_logits_as_dtensor_without_gathering():
 # MoE (docs/models.md): experts tensor-parallel in each experts implementation that runs on CPU. "grouped_mm"
 # compiles to HF's opaque `transformers::grouped_mm_fallback` op in fp32 and to `F.grouped_mm` in bf16;
 # "batched_mm" is `W[expert_ids]` + `bmm`. One decoder layer each (the collectives are per layer).
-MOE = {  # tp -> [(family, experts implementation, other fields)]
-    2: [("mixtral", "grouped_mm", {}), ("mixtral", "batched_mm", {}), ("qwen2_moe", "grouped_mm", {}),
-        ("mixtral", "grouped_mm", {"dtype": torch.bfloat16})],
-    4: [("qwen3_moe", "grouped_mm", {}), ("qwen3_moe", "batched_mm", {}), ("qwen2_moe", "batched_mm", {})],
+MOE = {  # tp -> [(family, experts implementation, other fields)]: each implementation at each tp, one shared expert each
+    2: [("mixtral", "grouped_mm", {}), ("mixtral", "batched_mm", {"dtype": torch.bfloat16}), ("qwen2_moe", "grouped_mm", {})],
+    4: [("qwen3_moe", "grouped_mm", {}), ("qwen2_moe", "batched_mm", {})],
 }
 
 

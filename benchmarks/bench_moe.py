@@ -107,7 +107,7 @@ def main() -> None:
     for world in (2, 4):
         r = run(world)
         c = r["collectives"]
-        per_step = ", ".join(f"{ph[0:3]} {n} {k}" for (ph, k), n in sorted(c.items()))
+        per_step = ", ".join(f"{ {'forward': 'fwd', 'backward': 'bwd'}[ph]} {n} {k}" for (ph, k), n in sorted(c.items()))
         rows.append((world, r, per_step))
     mib = 1 / 2 ** 20
     print(f"Mixtral-like: {CONFIG['num_hidden_layers']} layers, hidden {CONFIG['hidden_size']}, "

@@ -81,4 +81,4 @@ Placement = Replicate | Shard | Partial
 R = Replicate()
 P = Partial()
 
-STYLES = ("colwise", "rowwise", "vocab", "replicate")
+STYLES = ("colwise", "rowwise", "vocab", "replicate", "expert-colwise", "expert-rowwise")

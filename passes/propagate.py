@@ -20,8 +20,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from .graph_utils import is_tensor, norm_dim, numel_expr, same_shape, same_size, shape, static_size, value
-from .normalize import LINEAR, LINEAR_IO, SDPA, weight_out_dim
-from .placements import R, Partial, Placement, Replicate, Shard, local_size
+from .normalize import GROUPED, LINEAR, LINEAR_IO, SDPA, weight_in_dim, weight_out_dim
+from .placements import P, R, Partial, Placement, Replicate, Shard, local_size
 
 
 @dataclass
@@ -50,11 +50,12 @@ class Ctx:
     """What a rule may look at: placements of inputs, logical shapes, tp, the plan."""
 
     def __init__(self, tp: int, style_of: Callable[[fx.Node, Any], str], chunks_of: Callable[[fx.Node], int],
-                 copies_of: Callable[[fx.Node], int] = lambda n: 1):
+                 copies_of: Callable[[fx.Node], int] = lambda n: 1, pending: frozenset = frozenset()):
         self.tp = tp
         self.style_of = style_of
         self.chunks_of = chunks_of
         self.copies_of = copies_of
+        self.pending = pending  # row linears whose sum stays pending (joined to a MoE combine's, see plan)
         self.place: dict = {}
         self.buffers: set = set()  # module-buffer placeholders (a hand-written KV cache may be adopted sharded)
 
@@ -94,7 +95,13 @@ def pointwise(node, ctx) -> NodeInfo:
         return _replicate_all(node, ctx)
     out_nd = value(node).dim()
     ins = _tensors(node)
-    sh = _sharded(ctx, node)
+    partial = _partial_through(node, ctx, ins)
+    if partial is not None:
+        return partial
+    # a shard of a dim that broadcasts (size 1 against a longer one: a ``[N, 1]`` gate times ``[N, H]``)
+    # is no shard of the output: that input is made whole, like any replicated one
+    sh = [(x, p) for x, p in _sharded(ctx, node)
+          if same_size(shape(x)[p.dim], shape(node)[p.dim + out_nd - value(x).dim()])]
     if not sh:
         return NodeInfo(R, {x: R for x in ins}, "pointwise")
     x0, s0 = next(((x, p) for x, p in sh if not p.copies), sh[0])  # kv copies meet a plain shard as one
@@ -112,10 +119,46 @@ def pointwise(node, ctx) -> NodeInfo:
     return NodeInfo(s0.moved(o), need, "pointwise")
 
 
+_LINEAR_IN_FIRST = {operator.mul, torch.mul, "mul", operator.truediv, torch.div, "div", operator.neg, torch.neg, "neg"}
+_SUM_OF = {operator.add, torch.add, "add"}
+
+
+def _no_bigger(node, x) -> bool:
+    """``node`` has no more elements than ``x``: a pending sum carried on to it is reduced no larger."""
+    a, b = numel_expr(shape(node)), numel_expr(shape(x))
+    return a == b or (a.is_Integer and b.is_Integer and int(a) <= int(b))
+
+
+def _partial_through(node, ctx, ins) -> NodeInfo | None:
+    """A pending sum (Partial: each rank's summand of a row-parallel product) stays pending through
+    ops linear in it, so that it is reduced once, later, on a value no larger: ``P * w`` and ``P / w``
+    with ``w`` whole (the routing weights of a MoE combine), ``-P``, ``P + P``. Anything else reduces it
+    first (the rule's Replicate need). None: the rule does not apply."""
+    parts = [x for x in ins if isinstance(ctx.pl(x), Partial)]
+    if not parts or any(isinstance(ctx.pl(x), Shard) for x in ins) or not all(_no_bigger(node, x) for x in parts):
+        return None
+    t = node.target
+    if t in _LINEAR_IN_FIRST and len(parts) == 1 and (t not in (operator.truediv, torch.div, "div") or node.args[0] is parts[0]):
+        return NodeInfo(P, {x: P if x is parts[0] else R for x in ins}, "pointwise")
+    if t in _SUM_OF and len(parts) == len(ins) == 2 and not node.kwargs:
+        return NodeInfo(P, {x: P for x in ins}, "pointwise")
+    return None
+
+
+def _float_cast(node, x) -> bool:
+    """A cast that keeps a floating value at least as wide (a pending sum may pass it)."""
+    a, b = value(x), value(node)
+    return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.is_floating_point() \
+        and b.is_floating_point() and b.element_size() >= a.element_size()
+
+
 def unary(node, ctx) -> NodeInfo:
-    """Ops whose output has the layout of their first argument (casts, dropout, ``type_as``)."""
+    """Ops whose output has the layout of their first argument (casts, dropout, ``type_as``).
+    A pending sum passes a cast that keeps it floating and no narrower (reduced later)."""
     x = node.args[0]
     p = ctx.pl(x)
+    if isinstance(p, Partial) and _float_cast(node, x) and node.target != "requires_grad_":
+        return NodeInfo(P, {x: P}, "pointwise")
     if isinstance(p, Partial) or p is None:
         p = R
     return NodeInfo(p, {x: p}, "pointwise")
@@ -207,6 +250,8 @@ def view_like(node, ctx) -> NodeInfo:
     dim are rewritten to local sizes (``view(B, T, 12, 64)`` -> ``view(B, T, 12 // tp, 64)``)."""
     x = node.args[0]
     p = ctx.pl(x)
+    if isinstance(p, Partial) and node.target != "expand" and node.target not in (torch.view_as_complex, torch.view_as_real):
+        return NodeInfo(P, {x: P}, "view")  # the same elements: a pending sum stays pending
     if not isinstance(p, Shard):
         return NodeInfo(R, {x: R}, "view")
     in_shape, out_shape = shape(x), shape(node)
@@ -294,10 +339,14 @@ def getitem(node, ctx) -> NodeInfo:
     if isinstance(srcp, tuple):  # picking one output of split / chunk / unbind
         return NodeInfo(srcp[idx], {}, "pointwise")
     p = ctx.pl(src)
+    items = list(idx) if isinstance(idx, tuple) else [idx]
+    index_nodes = [i for i in items if isinstance(i, fx.Node)]
+    if is_tensor(src) and isinstance(p, Partial) and is_tensor(node) and _no_bigger(node, src):
+        # picking rows of a pending sum (MoE's un-permute ``out[inv_perm]``) is linear in it
+        return NodeInfo(P, {src: P, **{i: R for i in index_nodes if is_tensor(i)}}, "pointwise")
     if not is_tensor(src) or not isinstance(p, Shard):
         return _replicate_all(node, ctx, "pointwise")
     nd = value(src).dim()
-    items = list(idx) if isinstance(idx, tuple) else [idx]
     if any(isinstance(i, fx.Node) for i in items):
         return _replicate_all(node, ctx, "fallback")
     if Ellipsis in items:
@@ -381,6 +430,8 @@ def reduction(node, ctx) -> NodeInfo:
     """
     x = node.args[0]
     p = ctx.pl(x)
+    if isinstance(p, Partial) and node.target in _SUMS and is_tensor(node) and _arg(node, 3, "dtype") is None:
+        return NodeInfo(P, {x: P}, "pointwise")  # a sum of pending sums (MoE's top-k combine)
     if not isinstance(p, Shard):
         return _replicate_all(node, ctx)
     nd = value(x).dim()
@@ -548,6 +599,8 @@ def linear(node, ctx) -> NodeInfo:
         need[w] = Shard(1 - od)
         if isinstance(b, fx.Node):
             need[b] = R
+        elif node in ctx.pending:  # a shared expert: its sum is reduced with the routed experts' (one all-reduce)
+            return NodeInfo(P, need, "rowwise", {"pending": True})
         return NodeInfo(R, need, "rowwise")
     need[w] = R
     if isinstance(b, fx.Node):
@@ -557,6 +610,28 @@ def linear(node, ctx) -> NodeInfo:
         return NodeInfo(px, need, "replicate")
     need[x] = R
     return NodeInfo(R, need, "fallback" if isinstance(px, Shard) else "replicate")
+
+
+def grouped_linear(node, ctx) -> NodeInfo:
+    """``grouped_linear(x, W, route, form, out_dim)`` (``passes/normalize.py``): a linear per expert of
+    the 3-D weight ``W``; the plan lays ``W`` out as for a linear, every expert at once.
+
+    colwise: each expert's out-features split (W on ``out_dim``, fused gate|up as pieces); x whole,
+             the output sharded on its last dim. The routing (``route``) is whole on every rank.
+    rowwise: each expert's in-features split; x sharded on its last dim; the output is a pending
+             sum (Partial), reduced once after the weighted combine, where the model needs it whole.
+    """
+    x, w, route = node.args[:3]
+    od, idim = weight_out_dim(node), weight_in_dim(node)
+    style = ctx.style_of(node, ctx.pl(x))
+    if style == "colwise":
+        c = ctx.chunks_of(node)
+        chunks, sizes = (len(c), tuple(c)) if isinstance(c, tuple) else (c, None)
+        return NodeInfo(Shard(1, chunks, False, sizes), {x: R, w: Shard(od, chunks, False, sizes), route: R}, "colwise",
+                        {"grouped": True})
+    if style == "rowwise":
+        return NodeInfo(P, {x: Shard(1), w: Shard(idim), route: R}, "expert_rowwise")
+    return NodeInfo(R, {x: R, w: R, route: R}, "replicate")
 
 
 def embedding(node, ctx) -> NodeInfo:
@@ -932,6 +1007,7 @@ RULES: dict[Any, Callable[[fx.Node, Ctx], NodeInfo]] = {
     **{f: layer_norm for f in (F.layer_norm, torch.layer_norm, F.rms_norm, torch.rms_norm)},
     LINEAR: linear,
     LINEAR_IO: linear,
+    GROUPED: grouped_linear,
     **{f: dropout for f in _DROPOUTS},
     "repeat_interleave": repeat_interleave,
     torch.repeat_interleave: repeat_interleave,
@@ -944,7 +1020,7 @@ RULES: dict[Any, Callable[[fx.Node, Ctx], NodeInfo]] = {
 OP_CLASS: dict[Callable, str] = {
     pointwise: "pointwise", unary: "cast", last2_unary: "mask", view_like: "view", transpose: "transpose",
     split: "split", cat: "cat", softmax: "softmax", reduction: "reduction", matmul: "matmul", sdpa: "attention",
-    layer_norm: "norm", linear: "linear", embedding: "embedding", cross_entropy: "loss", dropout: "dropout",
+    layer_norm: "norm", linear: "linear", grouped_linear: "grouped_linear", embedding: "embedding", cross_entropy: "loss", dropout: "dropout",
     repeat_interleave: "repeat", getitem: "index", output: "output", no_tensor_in: "factory",
     index_copy: "index_copy", setitem: "index_copy",
 }
@@ -993,7 +1069,7 @@ def _merge_origins(prop_origins, node, info):
 
 def propagate(gm: fx.GraphModule, tp: int, params: set, style_of: Callable, chunks_of: Callable = lambda n: 1,
               copies_of: Callable = lambda n: 1, state: dict | None = None,
-              buffers: set = frozenset()) -> Propagation:
+              buffers: set = frozenset(), pending: frozenset = frozenset()) -> Propagation:
     """Placement of every node of ``gm``.
 
     Inputs are replicated (the same batch on every rank), except ``state`` (placeholder ->
@@ -1002,9 +1078,10 @@ def propagate(gm: fx.GraphModule, tp: int, params: set, style_of: Callable, chun
     one get a mapping op like any other value.
     ``style_of(node, input_placement)``: the plan's layout for a linear / embedding node;
     ``chunks_of(node)``: pieces of a fused column-parallel projection; ``copies_of(node)``: ranks
-    sharing one kv head of a ``kvcopy`` projection.
+    sharing one kv head of a ``kvcopy`` projection; ``pending``: row linears whose output stays a
+    pending sum (Partial) instead of being reduced at once.
     """
-    ctx = Ctx(tp, style_of, chunks_of, copies_of)
+    ctx = Ctx(tp, style_of, chunks_of, copies_of, pending)
     ctx.buffers = set(buffers)
     info: dict = {}
     origins: dict = {}
@@ -1042,7 +1119,7 @@ def propagate(gm: fx.GraphModule, tp: int, params: set, style_of: Callable, chun
                             blocked.setdefault(o, []).append(node)
                 # a column-parallel table counts only beside a column linear's shard (T5's bias added to
                 # head-sharded scores); alone it would have split a whole activation (the residual stream)
-                if ni.kind in ("rowwise", "vocab_ce") and isinstance(have, Shard) and need == have \
+                if ni.kind in ("rowwise", "expert_rowwise", "vocab_ce") and isinstance(have, Shard) and need == have \
                         and any(info[o].kind in ("colwise", "kvcopy") for o in origins.get(x, ())):
                     good |= origins.get(x, frozenset())
                     if ni.kind == "vocab_ce":

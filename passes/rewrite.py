@@ -21,7 +21,7 @@ from tpcompile.runtime import mappings as M
 from tpcompile.runtime import random as R_
 from tpcompile.runtime import vocab_parallel as V
 
-from .graph_utils import shape, value
+from .graph_utils import is_tensor, shape, value
 from .layout import piece_rows
 from .plan import GraphPlan
 from .placements import Partial, Replicate, Shard, local_size
@@ -115,6 +115,22 @@ def kv_for_rank(kv: torch.Tensor, group: str, dim: int, q_heads: int, rank: int)
     return kv.narrow(dim, rank * local, local)
 
 
+_GATHERS = {operator.getitem, "repeat_interleave", torch.repeat_interleave, "to", "float", "contiguous"}
+
+
+def token_source(x: fx.Node) -> tuple[fx.Node | None, fx.Node]:
+    """(first op, its input) of the chain that dispatches tokens to an expert matmul: row picks
+    ``h[perm // k]``, ``h.repeat_interleave(k, 0)`` and casts, walked back from ``x``. Megatron's f
+    commutes with each of them (all linear in the rows), so it goes on the tokens before the chain:
+    one all-reduce of the ``[N, H]`` input gradient in the backward, not of ``[N * k, H]``, and the
+    same f as a shared expert or any other column linear reading those tokens."""
+    top, src = None, x
+    while src.op in ("call_function", "call_method") and src.target in _GATHERS and isinstance(src.args[0], fx.Node) \
+            and is_tensor(src.args[0]) and value(src.args[0]).dim() == value(x).dim():
+        top, src = src, src.args[0]
+    return top, src
+
+
 def _redistribute_call(have, need, group, full=None, rank=0, tp=1):
     """(function, extra args) turning placement ``have`` into ``need``."""
     if isinstance(have, Replicate) and isinstance(need, Shard) and need.copies:
@@ -174,7 +190,7 @@ def shard_dropout(node: fx.Node, dim: int, full: int, rank: int) -> None:
     node.kwargs = {"mask_dims": call.mask_dims, "alpha": call.alpha, "inplace": call.inplace}
 
 
-def _whole_grad_inputs(node: fx.Node, ni: NodeInfo) -> set:
+def whole_grad_inputs(node: fx.Node, ni: NodeInfo) -> set:
     """Replicated inputs that need a gradient, used whole by an op whose output is sharded.
 
     Each rank's backward then gives only its shard's part of their gradient (a norm weight
@@ -182,8 +198,8 @@ def _whole_grad_inputs(node: fx.Node, ni: NodeInfo) -> set:
     (all-reduce backward) on that edge, as a column-parallel linear's input does. Not on
     edges into replicated ops, whose gradient is already whole on every rank.
     """
-    if ni.kind not in ("pointwise", "dropout", "sdpa") or not isinstance(ni.out, Shard):
-        return set()
+    if ni.kind not in ("pointwise", "dropout", "sdpa") or not isinstance(ni.out, (Shard, Partial)):
+        return set()  # (a Partial output: each rank's backward gives its summand's part of their gradient)
     kv = set(node.args[1:3]) if ni.kind == "sdpa" and ni.extra.get("gqa") else set()  # kv_for_rank has its f
     return {x for x, need in ni.need.items()
             if isinstance(need, Replicate) and x not in kv and getattr(value(x), "requires_grad", False)}
@@ -231,7 +247,7 @@ class _Rewriter:
             ni = self.info.get(node)
             if ni is None or node.op in ("placeholder", "get_attr"):
                 continue
-            whole_grad = _whole_grad_inputs(node, ni)
+            whole_grad = whole_grad_inputs(node, ni)
             self.keys[node] = kv_copy_key(node, ni)
             for x0, need in ni.need.items():
                 x = self.alias.get(x0, x0)
@@ -279,6 +295,11 @@ class _Rewriter:
 
     def _colwise(self, node, ni):
         x = node.args[0]
+        if ni.extra.get("grouped"):  # experts: the f on the tokens before they are dispatched (k x fewer rows)
+            top, src = token_source(x)
+            if top is not None:
+                top.replace_input_with(src, self._f(src, top))
+                return
         node.replace_input_with(x, self._f(x, node))
 
     _kvcopy = _colwise  # its input's gradient is partial too: the same f as the query projection's
@@ -296,6 +317,8 @@ class _Rewriter:
         return out
 
     def _rowwise(self, node, ni):
+        if ni.extra.get("pending"):  # reduced where it is needed whole, with the expert combine's sum
+            return
         bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
         node.args, node.kwargs = (node.args[0], node.args[1], None), {}
         out = red = self._then(node, M.reduce_from_tp, self.group, keys=("stack_trace", "nn_module_stack"))

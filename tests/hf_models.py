@@ -58,6 +58,14 @@ CONFIGS = {
     "granite": ("GraniteConfig", "GraniteForCausalLM", dict(_LLAMA_LIKE, num_attention_heads=4, num_key_value_heads=2)),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(
         _LLAMA_LIKE, num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)),
+    # MoE: top-k router, 3-D expert weights (gate_up_proj [E, 2I, H], down_proj [E, H, I]) per experts implementation
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        _LLAMA_LIKE, num_attention_heads=4, num_key_value_heads=4, head_dim=16, num_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=64, norm_topk_prob=True)),
+    # MoE with a shared expert (a plain MLP beside the routed ones, scaled by a sigmoid gate)
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(
+        _LLAMA_LIKE, num_attention_heads=4, num_key_value_heads=4, num_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=64, shared_expert_intermediate_size=128)),
     # masked LM: positions and token types looked up with buffers (position_ids, token_type_ids), tied decoder
     "bert": ("BertConfig", "BertForMaskedLM", dict(
         vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
@@ -121,6 +129,7 @@ def train_hf_beside_reference(rank: int, world: int, family: str, steps: int = 3
         st = tpcompile.tp_state(tp)
         out["plan"] = {fqn: (pp.style, pp.dim, pp.chunks, pp.local_shape, pp.padded_shape) for fqn, pp in st.plan.items()}
         out["collectives"] = [(phase, kind) for _, phase, kind in out["collectives"]]
+        out["floor_why"] = [r.floor for r in st.records]
         bw = [n for r in st.records for ph, g in r.compiled_graphs if ph == "backward" for n in g.graph.nodes]
         out["recomputed"] = sum(n.meta.get("recompute") == torch.utils.checkpoint.CheckpointPolicy.PREFER_RECOMPUTE
                                 for n in bw if n.op == "call_function")

@@ -33,6 +33,17 @@ def _resolve_mesh(group):
     return DeviceMesh.from_group(pg, device), pg
 
 
+def _moe_hint(module: nn.Module) -> str:
+    """Hugging Face MoE experts run by their eager per-expert loop (``one_hot`` / ``nonzero`` / a Python
+    loop over the experts hit: a graph break in a loop) never reach a graph: say which spelling does."""
+    cfg = getattr(module, "config", None)
+    if getattr(cfg, "_experts_implementation", None) != "eager":
+        return ""
+    return (" This model's MoE experts use the eager per-expert loop (config._experts_implementation='eager'); "
+            "set model.config._experts_implementation = 'grouped_mm' (or 'batched_mm') before tp_compile: "
+            "both compile into one graph and their experts are sharded (docs/models.md).")
+
+
 class TensorParallel:
     """State behind a tp-compiled module: the TP group, the ghost twin Dynamo traces, the parameters."""
 
@@ -45,6 +56,7 @@ class TensorParallel:
         self.tp, self.rank = dist.get_world_size(self.group), dist.get_rank(self.group)
         self.broadcast_inputs, self.sharded_outputs = broadcast_inputs, sharded_outputs
         self.twin = Twin(model, self.device)
+        self._moe_hint = _moe_hint(model)
         self.params = TPParameters(model, self.mesh, self.rank, self.tp)
         watch_optimizers(self.params)
         refuse_ddp()
@@ -182,7 +194,7 @@ class TensorParallel:
             f"eagerly when it cannot resume it after a graph break (typically one inside a loop), and there a "
             f"parameter is only a memory-free stand-in (NaN); a module call is compiled on its own and stays "
             f"right. Call the module instead of reading its weight (self.lm_head(x), not x @ self.wte.weight.T), "
-            f"or remove the graph break (TORCH_LOGS=graph_breaks shows it)."
+            f"or remove the graph break (TORCH_LOGS=graph_breaks shows it).{self._moe_hint}"
         )
 
     def _broadcast(self, args, kwargs):

@@ -24,7 +24,8 @@ from tpcompile.passes.layout import ParamPlan
 from tpcompile.passes.normalize import normalize
 from tpcompile.passes.placements import Shard
 from tpcompile.passes.plan import GraphPlan, make_plan
-from tpcompile.passes.rewrite import kv_copy_key, rewrite
+from tpcompile.passes.placements import Partial
+from tpcompile.passes.rewrite import kv_copy_key, rewrite, token_source, whole_grad_inputs
 from tpcompile.passes.sequence_parallel import floor_with_sp, sequence_parallel
 from tpcompile.passes.sharded_outputs import keep_outputs_sharded, keep_state_sharded
 
@@ -140,15 +141,23 @@ def communication_floor(plan: GraphPlan) -> dict:
     """Megatron's minimum for this plan: per phase, how many collectives and why.
 
     Forward: one reduction per row-parallel linear and per vocab-parallel embedding, one
-    collective per vocab-parallel loss. Backward: one reduction of the input gradient per
-    distinct activation that feeds column-parallel linears (q, k, v share one), and one of the
-    gradient of each replicated weight that kv-head copies are taken from (``kv_copy_weights``).
+    collective per vocab-parallel loss, one per MoE layer after its weighted combine. Backward: one
+    reduction of the input gradient per distinct activation that feeds column-parallel linears
+    (q, k, v share one; experts count the tokens before dispatch), one of the gradient of each
+    replicated weight that kv-head copies are taken from (``kv_copy_weights``), and one per whole
+    value that scales a pending sum (MoE routing weights, a shared expert's gate: each rank's
+    summand gives a summand of their gradient).
     """
     kinds = [ni.kind for ni in plan.prop.info.values()]
-    col_inputs = {n.args[0] for n, ni in plan.prop.info.items() if ni.kind in ("colwise", "kvcopy")}
-    fwd = {"row-parallel linear": kinds.count("rowwise"), "vocab-parallel embedding": kinds.count("vocab"),
-           "vocab-parallel loss": kinds.count("vocab_ce")}
-    bwd = {"column-parallel input": len(col_inputs), "kv-copy weight gradient": kv_copy_weights(plan)}
+    col_inputs = {(token_source(n.args[0])[1] if ni.extra.get("grouped") else n.args[0])
+                  for n, ni in plan.prop.info.items() if ni.kind in ("colwise", "kvcopy")}
+    pending = sum(1 for ni in plan.prop.info.values() if ni.kind == "rowwise" and ni.extra.get("pending"))
+    fwd = {"row-parallel linear": kinds.count("rowwise") - pending, "vocab-parallel embedding": kinds.count("vocab"),
+           "vocab-parallel loss": kinds.count("vocab_ce"), "expert combine": kinds.count("expert_rowwise")}
+    # whole values scaling a pending sum (MoE routing weights, a shared expert's gate): summands of their gradient
+    scales = {x for n, ni in plan.prop.info.items() if isinstance(ni.out, Partial) for x in whole_grad_inputs(n, ni)}
+    bwd = {"column-parallel input": len(col_inputs), "kv-copy weight gradient": kv_copy_weights(plan),
+           "scale of a pending sum": len(scales)}
     return {"forward": {k: v for k, v in fwd.items() if v}, "backward": {k: v for k, v in bwd.items() if v}}
 
 

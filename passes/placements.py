@@ -61,6 +61,12 @@ class Shard:
             return sum(s * c // tp for s, c in zip(self.sizes, self.copies))
         return int(full) * self.copies[0] // tp  # equal pieces share one count (see propagate.linear)
 
+    def start(self, full: int, rank: int, tp: int) -> int:
+        """Where this rank's block starts along the dim, for a one-piece shard (copies: ``rank // m``)."""
+        if self.chunks != 1 or self.pad:
+            raise ValueError(f"{self}: a shard of pieces or padding has no one start")
+        return (rank // self.piece_copies()[0]) * self.local(full, tp)
+
     def split_over(self, tp: int) -> int:
         """How many distinct blocks the dim is split into (tp, or tp / m for copies)."""
         return tp // self.copies[0] if self.copies and len(set(self.copies)) == 1 else tp

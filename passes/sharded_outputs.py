@@ -15,9 +15,10 @@ import torch.fx as fx
 from tpcompile.runtime import mappings as M
 
 from .graph_utils import same_shape, shape, static_size, value
-from .rewrite import gather_padded_from_tp
+from .rewrite import gather_padded_from_tp, gather_pieces_from_tp
 
 _GATHERS = (M.gather_from_tp, gather_padded_from_tp)
+_STATE_GATHERS = (*_GATHERS, gather_pieces_from_tp)  # a state's placement travels with its ghost (kv-head copies too)
 
 
 def keep_outputs_sharded(gm: fx.GraphModule) -> dict[int, tuple[int, int]]:
@@ -70,7 +71,7 @@ def keep_state_sharded(gm: fx.GraphModule, state: set, info: dict) -> dict[int, 
         return kept
     gathers = []
     for i, v in enumerate(vals):
-        if isinstance(v, fx.Node) and v.target in _GATHERS and list(v.users) == [out] \
+        if isinstance(v, fx.Node) and v.target in _STATE_GATHERS and list(v.users) == [out] \
                 and v.args[0] in info and _is_state(v.args[0], state, info):
             vals[i], kept[i] = v.args[0], (info[v.args[0]].out, tuple(value(v).shape))
             gathers.append(v)

@@ -248,7 +248,7 @@ def _local_like(fake, placement, tp: int, fake_mode):
     """A fake of this rank's shard of a state input whose logical fake (Dynamo's, symbolic sizes
     kept: a cache grows every token) is ``fake``."""
     sizes = list(fake.shape)
-    sizes[placement.dim] = local_size(sizes[placement.dim], tp)
+    sizes[placement.dim] = placement.local(sizes[placement.dim], tp)  # heads: static
     if fake_mode is None:
         return torch.empty(sizes, dtype=fake.dtype, device=fake.device)
     with fake_mode:
@@ -273,8 +273,8 @@ def _adopt(t: torch.Tensor, placement, rank: int, tp: int) -> torch.Tensor:
     st = state_of(t)
     if st is not None:
         return _state_local(t, placement)
-    n = local_size(t.shape[placement.dim], tp)
-    local = t.detach().narrow(placement.dim, rank * n, n).clone()
+    full = t.shape[placement.dim]
+    local = t.detach().narrow(placement.dim, placement.start(full, rank, tp), placement.local(full, tp)).clone()
     shape = tuple(t.shape)
     ghost = state_ghost(local, shape, placement)
     with torch.no_grad():

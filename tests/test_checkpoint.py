@@ -62,18 +62,7 @@ class FusedLM(nn.Module):
         h = h + self.o(a.transpose(1, 2).contiguous().view(B, T, C))
         g, u = self.up(self.ln2(h)).chunk(2, dim=-1)
         h = h + self.down(torch.nn.functional.silu(g) * u)
-        h = h + self._moe(h)
         return torch.nn.functional.cross_entropy(self.head(h).view(-1, self.V), y.view(-1))
-
-    def _moe(self, h):
-        """Top-2 routing, every token's experts gathered and applied by ``bmm``, the weighted sum."""
-        x = h.reshape(-1, h.shape[-1])
-        w, ids = torch.topk(self.router(x).softmax(-1), 2, dim=-1)
-        ids = ids.reshape(-1)
-        gu = torch.bmm(self.experts_gate_up[ids], x.repeat_interleave(2, dim=0).unsqueeze(-1)).squeeze(-1)
-        g, u = gu.chunk(2, dim=-1)
-        out = torch.bmm(self.experts_down[ids], (torch.nn.functional.silu(g) * u).unsqueeze(-1)).squeeze(-1)
-        return (out * w.reshape(-1, 1)).view(-1, 2, h.shape[-1]).sum(1).reshape(h.shape)
 
 
 def _fused_ref() -> FusedLM:

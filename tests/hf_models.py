@@ -94,7 +94,8 @@ def make_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
 
 def train_hf_beside_reference(rank: int, world: int, family: str, steps: int = 3, lr: float = 0.1,
                               backend: str = "aot_eager", batch: tuple = (2, 16), dtype=None,
-                              autocast: bool = False, grad_ckpt: dict | None = None, **overrides) -> dict:
+                              autocast: bool = False, grad_ckpt: dict | None = None, regional: bool = True,
+                              **overrides) -> dict:
     """SGD steps of a tp-compiled HF model and its single-device copy, called the HF way:
     ``model(input_ids=..., labels=...).loss``. Runs inside one gloo rank (``multirank.run_ranks``).
 
@@ -116,7 +117,7 @@ def train_hf_beside_reference(rank: int, world: int, family: str, steps: int = 3
     vocab = model.config.vocab_size
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model = tpcompile.tp_compile(model, backend=backend)
+        model = tpcompile.tp_compile(model, backend=backend, regional=regional)
         opt = torch.optim.SGD(model.parameters(), lr=lr)
         ref_opt = torch.optim.SGD(ref.parameters(), lr=lr)
         ref_params = dict(ref.named_parameters())
@@ -146,6 +147,7 @@ def train_hf_beside_reference(rank: int, world: int, family: str, steps: int = 3
     out["collectives"] = [(c.phase, c.kind) for r in st.records for c in r.collectives]
     out["floor"] = [{ph: sum(why.values()) for ph, why in r.floor.items()} for r in st.records]
     out["n_graphs"] = len(st.records)
+    out["regions"] = [r.regions for r in st.records]
     # activation checkpointing: the forward ATen ops the backward graph recomputes
     bw = [n for r in st.records for ph, g in r.compiled_graphs if ph == "backward" for n in g.graph.nodes]
     out["recomputed"] = sum(n.meta.get("recompute") == torch.utils.checkpoint.CheckpointPolicy.PREFER_RECOMPUTE

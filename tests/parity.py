@@ -14,7 +14,7 @@ import tpcompile
 
 def train_beside_reference(rank: int, world: int, model_name: str, steps: int = 5, lr: float = 0.1,
                            backend: str = "inductor", plan: dict | None = None, sequence_parallel: bool = False,
-                           **overrides) -> dict:
+                           regional: bool = True, **overrides) -> dict:
     """Run ``steps`` SGD steps of tp and single-device copies of ``examples/<model_name>.py``.
 
     Returns the per-step losses of both, the largest gradient error against the matching
@@ -23,7 +23,8 @@ def train_beside_reference(rank: int, world: int, model_name: str, steps: int = 
     mod = importlib.import_module(model_name)
     model, (x, y) = mod.make_model(**overrides)
     ref = copy.deepcopy(model)
-    model = tpcompile.tp_compile(model, backend=backend, plan=plan, sequence_parallel=sequence_parallel)
+    model = tpcompile.tp_compile(model, backend=backend, plan=plan, sequence_parallel=sequence_parallel,
+                                 regional=regional)
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=lr)
     ref_params = dict(ref.named_parameters())
@@ -51,6 +52,7 @@ def train_beside_reference(rank: int, world: int, model_name: str, steps: int = 
     out["plan"] = {fqn: pp.style for fqn, pp in st.plan.items()}
     out["collectives"] = [(c.phase, c.kind) for r in st.records for c in r.collectives]
     out["warnings"] = [m for r in st.records for m in r.fallbacks]
+    out["regions"] = [r.regions for r in st.records]  # subgraph -> block prefix per call (regional compilation)
     return out
 
 

@@ -33,3 +33,6 @@ def test_training_matches_single_device(model_name, world):
     plan = results[0]["plan"]
     assert "rowwise" in plan.values() and "colwise" in plan.values() and "vocab" in plan.values()
     assert results[0]["warnings"] == []
+    # regional compilation (the default) is what ran: one block program for both layers, under Inductor
+    assert [list(r.values()) for r in results[0]["regions"]] == [[["h.0.", "h.1."]]] if model_name == "gpt" \
+        else [[["layers.0.", "layers.1."]]]

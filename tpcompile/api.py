@@ -38,18 +38,19 @@ class TensorParallel:
 
     def __init__(self, model: nn.Module, group, plan: dict | None, compile_options: dict, *,
                  sequence_parallel: bool = False, sharded_outputs: bool = False, broadcast_inputs: bool = False,
-                 dump_dir: str | None = None, check_replicas_every: int = 100):
+                 dump_dir: str | None = None, check_replicas_every: int = 100, regional: bool = True):
         validate_overrides(plan or {}, fqns_of(model), type(model).__name__)
         self.mesh, self.group = _resolve_mesh(group)
         self.tp, self.rank = dist.get_world_size(self.group), dist.get_rank(self.group)
         self.broadcast_inputs, self.sharded_outputs = broadcast_inputs, sharded_outputs
-        self.twin = Twin(model, self.device)
+        self.twin = Twin(model, self.device, regional=regional and not sequence_parallel)
         self.params = TPParameters(model, self.mesh, self.rank, self.tp)
         watch_optimizers(self.params)
         refuse_ddp()
         self.options = Options(self.tp, self.rank, self.group.group_name,
                                overrides=with_tied_aliases(plan or {}, self.twin.aliases),
-                               sequence_parallel=sequence_parallel, sharded_outputs=sharded_outputs)
+                               sequence_parallel=sequence_parallel, sharded_outputs=sharded_outputs,
+                               regional=regional)
         self.recorder = Recorder(self.rank, dump_dir or os.environ.get("TPCOMPILE_DUMP_DIR") or None)
         compile_options = dict(compile_options)
         mode = compile_options.pop("backend", "inductor")
@@ -254,6 +255,7 @@ def tp_compile(
     device: Any = None,
     dump_dir: str | None = None,
     check_replicas_every: int = 100,
+    regional: bool = True,
     **compile_options: Any,
 ) -> nn.Module:
     """Make ``model`` run tensor-parallel over ``group`` (default: WORLD), compiled.
@@ -287,6 +289,10 @@ def tp_compile(
     ``check_replicas_every``: on the first 3 calls and then every N-th, check that the parameters
     replicated over the TP group are bitwise equal on every rank (one checksum each, one small
     all-gather) and raise ``TPDivergenceError`` naming the first that is not; 0 turns it off.
+    ``regional``: capture, plan and compile the repeated blocks (the largest ``ModuleList`` of one
+    class) once and reuse that program for every layer, so compile time stays flat in depth;
+    the plan, collectives and numbers are the whole graph's (a block that is not a TP region of
+    its own, and sequence parallelism, are planned whole). ``False``: one graph, every layer.
     ``compile_options``: passed to ``torch.compile`` (``dynamic``, ``fullgraph``, ...; ``mode`` and
     ``options`` go to Inductor); ``backend`` picks what compiles the rewritten graph:
     ``"inductor"`` (default), ``"aot_eager"`` or ``"eager"``.
@@ -299,7 +305,7 @@ def tp_compile(
         group = _tp_of(mesh, group, example_inputs)
     state = TensorParallel(model, group, plan, compile_options, sequence_parallel=sequence_parallel,
                            sharded_outputs=sharded_outputs, broadcast_inputs=broadcast_inputs, dump_dir=dump_dir,
-                           check_replicas_every=check_replicas_every)
+                           check_replicas_every=check_replicas_every, regional=regional)
     model._tp_state = state
     model.forward = state.forward
     from tpcompile import checkpoint  # checkpoint-facing side: state dicts, meta-device models

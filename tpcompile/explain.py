@@ -126,13 +126,14 @@ def explain(
     sequence_parallel: bool = False,
     plan: dict[str, str] | None = None,
     dump_dir: str | None = None,
+    regional: bool = True,
     **kwargs: Any,
 ) -> Report:
     """Plan, rewrite and trace ``model(*args, **kwargs)`` as rank ``rank`` of ``world_size``.
 
     One process, no GPU, no torchrun: a fake process group stands in for the TP group.
     The model is not modified (its parameters stay bitwise the same; one built on
-    ``meta`` stays on ``meta``). ``plan``: the same overrides ``tp_compile`` takes.
+    ``meta`` stays on ``meta``). ``plan`` and ``regional``: as ``tp_compile`` takes them.
     """
     if getattr(model, "_tp_state", None) is not None:
         raise RuntimeError("explain() takes the plain model, before tp_compile (this one is already tensor-parallel).")
@@ -155,10 +156,12 @@ def explain(
     try:
         # the same capture and pipeline as tp_compile; stand-in parameters, so the model is never
         # touched, and the "trace" backend builds the forward and backward graphs and runs nothing
-        twin = Twin(model, torch.device("cpu"), meta_buffers_as_ghosts=True)
+        twin = Twin(model, torch.device("cpu"), meta_buffers_as_ghosts=True,
+                    regional=regional and not sequence_parallel)
         params = StandinParameters(twin)
         options = Options(world_size, rank, dist.group.WORLD.group_name,
-                          overrides=with_tied_aliases(plan or {}, twin.aliases), sequence_parallel=sequence_parallel)
+                          overrides=with_tied_aliases(plan or {}, twin.aliases), sequence_parallel=sequence_parallel,
+                          regional=regional)
         recorder = Recorder(rank, dump_dir)
         compiled, twin.compile = compile_twin(twin, params, options, "trace", recorder)
         twin.sync()

@@ -1,0 +1,94 @@
+"""Regional compilation: a repeated block captured, planned, rewritten and compiled once for every layer.
+
+Both ways (``tp_compile(..., regional=True)``, the default, and ``regional=False``: one graph of
+every layer) must give the same plan, the same collectives (kind, bytes, module, source line, in
+order) and the same numbers as single device. The Inductor side of it (torch 2.13's buffer reuse
+across a region's calls, ``tpcompile/backend.py``) is checked by ``tests/test_parity.py``, which
+trains both example models regionally under Inductor at TP=2 and TP=4.
+"""
+import functools
+
+import pytest
+
+import gpt
+import hf_models
+import llama
+import tpcompile
+from multirank import run_cases
+from parity import train_beside_reference
+
+
+def _explain(make, regional, **kw):
+    model, args = make()
+    return tpcompile.explain(model, *args, world_size=4, rank=1, regional=regional, **kw)
+
+
+MODELS = {"gpt": lambda: gpt.make_model(n_layer=3), "llama": lambda: llama.make_model(n_layers=2, device="meta")}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_explain_regional_is_the_whole_graph_rewrite(name):
+    reg, whole = _explain(MODELS[name], True), _explain(MODELS[name], False)
+    assert reg.records[0].regions and not whole.records[0].regions
+    assert list(reg.records[0].regions.values()) == [["h.0.", "h.1.", "h.2."] if name == "gpt" else
+                                                     ["layers.0.", "layers.1."]]
+    assert reg.graph_code.count("invoke_subgraph(") == len(reg.records[0].regions["subgraph_0"]) and "invoke_subgraph" not in whole.graph_code
+    assert reg.params == whole.params
+    assert reg.collectives == whole.collectives  # kind, phase, bytes, module (the layer's), source line
+    assert reg.floor == whole.floor and reg.above_floor() == {"forward": 0, "backward": 0}
+    assert str(reg).replace(reg.graph_code, "") == str(whole).replace(whole.graph_code, "")
+
+
+def test_sequence_parallel_plans_the_whole_graph():
+    """The residual stream between blocks is sharded over tokens under SP: a block planned on its
+    own would gather and scatter it at its ends, so SP inlines the regions (the whole-graph plan)."""
+    rep = _explain(MODELS["gpt"], True, sequence_parallel=True)
+    assert not rep.records[0].regions and "invoke_subgraph" not in rep.graph_code
+    assert rep.above_floor() == {"forward": 0, "backward": 0}
+    assert [c.module for c in rep.collectives if c.kind == "reduce_scatter" and c.phase == "forward"][1:] == [
+        f"h.{i}.{m}" for i in range(3) for m in ("attn.o_proj", "mlp.proj")]
+
+
+def test_an_override_on_one_layer_plans_the_whole_graph():
+    """``plan={"h.1.*": "replicate"}``: layers differ, one program cannot serve them all."""
+    rep = _explain(MODELS["gpt"], True, plan={"h.1.*": "replicate"})
+    assert not rep.records[0].regions and "invoke_subgraph" not in rep.graph_code
+    assert rep.plan["h.1.mlp.fc.weight"] == "replicate" and rep.plan["h.2.mlp.fc.weight"] == "colwise"
+    # the inlined layers name their own modules (the body was traced from h.0)
+    assert [c.module for c in rep.collectives if c.phase == "forward" and c.kind == "all_reduce"] == [
+        "wte", "h.0.attn.o_proj", "h.0.mlp.proj", "h.2.attn.o_proj", "h.2.mlp.proj"]
+
+
+@functools.cache
+def _trained() -> list:
+    cases = [(train_beside_reference, (m, 2), {"backend": "aot_eager", "regional": r, layers: 2})
+             for m, layers in (("gpt", "n_layer"), ("llama", "n_layers")) for r in (True, False)]
+    cases = [(functools.partial(fn, **kw), args) for fn, args, kw in cases]
+    cases.append((hf_models.train_many, ([("llama", {"regional": r, "steps": 2}) for r in (True, False)],)))
+    return run_cases(2, cases)
+
+
+@pytest.mark.parametrize("name", ["gpt", "llama", "hf_llama"])
+def test_regional_and_whole_graph_train_as_single_device(name):
+    """2 gloo ranks, 2 layers, 2 SGD steps: both ways equal single device (loss and every gradient),
+    and each other: the same plan, the same collectives, the same losses."""
+    res = _trained()
+    if name == "hf_llama":
+        reg, whole = ([rank[i] for rank in res[4]] for i in (0, 1))
+        prefixes = ["model.layers.0.", "model.layers.1."]
+    else:
+        i = 0 if name == "gpt" else 2
+        reg, whole = res[i], res[i + 1]
+        prefixes = ["h.0.", "h.1."] if name == "gpt" else ["layers.0.", "layers.1."]
+    for results in (reg, whole):
+        for rank, r in enumerate(results):
+            for step, (a, b) in enumerate(zip(r["loss"], r["ref_loss"])):
+                assert abs(a - b) <= 1e-5 * abs(b), f"rank {rank} step {step}: tp {a} vs single {b}"
+            assert r["loss"] == results[0]["loss"]
+            assert r["grad_err"] <= 1e-5, f"rank {rank}: gradient off by {r['grad_err']}"
+    assert [list(r.values()) for r in reg[0]["regions"]] == [[prefixes]]
+    assert whole[0]["regions"] == [{}]
+    assert reg[0]["plan"] == whole[0]["plan"] and "colwise" in repr(reg[0]["plan"])
+    assert reg[0]["collectives"] == whole[0]["collectives"]
+    for a, b in zip(reg[0]["loss"], whole[0]["loss"]):
+        assert abs(a - b) <= 1e-6 * abs(b)

@@ -9,6 +9,7 @@ trains both example models regionally under Inductor at TP=2 and TP=4.
 import functools
 
 import pytest
+import torch
 
 import gpt
 import hf_models
@@ -92,3 +93,39 @@ def test_regional_and_whole_graph_train_as_single_device(name):
     assert reg[0]["collectives"] == whole[0]["collectives"]
     for a, b in zip(reg[0]["loss"], whole[0]["loss"]):
         assert abs(a - b) <= 1e-6 * abs(b)
+
+
+class _BreakingBlock(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(16, 32), torch.nn.Linear(32, 16)
+
+    def forward(self, x):
+        h = torch.nn.functional.gelu(self.up(x))
+        if h.sum() > 0:  # data-dependent: a graph break inside the block
+            h = h * 2
+        return x + self.down(h)
+
+
+class _BreakingModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.h = torch.nn.ModuleList([_BreakingBlock() for _ in range(3)])
+
+    def forward(self, x):
+        for b in self.h:
+            x = b(x)
+        return x.pow(2).mean()
+
+
+def test_a_graph_break_inside_the_block_turns_regions_off_with_a_warning():
+    """Dynamo cannot capture a region that breaks (UncapturedHigherOrderOpError): tpcompile warns and
+    traces the blocks inline, exactly as regional=False does."""
+    torch.manual_seed(0)
+    model, x = _BreakingModel(), torch.randn(2, 8, 16)
+    reg, whole = (tpcompile.explain(model, x, world_size=2, regional=r) for r in (True, False))
+    assert any("regional compilation is off" in w and "Data-dependent branching" in w for w in reg.warnings)
+    assert not any("regional" in w for w in whole.warnings)
+    assert len(reg.records) == len(whole.records) > 1 and not any(r.regions for r in reg.records)
+    assert reg.params == whole.params and reg.collectives == whole.collectives
+    assert reg.plan == whole.plan

@@ -90,7 +90,8 @@ class TensorParallel:
         self.twin.compile, self.twin.regions = plan_regions, {}
         try:
             with torch._dynamo.config.patch(**self._trace_config):
-                planner(*args, **kwargs)  # the same Dynamo settings as forward: the same graphs
+                # the same Dynamo settings as forward: the same graphs
+                without_regions_on_break(self.twin, lambda: planner(*args, **kwargs))
         except torch._dynamo.exc.BackendCompilerFailed as e:
             inner = getattr(e, "inner_exception", None)
             if inner is not None:
@@ -114,7 +115,7 @@ class TensorParallel:
         n_graphs, n_calls = len(self.records), self.recorder.calls
         try:
             with torch._dynamo.config.patch(**self._trace_config):
-                out = self.compiled(*args, **kwargs)
+                out = without_regions_on_break(self.twin, lambda: self.compiled(*args, **kwargs))
         except torch._dynamo.exc.BackendCompilerFailed as e:
             inner = getattr(e, "inner_exception", None)
             if isinstance(inner, (TPShardingError, ValueError, NotImplementedError, RuntimeError)):
@@ -214,6 +215,26 @@ class TensorParallel:
                 f"tensor-parallel group must see the same batch: seed the data loader the same on all TP "
                 f"ranks, or pass tp_compile(..., broadcast_inputs=True) to use the first rank's inputs."
             )
+
+
+def without_regions_on_break(twin: Twin, call):
+    """``call()``; if Dynamo cannot capture a repeated block as one region (a graph break inside
+    it), say so and run it again with the blocks traced inline (each graph planned on its own, as
+    without regional compilation)."""
+    try:
+        return call()
+    except torch._dynamo.exc.UncapturedHigherOrderOpError as e:
+        if not twin.regional:
+            raise
+        import warnings
+
+        first = str(e).split("Got graph break/error:", 1)[-1].strip().splitlines()
+        warnings.warn(f"tpcompile: regional compilation is off for this model: a repeated block does not trace as "
+                      f"one graph ({first[0] if first else 'a graph break'}). Each layer is compiled in the model's "
+                      f"graph(s) instead (correct; compile time grows with depth). Remove the graph break inside "
+                      f"the block (TORCH_LOGS=graph_breaks) to compile it once.", TPWarning, stacklevel=4)
+        twin.regional_off()
+        return call()
 
 
 def fqns_of(model: nn.Module) -> list[str]:

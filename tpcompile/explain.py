@@ -147,7 +147,7 @@ def explain(
         raise ValueError(f"explain(rank={rank}) must be in [0, {world_size}).")
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from tpcompile.api import fqns_of
+    from tpcompile.api import fqns_of, without_regions_on_break
 
     validate_overrides(plan or {}, fqns_of(model), type(model).__name__)
 
@@ -169,7 +169,7 @@ def explain(
             warnings.simplefilter("always")
             with torch._dynamo.config.patch(**trace_config()):
                 try:
-                    compiled(*args, **kwargs)
+                    without_regions_on_break(twin, lambda: compiled(*args, **kwargs))
                 except torch._dynamo.exc.BackendCompilerFailed as e:
                     raise getattr(e, "inner_exception", None) or e from None
     finally:

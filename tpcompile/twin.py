@@ -133,6 +133,7 @@ class Twin:
 
         blocks = {id(b) for b in find_blocks(self.module)} if regional else set()
         self.regional = len(blocks) > 1
+        self._blocks: list[tuple[nn.Module, str]] = []  # (twin block, position): regional forwards
         for i, (user, twin) in enumerate(self.pairs):
             if i == 0 or type(twin).forward is nn.Module.forward:
                 continue  # the root (its hooks already ran: the user called it) and containers
@@ -141,11 +142,19 @@ class Twin:
             if self.regional and id(twin) in blocks:
                 twin.forward = types.MethodType(_copy_for(_block_forward, type(twin), position), twin)
                 twin.__dict__["_tp_block_region"] = _block_region(type(twin), position)
+                self._blocks.append((twin, position))
             else:
                 twin.forward = types.MethodType(_copy_for(_twin_forward, type(twin), position), twin)
             twin.__dict__["_tp_user"] = user  # plain attributes, not submodules: never traced
             twin.__dict__["_tp_owner"] = self
             twin.__dict__["_tp_region"] = _copy_for(_region, type(twin), position)
+
+    def regional_off(self) -> None:
+        """Trace the repeated blocks inline from now on (a graph break inside a block: Dynamo cannot
+        capture a region that breaks)."""
+        for twin, position in self._blocks:
+            twin.forward = types.MethodType(_copy_for(_twin_forward, type(twin), position), twin)
+        self._blocks, self.regional = [], False
 
     def follow_devices(self, params) -> None:
         """Keep each ghost on its parameter's device (a meta model allocated on another device)."""

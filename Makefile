@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench clean gpu-check
 
 $(STAMP): pyproject.toml tests/requirements-models.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -39,3 +39,10 @@ bench: $(BENCH_STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# First thing on a machine with one NVIDIA GPU (tests/gpu_check.py): the GPU-marked tests, the CE kernel
+# benchmark, the GPT TP program's CUDA code, mode="reduce-overhead"; one table, non-zero exit on a failure.
+# It runs under that machine's own python (a CUDA build of torch 2.11+, no network: no venv is built).
+GPU_PY ?= python3
+gpu-check:
+	$(GPU_PY) tests/gpu_check.py

@@ -12,6 +12,14 @@ DTensor placements, DCP boxes and safetensors slice reads cannot disagree:
   clipping norms and checkpoints see exactly the logical tensor;
 - ``spans`` says which rows of the full tensor each part is: one span for a plain shard, one per
   fused piece (``[q_r | k_r | v_r]``), each piece split over tp on its own.
+
+kv-head copies (``style="kvcopy"``: grouped-query attention with fewer kv heads than tp) are
+*stored* replicated, so every user view (``full_tensor``, clipping norms, DCP / FSDP2 boxes,
+safetensors reads) is the plain ``Replicate`` one and exact; the *program* takes the rows its
+query heads need (``program_rows``, ``piece_rows``) from that replicated weight inside the graph
+(``take_rows``: Megatron's f, then a narrow), so the selection, and a KV cache built from it,
+are this rank's kv heads only. Their gradient is all-reduced in the backward: one collective for the
+k / v weights and biases of one attention (``rewrite.take_rows_of``).
 """
 from __future__ import annotations
 
@@ -31,17 +39,29 @@ class Span:
 
 
 @dataclass(frozen=True)
+class KVCopies:
+    """A kv-copy weight's program rows: along ``dim``, pieces of ``sizes``, piece i split into
+    ``tp / copies[i]`` blocks (``copies[i]`` ranks share one: a kv head's copies; 1: a plain shard)."""
+
+    dim: int
+    sizes: tuple
+    copies: tuple
+    tp: int
+
+
+@dataclass(frozen=True)
 class ParamPlan:
     """How one parameter is stored: ``style`` in TP vocabulary, shard ``dim`` and ``chunks``."""
 
     fqn: str
-    style: str  # colwise | rowwise | vocab | replicate
+    style: str  # colwise | rowwise | vocab | replicate | kvcopy (stored replicated, see the module docstring)
     dim: int | None
     chunks: int
     full_shape: tuple
     local_shape: tuple  # the program shard (padded, for a vocabulary tp does not divide)
     padded_shape: tuple | None = None  # a vocabulary tp does not divide: the zero-padded shape that is split
     pieces: tuple | None = None  # logical sizes of unequal fused pieces along ``dim`` (each split on its own)
+    kv: "KVCopies | None" = None  # kvcopy: which rows each rank's program takes
 
     # ------------------------------------------------------------------ geometry
     @property
@@ -75,6 +95,10 @@ class ParamPlan:
             out.append(Span(start + rank * part, part, at))
             start, at = start + size, at + part
         return out
+
+    def program_rows(self, rank: int) -> list[Span]:
+        """kvcopy: the rows (along ``kv.dim``) of the replicated weight that this rank's program takes."""
+        return piece_rows(self.kv.sizes, self.kv.copies, self.kv.tp, rank)
 
     def stored_shape(self, rank: int) -> tuple:
         if not self.sharded:
@@ -176,6 +200,17 @@ class ParamPlan:
             if all(sizes):
                 out.append((tuple(offsets), tuple(sizes), tuple(local)))
         return out
+
+
+def piece_rows(sizes: Sequence[int], copies: Sequence[int], tp: int, rank: int) -> list[Span]:
+    """The rows rank ``rank`` holds of a dim made of pieces ``sizes``, piece i split into tp / copies[i]
+    blocks, rank r holding block r // copies[i] (kv-head copies; copies 1: the plain r-th 1/tp)."""
+    out, start, at = [], 0, 0
+    for size, c in zip(sizes, copies):
+        n = size * c // tp
+        out.append(Span(start + (rank // c) * n, n, at))
+        start, at = start + size, at + n
+    return out
 
 
 def contiguous_stride(shape: Sequence[int]) -> tuple:

@@ -39,9 +39,44 @@ LINEAR_IO = linear_in_out
 LINEARS = (LINEAR, LINEAR_IO)
 
 
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, route: torch.Tensor, form: str, out_dim: int = 1) -> torch.Tensor:
+    """Per-expert linears over a 3-D expert weight (MoE): row s of ``x`` goes through the matrix of its
+    expert. One canonical op for every spelling, so that the placement rules see the expert weight as
+    a linear's weight (out-features on ``out_dim``: 1 for ``[E, out, in]``, 2 for ``[E, in, out]``).
+
+    ``form`` says how the rows find their expert, and computes exactly what the model's own call did:
+    ``"fallback"`` / ``"grouped_mm"`` / ``"nn_grouped_mm"``: rows sorted by expert, ``route`` the cumulative
+    counts per expert (HF's ``transformers::grouped_mm_fallback``, ``torch._grouped_mm``,
+    ``F.grouped_mm``); ``"ids"``: ``route`` the expert of each row, ``bmm`` of the gathered matrices.
+    """
+    if form == "ids":
+        if out_dim == 1:
+            return torch.bmm(weight[route], x.unsqueeze(-1)).squeeze(-1)
+        return torch.bmm(x.unsqueeze(1), weight[route]).squeeze(1)
+    w = weight.transpose(-2, -1) if out_dim == 1 else weight  # [E, in, out]
+    if form == "fallback":
+        return torch.ops.transformers.grouped_mm_fallback(x, w, route)
+    if form == "nn_grouped_mm":
+        return F.grouped_mm(x, w, offs=route)
+    return torch._grouped_mm(x, w, offs=route)
+
+
+GROUPED = grouped_linear
+PROJECTIONS = (LINEAR, LINEAR_IO, GROUPED)  # every op whose weight the plan lays out column / row-wise
+
+
 def weight_out_dim(node: fx.Node) -> int:
     """Which dim of a canonical linear's weight holds the out-features (0 for ``[out, in]``)."""
+    if node.target is GROUPED:
+        return node.args[4]
     return 1 if node.target is LINEAR_IO else 0
+
+
+def weight_in_dim(node: fx.Node) -> int:
+    """Which dim of a canonical linear's weight holds the in-features (the contracted one)."""
+    if node.target is GROUPED:
+        return 3 - node.args[4]
+    return 1 - weight_out_dim(node)
 
 
 SDPA = torch._C._nn.scaled_dot_product_attention
@@ -200,6 +235,8 @@ def normalize(gm: fx.GraphModule, params: set[fx.Node]) -> fx.GraphModule:
             _to_linear(node, tw[0], a[1], tw[1], b)  # HF Conv1D: addmm(bias, x.view(-1, in), W[in, out])
         elif t in _EINSUMS and (lin := _einsum_linear(node, params)) and _linear_shape(node, lin[1], lin[0], lin[2]):
             _to_linear(node, *lin, None)
+        elif t in (torch.bmm, "bmm") or _grouped_form(t) is not None:
+            _to_grouped(g, node, params)
     # fold `linear(x, W) + b` (b a 1-D parameter) into the linear's bias
     for node in list(g.nodes):
         if _target(node) in (operator.add, torch.add, "add") and len(node.args) == 2 and not node.kwargs:
@@ -294,6 +331,65 @@ def _sizes_inline(g: fx.Graph, node: fx.Node) -> None:
     node.args = (node.args[0], tuple(entries))
     if not size.users:
         g.erase_node(size)
+
+
+def _grouped_form(t) -> str | None:
+    """The ``grouped_linear`` form of a grouped-matmul op (rows sorted by expert, cumulative offsets)."""
+    if t is torch._grouped_mm:
+        return "grouped_mm"
+    if getattr(F, "grouped_mm", None) is not None and t is F.grouped_mm:
+        return "nn_grouped_mm"
+    name = getattr(t, "_qualified_op_name", None) or (t.name() if isinstance(t, torch._ops.OpOverload) else None)
+    return "fallback" if name == "transformers::grouped_mm_fallback" else None
+
+
+def _expert_weight(node, params: set) -> tuple | None:
+    """(W, out dim) if ``node`` is a 3-D parameter ``W`` ``[E, in, out]`` or ``W.transpose(-2, -1)`` of
+    one stored ``[E, out, in]``: the weight operand of a grouped matmul."""
+    if node in params and _ndim(node) == 3:
+        return node, 2
+    t = _target(node)
+    if t in ("transpose", torch.transpose) and node.args[0] in params and _ndim(node.args[0]) == 3 \
+            and {d % 3 for d in node.args[1:3] if isinstance(d, int)} == {1, 2}:
+        return node.args[0], 1
+    return None
+
+
+def _to_grouped(g: fx.Graph, node: fx.Node, params: set) -> None:
+    """``grouped_mm(x, W^T, offs)`` (each spelling, ``_grouped_form``) and ``bmm(W[ids], x[..., None])[..., 0]``
+    (HF's ``batched_mm``; or ``bmm(x[:, None], W[ids])[:, 0]`` for ``[E, in, out]``) with a 3-D parameter ``W``
+    become ``grouped_linear``. Anything else (a bias, an ``out_dtype``, another weight) is left as it is."""
+    t, a, kw = _target(node), node.args, node.kwargs
+    form = _grouped_form(t)
+    if form is not None:
+        offs = a[2] if len(a) > 2 else kw.get("offs")
+        rest = {k: v for k, v in kw.items() if k != "offs"}
+        ew = _expert_weight(a[1], params) if len(a) > 1 else None
+        if ew is None or offs is None or len(a) > 3 or any(v is not None for v in rest.values()) or _ndim(a[0]) != 2:
+            return
+        node.target, node.args, node.kwargs = GROUPED, (a[0], ew[0], offs, form, ew[1]), {}
+        return
+    if t not in (torch.bmm, "bmm") or len(a) != 2 or node.kwargs or len(node.users) != 1:
+        return
+    (sq,) = node.users
+    for gathered, vec, out_dim, axis in ((a[0], a[1], 1, -1), (a[1], a[0], 2, 1)):
+        if _target(gathered) is not operator.getitem or gathered.args[0] not in params or _ndim(gathered.args[0]) != 3:
+            continue
+        ids = gathered.args[1]
+        if not (isinstance(ids, fx.Node) and _ndim(ids) == 1 and not value(ids).is_floating_point()):
+            continue
+        if _target(vec) not in ("unsqueeze", torch.unsqueeze) or vec.args[1] % 3 != axis % 3 or _ndim(vec.args[0]) != 2:
+            continue
+        if _target(sq) not in ("squeeze", torch.squeeze) or len(sq.args) != 2 or sq.args[1] % 3 != axis % 3:
+            continue
+        with g.inserting_before(sq):
+            new = g.call_function(GROUPED, (vec.args[0], gathered.args[0], ids, "ids", out_dim))
+        new.meta.update(sq.meta)
+        sq.replace_all_uses_with(new)
+        for dead in (sq, node, gathered, vec):
+            if not dead.users:
+                g.erase_node(dead)
+        return
 
 
 def _to_linear(node: fx.Node, target, x, w, b) -> None:

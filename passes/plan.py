@@ -39,13 +39,14 @@ from tpcompile.errors import TPShardingError
 
 from .graph_utils import (divisors, is_tensor, norm_dim, numel_expr, same_size, shape, shape_str, source_line,
                           static_size, value)
-from .layout import ParamPlan
-from .normalize import CONTRACTIONS, LINEARS, param_operands, weight_out_dim
-from .placements import STYLES, Replicate, Shard, local_size
+from .layout import KVCopies, ParamPlan
+from .normalize import CONTRACTIONS, GROUPED, PROJECTIONS, param_operands, weight_out_dim
+from .placements import STYLES, Partial, Replicate, Shard, local_size
 from .propagate import Propagation, op_class, propagate, rule_for
 
 _INDEX_PASSTHROUGH = ("view", "cast", "transfer")  # op families (propagate.op_class) token ids pass through
 _SPLITS = {"split", "chunk"}  # see _fused_chunks
+_BASE_STYLE = {"vocab": "colwise", "expert-colwise": "colwise", "expert-rowwise": "rowwise"}  # as a linear's rule reads it
 
 
 @dataclass
@@ -211,19 +212,22 @@ def _int_at(idx, axis: int) -> bool:
 
 
 def make_plan(gm: fx.GraphModule, tp: int, param_fqns: dict, overrides: dict | None = None,
-              known: dict | None = None, buffers: set | None = None) -> GraphPlan:
+              known: dict | None = None, buffers: set | None = None, state: dict | None = None) -> GraphPlan:
     """Choose every parameter's layout for ``gm`` (params: placeholder node -> FQN).
 
     ``known``: FQN -> ParamPlan of parameters an earlier graph already stored; they keep it
     (their style is forced, and the same rows, padding included, are taken over).
     ``buffers``: placeholders of the module's buffers (module state, not the user's inputs).
+    ``state``: placeholder -> placement of sharded state inputs (a KV cache kept sharded).
     """
     known = known or {}
-    overrides = {**{f: pp.style for f, pp in known.items() if f in param_fqns.values()}, **(overrides or {})}
+    # kv copies are stored replicated and chosen again from the graph (the same graph decides the same)
+    overrides = {**{f: pp.style for f, pp in known.items() if f in param_fqns.values() and pp.style != "kvcopy"},
+                 **(overrides or {})}
     params = set(param_fqns)
     forced = {n: s for n, f in param_fqns.items() if (s := _style_for_fqn(f, overrides)) is not None}
 
-    linears = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in LINEARS and n.args[1] in params]
+    linears = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in PROJECTIONS and n.args[1] in params]
     embeds = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is F.embedding and n.args[1] in params]
     vocab_weights = _vocab_tables(embeds, params | set(buffers or ()), forced)
     # other tables tried column-parallel (split on the embedding dim); kept if that reaches a row linear
@@ -233,6 +237,8 @@ def make_plan(gm: fx.GraphModule, tp: int, param_fqns: dict, overrides: dict | N
     chunks = {n: _fused_chunks(n) for n in linears}
 
     replicated: set = set()
+    copies: dict = {}  # k / v projection -> ranks sharing one kv head (fewer kv heads than tp)
+    pending: set = set()
     unsupported: dict = {}
     notes: list = []
     for lin, c in chunks.items():  # unequal fused pieces that tp does not divide (kv heads < tp): keep whole
@@ -248,11 +254,13 @@ def make_plan(gm: fx.GraphModule, tp: int, param_fqns: dict, overrides: dict | N
             if node.target is F.embedding:
                 return "vocab" if w in vocab_weights else "colwise" if node in col_embeds - replicated else "replicate"
             if w in forced:
-                return {"vocab": "colwise"}.get(forced[w], forced[w])
+                return _BASE_STYLE.get(forced[w], forced[w])
             if w in vocab_weights:
                 return "colwise"  # LM head tied to a vocab-parallel embedding
             if node in replicated:
                 return "replicate"
+            if node in copies:
+                return "kvcopy"
             nd = value(node.args[0]).dim()
             if isinstance(px, Shard) and px.dim == nd - 1 and px.chunks == 1 and not px.pad:
                 return "rowwise"
@@ -260,26 +268,36 @@ def make_plan(gm: fx.GraphModule, tp: int, param_fqns: dict, overrides: dict | N
                 return "colwise"
             return "replicate"
 
-        prop = propagate(gm, tp, params, style_of, lambda n: chunks.get(n, 1))
-        tried = {n for n in linears if prop.info[n].kind == "colwise"}
+        prop = propagate(gm, tp, params, style_of, lambda n: chunks.get(n, 1), lambda n: copies.get(n, 1),
+                         state, set(buffers or ()), frozenset(pending))
+        joined = _joins_pending_sum(prop) - pending
+        if joined:  # shared experts: their row-parallel sums join the routed experts' (one reduction)
+            pending |= joined
+            continue
+        tried = {n for n in linears if prop.info[n].kind in ("colwise", "kvcopy")}
         dropped = {n for n in tried if n not in prop.good_sinks and n.args[1] not in forced and n.args[1] not in vocab_weights}
         if first:  # parameter sizes first: the clearer error; none for column tries about to be dropped
             doomed = _operands(dropped) - _operands(tried - dropped)  # (a classifier head: 1000 % 16 classes)
             _param_plans(gm, prop, tp, {n: f for n, f in param_fqns.items() if n not in doomed}, known)
-        few = {n: h for n, h in _few_kv_heads(prop, tp, forced, chunks).items() if n not in replicated}
-        if few:  # GQA / MQA with fewer kv heads than tp: keep k/v whole, plan again
-            replicated |= set(few)
+        few = {n: h for n, h in _few_kv_heads(prop, tp, forced, chunks).items() if n not in replicated | set(copies)}
+        if few:  # GQA / MQA with fewer kv heads than tp: kv-head copies where tp divides by them, plan again
             for lin in sorted(few, key=lambda n: n.name):
+                if _copyable(few[lin], chunks.get(lin, 1), tp):
+                    copies[lin] = tp // few[lin]
+                    continue
+                replicated.add(lin)
                 notes.append(
                     f"tpcompile: {param_fqns[lin.args[1]].rsplit('.', 1)[0]} has {few[lin]} heads, not divisible "
-                    f"by tp={tp} (grouped-query attention): it stays replicated and each rank takes the kv heads "
-                    f"its query heads need (correct, costs its full weight per rank)."
+                    f"by tp={tp} and not dividing it (grouped-query attention): it stays replicated and each rank "
+                    f"takes the kv heads its query heads need (correct, costs its full weight per rank)."
                 )
             continue
         if first:
             _check_views(prop, tp, param_fqns)
             first = False
         for lin in dropped - replicated:
+            if _is_router(lin):  # E logits per token, picked by top-k: replicated by design, not a miss
+                continue
             for op in prop.blocked.get(lin, ()):
                 unsupported.setdefault(op, []).append(param_fqns[lin.args[1]].rsplit(".", 1)[0])
         # a column-parallel table is an opportunity, not Megatron's pattern: dropped quietly, also
@@ -291,6 +309,61 @@ def make_plan(gm: fx.GraphModule, tp: int, param_fqns: dict, overrides: dict | N
         replicated |= dropped
     notes += _unsharded_contractions(gm, prop, param_fqns, forced)
     return GraphPlan(_param_plans(gm, prop, tp, param_fqns, known), prop, tp, unsupported, notes)
+
+
+_TOPK = {torch.topk, "topk"}
+_SCALES = {operator.mul, torch.mul, "mul", operator.truediv, torch.div, "div", operator.neg, torch.neg, "neg"}
+_ADDS = {operator.add, torch.add, "add"}
+
+
+def _row_source(node, prop: Propagation, depth: int = 6) -> fx.Node | None:
+    """The bias-free row-parallel linear whose whole output ``node`` is, through views, casts and
+    scalings by whole values (``sigmoid(gate(x)) * shared_expert(x)``), or None."""
+    ni = prop.info.get(node)
+    if ni is None or depth == 0:
+        return None
+    if ni.kind == "rowwise" and node.target in PROJECTIONS and (len(node.args) < 3 or node.args[2] is None) \
+            and not node.kwargs.get("bias"):
+        return node
+    if node.target in _SCALES or op_class(node) in ("view", "cast"):
+        ins = [node.args[0]] if node.target in (operator.truediv, torch.div, "div") else node.all_input_nodes
+        for x in ins:
+            if is_tensor(x) and (r := _row_source(x, prop, depth - 1)) is not None:
+                return r
+    return None
+
+
+def _joins_pending_sum(prop: Propagation) -> set:
+    """Row linears (shared experts) whose output is added to a pending sum (a MoE combine): kept
+    pending too, so ``routed + shared`` is reduced by one all-reduce instead of two."""
+    out = set()
+    for node, ni in prop.info.items():
+        if node.op == "call_function" and node.target in _ADDS and len(node.args) == 2:
+            a, b = node.args
+            pa, pb = prop.placement(a), prop.placement(b)
+            for part, other in ((pa, b), (pb, a)):
+                if isinstance(part, Partial) and isinstance(other, fx.Node) and prop.placement(other) == Replicate():
+                    r = _row_source(other, prop)
+                    if r is not None:
+                        out.add(r)
+    return out
+
+
+def _is_router(lin: fx.Node, depth: int = 6) -> bool:
+    """The linear is a MoE router: its logits reach ``topk`` through casts, softmax / sigmoid and
+    views. Its output is E scores per token that top-k needs whole on every rank (so that every rank
+    routes alike), a gather away from any shard: kept replicated quietly, as Megatron keeps it."""
+    frontier = {lin}
+    for _ in range(depth):
+        nxt = set()
+        for n in frontier:
+            for u in n.users:
+                if u.target in _TOPK:
+                    return True
+                if op_class(u) in ("cast", "softmax", "pointwise", "view"):
+                    nxt.add(u)
+        frontier = nxt
+    return False
 
 
 def _operands(linears: set) -> set:
@@ -324,6 +397,14 @@ def _unsharded_contractions(gm: fx.GraphModule, prop: Propagation, param_fqns: d
                 f"plan={{{fqn!r}: 'replicate'}} silences this warning."
             )
     return out
+
+
+def _copyable(heads: int, chunks, tp: int) -> bool:
+    """kv-head copies need tp to be a multiple of the kv heads (each rank then uses exactly one) and,
+    for fused ``[q | k | v]`` pieces, the query piece to split over tp."""
+    if heads < 1 or tp % heads:
+        return False
+    return not isinstance(chunks, tuple) or (max(chunks) % tp == 0 and len(set(chunks)) > 1)
 
 
 def _unsplittable_heads(prop: Propagation, tp: int) -> dict:
@@ -379,30 +460,44 @@ def _set(xs) -> str:
     return "{" + ", ".join(str(x) for x in sorted(xs)) + "}"
 
 
+def _kv_copies(node: fx.Node, prop: Propagation, tp: int) -> KVCopies | None:
+    """The program rows of a weight / bias that a ``kvcopy`` projection takes kv-head copies of."""
+    for u in node.users:
+        need = prop.info[u].need.get(node) if u in prop.info and prop.info[u].kind == "kvcopy" else None
+        if isinstance(need, Shard) and need.copies:
+            full = int(shape(node)[need.dim])
+            sizes = need.sizes or (full // need.chunks,) * need.chunks
+            return KVCopies(need.dim, tuple(sizes), need.copies, tp)
+    return None
+
+
 def _param_plans(gm, prop: Propagation, tp: int, param_fqns: dict, known: dict) -> dict:
     out = {}
     for node, fqn in param_fqns.items():
         p = prop.info[node].out if node in prop.info else None
         full = tuple(int(s) for s in shape(node)) if is_tensor(node) else ()
         if not isinstance(p, Shard):
-            out[node] = ParamPlan(fqn, "replicate", None, 1, full, full)
+            kv = _kv_copies(node, prop, tp) if is_tensor(node) else None
+            out[node] = ParamPlan(fqn, "kvcopy" if kv else "replicate", None, 1, full, full, kv=kv)
             continue
         k = known.get(fqn)
         if k is not None and k.sharded and k.dim == p.dim and tuple(k.full_shape) == full:
             out[node] = k  # stored by an earlier graph (e.g. a padded vocabulary whose loss is elsewhere)
             continue
         users = [u for u in node.users if u.op == "call_function"]
-        lins = [u for u in users if u.target in LINEARS and u.args[1] is node]
+        lins = [u for u in users if u.target in PROJECTIONS and u.args[1] is node]
         if any(u.target is F.embedding for u in users):
             style = "vocab" if p.dim == 0 else "colwise"
         elif lins:
             style = "colwise" if p.dim == weight_out_dim(lins[0]) else "rowwise"
+            if lins[0].target is GROUPED:  # a 3-D expert weight: every expert split the same way
+                style = "expert-" + style
         else:
             style = "colwise"  # a bias / scale that follows a column-parallel output
         size = full[p.dim]
         # padding is for a vocabulary: the embedding, or an LM head whose shard reaches the loss
         vocab_like = style == "vocab" or any(u in prop.vocab_sinks for u in lins) or any(
-            u.args[2] is node and u in prop.vocab_sinks for u in users if u.target in LINEARS and len(u.args) > 2)
+            u.args[2] is node and u in prop.vocab_sinks for u in users if u.target in PROJECTIONS and len(u.args) > 2)
         if p.pad and vocab_like:
             local = list(full)
             local[p.dim] = local_size(size, tp)

@@ -20,8 +20,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from .graph_utils import is_tensor, norm_dim, numel_expr, same_shape, same_size, shape, static_size, value
-from .normalize import LINEAR, LINEAR_IO, SDPA, weight_out_dim
-from .placements import R, Partial, Placement, Replicate, Shard, local_size
+from .normalize import GROUPED, LINEAR, LINEAR_IO, SDPA, weight_in_dim, weight_out_dim
+from .placements import P, R, Partial, Placement, Replicate, Shard, local_size
 
 
 @dataclass
@@ -49,11 +49,15 @@ class Propagation:
 class Ctx:
     """What a rule may look at: placements of inputs, logical shapes, tp, the plan."""
 
-    def __init__(self, tp: int, style_of: Callable[[fx.Node, Any], str], chunks_of: Callable[[fx.Node], int]):
+    def __init__(self, tp: int, style_of: Callable[[fx.Node, Any], str], chunks_of: Callable[[fx.Node], int],
+                 copies_of: Callable[[fx.Node], int] = lambda n: 1, pending: frozenset = frozenset()):
         self.tp = tp
         self.style_of = style_of
         self.chunks_of = chunks_of
+        self.copies_of = copies_of
+        self.pending = pending  # row linears whose sum stays pending (joined to a MoE combine's, see plan)
         self.place: dict = {}
+        self.buffers: set = set()  # module-buffer placeholders (a hand-written KV cache may be adopted sharded)
 
     def pl(self, x) -> Placement | None:
         if not isinstance(x, fx.Node):
@@ -91,26 +95,70 @@ def pointwise(node, ctx) -> NodeInfo:
         return _replicate_all(node, ctx)
     out_nd = value(node).dim()
     ins = _tensors(node)
-    sh = _sharded(ctx, node)
+    partial = _partial_through(node, ctx, ins)
+    if partial is not None:
+        return partial
+    # a shard of a dim that broadcasts (size 1 against a longer one: a ``[N, 1]`` gate times ``[N, H]``)
+    # is no shard of the output: that input is made whole, like any replicated one
+    sh = [(x, p) for x, p in _sharded(ctx, node)
+          if same_size(shape(x)[p.dim], shape(node)[p.dim + out_nd - value(x).dim()])]
     if not sh:
         return NodeInfo(R, {x: R for x in ins}, "pointwise")
-    x0, s0 = sh[0]
+    x0, s0 = next(((x, p) for x, p in sh if not p.copies), sh[0])  # kv copies meet a plain shard as one
     o = s0.dim + out_nd - value(x0).dim()
     need = {}
     for x in ins:
         nd = value(x).dim()
         d = o - (out_nd - nd)
-        if d < 0 or same_size(shape(x)[d], 1):
+        if d >= 0 and ctx.pl(x) == s0.moved(d):  # sharded alike (kv copies of one head: a dim of size 1)
+            need[x] = s0.moved(d)
+        elif d < 0 or same_size(shape(x)[d], 1):
             need[x] = R
         else:
             need[x] = s0.moved(d)
     return NodeInfo(s0.moved(o), need, "pointwise")
 
 
+_LINEAR_IN_FIRST = {operator.mul, torch.mul, "mul", operator.truediv, torch.div, "div", operator.neg, torch.neg, "neg"}
+_SUM_OF = {operator.add, torch.add, "add"}
+
+
+def _no_bigger(node, x) -> bool:
+    """``node`` has no more elements than ``x``: a pending sum carried on to it is reduced no larger."""
+    a, b = numel_expr(shape(node)), numel_expr(shape(x))
+    return a == b or (a.is_Integer and b.is_Integer and int(a) <= int(b))
+
+
+def _partial_through(node, ctx, ins) -> NodeInfo | None:
+    """A pending sum (Partial: each rank's summand of a row-parallel product) stays pending through
+    ops linear in it, so that it is reduced once, later, on a value no larger: ``P * w`` and ``P / w``
+    with ``w`` whole (the routing weights of a MoE combine), ``-P``, ``P + P``. Anything else reduces it
+    first (the rule's Replicate need). None: the rule does not apply."""
+    parts = [x for x in ins if isinstance(ctx.pl(x), Partial)]
+    if not parts or any(isinstance(ctx.pl(x), Shard) for x in ins) or not all(_no_bigger(node, x) for x in parts):
+        return None
+    t = node.target
+    if t in _LINEAR_IN_FIRST and len(parts) == 1 and (t not in (operator.truediv, torch.div, "div") or node.args[0] is parts[0]):
+        return NodeInfo(P, {x: P if x is parts[0] else R for x in ins}, "pointwise")
+    if t in _SUM_OF and len(parts) == len(ins) == 2 and not node.kwargs:
+        return NodeInfo(P, {x: P for x in ins}, "pointwise")
+    return None
+
+
+def _float_cast(node, x) -> bool:
+    """A cast that keeps a floating value at least as wide (a pending sum may pass it)."""
+    a, b = value(x), value(node)
+    return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.is_floating_point() \
+        and b.is_floating_point() and b.element_size() >= a.element_size()
+
+
 def unary(node, ctx) -> NodeInfo:
-    """Ops whose output has the layout of their first argument (casts, dropout, ``type_as``)."""
+    """Ops whose output has the layout of their first argument (casts, dropout, ``type_as``).
+    A pending sum passes a cast that keeps it floating and no narrower (reduced later)."""
     x = node.args[0]
     p = ctx.pl(x)
+    if isinstance(p, Partial) and _float_cast(node, x) and node.target != "requires_grad_":
+        return NodeInfo(P, {x: P}, "pointwise")
     if isinstance(p, Partial) or p is None:
         p = R
     return NodeInfo(p, {x: p}, "pointwise")
@@ -202,6 +250,8 @@ def view_like(node, ctx) -> NodeInfo:
     dim are rewritten to local sizes (``view(B, T, 12, 64)`` -> ``view(B, T, 12 // tp, 64)``)."""
     x = node.args[0]
     p = ctx.pl(x)
+    if isinstance(p, Partial) and node.target != "expand" and node.target not in (torch.view_as_complex, torch.view_as_real):
+        return NodeInfo(P, {x: P}, "view")  # the same elements: a pending sum stays pending
     if not isinstance(p, Shard):
         return NodeInfo(R, {x: R}, "view")
     in_shape, out_shape = shape(x), shape(node)
@@ -222,8 +272,12 @@ def view_like(node, ctx) -> NodeInfo:
         o, ok = _map_dim(in_shape, out_shape, p.dim, ctx.tp)
         ok = ok and o is not None and same_size(out_shape[o], in_shape[p.dim]) \
             and numel_expr(in_shape[p.dim:]) == numel_expr(out_shape[o:])
+    elif p.copies and p.split_over(ctx.tp) == 1:
+        # one kv head held by every rank (MQA): its shard stays on the head dim, of size 1
+        o = _factor_run(in_shape, out_shape, p.dim)
+        ok = o is not None and o < len(out_shape) and numel_expr(in_shape[p.dim:]) == numel_expr(out_shape[o:])
     else:
-        o, ok = _map_dim(in_shape, out_shape, p.dim, ctx.tp)
+        o, ok = _map_dim(in_shape, out_shape, p.dim, p.split_over(ctx.tp))  # kv copies: tp / m blocks
         # C -> (1, head_dim) may be one head (MQA): its shard then lands on head_dim, which attention
         # contracts. Said to the plan (plan._few_kv_heads keeps k/v whole when a sibling q projection
         # has heads that split); the same shapes are a one-token ``(B*T, C) -> (B, 1, C)``, so the
@@ -243,7 +297,7 @@ def view_like(node, ctx) -> NodeInfo:
         lit = sizes[o]
         full = static_size(out_shape[o])
         if isinstance(lit, int) and lit == full:
-            new_sizes[o] = local_size(full, ctx.tp)
+            new_sizes[o] = p.local(full, ctx.tp)
         elif isinstance(lit, int) and lit == -1:
             pass
         else:
@@ -254,7 +308,7 @@ def view_like(node, ctx) -> NodeInfo:
         if dim <= o < dim + len(sizes):
             k = o - dim
             if sizes[k] != -1:
-                new_sizes[("unflatten", k)] = local_size(sizes[k], ctx.tp)
+                new_sizes[("unflatten", k)] = p.local(sizes[k], ctx.tp)
     extra = {"sizes": new_sizes}
     if one_head:
         extra["one_head"] = True
@@ -285,10 +339,14 @@ def getitem(node, ctx) -> NodeInfo:
     if isinstance(srcp, tuple):  # picking one output of split / chunk / unbind
         return NodeInfo(srcp[idx], {}, "pointwise")
     p = ctx.pl(src)
+    items = list(idx) if isinstance(idx, tuple) else [idx]
+    index_nodes = [i for i in items if isinstance(i, fx.Node)]
+    if is_tensor(src) and isinstance(p, Partial) and is_tensor(node) and _no_bigger(node, src):
+        # picking rows of a pending sum (MoE's un-permute ``out[inv_perm]``) is linear in it
+        return NodeInfo(P, {src: P, **{i: R for i in index_nodes if is_tensor(i)}}, "pointwise")
     if not is_tensor(src) or not isinstance(p, Shard):
         return _replicate_all(node, ctx, "pointwise")
     nd = value(src).dim()
-    items = list(idx) if isinstance(idx, tuple) else [idx]
     if any(isinstance(i, fx.Node) for i in items):
         return _replicate_all(node, ctx, "fallback")
     if Ellipsis in items:
@@ -325,7 +383,8 @@ def split(node, ctx) -> NodeInfo:
         return NodeInfo(tuple(p.moved(o) for _ in range(n)), {x: p}, "split")
     piece_sizes = tuple(int(v.shape[dim]) for v in value(node))
     if p.chunks == n and (len(set(piece_sizes)) == 1 if p.sizes is None else p.sizes == piece_sizes):
-        return NodeInfo(tuple(Shard(dim) for _ in range(n)), {x: p}, "split", {"local_split": True})
+        outs = tuple(Shard(dim, copies=(c,) if c > 1 else None) for c in p.piece_copies())  # k, v: their copies
+        return NodeInfo(outs, {x: p}, "split", {"local_split": True})
     return NodeInfo(tuple(R for _ in range(n)), {x: R}, "fallback")
 
 
@@ -371,13 +430,15 @@ def reduction(node, ctx) -> NodeInfo:
     """
     x = node.args[0]
     p = ctx.pl(x)
+    if isinstance(p, Partial) and node.target in _SUMS and is_tensor(node) and _arg(node, 3, "dtype") is None:
+        return NodeInfo(P, {x: P}, "pointwise")  # a sum of pending sums (MoE's top-k combine)
     if not isinstance(p, Shard):
         return _replicate_all(node, ctx)
     nd = value(x).dim()
     dims = _arg(node, 1, "dim")
     dims = list(range(nd)) if dims is None else [norm_dim(d, nd) for d in (dims if isinstance(dims, (tuple, list)) else [dims])]
     keep = _arg(node, 2, "keepdim", False)
-    if p.dim in dims and node.target in _SUMS and p.chunks == 1 and not p.pad and is_tensor(node) \
+    if p.dim in dims and node.target in _SUMS and p.plain and is_tensor(node) \
             and _arg(node, 3, "dtype") is None:
         return NodeInfo(Partial(), {x: p}, "partial_sum", {"mean": _SUMS[node.target]})
     if p.dim in dims or not is_tensor(node):
@@ -442,7 +503,7 @@ def einsum(node, ctx) -> NodeInfo:
     others stay whole; the output is sharded on the label. A shard on a contracted label is
     gathered (no rule yet)."""
     parsed = _einsum_labels(node)
-    sh = [(x, p) for x, p in _sharded(ctx, node) if p.chunks == 1 and not p.pad]
+    sh = [(x, p) for x, p in _sharded(ctx, node) if p.plain]
     if parsed is None or not sh:
         return _replicate_all(node, ctx, "fallback" if _sharded(ctx, node) else "replicate")
     ops, out_labels = parsed
@@ -468,7 +529,12 @@ def sdpa(node, ctx) -> NodeInfo:
     need = {q: pq, k: Shard(pq.dim), v: Shard(pq.dim)}
     extra = {"dim": pq.dim, "q_heads": int(shape(q)[pq.dim]), "gqa": False}
     gqa = node.kwargs.get("enable_gqa", False) and int(shape(k)[pq.dim]) != int(shape(q)[pq.dim])
-    if gqa and not isinstance(ctx.pl(k), Shard) and int(shape(k)[pq.dim]) % ctx.tp:
+    pk = ctx.pl(k)
+    if gqa and isinstance(pk, Shard) and pk.dim == pq.dim and pk.copies and ctx.pl(v) == pk and pq.plain \
+            and int(shape(k)[pq.dim]) * pk.copies[0] == ctx.tp:
+        # kv-head copies: each rank holds the one kv head its query heads use, SDPA's GQA runs locally
+        need[k] = need[v] = pk
+    elif gqa and not isinstance(pk, Shard) and int(shape(k)[pq.dim]) % ctx.tp:
         # SDPA's own GQA with fewer kv heads than tp (k/v projections kept whole): each rank
         # takes the kv heads of its own query heads (see rewrite ``kv_for_rank``)
         need[k] = need[v] = R
@@ -516,11 +582,25 @@ def linear(node, ctx) -> NodeInfo:
         if isinstance(b, fx.Node):
             need[b] = Shard(0, chunks, pad, sizes)
         return NodeInfo(Shard(value(node).dim() - 1, chunks, pad, sizes), need, "colwise")
+    if style == "kvcopy":
+        # k / v of grouped-query attention with fewer kv heads than tp: W stays whole (stored replicated);
+        # the program takes the rows of this rank's kv head (rewrite: take_rows). Pieces [q | k | v]: q split
+        # plainly, the narrower k, v pieces as copies
+        c, m = ctx.chunks_of(node), ctx.copies_of(node)
+        chunks, sizes = (len(c), tuple(c)) if isinstance(c, tuple) else (c, None)
+        copies = tuple(m if s < max(sizes) else 1 for s in sizes) if sizes else (m,) * chunks
+        place = Shard(od, chunks, False, sizes, copies)
+        need[x], need[w] = R, place
+        if isinstance(b, fx.Node):
+            need[b] = place.moved(0)
+        return NodeInfo(place.moved(value(node).dim() - 1), need, "kvcopy")
     if style == "rowwise":
         need[x] = Shard(nd - 1)
         need[w] = Shard(1 - od)
         if isinstance(b, fx.Node):
             need[b] = R
+        elif node in ctx.pending:  # a shared expert: its sum is reduced with the routed experts' (one all-reduce)
+            return NodeInfo(P, need, "rowwise", {"pending": True})
         return NodeInfo(R, need, "rowwise")
     need[w] = R
     if isinstance(b, fx.Node):
@@ -530,6 +610,28 @@ def linear(node, ctx) -> NodeInfo:
         return NodeInfo(px, need, "replicate")
     need[x] = R
     return NodeInfo(R, need, "fallback" if isinstance(px, Shard) else "replicate")
+
+
+def grouped_linear(node, ctx) -> NodeInfo:
+    """``grouped_linear(x, W, route, form, out_dim)`` (``passes/normalize.py``): a linear per expert of
+    the 3-D weight ``W``; the plan lays ``W`` out as for a linear, every expert at once.
+
+    colwise: each expert's out-features split (W on ``out_dim``, fused gate|up as pieces); x whole,
+             the output sharded on its last dim. The routing (``route``) is whole on every rank.
+    rowwise: each expert's in-features split; x sharded on its last dim; the output is a pending
+             sum (Partial), reduced once after the weighted combine, where the model needs it whole.
+    """
+    x, w, route = node.args[:3]
+    od, idim = weight_out_dim(node), weight_in_dim(node)
+    style = ctx.style_of(node, ctx.pl(x))
+    if style == "colwise":
+        c = ctx.chunks_of(node)
+        chunks, sizes = (len(c), tuple(c)) if isinstance(c, tuple) else (c, None)
+        return NodeInfo(Shard(1, chunks, False, sizes), {x: R, w: Shard(od, chunks, False, sizes), route: R}, "colwise",
+                        {"grouped": True})
+    if style == "rowwise":
+        return NodeInfo(P, {x: Shard(1), w: Shard(idim), route: R}, "expert_rowwise")
+    return NodeInfo(R, {x: R, w: R, route: R}, "replicate")
 
 
 def embedding(node, ctx) -> NodeInfo:
@@ -607,6 +709,10 @@ def size_of(node, ctx) -> NodeInfo:
     x = node.args[0]
     p = ctx.pl(x)
     d = _arg(node, 1, "dim")
+    if node.target in ("numel", torch.numel) or (isinstance(p, Shard) and d is not None
+                                                   and norm_dim(d, value(x).dim()) == p.dim):
+        if isinstance(p, Shard) and not p.pad:  # every rank holds 1/tp of the dim: local size * tp
+            return NodeInfo(None, {x: p}, "sharded_size")
     if isinstance(p, Shard) and (d is None or norm_dim(d, value(x).dim()) == p.dim):
         return NodeInfo(None, {x: R}, "fallback")
     return NodeInfo(None, {}, "pointwise")
@@ -669,13 +775,218 @@ def dropout(node, ctx) -> NodeInfo:
     if call is not None and (not call.training or call.p == 0):
         return unary(node, ctx)  # the identity
     if isinstance(p, Shard):
-        if p.chunks == 1 and not p.pad and call is not None:
+        if p.plain and call is not None:
             return NodeInfo(p, {x: p}, "dropout")
         return _replicate_all(node, ctx, "fallback")
     return unary(node, ctx)
 
 
+@dataclass
+class RMSNormCall:
+    """An RMSNorm over the last dim of ``x``, in a spelling the rules know (``rms_norm_of``).
+
+    ``out``: the normed value; ``nodes``: the ops from ``x`` to ``out`` (``out`` last), which
+    nothing else reads; ``weight``: the node multiplied in (before any cast / offset), or None.
+    The other fields are ``tpcompile.runtime.fused_norm.NormForm``'s: the same arithmetic in the
+    same order, so a fused op can reproduce the spelling bitwise.
+    """
+
+    x: fx.Node
+    out: fx.Node
+    nodes: list
+    weight: fx.Node | None
+    eps: float
+    aten: bool = False
+    upcast: bool = False
+    tail: str = ""
+    offset: float = 0.0
+    weight_upcast: bool = False
+    weight_nodes: list = field(default_factory=list)  # the ``w.float()`` / ``1 + w`` ops the norm alone reads
+
+
+_ADDS = (operator.add, torch.add, "add")
+_MULS = (operator.mul, torch.mul, "mul")
+
+
+def _only_user(n: fx.Node) -> fx.Node | None:
+    return next(iter(n.users)) if len(n.users) == 1 else None
+
+
+def _other(node: fx.Node, x: Any) -> Any:
+    """The operand of a binary ``node`` that is not ``x`` (None unless exactly one is ``x``)."""
+    a = list(node.args[:2])
+    if len(a) != 2 or node.kwargs or (a[0] is x) == (a[1] is x):
+        return None
+    return a[1] if a[0] is x else a[0]
+
+
+def _is_float32_cast(n: fx.Node, x: fx.Node) -> bool:
+    return op_class(n) == "cast" and n.args[0] is x and value(n).dtype == torch.float32 \
+        and same_shape(shape(n), shape(x))
+
+
+def _weight_term(t: Any, width: Any) -> tuple | None:
+    """``(w, offset, upcast, nodes)`` if ``t`` is ``w``, ``w.float()``, ``1 + w`` or ``1 + w.float()`` for a 1-D
+    ``w`` of the normalized width (Gemma's ``1 + w``); else None."""
+    if not isinstance(t, fx.Node) or not is_tensor(t):
+        return None
+    offset, nodes = 0.0, []
+    if t.target in _ADDS and len(t.users) == 1 and not t.kwargs:
+        consts = [a for a in t.args[:2] if isinstance(a, (int, float))]
+        nodes = [a for a in t.args[:2] if isinstance(a, fx.Node)]
+        if len(consts) != 1 or len(nodes) != 1 or consts[0] == 0:
+            return None
+        nodes, offset, t = [t], float(consts[0]), nodes[0]
+    upcast = op_class(t) == "cast" and value(t).dtype == torch.float32 and len(t.users) == 1 \
+        and isinstance(t.args[0], fx.Node) and same_shape(shape(t), shape(t.args[0]))
+    w = t.args[0] if upcast else t
+    if not is_tensor(w) or value(w).dim() != 1 or not same_size(shape(w)[0], width):
+        return None
+    return w, offset, upcast, nodes + ([t] if upcast else [])
+
+
+def rms_norm_of(x: fx.Node) -> RMSNormCall | None:
+    """The RMSNorm that ``x`` feeds, if it is one the rules know: ``torch.rms_norm`` over the last
+    dim, or the hand-written ``x * rsqrt(mean(x^2, -1, keepdim) + eps)`` (optionally on ``x.float()``)
+    followed by casts back to ``x``'s dtype and one multiply by ``w`` / ``w.float()`` / ``1 + w`` in
+    any order (Llama's, Gemma's, T5's spellings). None otherwise, or when a step's value is read
+    by anything outside the norm."""
+    if not is_tensor(x):
+        return None
+    users = list(x.users)
+    width = shape(x)[-1]
+    for u in users:  # torch.rms_norm(x, (H,), w, eps)
+        if op_class(u) == "norm" and u.target in (F.rms_norm, torch.rms_norm) and u.args[0] is x:
+            ns, w, eps = _arg(u, 1, "normalized_shape"), _arg(u, 2, "weight"), _arg(u, 3, "eps")
+            if len(ns) != 1 or not (eps is None or isinstance(eps, float)):
+                return None
+            eps = torch.finfo(value(x).dtype).eps if eps is None else eps
+            return RMSNormCall(x, u, [u], w, float(eps), aten=True)
+    for xf in [u for u in users if _is_float32_cast(u, x)] + [x]:
+        call = _hand_written_rms_norm(x, xf, width)
+        if call is not None:
+            return call
+    return None
+
+
+def _hand_written_rms_norm(x: fx.Node, xf: fx.Node, width: Any) -> RMSNormCall | None:
+    """``rms_norm_of`` for ``xf * rsqrt(mean(xf^2, -1, keepdim) + eps)`` (``xf``: ``x`` or its float cast)."""
+    sq = [u for u in xf.users if (u.target in ("pow", torch.pow) and u.args[0] is xf and _arg(u, 1, "exponent") == 2
+                                  and len(u.args) == 2 and not u.kwargs)
+          or (u.target in _MULS and u.args[:2] == (xf, xf) and not u.kwargs)
+          or (u.target in ("square", torch.square) and u.args == (xf,))]
+    if len(sq) != 1:
+        return None
+    mean = _only_user(sq[0])
+    if mean is None or op_class(mean) != "reduction" or mean.target not in ("mean", torch.mean) \
+            or _arg(mean, 3, "dtype") is not None or not _arg(mean, 2, "keepdim", False):
+        return None
+    dims = _arg(mean, 1, "dim")
+    dims = dims if isinstance(dims, (tuple, list)) else [dims]
+    if [norm_dim(d, value(xf).dim()) if isinstance(d, int) else None for d in dims] != [value(xf).dim() - 1]:
+        return None
+    add = _only_user(mean)
+    eps = _other(add, mean) if add is not None and add.target in _ADDS else None
+    if not isinstance(eps, float):
+        return None
+    rs = _only_user(add)
+    if rs is None or rs.target not in (torch.rsqrt, "rsqrt") or rs.args != (add,) or rs.kwargs:
+        return None
+    y = _only_user(rs)
+    if y is None or y.target not in _MULS or _other(y, rs) is not xf:
+        return None
+    if xf is not x and len(xf.users) != 2:  # the cast feeds the square and the multiply, nothing else
+        return None
+    nodes = ([xf] if xf is not x else []) + [sq[0], mean, add, rs, y]
+    out, tail, weight, offset, w_up, w_nodes = y, "", None, 0.0, False, []
+    while len(out.users) == 1 and len(tail) < 3:
+        u = _only_user(out)
+        if op_class(u) == "cast" and u.args[0] is out and value(u).dtype == value(x).dtype \
+                and same_shape(shape(u), shape(out)) and (u.target != "type_as" or u.args[1] is x) \
+                and all(not isinstance(a, fx.Node) or a is x for a in u.args[1:]) and not u.kwargs:
+            tail += "c"
+        elif u.target in _MULS and weight is None and (term := _weight_term(_other(u, out), width)) is not None:
+            weight, offset, w_up, w_nodes = term
+            tail += "w"
+        else:
+            break
+        nodes.append(u)
+        out = u
+    return RMSNormCall(x, out, nodes, weight, eps, False, xf is not x, tail, offset, w_up, w_nodes)
+
+
+_FACTORIES = (torch.zeros, torch.empty, torch.full, torch.ones)
+
+
+def _fresh_buffer(x: fx.Node, node: fx.Node, ctx) -> bool:
+    """``x`` is a buffer this graph creates (``torch.zeros(B, H, L, hd)``: a static KV cache's lazy
+    allocation) or a module buffer (a hand-written loop's ``k_cache``), and ``node`` its first use:
+    it can be held as a shard instead (created so, or adopted by the backend)."""
+    created = x.op == "call_function" and x.target in _FACTORIES
+    return (created or x in ctx.buffers) and next(iter(x.users), None) is node
+
+
+def index_copy(node, ctx) -> NodeInfo:
+    """``cache.index_copy_(dim, positions, new)`` (a static KV cache written in place): with the new
+    values sharded on another dim (heads), the cache holds the same shard and each rank writes
+    its own heads. The cache must already be held so (state an earlier graph returned sharded),
+    or be a buffer this graph creates for it (then created as a shard, ``extra["shard_buffer"]``);
+    otherwise the new values are made whole and the whole cache written."""
+    dest, idx, src = node.args[0], node.args[2], node.args[3]
+    dim = norm_dim(node.args[1], value(dest).dim())
+    pd, ps = ctx.pl(dest), ctx.pl(src)
+    writes = {"writes": dest} if node.target != "index_copy" and node.target is not torch.index_copy else {}
+    if isinstance(ps, Shard) and ps.dim != dim and ps.chunks == 1 and not ps.pad:
+        if pd == ps:
+            return NodeInfo(ps, {dest: ps, idx: R, src: ps}, "pointwise", writes)
+        if isinstance(pd, Replicate) and _fresh_buffer(dest, node, ctx):
+            return NodeInfo(ps, {dest: ps, idx: R, src: ps}, "pointwise", {"shard_buffer": dest, **writes})
+    if isinstance(pd, Shard) and (pd.dim == dim or pd.chunks != 1 or pd.pad):
+        from tpcompile.errors import TPShardingError
+
+        from .graph_utils import source_line
+
+        raise TPShardingError(
+            f"tpcompile: `{node.name}` at {source_line(node)} writes along dim {dim} of a tensor sharded as {pd}: "
+            f"the positions are global, each rank holds a slice. Keep the projections feeding it replicated "
+            f"with plan={{...: 'replicate'}}.")
+    p = pd if isinstance(pd, Shard) else R  # written in place: the cache keeps its placement
+    return NodeInfo(p, {dest: p, idx: R, src: p}, "fallback" if isinstance(ps, Shard) or p != R else "replicate")
+
+
+def setitem(node, ctx) -> NodeInfo:
+    """``cache[:, :, pos] = new`` (a hand-written static KV cache): whole slices up to and on the
+    cache's sharded dim, ``new`` sharded on that same dim: each rank writes its own heads. The
+    cache is held sharded as for ``index_copy``; anything else makes ``new`` whole."""
+    dest, idx, src = node.args
+    pd, ps = ctx.pl(dest), ctx.pl(src)
+    items = list(idx) if isinstance(idx, tuple) else [idx]
+    if isinstance(ps, Shard) and ps.chunks == 1 and not ps.pad and is_tensor(src) \
+            and value(src).dim() == value(dest).dim() and Ellipsis not in items and None not in items \
+            and all(i == slice(None) for i in items[: ps.dim + 1]):
+        tensors = [i for i in items if isinstance(i, fx.Node)]
+        need = {dest: ps, src: ps, **{i: R for i in tensors if is_tensor(i)}}
+        if pd == ps:
+            return NodeInfo(None, need, "pointwise", {"writes": dest})
+        if isinstance(pd, Replicate) and _fresh_buffer(dest, node, ctx):
+            return NodeInfo(None, need, "pointwise", {"shard_buffer": dest, "writes": dest})
+    if isinstance(pd, Shard):  # written in place: gathering it first would write into a copy
+        from tpcompile.errors import TPShardingError
+
+        from .graph_utils import source_line
+
+        raise TPShardingError(
+            f"tpcompile: `{node.name}` at {source_line(node)} writes into a tensor sharded as {pd} with an index "
+            f"or value ({ps}) that has no tensor-parallel rule (only whole slices up to the sharded dim and a "
+            f"value sharded the same way). Write the cache with `cache[:, :, pos] = new` / "
+            f"`cache.index_copy_(dim, pos, new)`, or keep the projections feeding it replicated with "
+            f"plan={{...: 'replicate'}}.")
+    return NodeInfo(None, {x: R for x in _tensors(node)}, "fallback" if isinstance(ps, Shard) else "replicate")
+
+
 RULES: dict[Any, Callable[[fx.Node, Ctx], NodeInfo]] = {
+    operator.setitem: setitem,
+    **{f: index_copy for f in ("index_copy_", "index_copy", torch.index_copy)},
     **{f: pointwise for f in _POINTWISE_FNS},
     **{m: pointwise for m in _POINTWISE_METHODS},
     **{u: unary for u in _UNARY},
@@ -691,11 +1002,12 @@ RULES: dict[Any, Callable[[fx.Node, Ctx], NodeInfo]] = {
                                "var", "std", torch.var, "logsumexp", torch.logsumexp, "norm")},
     **{f: matmul for f in (operator.matmul, torch.matmul, "matmul", torch.bmm, "bmm")},
     **{f: einsum for f in (torch.einsum, "einsum")},
-    **{f: size_of for f in (torch.ops.aten.sym_size.int, "size")},
+    **{f: size_of for f in (torch.ops.aten.sym_size.int, "size", "numel", torch.numel)},
     SDPA: sdpa,
     **{f: layer_norm for f in (F.layer_norm, torch.layer_norm, F.rms_norm, torch.rms_norm)},
     LINEAR: linear,
     LINEAR_IO: linear,
+    GROUPED: grouped_linear,
     **{f: dropout for f in _DROPOUTS},
     "repeat_interleave": repeat_interleave,
     torch.repeat_interleave: repeat_interleave,
@@ -708,8 +1020,9 @@ RULES: dict[Any, Callable[[fx.Node, Ctx], NodeInfo]] = {
 OP_CLASS: dict[Callable, str] = {
     pointwise: "pointwise", unary: "cast", last2_unary: "mask", view_like: "view", transpose: "transpose",
     split: "split", cat: "cat", softmax: "softmax", reduction: "reduction", matmul: "matmul", sdpa: "attention",
-    layer_norm: "norm", linear: "linear", embedding: "embedding", cross_entropy: "loss", dropout: "dropout",
+    layer_norm: "norm", linear: "linear", grouped_linear: "grouped_linear", embedding: "embedding", cross_entropy: "loss", dropout: "dropout",
     repeat_interleave: "repeat", getitem: "index", output: "output", no_tensor_in: "factory",
+    index_copy: "index_copy", setitem: "index_copy",
 }
 
 
@@ -754,16 +1067,22 @@ def _merge_origins(prop_origins, node, info):
     return frozenset(src)
 
 
-def propagate(gm: fx.GraphModule, tp: int, params: set, style_of: Callable, chunks_of: Callable = lambda n: 1) -> Propagation:
+def propagate(gm: fx.GraphModule, tp: int, params: set, style_of: Callable, chunks_of: Callable = lambda n: 1,
+              copies_of: Callable = lambda n: 1, state: dict | None = None,
+              buffers: set = frozenset(), pending: frozenset = frozenset()) -> Propagation:
     """Placement of every node of ``gm``.
 
-    Inputs are replicated (the same batch on every rank). A parameter takes the placement its
+    Inputs are replicated (the same batch on every rank), except ``state`` (placeholder ->
+    placement): sharded state an earlier graph returned as this rank's shard (a KV cache). A parameter takes the placement its
     first consumer needs (that is how it will be stored); later consumers that need another
     one get a mapping op like any other value.
     ``style_of(node, input_placement)``: the plan's layout for a linear / embedding node;
-    ``chunks_of(node)``: pieces of a fused column-parallel projection.
+    ``chunks_of(node)``: pieces of a fused column-parallel projection; ``copies_of(node)``: ranks
+    sharing one kv head of a ``kvcopy`` projection; ``pending``: row linears whose output stays a
+    pending sum (Partial) instead of being reduced at once.
     """
-    ctx = Ctx(tp, style_of, chunks_of)
+    ctx = Ctx(tp, style_of, chunks_of, copies_of, pending)
+    ctx.buffers = set(buffers)
     info: dict = {}
     origins: dict = {}
     good: set = set()
@@ -773,7 +1092,7 @@ def propagate(gm: fx.GraphModule, tp: int, params: set, style_of: Callable, chun
     blocked: dict = {}
     for node in gm.graph.nodes:
         if node.op == "placeholder":
-            p = None if node in params or not is_tensor(node) else R
+            p = None if node in params or not is_tensor(node) else (state or {}).get(node, R)
             info[node] = NodeInfo(p, {}, "placeholder")
         elif node.op == "get_attr":
             info[node] = NodeInfo(R if is_tensor(node) else None, {}, "replicate")
@@ -784,8 +1103,12 @@ def propagate(gm: fx.GraphModule, tp: int, params: set, style_of: Callable, chun
             else:
                 ni = rule(node, ctx)
             for x, need in ni.need.items():  # a parameter is stored the way its first consumer needs
-                if x in params and ctx.place.get(x) is None:
-                    ctx.place[x] = info[x].out = need
+                if x in params and ctx.place.get(x) is None:  # (kv copies are taken from a replicated one)
+                    ctx.place[x] = info[x].out = R if isinstance(need, Shard) and need.copies else need
+            buf = ni.extra.get("shard_buffer")
+            if buf is not None:  # a buffer created for this in-place writer: created as its shard
+                ctx.place[buf] = need = ni.need[buf]
+                info[buf] = NodeInfo(need, {}, "shard_buffer", {"dim": need.dim})
             # what each sharded input's origin linears learn from this consumer
             for x, need in ni.need.items():
                 have = ctx.pl(x)
@@ -796,15 +1119,18 @@ def propagate(gm: fx.GraphModule, tp: int, params: set, style_of: Callable, chun
                             blocked.setdefault(o, []).append(node)
                 # a column-parallel table counts only beside a column linear's shard (T5's bias added to
                 # head-sharded scores); alone it would have split a whole activation (the residual stream)
-                if ni.kind in ("rowwise", "vocab_ce") and isinstance(have, Shard) and need == have \
-                        and any(info[o].kind == "colwise" for o in origins.get(x, ())):
+                if ni.kind in ("rowwise", "expert_rowwise", "vocab_ce") and isinstance(have, Shard) and need == have \
+                        and any(info[o].kind in ("colwise", "kvcopy") for o in origins.get(x, ())):
                     good |= origins.get(x, frozenset())
                     if ni.kind == "vocab_ce":
                         vocab |= origins.get(x, frozenset())
             if ni.kind == "fallback" and any(isinstance(ctx.pl(x), (Shard, Partial)) and ni.need.get(x) != ctx.pl(x) for x in ni.need):
                 fallbacks.append(node)
             info[node] = ni
-            origins[node] = frozenset({node}) if ni.kind in ("colwise", "column_embedding") \
+            origins[node] = frozenset({node}) if ni.kind in ("colwise", "column_embedding", "kvcopy") \
                 else _merge_origins(origins, node, ni)
+            if "writes" in ni.extra:  # in place: later reads of the written tensor carry the shard too
+                w = ni.extra["writes"]
+                origins[w] = origins.get(w, frozenset()) | origins[node]
         ctx.place[node] = info[node].out
     return Propagation(info, origins, good, fallbacks, blocked, vocab, bad)

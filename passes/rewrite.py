@@ -21,23 +21,67 @@ from tpcompile.runtime import mappings as M
 from tpcompile.runtime import random as R_
 from tpcompile.runtime import vocab_parallel as V
 
-from .graph_utils import shape, value
+from .graph_utils import is_tensor, shape, value
+from .layout import piece_rows
 from .plan import GraphPlan
 from .placements import Partial, Replicate, Shard, local_size
 from .propagate import NodeInfo, dropout_call
 
 
-def gather_pieces_from_tp(x: torch.Tensor, group: str, dim: int, chunks: int, sizes: tuple | None = None) -> torch.Tensor:
+def gather_pieces_from_tp(x: torch.Tensor, group: str, dim: int, chunks: int, sizes: tuple | None = None,
+                          copies: tuple | None = None) -> torch.Tensor:
     """All-gather a ``chunks``-piece shard and put the pieces back in logical order.
 
     Each rank holds [p0_r, p1_r, ...]; the gather gives [p0_0, p1_0, .., p0_1, ..] and the
     logical order is [p0_0, p0_1, .., p1_0, ..]. ``sizes``: logical piece sizes if unequal.
+    ``copies``: per piece, ranks holding the same block (kv-head copies): the first rank of each
+    group gives it, so the backward hands the whole gradient of a block to one rank of its group.
     """
     full = M.gather_from_tp(x, group, dim)
     tp = full.shape[dim] // x.shape[dim]
-    local = [s // tp for s in sizes] if sizes else [x.shape[dim] // chunks] * chunks
+    copies = copies or (1,) * chunks
+    if sizes:
+        local = [s * c // tp for s, c in zip(sizes, copies)]
+    else:
+        local = [x.shape[dim] // chunks] * chunks
     per_rank = [r.split(local, dim) for r in full.split(x.shape[dim], dim)]
-    return torch.cat([per_rank[r][i] for i in range(len(local)) for r in range(tp)], dim)
+    return torch.cat([per_rank[r][i] for i in range(len(local)) for r in range(0, tp, copies[i])], dim)
+
+
+def take_rows(x: torch.Tensor, group: str, dim: int, rows: tuple) -> torch.Tensor:
+    """This rank's rows ``((start, length), ...)`` along ``dim`` of a replicated ``x``, through
+    Megatron's f: kv-head copies taken from a replicated k / v weight (``ParamPlan.program_rows``).
+    The rows' gradient comes from this rank's query heads only; f's all-reduce makes it whole."""
+    x = M.copy_to_tp(x, group)
+    parts = [x.narrow(dim, start, n) for start, n in rows]
+    return torch.cat(parts, dim) if len(parts) > 1 else parts[0]
+
+
+def take_rows_of(group: str, specs: tuple, *xs: torch.Tensor) -> tuple:
+    """``take_rows`` of several replicated tensors (the k / v weights and biases of one attention) through
+    ONE f: their gradients are all-reduced together, one collective in the backward. ``specs``: per
+    tensor ``(dim, rows)``."""
+    flat = M.copy_to_tp(torch.cat([x.reshape(-1) for x in xs]), group)
+    out, at = [], 0
+    for x, (dim, rows) in zip(xs, specs):
+        whole = flat.narrow(0, at, x.numel()).view(x.shape)
+        at += x.numel()
+        parts = [whole.narrow(dim, start, n) for start, n in rows]
+        out.append(torch.cat(parts, dim) if len(parts) > 1 else parts[0])
+    return tuple(out)
+
+
+def kv_copy_key(consumer: fx.Node, ni: NodeInfo):
+    """What kv copies taken for ``consumer`` are grouped by (one backward all-reduce per group): the
+    input activation of a ``kvcopy`` projection (k and v of one attention share it), else the consumer."""
+    return ("input", consumer.args[0]) if ni.kind == "kvcopy" else ("op", consumer)
+
+
+def copies_to_shard(x: torch.Tensor, group: str, dim: int, copies: int, rank: int) -> torch.Tensor:
+    """A kv-copy block as the plain shard of the same dim: this rank's ``1 / copies`` of its group's
+    block (the repeated kv heads of this rank's query heads). No communication."""
+    n = x.shape[dim] // copies
+    return x.narrow(dim, (rank % copies) * n, n)
 
 
 def scatter_pieces_to_tp(x: torch.Tensor, group: str, dim: int, chunks: int, sizes: tuple | None = None) -> torch.Tensor:
@@ -71,8 +115,33 @@ def kv_for_rank(kv: torch.Tensor, group: str, dim: int, q_heads: int, rank: int)
     return kv.narrow(dim, rank * local, local)
 
 
-def _redistribute_call(have, need, group, full=None):
+_GATHERS = {operator.getitem, "repeat_interleave", torch.repeat_interleave, "to", "float", "contiguous"}
+
+
+def token_source(x: fx.Node) -> tuple[fx.Node | None, fx.Node]:
+    """(first op, its input) of the chain that dispatches tokens to an expert matmul: row picks
+    ``h[perm // k]``, ``h.repeat_interleave(k, 0)`` and casts, walked back from ``x``. Megatron's f
+    commutes with each of them (all linear in the rows), so it goes on the tokens before the chain:
+    one all-reduce of the ``[N, H]`` input gradient in the backward, not of ``[N * k, H]``, and the
+    same f as a shared expert or any other column linear reading those tokens."""
+    top, src = None, x
+    while src.op in ("call_function", "call_method") and src.target in _GATHERS and isinstance(src.args[0], fx.Node) \
+            and is_tensor(src.args[0]) and value(src.args[0]).dim() == value(x).dim():
+        top, src = src, src.args[0]
+    return top, src
+
+
+def _redistribute_call(have, need, group, full=None, rank=0, tp=1):
     """(function, extra args) turning placement ``have`` into ``need``."""
+    if isinstance(have, Replicate) and isinstance(need, Shard) and need.copies:
+        sizes = need.sizes or (full // need.chunks,) * need.chunks
+        return take_rows, (group, need.dim, tuple((s.start, s.length) for s in piece_rows(sizes, need.copies, tp, rank)))
+    if isinstance(have, Shard) and have.copies:
+        if isinstance(need, Replicate):
+            return gather_pieces_from_tp, (group, have.dim, have.chunks, have.sizes, have.copies)
+        if isinstance(need, Shard) and need.plain and need.dim == have.dim and have.chunks == 1:
+            return copies_to_shard, (group, have.dim, have.copies[0], rank)
+        return None
     if isinstance(have, Shard) and have.pad and isinstance(need, Replicate):
         return gather_padded_from_tp, (group, have.dim, full)
     if isinstance(have, Replicate) and isinstance(need, Shard) and need.pad:
@@ -121,7 +190,7 @@ def shard_dropout(node: fx.Node, dim: int, full: int, rank: int) -> None:
     node.kwargs = {"mask_dims": call.mask_dims, "alpha": call.alpha, "inplace": call.inplace}
 
 
-def _whole_grad_inputs(node: fx.Node, ni: NodeInfo) -> set:
+def whole_grad_inputs(node: fx.Node, ni: NodeInfo) -> set:
     """Replicated inputs that need a gradient, used whole by an op whose output is sharded.
 
     Each rank's backward then gives only its shard's part of their gradient (a norm weight
@@ -129,8 +198,8 @@ def _whole_grad_inputs(node: fx.Node, ni: NodeInfo) -> set:
     (all-reduce backward) on that edge, as a column-parallel linear's input does. Not on
     edges into replicated ops, whose gradient is already whole on every rank.
     """
-    if ni.kind not in ("pointwise", "dropout", "sdpa") or not isinstance(ni.out, Shard):
-        return set()
+    if ni.kind not in ("pointwise", "dropout", "sdpa") or not isinstance(ni.out, (Shard, Partial)):
+        return set()  # (a Partial output: each rank's backward gives its summand's part of their gradient)
     kv = set(node.args[1:3]) if ni.kind == "sdpa" and ni.extra.get("gqa") else set()  # kv_for_rank has its f
     return {x for x, need in ni.need.items()
             if isinstance(need, Replicate) and x not in kv and getattr(value(x), "requires_grad", False)}
@@ -142,6 +211,7 @@ class _Rewriter:
         self.info = plan.prop.info
         self.cache: dict = {}
         self.alias: dict = {}  # a rewritten node -> the node that now carries its value
+        self.keys: dict = {}  # op -> its kv-copy group (``kv_copy_key``), keyed before its inputs are rewritten
 
     def _call(self, before, fn, *args):
         with self.g.inserting_before(before):
@@ -160,11 +230,13 @@ class _Rewriter:
         key = (x, need)
         if key not in self.cache:
             full = int(shape(x)[have.dim]) if isinstance(have, Shard) else None
-            call = _redistribute_call(have, need, self.group, full)
+            if isinstance(need, Shard) and need.copies:
+                full = int(shape(x)[need.dim])
+            call = _redistribute_call(have, need, self.group, full, self.rank, self.plan.tp)
             if call is None:  # Shard(a) -> Shard(b), or Partial -> Shard: go through Replicate
                 mid = self._placed(x, Replicate(), consumer)
                 self.info[mid] = NodeInfo(Replicate())
-                call = _redistribute_call(Replicate(), need, self.group)
+                call = _redistribute_call(Replicate(), need, self.group, full, self.rank, self.plan.tp)
                 self.cache[key] = self._call(consumer, call[0], mid, *call[1])
             else:
                 self.cache[key] = self._call(consumer, call[0], x, *call[1])
@@ -175,7 +247,8 @@ class _Rewriter:
             ni = self.info.get(node)
             if ni is None or node.op in ("placeholder", "get_attr"):
                 continue
-            whole_grad = _whole_grad_inputs(node, ni)
+            whole_grad = whole_grad_inputs(node, ni)
+            self.keys[node] = kv_copy_key(node, ni)
             for x0, need in ni.need.items():
                 x = self.alias.get(x0, x0)
                 new = self._placed(x, need, node)
@@ -184,9 +257,33 @@ class _Rewriter:
                 if new is not x:
                     node.replace_input_with(x, new)
             getattr(self, "_" + ni.kind, lambda n, i: None)(node, ni)
+        self._group_kv_copies()
         self.g.lint()
         self.gm.recompile()
         return self.gm
+
+    def _group_kv_copies(self) -> None:
+        """The ``take_rows`` of one group (``kv_copy_key``) become one ``take_rows_of``: one f for all."""
+        groups: dict = {}
+        for n in self.g.nodes:
+            if n.op == "call_function" and n.target is take_rows:
+                keys = {self.keys.get(u) for u in n.users}
+                key = keys.pop() if len(keys) == 1 else ("node", n)
+                groups.setdefault(key, []).append(n)
+        for nodes in groups.values():
+            if len(nodes) < 2:
+                continue
+            specs = tuple((n.args[2], n.args[3]) for n in nodes)
+            with self.g.inserting_before(nodes[0]):
+                many = self.g.call_function(take_rows_of, (self.group, specs, *[n.args[0] for n in nodes]))
+            many.meta["tp_mapping"] = "take_rows_of"
+            _inherit_meta(many, nodes[0])
+            with self.g.inserting_before(nodes[0]):
+                items = [self.g.call_function(operator.getitem, (many, i)) for i in range(len(nodes))]
+            for n, item in zip(nodes, items):
+                item.meta.update({k: v for k, v in n.meta.items() if k in ("example_value", "stack_trace", "nn_module_stack")})
+                n.replace_all_uses_with(item)
+                self.g.erase_node(n)
 
     # --- per-rule rewrites -------------------------------------------------------------
     def _f(self, x, consumer):
@@ -198,7 +295,14 @@ class _Rewriter:
 
     def _colwise(self, node, ni):
         x = node.args[0]
+        if ni.extra.get("grouped"):  # experts: the f on the tokens before they are dispatched (k x fewer rows)
+            top, src = token_source(x)
+            if top is not None:
+                top.replace_input_with(src, self._f(src, top))
+                return
         node.replace_input_with(x, self._f(x, node))
+
+    _kvcopy = _colwise  # its input's gradient is partial too: the same f as the query projection's
 
     def _then(self, node, fn, *args, keys=("stack_trace", "nn_module_stack", *RECOMPUTE_TAGS)) -> fx.Node:
         """Insert ``fn(node, *args)`` right after ``node``; it takes over ``node``'s users."""
@@ -213,6 +317,8 @@ class _Rewriter:
         return out
 
     def _rowwise(self, node, ni):
+        if ni.extra.get("pending"):  # reduced where it is needed whole, with the expert combine's sum
+            return
         bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
         node.args, node.kwargs = (node.args[0], node.args[1], None), {}
         out = red = self._then(node, M.reduce_from_tp, self.group, keys=("stack_trace", "nn_module_stack"))
@@ -222,6 +328,20 @@ class _Rewriter:
             _inherit_meta(out, node, ("stack_trace", "nn_module_stack", *RECOMPUTE_TAGS))
             self.alias[node] = out
         self.info[out] = NodeInfo(Replicate())
+
+    def _shard_buffer(self, node, ni):
+        """A buffer the graph creates (``torch.zeros(B, H, L, hd)``) for an in-place writer whose
+        values are sharded: created as this rank's shard (the sharded dim's size / tp)."""
+        d = ni.extra["dim"]
+        packed = isinstance(node.args[0], (tuple, list))  # zeros((B, H, L, hd)) / full(size, v) or zeros(B, H, L, hd)
+        sizes, rest = (list(node.args[0]), node.args[1:]) if packed else (list(node.args), ())
+        sizes[d] = local_size(sizes[d], self.plan.tp)
+        node.args = (tuple(sizes), *rest)
+
+    def _sharded_size(self, node, ni):
+        """``x.numel()`` / ``x.size(d)`` of the sharded dim of an unpadded shard: the logical size
+        is the local one times tp (a KV cache's ``numel() == 0`` test reads no communication)."""
+        self._then(node, operator.mul, self.plan.tp, keys=("stack_trace", "nn_module_stack"))
 
     def _partial_sum(self, node, ni):
         """A mean over the sharded dim: each rank's mean of its part, / tp, sums to the mean."""
@@ -293,7 +413,12 @@ class _Rewriter:
             return
         sizes = node.args[1]
         tp = self.plan.tp
-        new = [s // tp for s in sizes] if isinstance(sizes, (list, tuple)) else sizes // tp
+        p = self.info[node.args[0]].out if node.args[0] in self.info else None
+        if isinstance(sizes, (list, tuple)):  # kv copies: a block of tp / m of their pieces
+            copies = p.piece_copies() if isinstance(p, Shard) and p.copies else (1,) * len(sizes)
+            new = [s * c // tp for s, c in zip(sizes, copies)]
+        else:
+            new = sizes // tp
         node.args = (node.args[0], new, *node.args[2:])
 
 

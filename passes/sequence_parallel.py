@@ -12,7 +12,9 @@ per token, so each rank can instead keep ``1/tp`` of the tokens:
   embedding) is sliced (``scatter_to_sp``: all-gather of its gradient);
 - a replicated value *without* one that needs a gradient (LayerNorm / RMSNorm weights,
   row-parallel biases) goes through ``copy_to_tp``: its gradient, computed on this rank's
-  tokens only, is all-reduced;
+  tokens only, is all-reduced; the graph's own inputs (parameters) share one
+  ``copy_to_tp_bucketed`` at the top of the graph, so their gradients are all-reduced in one
+  collective per backward;
 - any other consumer of a region value (an op that is not per token, a graph output)
   gets the whole value back through ``gather_from_tp`` (all-gather; slice backward).
 
@@ -40,7 +42,8 @@ from .graph_utils import same_size, shape_str, size_expr, source_line, static_si
 from .normalize import LINEARS
 from .placements import Replicate, Shard
 from .propagate import op_class, rule_through
-from .rewrite import _inherit_meta, shard_dropout
+from .normalize import LINEAR
+from .rewrite import RECOMPUTE_TAGS, _inherit_meta, shard_dropout
 
 # families whose ops compute each position from the same position (views are not: their literal
 # sizes would need rewriting); the rule decides whether the token shard survives a given call
@@ -57,6 +60,9 @@ class SPResult:
     grad_reductions: list = field(default_factory=list)  # replicated params/values all-reduced in backward
     slices: list = field(default_factory=list)  # replicated values with a token dim, sliced
     gathers: list = field(default_factory=list)  # region values made whole for other consumers
+    bucketed: list = field(default_factory=list)  # parameters all-reduced together (copy_to_tp_bucketed)
+    grad_buckets: int = 0  # their all-reduces: one per dtype
+    merged: list = field(default_factory=list)  # groups of column linears on one gather, now one matmul
 
 
 def _token_shard(x: fx.Node) -> Shard:
@@ -120,6 +126,7 @@ def sequence_parallel(gm: fx.GraphModule, group: str, tp: int, rank: int = 0) ->
         i += 1
 
     cache: dict = {}
+    bucket: dict = {}  # parameter (placeholder) -> region ops that need its gradient all-reduced
 
     def insert(fn, x, before, *args):
         """``fn(x)``, made once for all its users, placed before the earliest of them (users are
@@ -130,6 +137,8 @@ def sequence_parallel(gm: fx.GraphModule, group: str, tp: int, rank: int = 0) ->
                 cache[key] = g.call_function(fn, (x, group, *args))
             cache[key].meta["tp_mapping"] = fn.__name__
             _inherit_meta(cache[key], before)
+            if value(x) is not None:  # meta values stay logical (whole) shapes, as the rewrite's mappings
+                cache[key].meta["example_value"] = value(x)
         elif _comes_after(cache[key], before):
             before.prepend(cache[key])
         return cache[key]
@@ -152,8 +161,11 @@ def sequence_parallel(gm: fx.GraphModule, group: str, tp: int, rank: int = 0) ->
                     n.replace_input_with(x, insert(M.scatter_to_sp, x, n, need.dim))
                     res.slices.append(x)
                 elif isinstance(need, Replicate) and getattr(value(x), "requires_grad", False):
-                    n.replace_input_with(x, insert(M.copy_to_tp, x, n))
-                    res.grad_reductions.append(x)
+                    if x.op == "placeholder":
+                        bucket.setdefault(x, []).append(n)
+                    else:
+                        n.replace_input_with(x, insert(M.copy_to_tp, x, n))
+                        res.grad_reductions.append(x)
             if ni.kind == "dropout":  # the full-sequence mask, this rank's tokens
                 shard_dropout(n, tdim(n), T if static_size(T) is not None else _whole_size(g, n, tdim(n), tp), rank)
         for u in list(n.users):  # consumers outside the region
@@ -167,9 +179,81 @@ def sequence_parallel(gm: fx.GraphModule, group: str, tp: int, rank: int = 0) ->
             else:
                 u.replace_input_with(n, insert(M.gather_from_tp, n, u, tdim(n)))
                 res.gathers.append(u)
+    if bucket:
+        _bucket_grad_reductions(g, bucket, group)
+        res.bucketed = [x.name for x in bucket]
+        res.grad_buckets = len({value(x).dtype for x in bucket})
+    for x in res.exits:
+        res.merged += _async_tp_form(g, x)
     g.lint()
     gm.recompile()
     return res
+
+
+def _bucket_grad_reductions(g: fx.Graph, bucket: dict, group: str) -> None:
+    """One ``copy_to_tp_bucketed`` after the placeholders for every parameter in ``bucket``; each of
+    its region users reads that parameter through it."""
+    last = [n for n in g.nodes if n.op == "placeholder"][-1]
+    xs = list(bucket)
+    with g.inserting_after(last):
+        b = g.call_function(M.copy_to_tp_bucketed, (xs, group))
+    b.meta["tp_mapping"] = "copy_to_tp_bucketed"
+    with g.inserting_after(b):
+        outs = [g.call_function(operator.getitem, (b, i)) for i in range(len(xs))]
+    for x, out, users in zip(xs, outs, bucket.values()):
+        out.meta["example_value"] = value(x)
+        for u in users:
+            u.replace_input_with(x, out)
+
+
+_KEYS = ("stack_trace", "nn_module_stack", *RECOMPUTE_TAGS)
+
+
+def _async_tp_form(g: fx.Graph, gathered: fx.Node) -> list:
+    """Emit the column-parallel linears fed by an SP all-gather in the form Inductor's async-TP pass
+    (``_micro_pipeline_tp``) fuses, forward and backward: one bias-free ``mm`` with the gathered
+    tokens as its left operand, the bias added after.
+
+    Several linears on the same gathered value (q/k/v, gate/up) become one linear on their
+    concatenated weight shards, its output split back: in backward the input gradient is then one
+    ``mm`` feeding the reduce-scatter (a sum of several ``mm`` would not fuse). Costs a copy of the
+    weight shards forward and of the output gradients backward. Returns the merged groups' names."""
+    lins = [u for u in gathered.users if u.op == "call_function" and u.target in LINEARS and u.args[0] is gathered
+            and not u.kwargs]
+    for lin in lins:  # the bias after the matmul (addmm never fuses)
+        bias = lin.args[2] if len(lin.args) > 2 else None
+        if bias is None:
+            continue
+        lin.args = lin.args[:2]
+        users = list(lin.users)
+        with g.inserting_after(lin):
+            out = g.call_function(operator.add, (lin, bias))
+        _inherit_meta(out, lin, _KEYS)
+        out.meta["example_value"] = value(lin)
+        for u in users:
+            u.replace_input_with(lin, out)
+    order = {n: i for i, n in enumerate(g.nodes)}
+    lins = sorted((n for n in lins if n.target is LINEAR), key=order.__getitem__)
+    if len(lins) < 2:
+        return []
+    first, weights = lins[0], [n.args[1] for n in lins]
+    tags = {tuple(n.meta.get(k) for k in RECOMPUTE_TAGS) for n in lins}
+    if len({value(w).dtype for w in weights}) != 1 or len(tags) != 1 \
+            or any(not isinstance(w, fx.Node) or order[w] > order[first] for w in weights):
+        return []
+    with g.inserting_before(first):  # each weight's local rows, read at run time (metadata has logical shapes)
+        sizes = [g.call_function(torch.ops.aten.sym_size.int, (w, 0)) for w in weights]
+        w_cat = g.call_function(torch.cat, (weights, 0))
+        y = g.call_function(LINEAR, (gathered, w_cat))
+        parts = g.call_function(torch.split, (y, sizes, -1))
+        outs = [g.call_function(operator.getitem, (parts, i)) for i in range(len(lins))]
+    for new in (*sizes, w_cat, y, parts, *outs):
+        _inherit_meta(new, first, _KEYS)
+    for lin, out in zip(lins, outs):
+        out.meta["example_value"] = value(lin)
+        lin.replace_all_uses_with(out)
+        g.erase_node(lin)
+    return [[w.name for w in weights]]
 
 
 def _comes_after(a: fx.Node, b: fx.Node) -> bool:
@@ -189,15 +273,16 @@ def _whole_size(g: fx.Graph, n: fx.Node, dim: int, tp: int) -> fx.Node:
         return g.call_function(operator.mul, (local, tp))
 
 
-def floor_with_sp(res: SPResult, loss_collectives: int) -> dict:
+def floor_with_sp(res: SPResult, loss_collectives: int, kv_copy_weights: int = 0) -> dict:
     """DESIGN.md's floor with SP: the all-reduces' bytes as all-gathers + reduce-scatters, plus
-    the backward all-reduces of replicated weights used on token shards (norm weights, biases)."""
+    the backward all-reduces of replicated weights used on token shards (norm weights, biases)
+    and of those kv-head copies are taken from."""
     fwd = {"reduce-scatter into SP": len(res.entries), "all-gather out of SP": len(res.exits),
            "vocab-parallel loss": loss_collectives}
     bwd = {"all-gather (reduce-scatter's backward)": len(res.entries),
            "reduce-scatter (all-gather's backward)": len(res.exits),
-           "replicated-weight gradient all-reduce": len(res.grad_reductions),
-           "sliced input gradient all-gather": len(res.slices)}
+           "replicated-weight gradient all-reduce": len(res.grad_reductions) + res.grad_buckets,
+           "sliced input gradient all-gather": len(res.slices), "kv-copy weight gradient": kv_copy_weights}
     return {"forward": {k: v for k, v in fwd.items() if v}, "backward": {k: v for k, v in bwd.items() if v}}
 
 

@@ -26,6 +26,7 @@ __all__ = [
     "group_size",
     "group_rank",
     "copy_to_tp",
+    "copy_to_tp_bucketed",
     "reduce_from_tp",
     "scatter_to_tp",
     "gather_from_tp",
@@ -126,6 +127,23 @@ class _CopyToTP(torch.autograd.Function):
         return _all_reduce(g, ctx.name), None
 
 
+class _CopyToTPBucketed(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, name: str, *xs: Tensor) -> tuple:
+        ctx.name = name
+        return tuple(x.view_as(x) for x in xs)
+
+    @staticmethod
+    def backward(ctx, *gs: Tensor):
+        out = list(gs)
+        for dtype in dict.fromkeys(g.dtype for g in gs):  # one all-reduce per dtype
+            idx = [i for i, g in enumerate(gs) if g.dtype == dtype]
+            flat = _all_reduce(torch.cat([gs[i].reshape(-1) for i in idx]), ctx.name)
+            for i, piece in zip(idx, flat.split([gs[i].numel() for i in idx])):
+                out[i] = piece.view(gs[i].shape)
+        return (None, *out)
+
+
 class _ReduceFromTP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, name: str) -> Tensor:
@@ -209,6 +227,16 @@ def copy_to_tp(x: Tensor, group: Group) -> Tensor:
     rank's column shard only sees its part of the input gradient.
     """
     return _CopyToTP.apply(x, group_name(group))
+
+
+def copy_to_tp_bucketed(xs: list[Tensor], group: Group) -> tuple:
+    """Megatron's f for many small replicated values at once (SP's norm weights and biases).
+
+    fwd: each ``y_i = x_i``.  bwd: their gradients flattened into one buffer per dtype and
+    all-reduced once: one collective per backward instead of one per weight (what DDP's
+    buckets do), as its latency, not its bytes, is what such small gradients cost.
+    """
+    return _CopyToTPBucketed.apply(group_name(group), *xs)
 
 
 def reduce_from_tp(x: Tensor, group: Group) -> Tensor:

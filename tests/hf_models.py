@@ -58,6 +58,14 @@ CONFIGS = {
     "granite": ("GraniteConfig", "GraniteForCausalLM", dict(_LLAMA_LIKE, num_attention_heads=4, num_key_value_heads=2)),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(
         _LLAMA_LIKE, num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)),
+    # MoE: top-k router, 3-D expert weights (gate_up_proj [E, 2I, H], down_proj [E, H, I]) per experts implementation
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        _LLAMA_LIKE, num_attention_heads=4, num_key_value_heads=4, head_dim=16, num_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=64, norm_topk_prob=True)),
+    # MoE with a shared expert (a plain MLP beside the routed ones, scaled by a sigmoid gate)
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(
+        _LLAMA_LIKE, num_attention_heads=4, num_key_value_heads=4, num_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=64, shared_expert_intermediate_size=128)),
     # masked LM: positions and token types looked up with buffers (position_ids, token_type_ids), tied decoder
     "bert": ("BertConfig", "BertForMaskedLM", dict(
         vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
@@ -94,66 +102,42 @@ def make_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
 
 def train_hf_beside_reference(rank: int, world: int, family: str, steps: int = 3, lr: float = 0.1,
                               backend: str = "aot_eager", batch: tuple = (2, 16), dtype=None,
-                              autocast: bool = False, grad_ckpt: dict | None = None, regional: bool = True,
+                              autocast: bool = False, grad_ckpt: dict | None = None, regional: bool = False,
                               **overrides) -> dict:
-    """SGD steps of a tp-compiled HF model and its single-device copy, called the HF way:
-    ``model(input_ids=..., labels=...).loss``. Runs inside one gloo rank (``multirank.run_ranks``).
+    """SGD steps of a tp-compiled HF model and its single-device copy (``models_common.train_beside``),
+    called the HF way: ``model(input_ids=..., labels=...)``, two ignored positions per row.
 
-    Returns per-step losses of both, the largest gradient error against the matching slice of
-    the single-device gradient, the plan, parameter element counts and the warnings.
-    """
-    import copy
-    import warnings
+    Adds the logits error, the plan's local and padded shapes, and how many forward ops the
+    backward recomputes (activation checkpointing); collectives as ``(phase, kind)``."""
+    from models_common import train_beside
 
     import tpcompile
-    from parity import grad_errors, local_numel
 
     model = make_model(family, **overrides)
     if grad_ckpt is not None:  # HF's activation checkpointing: torch.utils.checkpoint around each layer
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=grad_ckpt)
     if dtype is not None:
         model = model.to(dtype)
-    ref = copy.deepcopy(model)
-    vocab = model.config.vocab_size
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        model = tpcompile.tp_compile(model, backend=backend, regional=regional)
-        opt = torch.optim.SGD(model.parameters(), lr=lr)
-        ref_opt = torch.optim.SGD(ref.parameters(), lr=lr)
-        ref_params = dict(ref.named_parameters())
-        g = torch.Generator().manual_seed(1234)
-        out = {"loss": [], "ref_loss": [], "grad_err": 0.0, "logits_err": 0.0}
-        for _ in range(steps):
-            ids = torch.randint(0, vocab, batch, generator=g)
-            labels = ids.clone()
-            labels[:, :2] = -100  # ignored positions, as padding in a real batch
-            ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else torch.autocast("cpu", enabled=False)
-            with ctx:
-                res = model(input_ids=ids, labels=labels)
-                ref_res = ref(input_ids=ids, labels=labels)
-            res.loss.backward()
-            ref_res.loss.backward()
-            out["logits_err"] = max(out["logits_err"], (res.logits.float() - ref_res.logits.float()).abs().max().item())
-            out["grad_err"] = max(out["grad_err"], max(grad_errors(model, ref, rank).values()))
-            out["loss"].append(res.loss.item())
-            out["ref_loss"].append(ref_res.loss.item())
-            for o in (opt, ref_opt):
-                o.step()
-                o.zero_grad()
-    st = tpcompile.tp_state(model)
-    out["local_numel"] = local_numel(model)
-    out["full_numel"] = sum(p.numel() for p in ref_params.values())
-    out["plan"] = {fqn: (pp.style, pp.dim, pp.chunks, pp.local_shape, pp.padded_shape) for fqn, pp in st.plan.items()}
-    out["collectives"] = [(c.phase, c.kind) for r in st.records for c in r.collectives]
-    out["floor"] = [{ph: sum(why.values()) for ph, why in r.floor.items()} for r in st.records]
-    out["n_graphs"] = len(st.records)
-    out["regions"] = [r.regions for r in st.records]
-    # activation checkpointing: the forward ATen ops the backward graph recomputes
-    bw = [n for r in st.records for ph, g in r.compiled_graphs if ph == "backward" for n in g.graph.nodes]
-    out["recomputed"] = sum(n.meta.get("recompute") == torch.utils.checkpoint.CheckpointPolicy.PREFER_RECOMPUTE
-                            for n in bw if n.op == "call_function")
-    out["warnings"] = [str(w.message) for w in caught if issubclass(w.category, tpcompile.TPWarning)]
-    return out
+    g = torch.Generator().manual_seed(1234)
+    batches = []
+    for _ in range(steps):
+        ids = torch.randint(0, model.config.vocab_size, batch, generator=g)
+        labels = ids.clone()
+        labels[:, :2] = -100  # ignored positions, as padding in a real batch
+        batches.append((ids, labels))
+
+    def report(tp, ref, out):
+        st = tpcompile.tp_state(tp)
+        out["plan"] = {fqn: (pp.style, pp.dim, pp.chunks, pp.local_shape, pp.padded_shape) for fqn, pp in st.plan.items()}
+        out["collectives"] = [(phase, kind) for _, phase, kind in out["collectives"]]
+        out["floor_why"] = [r.floor for r in st.records]
+        out["regions"] = [r.regions for r in st.records]  # subgraph -> block prefix per call (regional compilation)
+        bw = [n for r in st.records for ph, g in r.compiled_graphs if ph == "backward" for n in g.graph.nodes]
+        out["recomputed"] = sum(n.meta.get("recompute") == torch.utils.checkpoint.CheckpointPolicy.PREFER_RECOMPUTE
+                                for n in bw if n.op == "call_function")
+
+    return train_beside(rank, world, model, batches, lambda m, b: m(input_ids=b[0], labels=b[1]), lr=lr,
+                        autocast=autocast, report=report, backend=backend, regional=regional)
 
 
 def train_many(rank: int, world: int, cases: list) -> list:

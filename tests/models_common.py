@@ -1,8 +1,9 @@
-"""Train a third-party model beside its untouched single-device copy on one gloo rank.
+"""Train a model beside its untouched single-device copy on one gloo rank: the parity tests' one loop.
 
-Shared by the library case files of ``tests/test_models.py`` (``models_<library>.py``): each
-builds its model from a config (random weights, no downloads) and a loss function, and this
-runs the user's loop: ``tp_compile``, SGD steps, ``loss.backward()``, on both copies.
+The library case files of ``tests/test_models.py`` (``models_<library>.py``),
+``parity.train_beside_reference`` (the examples) and ``hf_models.train_hf_beside_reference``
+(Hugging Face) each build a model (random weights, no downloads), batches and a loss function;
+``train_beside`` runs the user's loop on both copies: ``tp_compile``, SGD steps, ``loss.backward()``.
 """
 from __future__ import annotations
 
@@ -17,13 +18,17 @@ from parity import grad_errors, local_numel
 
 
 def train_beside(rank: int, world: int, model: torch.nn.Module, batches: list, loss_fn: Callable,
-                 steps: int | None = None, lr: float = 0.1, **tp_kwargs) -> dict:
+                 steps: int | None = None, lr: float = 0.1, autocast: bool = False,
+                 report: Callable | None = None, **tp_kwargs) -> dict:
     """``len(batches)`` SGD steps (or ``steps``, cycling) of ``tp_compile(model, **tp_kwargs)`` and of
-    a deep copy made before it. ``loss_fn(model, batch) -> scalar loss``.
+    a deep copy made before it: the one training loop of the parity tests.
 
-    Returns per-step losses of both, the largest gradient error (each rank's DTensor gradient
-    against the same cut of the single-device one), the plan, the collectives and floor per
-    phase, element counts, graph count and tpcompile's warnings."""
+    ``loss_fn(model, batch)`` returns the loss, or an output with ``.loss`` (and ``.logits``,
+    then compared too). Both copies draw the same random numbers (dropout) at every step.
+    ``autocast``: both forwards under CPU bf16 autocast. ``report(tp, ref, out)`` may add to or
+    reshape the result. Returns per-step losses of both, the largest gradient error (each rank's
+    DTensor gradient against the same cut of the single-device one), the plan, the collectives
+    and floor per graph and phase, element counts, graph count and tpcompile's warnings."""
     ref = copy.deepcopy(model)
     tp_kwargs.setdefault("backend", "aot_eager")
     with warnings.catch_warnings(record=True) as caught:
@@ -34,7 +39,15 @@ def train_beside(rank: int, world: int, model: torch.nn.Module, batches: list, l
         out = {"loss": [], "ref_loss": [], "grad_err": 0.0}
         for step in range(steps or len(batches)):
             batch = batches[step % len(batches)]
-            loss, ref_loss = loss_fn(tp, batch), loss_fn(ref, batch)
+            res = []
+            for m in (tp, ref):
+                torch.manual_seed(1000 + step)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                    res.append(loss_fn(m, batch))
+            if hasattr(res[0], "logits"):
+                err = (res[0].logits.float() - res[1].logits.float()).abs().max().item()
+                out["logits_err"] = max(out.get("logits_err", 0.0), err)
+            loss, ref_loss = (getattr(r, "loss", r) for r in res)
             loss.backward()
             ref_loss.backward()
             out["grad_err"] = max(out["grad_err"], max(grad_errors(tp, ref, rank).values()))
@@ -52,6 +65,8 @@ def train_beside(rank: int, world: int, model: torch.nn.Module, batches: list, l
     out["n_graphs"] = len(st.records)
     out["regions"] = [r.regions for r in st.records]  # subgraph -> block prefix per call (regional compilation)
     out["warnings"] = [str(w.message) for w in caught if issubclass(w.category, tpcompile.TPWarning)]
+    if report is not None:
+        report(tp, ref, out)
     return out
 
 

@@ -5,6 +5,7 @@ Real collectives on CPU, the ground truth for numerics. The function must be imp
 """
 from __future__ import annotations
 
+import atexit
 import os
 import tempfile
 import traceback
@@ -14,27 +15,97 @@ import torch.multiprocessing as mp
 
 from tpcompile.compat import torchvision_without_kernels
 
-# a spawned rank imports this module (``_entry``) before the case's own (which may import timm or
+# a spawned rank imports this module (``_worker``) before the case's own (which may import timm or
 # transformers, and so torchvision): see tests/conftest.py
 torchvision_without_kernels()
 
 
-def _entry(fn: Callable, rank: int, world_size: int, store_path: str, queue, args, kwargs) -> None:
+def _init(rank: int, world_size: int, store_path: str) -> None:
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, world_size), rank=rank, world_size=world_size)
+
+
+def _worker(rank: int, world_size: int, store_path: str, jobs, results) -> None:
+    """One rank of a pool: joins the gloo group once, then runs job after job (Dynamo reset between)."""
+    import torch._dynamo
+
     try:
-        store = dist.FileStore(store_path, world_size)
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
+        _init(rank, world_size, store_path)
+    except BaseException:  # noqa: BLE001
+        results.put((rank, False, traceback.format_exc()))
+        return
+    while (job := jobs.get()) is not None:
+        fn, args, kwargs = job
         try:
-            result = fn(rank, world_size, *args, **kwargs)
-        finally:
-            dist.destroy_process_group()
-        queue.put((rank, True, result))
-    except BaseException:  # noqa: BLE001 - report everything to the parent
-        queue.put((rank, False, traceback.format_exc()))
+            results.put((rank, True, fn(rank, world_size, *args, **kwargs)))
+        except BaseException:  # noqa: BLE001 - report everything to the parent
+            results.put((rank, False, traceback.format_exc()))
+        torch._dynamo.reset()
+
+
+class _Pool:
+    """``world_size`` spawned gloo ranks kept for the whole session.
+
+    A process start and the imports (torch, transformers, timm) cost seconds per rank on a 2-core
+    machine, and the suite starts dozens of groups: a pool starts each world size once. Any
+    failure or timeout kills the pool (the other ranks may hang in a collective); the next call
+    starts a fresh one. ``TPCOMPILE_FRESH_RANKS=1`` starts a new pool for every call."""
+
+    def __init__(self, world_size: int):
+        ctx = mp.get_context("spawn")
+        self.tmp = tempfile.TemporaryDirectory()
+        store_path = os.path.join(self.tmp.name, "store")
+        self.world_size, self.results = world_size, ctx.Queue()
+        self.jobs = [ctx.Queue() for _ in range(world_size)]
+        self.procs = [ctx.Process(target=_worker, args=(r, world_size, store_path, self.jobs[r], self.results))
+                      for r in range(world_size)]
+        for p in self.procs:
+            p.start()
+
+    def run(self, fn: Callable, args: tuple, kwargs: dict, timeout: float) -> tuple[dict, list]:
+        for q in self.jobs:
+            q.put((fn, args, kwargs))
+        results: dict[int, Any] = {}
+        errors: list[str] = []
+        try:
+            for _ in range(self.world_size):
+                rank, ok, value = self.results.get(timeout=timeout)
+                if ok:
+                    results[rank] = value
+                else:
+                    errors.append(f"--- rank {rank} ---\n{value}")
+                    break  # the other ranks may now hang in a collective
+        except BaseException:
+            self.close(kill=True)
+            raise
+        if errors:
+            self.close(kill=True)
+        return results, errors
+
+    def close(self, kill: bool = False) -> None:
+        _POOLS.pop(self.world_size, None)
+        if not kill:
+            for q in self.jobs:
+                q.put(None)
+        for p in self.procs:
+            p.join(timeout=0 if kill else 30)
+            if p.is_alive():
+                p.kill()
+                p.join()
+        self.tmp.cleanup()
+
+
+_POOLS: dict[int, _Pool] = {}
+
+
+@atexit.register
+def _close_pools() -> None:
+    for pool in list(_POOLS.values()):
+        pool.close()
 
 
 def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 600, **kwargs: Any) -> list:
@@ -42,31 +113,13 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 600, *
 
     Raises ``AssertionError`` with the failing rank's traceback if any rank raised.
     """
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    with tempfile.TemporaryDirectory() as tmp:
-        store_path = os.path.join(tmp, "store")
-        procs = [
-            ctx.Process(target=_entry, args=(fn, r, world_size, store_path, queue, args, kwargs), daemon=False)
-            for r in range(world_size)
-        ]
-        for p in procs:
-            p.start()
-        results: dict[int, Any] = {}
-        errors: list[str] = []
-        try:
-            for _ in range(world_size):
-                rank, ok, value = queue.get(timeout=timeout)
-                if ok:
-                    results[rank] = value
-                else:
-                    errors.append(f"--- rank {rank} ---\n{value}")
-                    break  # the other ranks may now hang in a collective
-        finally:
-            for p in procs:
-                p.join(timeout=5 if errors else timeout)
-                if p.is_alive():
-                    p.kill()
+    fresh = os.environ.get("TPCOMPILE_FRESH_RANKS") == "1"
+    pool = _POOLS.get(world_size)
+    if pool is None or fresh:
+        pool = _POOLS[world_size] = _Pool(world_size)
+    results, errors = pool.run(fn, args, kwargs, timeout)
+    if fresh and not errors:
+        pool.close()
     if errors:
         raise AssertionError("a rank failed:\n" + "\n".join(errors))
     return [results[r] for r in range(world_size)]

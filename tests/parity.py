@@ -4,7 +4,6 @@ Shared by the parity tests; runs inside a gloo rank (see ``multirank.run_ranks``
 """
 from __future__ import annotations
 
-import copy
 import importlib
 
 import torch
@@ -14,46 +13,32 @@ import tpcompile
 
 def train_beside_reference(rank: int, world: int, model_name: str, steps: int = 5, lr: float = 0.1,
                            backend: str = "inductor", plan: dict | None = None, sequence_parallel: bool = False,
-                           regional: bool = True, **overrides) -> dict:
-    """Run ``steps`` SGD steps of tp and single-device copies of ``examples/<model_name>.py``.
+                           regional: bool = False, **overrides) -> dict:
+    """``steps`` SGD steps of tp and single-device copies of ``examples/<model_name>.py``
+    (``models_common.train_beside``) on random batches of the example's shapes.
 
-    Returns the per-step losses of both, the largest gradient error against the matching
-    slice of the single-device gradient, and parameter element counts.
-    """
+    The plan comes back as styles, the collectives as ``(phase, kind)`` and the warnings as the
+    plan's fallbacks; ``expected_numel`` is what this rank should hold under that plan."""
+    from models_common import train_beside
+
     mod = importlib.import_module(model_name)
     model, (x, y) = mod.make_model(**overrides)
-    ref = copy.deepcopy(model)
-    model = tpcompile.tp_compile(model, backend=backend, plan=plan, sequence_parallel=sequence_parallel,
-                                 regional=regional)
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
-    ref_opt = torch.optim.SGD(ref.parameters(), lr=lr)
-    ref_params = dict(ref.named_parameters())
     vocab = int(x.max()) + 1 if not hasattr(model, "config") else getattr(model.config, "vocab_size")
     g = torch.Generator().manual_seed(1234)
-    out = {"loss": [], "ref_loss": [], "grad_err": 0.0, "grad_rel": 0.0}
-    for _ in range(steps):
-        x = torch.randint(0, vocab, x.shape, generator=g)
-        y = torch.randint(0, vocab, y.shape, generator=g)
-        loss = model(x, y)
-        loss.backward()
-        ref_loss = ref(x, y)
-        ref_loss.backward()
-        out["grad_err"] = max(out["grad_err"], max(grad_errors(model, ref, rank).values()))
-        out["loss"].append(loss.item())
-        out["ref_loss"].append(ref_loss.item())
-        for o in (opt, ref_opt):
-            o.step()
-            o.zero_grad()
-    st = tpcompile.tp_state(model)
-    out["local_numel"] = local_numel(model)
-    out["expected_numel"] = sum(
-        p.numel() // world if st.plan[fqn].style != "replicate" else p.numel() for fqn, p in ref_params.items()
-    )
-    out["plan"] = {fqn: pp.style for fqn, pp in st.plan.items()}
-    out["collectives"] = [(c.phase, c.kind) for r in st.records for c in r.collectives]
-    out["warnings"] = [m for r in st.records for m in r.fallbacks]
-    out["regions"] = [r.regions for r in st.records]  # subgraph -> block prefix per call (regional compilation)
-    return out
+    batches = [(torch.randint(0, vocab, x.shape, generator=g), torch.randint(0, vocab, y.shape, generator=g))
+               for _ in range(steps)]
+
+    def report(tp, ref, out):
+        st = tpcompile.tp_state(tp)
+        out["expected_numel"] = sum(p.numel() // world if st.plan[fqn].style != "replicate" else p.numel()
+                                    for fqn, p in ref.named_parameters())
+        out["plan"] = {fqn: pp.style for fqn, pp in st.plan.items()}
+        out["collectives"] = [(phase, kind) for _, phase, kind in out["collectives"]]
+        out["warnings"] = [m for r in st.records for m in r.fallbacks]
+        out["regions"] = [r.regions for r in st.records]  # subgraph -> block prefix per call (regional compilation)
+
+    return train_beside(rank, world, model, batches, lambda m, b: m(*b), lr=lr, report=report,
+                        backend=backend, plan=plan, sequence_parallel=sequence_parallel, regional=regional)
 
 
 def stored_slice(model, fqn: str, full: torch.Tensor, rank: int) -> torch.Tensor:

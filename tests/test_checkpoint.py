@@ -62,7 +62,18 @@ class FusedLM(nn.Module):
         h = h + self.o(a.transpose(1, 2).contiguous().view(B, T, C))
         g, u = self.up(self.ln2(h)).chunk(2, dim=-1)
         h = h + self.down(torch.nn.functional.silu(g) * u)
+        h = h + self._moe(h)
         return torch.nn.functional.cross_entropy(self.head(h).view(-1, self.V), y.view(-1))
+
+    def _moe(self, h):
+        """Top-2 routing, every token's experts gathered and applied by ``bmm``, the weighted sum."""
+        x = h.reshape(-1, h.shape[-1])
+        w, ids = torch.topk(self.router(x).softmax(-1), 2, dim=-1)
+        ids = ids.reshape(-1)
+        gu = torch.bmm(self.experts_gate_up[ids], x.repeat_interleave(2, dim=0).unsqueeze(-1)).squeeze(-1)
+        g, u = gu.chunk(2, dim=-1)
+        out = torch.bmm(self.experts_down[ids], (torch.nn.functional.silu(g) * u).unsqueeze(-1)).squeeze(-1)
+        return (out * w.reshape(-1, 1)).view(-1, 2, h.shape[-1]).sum(1).reshape(h.shape)
 
 
 def _fused_ref() -> FusedLM:
@@ -163,14 +174,20 @@ def _safetensors_worker(rank: int, world: int, path: str) -> dict:
 
 class EveryLayout(nn.Module):
     """One parameter of every layout kind at TP=2: a GQA fused qkv of unequal pieces (q 64 | k 32 | v 32),
-    a gate-up of equal pieces, a padded vocabulary (63 rows), plain column / row, replicated norms and biases."""
+    a gate-up of equal pieces, a padded vocabulary (63 rows), plain column / row, replicated norms and biases,
+    kv-head copies (a second attention with one kv head: k2 / v2 stored whole, each rank's program takes it);
+    and MoE experts as 3-D tensors (``[E, 2I, C]`` gate|up split on dim 1 in two pieces, ``[E, C, I]`` on dim 2)."""
 
-    def __init__(self, C: int = 64, H: int = 8, KV: int = 4, V: int = 63):
+    def __init__(self, C: int = 64, H: int = 8, KV: int = 4, V: int = 63, E: int = 4, I: int = 32):
         super().__init__()
+        self.router = nn.Linear(C, E, bias=False)
+        self.experts_gate_up = nn.Parameter(torch.randn(E, 2 * I, C) * C ** -0.5)
+        self.experts_down = nn.Parameter(torch.randn(E, C, I) * I ** -0.5)
         self.H, self.KV, self.hd, self.V = H, KV, C // H, V
         self.emb, self.ln = nn.Embedding(V, C), nn.LayerNorm(C)
         self.qkv, self.o = nn.Linear(C, C + 2 * KV * (C // H)), nn.Linear(C, C)
         self.up, self.down = nn.Linear(C, 4 * C), nn.Linear(2 * C, C)
+        self.q2, self.k2, self.v2, self.o2 = nn.Linear(C, C), nn.Linear(C, C // H, bias=False), nn.Linear(C, C // H), nn.Linear(C, C)
         self.head = nn.Linear(C, V, bias=False)
 
     def forward(self, x, y):
@@ -181,9 +198,24 @@ class EveryLayout(nn.Module):
         k, v = [t.view(B, T, self.KV, self.hd).transpose(1, 2) for t in (k, v)]
         a = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         h = h + self.o(a.transpose(1, 2).reshape(B, T, C))
+        q = self.q2(h).view(B, T, self.H, self.hd).transpose(1, 2)
+        k, v = [t.view(B, T, 1, self.hd).transpose(1, 2) for t in (self.k2(h), self.v2(h))]
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        h = h + self.o2(a.transpose(1, 2).reshape(B, T, C))
         g, u = self.up(h).chunk(2, dim=-1)
         h = h + self.down(torch.nn.functional.silu(g) * u)
+        h = h + self._moe(h)
         return torch.nn.functional.cross_entropy(self.head(h).view(-1, self.V), y.view(-1))
+
+    def _moe(self, h):
+        """Top-2 routing, every token's experts gathered and applied by ``bmm``, the weighted sum."""
+        x = h.reshape(-1, h.shape[-1])
+        w, ids = torch.topk(self.router(x).softmax(-1), 2, dim=-1)
+        ids = ids.reshape(-1)
+        gu = torch.bmm(self.experts_gate_up[ids], x.repeat_interleave(2, dim=0).unsqueeze(-1)).squeeze(-1)
+        g, u = gu.chunk(2, dim=-1)
+        out = torch.bmm(self.experts_down[ids], (torch.nn.functional.silu(g) * u).unsqueeze(-1)).squeeze(-1)
+        return (out * w.reshape(-1, 1)).view(-1, 2, h.shape[-1]).sum(1).reshape(h.shape)
 
 
 def _every_layout(meta: bool) -> nn.Module:
@@ -273,7 +305,7 @@ def test_unequal_fused_pieces_state_dict_gathers_the_true_tensor():
 
 def test_every_layout_round_trips_through_state_dicts_and_checkpoints():
     """Every ParamPlan kind at TP=2 (unequal and equal fused pieces, padded vocabulary, column, row,
-    replicate): ``full_state_dict``, ``state_dict()`` and both checkpoint formats give the single-device
+    replicate, kv-head copies): ``full_state_dict``, ``state_dict()`` and both checkpoint formats give the single-device
     tensors, and loading restores each rank's stored shard exactly (optimizer state too, from DCP)."""
     results = _every_layout_results()
     kinds = results[0]["kinds"]
@@ -282,8 +314,17 @@ def test_every_layout_round_trips_through_state_dicts_and_checkpoints():
     assert kinds["emb.weight"] == ("vocab", 1, None, (64, 64))
     assert kinds["head.weight"][0] == "colwise" and kinds["head.weight"][3] == (64, 64)
     assert kinds["o.weight"][0] == kinds["down.weight"][0] == "rowwise"
-    assert kinds["ln.weight"][0] == kinds["o.bias"][0] == "replicate"
+    assert kinds["ln.weight"][0] == kinds["o.bias"][0] == kinds["router.weight"][0] == "replicate"
+    assert kinds["experts_gate_up"][:2] == ("expert-colwise", 2) and kinds["experts_down"][0] == "expert-rowwise"
+    assert results[1]["local"]["experts_gate_up"].shape == (4, 32, 64) and results[1]["local"]["experts_down"].shape == (4, 64, 16)
+    # one kv head < tp=2 (k2 has no bias: a key bias's gradient is zero, softmax does not see it)
+    assert kinds["k2.weight"][0] == kinds["v2.weight"][0] == kinds["v2.bias"][0] == "kvcopy"
+    assert kinds["q2.weight"][0] == "colwise" and kinds["o2.weight"][0] == "rowwise"
     ref_sd, ref_grads = _every_layout_reference()
+    # rank 1 holds each expert's second half of gate and of up, and the matching half of down's in-features
+    w = ref_sd["experts_gate_up"]
+    assert _rel(results[1]["loaded_st_local"]["experts_gate_up"], torch.cat([w[:, 16:32], w[:, 48:64]], 1)) < 1e-6
+    assert _rel(results[1]["loaded_st_local"]["experts_down"], ref_sd["experts_down"][:, :, 16:32]) < 1e-6
     for rank, r in enumerate(results):
         for k, v in ref_sd.items():
             for src in ("full", "state_dict_full", "loaded_dcp", "loaded_st"):

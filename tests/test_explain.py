@@ -92,6 +92,14 @@ def test_fallbacks_and_graph_breaks_are_listed():
     assert len(rep.records) == 2 and "# graph 1" in rep.graph_code
     assert any(w.startswith("graph break") for w in rep.warnings)
 
+    # sizes marked dynamic: the graph before the break returns symbolic shapes, which the stand-in
+    # outputs (trace mode computes nothing) take from each call's inputs (this raised "SymIntArrayRef
+    # expected to contain only concrete integers")
+    x = x.clone()
+    torch._dynamo.mark_dynamic(x, 0)
+    dyn = tpcompile.explain(Net(BreakingMLP), x, y, world_size=2)
+    assert len(dyn.records) == 2 and dyn.plan == rep.plan and dyn.counts() == rep.counts()
+
 
 def test_clear_errors():
     model, args = gpt.make_model(n_head=6, n_embd=96)

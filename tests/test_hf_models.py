@@ -7,7 +7,7 @@ every rank, logits within 1e-5, every gradient equal to its single-device slice 
 parameters actually sharded (the layouts checked below). Families (tests/hf_models.py):
 GPT-2 (Conv1D ``[in, out]`` weights via ``addmm``, fused ``c_attn`` QKV, learned positions,
 tied head, vocabulary 250: padded at TP=4), Llama (GQA 8/4 heads, RoPE, SwiGLU), Qwen2
-(q/k/v biases, 2 kv heads: fewer than tp at TP=4).
+(q/k/v biases, 2 kv heads: fewer than tp at TP=4: kv-head copies).
 """
 import functools
 from collections import Counter
@@ -55,6 +55,8 @@ def _trained_all(world: int) -> dict:
     if world == 2:  # mixed precision: bf16 parameters, fp32 ones under autocast(bfloat16)
         cases += [("llama", kw) for kw in MIXED]
         names += [f"mixed:{i}" for i in range(len(MIXED))]
+    cases += [(f, {"_experts_implementation": impl, "num_hidden_layers": 1, **kw}) for f, impl, kw in MOE[world]]
+    names += [f"moe:{i}" for i in range(len(MOE[world]))]
     more = [f for f, tps in MORE.items() if world in tps]
     cases += [(f, {"steps": 2}) for f in more]
     names += [f"more:{f}" for f in more]
@@ -98,20 +100,26 @@ def test_hf_training_matches_single_device(trained, family):
         assert w == []
     else:
         assert plan["model.layers.0.self_attn.q_proj.bias"][0] == "colwise"
-        kv = "replicate" if world == 4 else "colwise"
+        kv = "kvcopy" if world == 4 else "colwise"  # 2 kv heads < 4: stored whole, one kv head per rank's program
         for name in ("k_proj.weight", "k_proj.bias", "v_proj.weight", "v_proj.bias"):
             assert plan[f"model.layers.0.self_attn.{name}"][0] == kv
-        if world == 4:
-            assert len(w) == 4 and all("grouped-query attention" in m for m in w)
-            assert "model.layers.1.self_attn.v_proj has 2 heads" in " ".join(w)
-        else:
-            assert w == []
+        assert plan["model.layers.0.self_attn.o_proj.weight"][:2] == ("rowwise", 1)
+        assert plan["model.layers.0.mlp.down_proj.weight"][:2] == ("rowwise", 1)
+        assert w == []
+        # Megatron's floor (+ at TP=4 one all-reduce per layer of the k / v weights' and biases' gradients),
+        # plus one all-gather: the [B, T, V] logits returned
+        r = results[0]
+        have = Counter(ph for ph, _ in r["collectives"])
+        (floor,) = r["floor"]
+        assert have == {"forward": floor["forward"] + 1, "backward": floor["backward"]}, (have, floor)
+        assert floor["backward"] == 2 * 2 + 1 + (2 if world == 4 else 0), floor
 
 
 @pytest.mark.parametrize("trained", [2], indirect=True, ids=["tp2"])
 def test_hf_kv_cache_built_in_the_forward(trained):
     """``use_cache=True``: the cache starts as ``torch.tensor([])`` and is ``cat``-ed with the
-    head-sharded k / v; that keeps them sharded (the returned cache is gathered at the end)."""
+    head-sharded k / v; that keeps them sharded, and the returned cache stays sharded too (state
+    ghosts: ``tpcompile.twin.state_ghost``; generation with it: tests/test_generate.py)."""
     world, by_family = trained
     results = by_family["llama-cache"]
     plan = _check_parity(results, world)
@@ -155,19 +163,18 @@ def test_hf_bf16_params_and_autocast():
 # so; their number is pinned here, and docs/models.md lists what each one is.
 MORE = {  # family -> {tp: number of TPWarnings}
     "gpt_neox": {2: 0, 4: 0},  # interleaved fused QKV [heads, 3, head_dim], partial rotary, parallel residual
-    "qwen3": {2: 0, 4: 4},  # per-head q/k RMSNorm; 2 kv heads < 4: k/v replicated
+    "qwen3": {2: 0, 4: 0},  # per-head q/k RMSNorm; 2 kv heads < 4: kv-head copies
     "mistral": {2: 0},
     "granite": {2: 0},
     "stablelm": {2: 0},  # partial rotary, LayerNorm
     "phi": {2: 0},  # parallel attention + MLP, q/k/v biases, partial rotary
     "opt": {2: 0},  # embedding padding_idx (vocab-parallel), learned positions with an offset
-    "gemma": {2: 4, 4: 4},  # MQA (1 kv head): k/v replicated; GeGLU; scaled embedding; tied head
+    "gemma": {2: 0, 4: 0},  # MQA (1 kv head): kv-head copies; GeGLU; scaled embedding; tied head
     "phi3": {2: 0, 4: 0},  # fused qkv_proj cut by slicing (unequal q/k/v pieces), fused gate_up_proj
     "olmo2": {2: 0},  # q/k RMSNorm over the whole projection: a partial mean (one small all-reduce)
     "falcon": {2: 8},  # MQA through a fused QKV cut by index lists: attention replicated (and so its out-proj)
     "gpt_bigcode": {2: 6},  # MQA fused c_attn after unsqueeze: attention replicated
     "bloom": {2: 8},  # GeLU as a custom autograd.Function, ALiBi: attention and MLP replicated
-    "mixtral": {2: 6},  # MoE: router and experts (grouped matmul) replicated; attention sharded
     # position_ids / token_type_ids buffers: those tables replicated, only the word embedding vocab-parallel.
     # The one warning: the MLM head's dense feeds a LayerNorm over its features, so it stays replicated
     "bert": {2: 1},  # TP=4: plan and collectives in tests/test_attention_spellings.py
@@ -208,7 +215,7 @@ def test_more_hf_families_match_single_device(trained_more):
         assert phi3["model.layers.0.self_attn.qkv_proj.weight"][:3] == ("colwise", 0, 3)
         assert phi3["model.layers.0.mlp.gate_up_proj.weight"][:3] == ("colwise", 0, 2)
         gemma = by_family["gemma"][0]["plan"]
-        assert gemma["model.layers.0.self_attn.k_proj.weight"][0] == "replicate"
+        assert gemma["model.layers.0.self_attn.k_proj.weight"][0] == "kvcopy"
         assert gemma["model.layers.0.self_attn.q_proj.weight"][0] == "colwise"
         for family in ("bert", "t5"):  # Megatron's floor, plus one all-gather: the [B, T, V] logits returned
             r = by_family[family][0]
@@ -227,9 +234,6 @@ def test_more_hf_families_match_single_device(trained_more):
             assert bias[:4] == ("colwise", 1, 1, (32, 2)), bias  # [buckets, heads]: this rank's heads
         assert t5["plan"]["shared.weight"][0] == "vocab"
         assert not any(k == "all_gather" for ph, k in t5["collectives"] if ph == "backward")
-        mixtral = by_family["mixtral"][0]
-        assert mixtral["plan"]["model.layers.0.mlp.experts.gate_up_proj"][0] == "replicate"
-        assert any("grouped_mm" in m and "experts.gate_up_proj" in m for m in mixtral["warnings"])
 
 
 def test_sharded_outputs_return_logits_as_dtensor_without_gathering():
@@ -243,3 +247,57 @@ def test_sharded_outputs_return_logits_as_dtensor_without_gathering():
         assert r["logits_err"] <= 1e-5 and r["grad_err"] <= 1e-5
         assert abs(r["loss"][0] - r["loss"][1]) <= 1e-5 * r["loss"][1]
         assert r["gathers"] == [2 * 16 * 3 * 4 * 4]  # the CE's (max, sum, target logit) per row, from 4 ranks
+
+
+# MoE (docs/models.md): experts tensor-parallel in each experts implementation that runs on CPU. "grouped_mm"
+# compiles to HF's opaque `transformers::grouped_mm_fallback` op in fp32 and to `F.grouped_mm` in bf16;
+# "batched_mm" is `W[expert_ids]` + `bmm`. One decoder layer each (the collectives are per layer).
+MOE = {  # tp -> [(family, experts implementation, other fields)]: each implementation at each tp, one shared expert each
+    2: [("mixtral", "grouped_mm", {}), ("mixtral", "batched_mm", {"dtype": torch.bfloat16}), ("qwen2_moe", "grouped_mm", {})],
+    4: [("qwen3_moe", "grouped_mm", {}), ("qwen2_moe", "batched_mm", {})],
+}
+
+
+@pytest.mark.parametrize("world", [2, 4], ids=["tp2", "tp4"])
+def test_moe_experts_are_tensor_parallel(world):
+    """Mixtral, Qwen3-MoE and Qwen2-MoE (a shared expert): every expert's gate|up split on its intermediate
+    dim (two pieces), its down projection on the same dim, router replicated; loss, logits and every
+    gradient as single device for 3 SGD steps, ranks agree, no warning, 1/tp of each expert tensor per
+    rank, and one all-reduce per MoE layer forward (the shared expert's sum joins it), at the floor."""
+    trained = _trained_all(world)
+    for i, (family, impl, kw) in enumerate(MOE[world]):
+        results = trained[f"moe:{i}"]
+        bf16 = kw.get("dtype") is torch.bfloat16
+        for rank, r in enumerate(results):
+            for a, b in zip(r["loss"], r["ref_loss"]):
+                assert abs(a - b) <= (1e-3 if bf16 else 1e-5) * abs(b), (family, impl, rank, a, b)
+            assert r["loss"] == results[0]["loss"], (family, impl)
+            assert r["grad_err"] <= (1e-2 if bf16 else 1e-5) and r["logits_err"] <= (2e-2 if bf16 else 1e-5), \
+                (family, impl, r["grad_err"], r["logits_err"])
+            assert r["n_graphs"] == 1 and len(r["loss"]) == 3
+        r = results[0]
+        assert r["warnings"] == [], (family, impl, r["warnings"])
+        plan = r["plan"]
+        gate_up, down = plan["model.layers.0.mlp.experts.gate_up_proj"], plan["model.layers.0.mlp.experts.down_proj"]
+        assert gate_up[:3] == ("expert-colwise", 1, 2) and down[:2] == ("expert-rowwise", 2), (gate_up, down)
+        cfg = hf_models.make_config(family)
+        E = getattr(cfg, "num_local_experts", None) or cfg.num_experts
+        inter = getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size
+        assert gate_up[3] == (E, 2 * inter // world, cfg.hidden_size) and down[3] == (E, cfg.hidden_size, inter // world)
+        assert plan["model.layers.0.mlp.gate.weight"][0] == "replicate"
+        if family == "qwen2_moe":  # the shared expert: a plain MLP, column / row like any other
+            assert plan["model.layers.0.mlp.shared_expert.gate_proj.weight"][0] == "colwise"
+            assert plan["model.layers.0.mlp.shared_expert.down_proj.weight"][0] == "rowwise"
+            assert plan["model.layers.0.mlp.shared_expert_gate.weight"][0] == "replicate"
+        (why,) = r["floor_why"]
+        # one layer: embedding, o_proj, the MoE combine (routed + shared: one), the loss
+        assert why["forward"] == {"row-parallel linear": 1, "vocab-parallel embedding": 1, "vocab-parallel loss": 1,
+                                  "expert combine": 1}, why
+        # q/k/v, the experts' tokens (the shared expert's too: one), the LM head; the routing weights (and the
+        # shared expert's sigmoid gate) scale a pending sum: their gradients are summands
+        assert why["backward"] == {"column-parallel input": 3,
+                                   "scale of a pending sum": 2 if family == "qwen2_moe" else 1}, why
+        have = Counter(r["collectives"])
+        qk_norm = 2 if family == "qwen3_moe" else 0  # q_norm / k_norm weights on head-sharded q, k (as Qwen3)
+        assert have == {("forward", "all_reduce"): 3, ("forward", "all_gather"): 2,
+                        ("backward", "all_reduce"): sum(why["backward"].values()) + qk_norm}, (family, impl, have)

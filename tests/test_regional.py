@@ -1,10 +1,10 @@
 """Regional compilation: a repeated block captured, planned, rewritten and compiled once for every layer.
 
-Both ways (``tp_compile(..., regional=True)``, the default, and ``regional=False``: one graph of
+Both ways (``tp_compile(..., regional=True)`` (opt-in) and ``regional=False`` (the default): one graph of
 every layer) must give the same plan, the same collectives (kind, bytes, module, source line, in
 order) and the same numbers as single device. The Inductor side of it (torch 2.13's buffer reuse
 across a region's calls, ``tpcompile/backend.py``) is checked by ``tests/test_parity.py``, which
-trains both example models regionally under Inductor at TP=2 and TP=4.
+trains both example models regionally under Inductor at TP=4 (whole-graph at TP=2).
 """
 import functools
 
@@ -67,7 +67,7 @@ def _trained() -> list:
     gpt_case = functools.partial(train_beside_reference, backend="aot_eager", n_layer=2)
     return run_cases(2, [(functools.partial(gpt_case, regional=True), ("gpt", 2)),
                          (functools.partial(gpt_case, regional=False), ("gpt", 2)),
-                         (hf_models.train_many, ([("llama", {"steps": 2})],))])
+                         (hf_models.train_many, ([("llama", {"steps": 2, "regional": True})],))])
 
 
 def _check(results):

@@ -76,11 +76,12 @@ def test_every_spelling_matches_single_device_on_gloo():
 @pytest.mark.parametrize("world", [2, 4])
 def test_fused_qkv_with_unequal_pieces(world):
     """q [16] bigger than k, v [8 each] (GQA). TP=2: each piece split on its own; TP=4: 2 kv heads
-    cannot be split, so the fused projection stays replicated, with a warning."""
+    for 4 ranks: kv-head copies (the weight stored replicated, each rank's program takes its q rows
+    and the kv head its queries use), the output projection row-parallel, no warning."""
     with fake_group(world_size=world):
         model, x = spellings.make(spellings.FusedQKVGQA)
         model = tpcompile.tp_compile(model, backend="eager")
-        with pytest.warns(tpcompile.TPWarning) if world == 4 else _no_warning():
+        with _no_warning():
             model(x)
         plan = tpcompile.tp_state(model).plan
     qkv, o = plan["qkv.weight"], plan["o.weight"]
@@ -92,7 +93,7 @@ def test_fused_qkv_with_unequal_pieces(world):
         full = spellings.FusedQKVGQA().qkv.weight.detach()  # rank 0 keeps q[:8], k[:4], v[:4]
         assert torch.equal(w, torch.cat([full[:8], full[16:20], full[24:28]]))
     else:
-        assert qkv.style == "replicate" and o.style == "replicate"
+        assert (qkv.style, qkv.kv.sizes, qkv.kv.copies, o.style) == ("kvcopy", (16, 8, 8), (1, 2, 2), "rowwise")
 
 
 @pytest.mark.parametrize("cls", [spellings.FusedQKVReshapeUnbind, spellings.FusedQKVReshapeIndex], ids=lambda c: c.__name__)
@@ -144,10 +145,10 @@ class _no_warning:
 
 
 def test_sdpa_enable_gqa_with_fewer_kv_heads_than_tp_on_gloo():
-    """TP=4, 2 kv heads: k/v projections stay whole (warned), each rank feeds SDPA the kv heads of
-    its own query heads; loss and gradients equal single device."""
+    """TP=4, 2 kv heads: kv-head copies (k / v stored whole, each rank's program takes the one kv head
+    of its query heads and SDPA's GQA runs on it); loss and gradients equal single device."""
     for rank, res in enumerate(run_ranks(spellings.parity_all, 4, ["SDPAEnableGQA"])):
         loss, ref, err, styles = res["SDPAEnableGQA"]
         assert abs(loss - ref) <= 1e-5 * abs(ref) and err <= 1e-5, (rank, loss, ref, err)
         assert styles["q.weight"] == "colwise" and styles["o.weight"] == "rowwise"
-        assert styles["k.weight"] == styles["v.weight"] == "replicate"
+        assert styles["k.weight"] == styles["v.weight"] == styles["k.bias"] == "kvcopy"

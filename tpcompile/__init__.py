@@ -9,6 +9,7 @@ from tpcompile.api import TensorParallel, tp_compile, tp_state
 from tpcompile.pipeline import Collective, GraphRecord
 from tpcompile.checkpoint import full_state_dict, load_checkpoint, save_checkpoint
 from tpcompile.explain import Report, explain
+from tpcompile.pretrained import from_pretrained
 from tpcompile import testing
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "TPParameterError",
     "TPDivergenceError",
     "TPWarning",
+    "from_pretrained",
     "load_checkpoint",
     "save_checkpoint",
     "full_state_dict",

@@ -16,7 +16,7 @@ from tpcompile.errors import TPEagerFallbackError, TPInputMismatchError, TPShard
 from tpcompile.params import TPParameters, watch_optimizers
 from tpcompile.passes.plan import validate_overrides, with_tied_aliases
 from tpcompile.pipeline import GraphRecord, Options
-from tpcompile.twin import Twin, trace_config
+from tpcompile.twin import Twin, state_of, trace_config
 
 
 def _resolve_mesh(group):
@@ -33,32 +33,49 @@ def _resolve_mesh(group):
     return DeviceMesh.from_group(pg, device), pg
 
 
+def _moe_hint(module: nn.Module) -> str:
+    """Hugging Face MoE experts run by their eager per-expert loop (``one_hot`` / ``nonzero`` / a Python
+    loop over the experts hit: a graph break in a loop) never reach a graph: say which spelling does."""
+    cfg = getattr(module, "config", None)
+    if getattr(cfg, "_experts_implementation", None) != "eager":
+        return ""
+    return (" This model's MoE experts use the eager per-expert loop (config._experts_implementation='eager'); "
+            "set model.config._experts_implementation = 'grouped_mm' (or 'batched_mm') before tp_compile: "
+            "both compile into one graph and their experts are sharded (docs/models.md).")
+
+
 class TensorParallel:
     """State behind a tp-compiled module: the TP group, the ghost twin Dynamo traces, the parameters."""
 
     def __init__(self, model: nn.Module, group, plan: dict | None, compile_options: dict, *,
                  sequence_parallel: bool = False, sharded_outputs: bool = False, broadcast_inputs: bool = False,
-                 dump_dir: str | None = None, check_replicas_every: int = 100, regional: bool = True):
+                 fuse_norm: bool | None = None, dump_dir: str | None = None, check_replicas_every: int = 100,
+                 async_tp: bool = False, regional: bool = False):
         validate_overrides(plan or {}, fqns_of(model), type(model).__name__)
         self.mesh, self.group = _resolve_mesh(group)
         self.tp, self.rank = dist.get_world_size(self.group), dist.get_rank(self.group)
         self.broadcast_inputs, self.sharded_outputs = broadcast_inputs, sharded_outputs
         self.twin = Twin(model, self.device, regional=regional and not sequence_parallel)
+        self._moe_hint = _moe_hint(model)
         self.params = TPParameters(model, self.mesh, self.rank, self.tp)
         watch_optimizers(self.params)
         refuse_ddp()
         self.options = Options(self.tp, self.rank, self.group.group_name,
                                overrides=with_tied_aliases(plan or {}, self.twin.aliases),
                                sequence_parallel=sequence_parallel, sharded_outputs=sharded_outputs,
+                               rewrite_one_rank=os.environ.get("TPCOMPILE_TP1_REWRITE") == "1", fuse_norm=fuse_norm,
                                regional=regional)
         self.recorder = Recorder(self.rank, dump_dir or os.environ.get("TPCOMPILE_DUMP_DIR") or None)
         compile_options = dict(compile_options)
         mode = compile_options.pop("backend", "inductor")
         if mode not in USER_MODES:  # "trace" / "plan" are explain's and the planner's
             raise ValueError(f"tp_compile(backend={mode!r}): use 'inductor', 'aot_eager' or 'eager'")
+        inductor_options = _inductor_options(compile_options)
+        if async_tp:
+            inductor_options["_micro_pipeline_tp"] = _async_tp(self.group, mode, sequence_parallel)
         self.compiled, self.twin.compile = compile_twin(
             self.twin, self.params, self.options, mode, self.recorder, mesh=self.mesh, compile_options=compile_options,
-            inductor_options=_inductor_options(compile_options))
+            inductor_options=inductor_options)
         self.data_parallel = ""  # what tp_compile(mesh=...) applied: "shard" | "hsdp" | "replicate"
         self._inputs_checked = False
         self.check_replicas_every, self.calls = check_replicas_every, 0
@@ -103,14 +120,16 @@ class TensorParallel:
     # ----------------------------------------------------------------- the module's forward
     def forward(self, *args, **kwargs):
         self.twin.sync()
-        if self.broadcast_inputs:
+        if self.tp == 1:  # one rank: nothing to broadcast, compare or check (no collective at all)
+            pass
+        elif self.broadcast_inputs:
             args, kwargs = self._broadcast(args, kwargs)
         elif not self._inputs_checked:
             self._check_inputs(args, kwargs)
             self._inputs_checked = True
         self.calls += 1
         every = self.check_replicas_every
-        if every and (self.calls <= 3 or self.calls % every == 0):
+        if every and self.tp > 1 and (self.calls <= 3 or self.calls % every == 0):
             self.params.check_replicas(self.group, self.device)
         n_graphs, n_calls = len(self.records), self.recorder.calls
         try:
@@ -177,7 +196,7 @@ class TensorParallel:
             f"eagerly when it cannot resume it after a graph break (typically one inside a loop), and there a "
             f"parameter is only a memory-free stand-in (NaN); a module call is compiled on its own and stays "
             f"right. Call the module instead of reading its weight (self.lm_head(x), not x @ self.wte.weight.T), "
-            f"or remove the graph break (TORCH_LOGS=graph_breaks shows it)."
+            f"or remove the graph break (TORCH_LOGS=graph_breaks shows it).{self._moe_hint}"
         )
 
     def _broadcast(self, args, kwargs):
@@ -187,7 +206,7 @@ class TensorParallel:
         self._check_inputs(args, kwargs, shapes_only=True)
         out = []
         for x in flat:
-            if isinstance(x, torch.Tensor):
+            if isinstance(x, torch.Tensor) and state_of(x) is None:  # a KV cache's shard is each rank's own
                 x = x.detach().clone().to(self.device)
                 dist.broadcast(x, src=src, group=self.group)
             out.append(x)
@@ -198,7 +217,7 @@ class TensorParallel:
         flat, _ = tree_flatten((args, kwargs))
         h = hashlib.sha256()
         for x in flat:
-            if isinstance(x, torch.Tensor):
+            if isinstance(x, torch.Tensor) and state_of(x) is None:
                 h.update(repr((tuple(x.shape), x.dtype)).encode())
                 if not shapes_only:
                     h.update(x.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
@@ -246,7 +265,34 @@ def _has_nan(out) -> bool:
     """Ghosts are NaN: a result computed on one is NaN (``-inf`` / ``inf`` in a user's output are not ours)."""
     flat, _ = tree_flatten(out)
     flat = [getattr(t, "_local_tensor", t) for t in flat]  # a DTensor output (sharded_outputs): its shard
+    flat = [t[0] if (t := state_of(x)) is not None else x for x in flat]  # a KV cache ghost: its shard
     return any(isinstance(t, torch.Tensor) and t.is_floating_point() and bool(t.isnan().any()) for t in flat)
+
+
+def _async_tp(group, mode: str, sequence_parallel: bool) -> bool:
+    """Turn on Inductor's async TP (``_micro_pipeline_tp``: each SP all-gather -> matmul and
+    matmul -> reduce-scatter becomes one pipelined symmetric-memory op) for ``group``: its
+    symmetric memory is enabled here, which the pass requires. Only SP graphs have those
+    collectives; off CUDA + NCCL Inductor fuses nothing (the graphs are still in its form)."""
+    import warnings
+
+    if not sequence_parallel:
+        raise ValueError("tp_compile(async_tp=True) needs sequence_parallel=True: async TP overlaps the all-gathers "
+                         "and reduce-scatters of sequence parallelism with their matmuls (plain TP's all-reduces "
+                         "do not fuse).")
+    if mode != "inductor":
+        raise ValueError(f"tp_compile(async_tp=True) is an Inductor pass: use backend='inductor', not {mode!r}.")
+    if dist.get_backend(group) == "nccl" and torch.cuda.is_available():
+        from torch.distributed._symmetric_memory import enable_symm_mem_for_group
+
+        with warnings.catch_warnings():  # deprecated in 2.13, but the pass still asks for it
+            warnings.simplefilter("ignore", FutureWarning)
+            enable_symm_mem_for_group(group.group_name)
+    else:
+        warnings.warn(f"tp_compile(async_tp=True): async TP needs CUDA and NCCL; on this {dist.get_backend(group)} "
+                      f"group Inductor fuses nothing (the program is the same as without it).", TPWarning,
+                      stacklevel=4)
+    return True
 
 
 def _inductor_options(compile_options: dict) -> dict:
@@ -271,12 +317,14 @@ def tp_compile(
     sequence_parallel: bool = False,
     sharded_outputs: bool = False,
     broadcast_inputs: bool = False,
+    fuse_norm: bool | None = None,
     example_inputs: Any = None,
     init_weights: Any = None,
     device: Any = None,
     dump_dir: str | None = None,
     check_replicas_every: int = 100,
-    regional: bool = True,
+    async_tp: bool = False,
+    regional: bool = False,
     **compile_options: Any,
 ) -> nn.Module:
     """Make ``model`` run tensor-parallel over ``group`` (default: WORLD), compiled.
@@ -303,6 +351,10 @@ def tp_compile(
     call; the loss is unaffected. Needs the model captured as one graph.
     ``broadcast_inputs``: broadcast every input from the group's first rank each call
     instead of checking, on the first call, that all ranks got the same inputs.
+    ``fuse_norm``: run each row-parallel reduction, the residual add and the RMSNorm after it (and,
+    with SP, the next all-gather) as one op, ``tpcompile::reduce_add_rms_norm`` (Megatron's inference
+    layers; docs/fused_norm.md). ``None`` (default): for graphs captured under ``torch.no_grad()`` /
+    ``inference_mode``; ``True``: training graphs too (the op has a backward); ``False``: never.
     ``example_inputs`` (args tuple, or kwargs dict): plan now rather than on the first call, so
     the parameters are sharded (and a ``meta``-device model's shards allocated, on ``device``,
     default the group's) before ``tp_compile`` returns; ``init_weights`` initialises those:
@@ -310,10 +362,15 @@ def tp_compile(
     ``check_replicas_every``: on the first 3 calls and then every N-th, check that the parameters
     replicated over the TP group are bitwise equal on every rank (one checksum each, one small
     all-gather) and raise ``TPDivergenceError`` naming the first that is not; 0 turns it off.
-    ``regional``: capture, plan and compile the repeated blocks (the largest ``ModuleList`` of one
-    class) once and reuse that program for every layer, so compile time stays flat in depth;
+    ``async_tp``: with ``sequence_parallel=True`` on CUDA + NCCL, Inductor's async TP
+    (``_micro_pipeline_tp``) splits each all-gather -> matmul and matmul -> reduce-scatter into
+    pipelined chunks that overlap communication with compute (symmetric memory is enabled for
+    the TP group); the numbers are unchanged.
+    ``regional=True``: capture, plan and compile the repeated blocks (the largest ``ModuleList`` of
+    one class) once and reuse that program for every layer, so compile time stays flat in depth;
     the plan, collectives and numbers are the whole graph's (a block that is not a TP region of
-    its own, and sequence parallelism, are planned whole). ``False``: one graph, every layer.
+    its own, and sequence parallelism, are planned whole). Off by default until it is checked
+    beside every other feature (fused norms, KV caches, MoE): one graph, every layer.
     ``compile_options``: passed to ``torch.compile`` (``dynamic``, ``fullgraph``, ...; ``mode`` and
     ``options`` go to Inductor); ``backend`` picks what compiles the rewritten graph:
     ``"inductor"`` (default), ``"aot_eager"`` or ``"eager"``.
@@ -325,10 +382,13 @@ def tp_compile(
     if mesh is not None:
         group = _tp_of(mesh, group, example_inputs)
     state = TensorParallel(model, group, plan, compile_options, sequence_parallel=sequence_parallel,
-                           sharded_outputs=sharded_outputs, broadcast_inputs=broadcast_inputs, dump_dir=dump_dir,
-                           check_replicas_every=check_replicas_every, regional=regional)
+                           sharded_outputs=sharded_outputs, broadcast_inputs=broadcast_inputs, fuse_norm=fuse_norm,
+                           dump_dir=dump_dir, check_replicas_every=check_replicas_every, async_tp=async_tp,
+                           regional=regional)
     model._tp_state = state
     model.forward = state.forward
+    if callable(getattr(model, "generate", None)):  # Hugging Face generation
+        model.generate = _generating(model.generate, state)
     from tpcompile import checkpoint  # checkpoint-facing side: state dicts, meta-device models
 
     checkpoint.install_state_dict_hooks(model)
@@ -336,6 +396,36 @@ def tp_compile(
     if mesh is not None:
         state.data_parallel = apply_data_parallel(model, mesh)
     return model
+
+
+def same_rng_on_tp_ranks(state: TensorParallel) -> None:
+    """Give every TP rank the first rank's RNG state (CPU, and CUDA on an NCCL group).
+
+    Sampled tokens are inputs of the next step: a rank that draws another token computes another
+    sequence, and the collectives then mix the two (the inference version of the silent TP bug).
+    The logits every rank samples from are bitwise the same (gathered, or combined by the
+    vocab-parallel sampler), so with the same generator state every rank draws the same token."""
+    src = dist.get_global_rank(state.group, 0)
+    cpu = torch.get_rng_state()
+    t = cpu.to(state.device)
+    dist.broadcast(t, src=src, group=state.group)
+    torch.set_rng_state(t.cpu())
+    if state.device.type == "cuda":
+        g = torch.cuda.get_rng_state().to(state.device)
+        dist.broadcast(g, src=src, group=state.group)
+        torch.cuda.set_rng_state(g.cpu())
+
+
+def _generating(generate, state: TensorParallel):
+    """``model.generate`` that starts from one RNG state on every TP rank (``same_rng_on_tp_ranks``)."""
+    import functools
+
+    @functools.wraps(generate)
+    def tp_generate(*args, **kwargs):
+        same_rng_on_tp_ranks(state)
+        return generate(*args, **kwargs)
+
+    return tp_generate
 
 
 def _tp_of(mesh, group, example_inputs):

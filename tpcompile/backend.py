@@ -25,6 +25,7 @@ import torch.fx as fx
 from tpcompile.errors import TPShardingError, TPWarning
 from tpcompile.passes.graph_utils import value
 from tpcompile.passes.placements import local_size
+from tpcompile.twin import state_ghost, state_ghost_register, state_of
 from tpcompile.pipeline import Collective, GraphRecord, Options, collectives_of, communication_floor, tp_program
 
 USER_MODES = ("inductor", "aot_eager", "eager")  # what a user's ``backend=`` may be
@@ -78,15 +79,37 @@ def output_zeros(gm: fx.GraphModule) -> Callable:
     """A stand-in for ``gm`` returning zeros of its outputs' logical shapes, computing nothing.
 
     Call it on the captured graph (before the passes): the values Dynamo recorded there are
-    what the rank's program returns, so code after a graph break still traces.
+    what the rank's program returns, so code after a graph break still traces. A dynamic graph's
+    output sizes are expressions of its inputs' sizes: they are evaluated on each call's inputs.
     """
     out = next(n for n in gm.graph.nodes if n.op == "output")
     vals = torch.utils._pytree.tree_map(lambda n: value(n) if isinstance(n, fx.Node) else n, out.args[0])
+    inputs = [value(n) for n in gm.graph.nodes if n.op == "placeholder"]
 
-    def zeros(v):
-        return torch.zeros(v.shape, dtype=v.dtype, device=v.device) if isinstance(v, torch.Tensor) else v
+    def bindings(args) -> dict:
+        known = {}
+        for v, a in zip(inputs, args):
+            if isinstance(v, torch.SymInt):
+                known[v.node.expr] = int(a)
+            elif isinstance(v, torch.Tensor) and isinstance(a, torch.Tensor):
+                for s, n in zip(v.shape, a.shape):
+                    if isinstance(s, torch.SymInt) and s.node.expr.is_Symbol:
+                        known[s.node.expr] = int(n)
+        return known
 
-    return lambda *args: torch.utils._pytree.tree_map(zeros, vals)
+    def size(s, known: dict) -> int:
+        return int(s.node.expr.xreplace(known)) if isinstance(s, torch.SymInt) else s
+
+    def zeros(v, known: dict):
+        if not isinstance(v, torch.Tensor):
+            return size(v, known) if isinstance(v, torch.SymInt) else v
+        return torch.zeros([size(s, known) for s in v.shape], dtype=v.dtype, device=v.device)
+
+    def stand_in(*args):
+        known = bindings(args)
+        return torch.utils._pytree.tree_map(lambda v: zeros(v, known), vals)
+
+    return stand_in
 
 
 @dataclass
@@ -158,7 +181,13 @@ class Backend:
         return _live_backend, (self._key,)
 
     def options_for(self, fqns) -> Options:
-        return replace(self.options, known={f: self.params.layouts[f] for f in fqns if f in self.params.layouts})
+        """The pipeline's options for one graph: the layouts already stored, and whether to fuse the
+        norms (``fuse_norm=None``: when captured under ``no_grad``; Dynamo guards on grad mode, so a
+        call with gradients gets a graph of its own, unfused unless ``fuse_norm=True``)."""
+        grad = torch.is_grad_enabled()
+        fuse = (not grad) if self.options.fuse_norm is None else self.options.fuse_norm
+        return replace(self.options, fuse_norm=fuse, needs_backward=grad,
+                       known={f: self.params.layouts[f] for f in fqns if f in self.params.layouts})
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list) -> Callable:
         mode, twin, params, rec = self.mode, self.twin, self.params, self.recorder
@@ -166,7 +195,9 @@ class Backend:
         param_fqns = {i: twin.fqn_of[id(ex)] for i, ex in enumerate(example_inputs) if id(ex) in twin.fqn_of}
         names = {n.name: twin.names[id(ex)] for n, ex in zip(placeholders, example_inputs) if id(ex) in twin.names}
         stand_in = output_zeros(gm) if mode in ("trace", "plan") else None
-        program = tp_program(gm, param_fqns, self.options_for(param_fqns.values()), names, plan_only=mode == "plan")
+        state_in = {i: st[1] for i, ex in enumerate(example_inputs) if (st := state_of(ex)) is not None}
+        program = tp_program(gm, param_fqns, self.options_for(param_fqns.values()), names, plan_only=mode == "plan",
+                             state=state_in)
         for lay in program.layouts.values():
             params.apply(lay)
         index = list(program.layouts)
@@ -186,6 +217,9 @@ class Backend:
             # fakify the local shard ourselves, with static shapes: left to AOTAutograd it gets
             # fresh symbols with no source, and a shape guard on one of them fails to build
             inputs[i] = fake_mode.from_tensor(t, static_shapes=True) if fake_mode is not None else t
+        adopted = {i: p for i, p in program.adopted.items() if i not in state_in}
+        for i, p in {**state_in, **adopted}.items():  # a KV cache shard: the logical sizes (symbolic kept), its dim cut
+            inputs[i] = _local_like(value(placeholders[i]), p, self.options.tp, fake_mode)
         try:
             compiled = _compile(gm, inputs, record, mode, on_graph, stand_in, self.inductor_options)
         except torch._dynamo.exc.RestartAnalysis:
@@ -194,16 +228,66 @@ class Backend:
             rec.records.remove(record)
             raise
         sharded, opts, mesh = program.sharded_outputs, self.options, self.mesh
+        state_out = program.state_outputs
 
         def run(*args):
             rec.calls += 1
             args = list(args)
             for i, t in zip(index, params.program_locals([fqn_of[id(args[i])] for i in index], layouts)):
                 args[i] = t
+            for i in state_in:
+                args[i] = _state_local(args[i], state_in[i])
+            for i, p in adopted.items():  # a module buffer written with sharded values: held as its shard
+                args[i] = _adopt(args[i], p, opts.rank, opts.tp)
             out = compiled(*args)
+            if state_out:
+                out = list(out)
+                for i, (p, _) in state_out.items():
+                    shape = list(out[i].shape)
+                    shape[p.dim] = state_out[i][1][p.dim]  # heads: static, the logical count
+                    out[i] = state_ghost(out[i], tuple(shape), p)
             return outputs_as_dtensors(out, sharded, mesh, opts.rank, opts.tp) if sharded else out
 
         return run
+
+
+def _local_like(fake, placement, tp: int, fake_mode):
+    """A fake of this rank's shard of a state input whose logical fake (Dynamo's, symbolic sizes
+    kept: a cache grows every token) is ``fake``."""
+    sizes = list(fake.shape)
+    sizes[placement.dim] = placement.local(sizes[placement.dim], tp)  # heads: static
+    if fake_mode is None:
+        return torch.empty(sizes, dtype=fake.dtype, device=fake.device)
+    with fake_mode:
+        return torch.empty(sizes, dtype=fake.dtype, device=fake.device)
+
+
+def _state_local(t: torch.Tensor, placement) -> torch.Tensor:
+    """The shard a state ghost stands for (contiguous: the layout the program was compiled for)."""
+    st = state_of(t)
+    if st is None or st[1] != placement:
+        raise TPShardingError(
+            f"tpcompile: a sharded state input (a KV cache, placement {placement}) was replaced by another tensor "
+            f"({'a plain tensor' if st is None else st[1]}) between calls of a compiled graph. Pass back the cache "
+            f"the model returned; rebuild it (reset the cache) to start over.")
+    return st[0].contiguous()
+
+
+def _adopt(t: torch.Tensor, placement, rank: int, tp: int) -> torch.Tensor:
+    """This rank's shard of a module buffer (a hand-written KV cache) that the program writes with
+    sharded values: the buffer object itself becomes a state ghost of the same shape (its whole
+    memory is freed), so every later graph takes it back sharded."""
+    st = state_of(t)
+    if st is not None:
+        return _state_local(t, placement)
+    full = t.shape[placement.dim]
+    local = t.detach().narrow(placement.dim, placement.start(full, rank, tp), placement.local(full, tp)).clone()
+    shape = tuple(t.shape)
+    ghost = state_ghost(local, shape, placement)
+    with torch.no_grad():
+        t.set_(ghost.untyped_storage(), 0, shape, [0] * len(shape))
+    state_ghost_register(t, local, placement)
+    return local
 
 
 _KEYS = itertools.count()

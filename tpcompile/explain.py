@@ -63,6 +63,7 @@ class Report:
         width = max((len(c.module) for c in self.collectives), default=0)
         return "\n".join(
             f"{c.phase:<8} {c.kind:<14} {_bytes(c.nbytes):>10}  {c.module or '(model)':<{width}}  {c.source}"
+            + (f"  [fused: {c.fused}]" if c.fused else "")
             for c in self.collectives
         ) + "\n"
 
@@ -71,6 +72,8 @@ class Report:
         rows = []
         for fqn, pp in self.params.items():
             shard = "" if pp.style == "replicate" else f"dim {pp.dim}" + (f" x{pp.chunks} fused" if pp.chunks > 1 else "")
+            if pp.kv is not None:  # stored whole; the program takes its kv head's rows
+                shard = f"dim {pp.kv.dim} rows " + "+".join(f"{s.start}:{s.start + s.length}" for s in pp.program_rows(0)) + " (rank 0)"
             local = "" if pp.local_shape == pp.full_shape else f" -> {list(pp.local_shape)}"
             if getattr(pp, "padded_shape", None):
                 local += f" (padded to {list(pp.padded_shape)})"
@@ -103,6 +106,11 @@ class Report:
             total = sum(x.nbytes for x in mine) if all(x.nbytes >= 0 for x in mine) else -1  # -1: symbolic sizes
             lines.append(f"  {ph:<8} {kinds}; {_bytes(total)}")
             lines.append(f"           floor {sum(floor.values())} ({why}): {verdict}")
+        fused = [f for r in self.records for f in r.fused_norms]
+        if fused:
+            sp = " + all-gather" if fused[0].sequence_parallel else ""
+            lines += ["", f"fused: {len(fused)} x reduce{sp} + residual add + RMSNorm in one op "
+                          f"(tpcompile::reduce_add_rms_norm), at:", *(f"  {f.source}" for f in fused)]
         lines += ["", "where they come from:", *("  " + r for r in self.collectives_summary().splitlines())]
         lines += ["", "warnings:" if self.warnings else "warnings: none", *("  " + w for w in self.warnings)]
         return "\n".join(lines)
@@ -125,15 +133,17 @@ def explain(
     rank: int = 0,
     sequence_parallel: bool = False,
     plan: dict[str, str] | None = None,
+    fuse_norm: bool | None = None,
     dump_dir: str | None = None,
-    regional: bool = True,
+    regional: bool = False,
     **kwargs: Any,
 ) -> Report:
     """Plan, rewrite and trace ``model(*args, **kwargs)`` as rank ``rank`` of ``world_size``.
 
     One process, no GPU, no torchrun: a fake process group stands in for the TP group.
     The model is not modified (its parameters stay bitwise the same; one built on
-    ``meta`` stays on ``meta``). ``plan`` and ``regional``: as ``tp_compile`` takes them.
+    ``meta`` stays on ``meta``). ``plan``, ``fuse_norm``, ``regional``: as ``tp_compile`` takes them (called under
+    ``torch.no_grad()``, the norms are fused by default, as ``tp_compile`` fuses them).
     """
     if getattr(model, "_tp_state", None) is not None:
         raise RuntimeError("explain() takes the plain model, before tp_compile (this one is already tensor-parallel).")
@@ -161,7 +171,7 @@ def explain(
         params = StandinParameters(twin)
         options = Options(world_size, rank, dist.group.WORLD.group_name,
                           overrides=with_tied_aliases(plan or {}, twin.aliases), sequence_parallel=sequence_parallel,
-                          regional=regional)
+                          fuse_norm=fuse_norm, regional=regional)
         recorder = Recorder(rank, dump_dir)
         compiled, twin.compile = compile_twin(twin, params, options, "trace", recorder)
         twin.sync()

@@ -19,15 +19,17 @@ import torch.fx as fx
 
 from tpcompile.dump import readable_code
 from tpcompile.errors import TPWarning
-from tpcompile.passes.graph_utils import module_path, source_line
+from tpcompile.passes.graph_utils import module_path, source_line, value
+from tpcompile.passes.fused_norm import FUSED_OP, fuse_norms
 from tpcompile.passes.inline_checkpoint import inline_checkpoints
 from tpcompile.passes.layout import ParamPlan
 from tpcompile.passes.normalize import normalize
+from tpcompile.passes.placements import Partial, Shard
 from tpcompile.passes.plan import GraphPlan, _style_for_fqn, make_plan
 from tpcompile.passes.regional import block_prefix, body_of, inline_regions, is_region, operands, region_calls
-from tpcompile.passes.rewrite import rewrite
+from tpcompile.passes.rewrite import kv_copy_key, rewrite, token_source, whole_grad_inputs
 from tpcompile.passes.sequence_parallel import floor_with_sp, sequence_parallel
-from tpcompile.passes.sharded_outputs import keep_outputs_sharded
+from tpcompile.passes.sharded_outputs import keep_outputs_sharded, keep_state_sharded
 
 COLLECTIVES = {
     "all_reduce": "all_reduce",
@@ -47,8 +49,13 @@ class Options:
     overrides: dict = field(default_factory=dict)
     sequence_parallel: bool = False
     sharded_outputs: bool = False
-    regional: bool = True  # plan a repeated block's region (invoke_subgraph) once for every layer
+    regional: bool = False  # plan a repeated block's region (invoke_subgraph) once for every layer
+    rewrite_one_rank: bool = False  # keep the TP program at tp=1 (TPCOMPILE_TP1_REWRITE=1: one-GPU checks)
     known: dict = field(default_factory=dict)  # FQN -> ParamPlan already stored (an earlier graph's)
+    # fuse each row-parallel reduction + residual add + RMSNorm into one op (passes/fused_norm.py).
+    # None: decided per graph by the backend (on when captured under no_grad)
+    fuse_norm: bool | None = None
+    needs_backward: bool = True  # the graph will be differentiated (captured with gradients enabled)
 
 
 @dataclass
@@ -58,6 +65,7 @@ class Collective:
     nbytes: int
     source: str  # the user's file:line `code`
     module: str = ""  # FQN of the module it serves ("" = the top module)
+    fused: str = ""  # the fused op it runs inside ("reduce_add_rms_norm"), "" for a plain collective
 
 
 @dataclass
@@ -77,6 +85,7 @@ class GraphRecord:
     ends_at: str = ""  # the user's source line of the graph's last op (where a graph break, if any, is)
     exit_mappings: list = field(default_factory=list)  # mapping ops that make outputs whole at the graph's end
     regions: dict = field(default_factory=dict)  # subgraph name -> block prefix per call, planned once for all
+    fused_norms: list = field(default_factory=list)  # passes.fused_norm.FusedNorm, one per fused reduction
 
 
 @dataclass
@@ -87,6 +96,8 @@ class Program:
     record: GraphRecord
     layouts: dict[int, ParamPlan]  # placeholder index -> layout of the parameter it takes
     sharded_outputs: dict = field(default_factory=dict)  # output index -> (dim, full size), kept sharded
+    state_outputs: dict = field(default_factory=dict)  # output index -> (placement, logical shape): a KV cache
+    adopted: dict = field(default_factory=dict)  # placeholder index -> placement: a module buffer held sharded
 
 
 def collectives_of(gm: fx.GraphModule, phase: str, prefixes: dict | None = None) -> list[Collective]:
@@ -106,6 +117,8 @@ def collectives_of(gm: fx.GraphModule, phase: str, prefixes: dict | None = None)
                 at = sites[k if phase == "forward" else len(sites) - 1 - k] if k < len(sites) else sites[0]
                 inner = [replace(c, module=_rebase(c.module, sites[0], at)) for c in inner]
             out += inner
+        if n.op == "call_function" and n.target is FUSED_OP:  # its collectives run inside the op
+            out += _fused_collectives(n, phase)
             continue
         if n.op != "call_function" or getattr(n.target, "namespace", None) != "_c10d_functional":
             continue
@@ -133,6 +146,19 @@ def _rebase(module: str, first: str, at: str) -> str:
     return at + module[len(first):] if first and module.startswith(first) else module
 
 
+def _fused_collectives(n: fx.Node, phase: str) -> list[Collective]:
+    """The all-reduce (no SP) or reduce-scatter + all-gather (SP) of a ``reduce_add_rms_norm`` node."""
+    partial, sp_dim = n.args[0].meta.get("val"), n.args[4]
+    normed = n.meta.get("val")[0] if isinstance(n.meta.get("val"), (tuple, list)) else None
+
+    def nbytes(t):
+        return t.numel() * t.element_size() if isinstance(t, torch.Tensor) and not _symbolic(t) else -1
+
+    kinds = [("all_reduce", partial)] if sp_dim is None else [("reduce_scatter", partial), ("all_gather", normed)]
+    return [Collective(k, phase, int(nbytes(t)), source_line(n), module_path(n), fused="reduce_add_rms_norm")
+            for k, t in kinds]
+
+
 def _symbolic(t: torch.Tensor) -> bool:
     return any(isinstance(s, torch.SymInt) for s in t.shape)
 
@@ -145,21 +171,41 @@ def communication_floor(plan: GraphPlan) -> dict:
     """Megatron's minimum for this plan: per phase, how many collectives and why.
 
     Forward: one reduction per row-parallel linear and per vocab-parallel embedding, one
-    collective per vocab-parallel loss. Backward: one reduction of the input gradient per
-    distinct activation that feeds column-parallel linears (q, k, v share one).
+    collective per vocab-parallel loss, one per MoE layer after its weighted combine. Backward: one
+    reduction of the input gradient per distinct activation that feeds column-parallel linears
+    (q, k, v share one; experts count the tokens before dispatch), one of the gradient of each
+    replicated weight that kv-head copies are taken from (``kv_copy_weights``), and one per whole
+    value that scales a pending sum (MoE routing weights, a shared expert's gate: each rank's
+    summand gives a summand of their gradient).
     """
     kinds = [ni.kind for ni in plan.prop.info.values()]
-    col_inputs = {n.args[0] for n, ni in plan.prop.info.items() if ni.kind == "colwise"}
-    fwd = {"row-parallel linear": kinds.count("rowwise"), "vocab-parallel embedding": kinds.count("vocab"),
-           "vocab-parallel loss": kinds.count("vocab_ce")}
-    bwd = {"column-parallel input": len(col_inputs)}
+    col_inputs = {(token_source(n.args[0])[1] if ni.extra.get("grouped") else n.args[0])
+                  for n, ni in plan.prop.info.items() if ni.kind in ("colwise", "kvcopy")}
+    pending = sum(1 for ni in plan.prop.info.values() if ni.kind == "rowwise" and ni.extra.get("pending"))
+    fwd = {"row-parallel linear": kinds.count("rowwise") - pending, "vocab-parallel embedding": kinds.count("vocab"),
+           "vocab-parallel loss": kinds.count("vocab_ce"), "expert combine": kinds.count("expert_rowwise")}
+    # whole values scaling a pending sum (MoE routing weights, a shared expert's gate): summands of their gradient
+    scales = {x for n, ni in plan.prop.info.items() if isinstance(ni.out, Partial) for x in whole_grad_inputs(n, ni)}
+    bwd = {"column-parallel input": len(col_inputs), "kv-copy weight gradient": kv_copy_weights(plan),
+           "scale of a pending sum": len(scales)}
     return {"forward": {k: v for k, v in fwd.items() if v}, "backward": {k: v for k, v in bwd.items() if v}}
 
 
+def kv_copy_weights(plan: GraphPlan) -> int:
+    """Groups (``rewrite.kv_copy_key``: the k / v weights and biases of one attention) of replicated values
+    needing a gradient that kv-head copies are taken from: one backward all-reduce each."""
+    groups = {kv_copy_key(n, ni) for n, ni in plan.prop.info.items() for x, need in ni.need.items()
+              if isinstance(need, Shard) and need.copies and not isinstance(plan.prop.placement(x), Shard)
+              and getattr(value(x), "requires_grad", False)}
+    return len(groups)
+
+
 def plan_graph(gm: fx.GraphModule, fqns: dict, tp: int, overrides: dict,
-               known: dict | None = None, buffers: set | None = None) -> tuple[GraphPlan, list[str]]:
+               known: dict | None = None, buffers: set | None = None,
+               state: dict | None = None) -> tuple[GraphPlan, list[str]]:
     """The graph passes before any sharding: inline checkpointed blocks, normalize, plan.
-    ``buffers``: the placeholders that are module buffers (state, not the user's inputs).
+    ``buffers``: the placeholders that are module buffers (state, not the user's inputs);
+    ``state``: placeholder -> placement of sharded state inputs (a KV cache an earlier graph returned).
 
     Returns the plan and warnings of the inlining (selective policies not honoured).
     """
@@ -170,14 +216,15 @@ def plan_graph(gm: fx.GraphModule, fqns: dict, tp: int, overrides: dict,
         for line, selective in inline_checkpoints(gm) if selective
     ]
     normalize(gm, set(fqns))
-    return make_plan(gm, tp, fqns, overrides, known, buffers), notes
+    return make_plan(gm, tp, fqns, overrides, known, buffers, state), notes
 
 
 def tp_program(gm: fx.GraphModule, param_fqns: dict[int, str], options: Options, names: dict[str, str] | None = None,
-               plan_only: bool = False) -> Program:
+               plan_only: bool = False, state: dict | None = None) -> Program:
     """Plan ``gm`` (placeholder index -> parameter FQN in ``param_fqns``) and, unless ``plan_only``,
     rewrite it in place into rank ``options.rank``'s program. Warns (``TPWarning``) for every part
-    left replicated or made whole."""
+    left replicated or made whole. ``state``: placeholder index -> placement of the sharded state
+    (KV cache) inputs; outputs that grow it stay sharded (``Program.state_outputs``)."""
     t0 = time.perf_counter()
     names = names or {}
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -186,7 +233,8 @@ def tp_program(gm: fx.GraphModule, param_fqns: dict[int, str], options: Options,
     fqns = {placeholders[i]: f for i, f in param_fqns.items()}
     original_code = readable_code(gm.graph, names)
     buffers = {n for n in placeholders if n.name in names and n not in fqns}
-    plan, notes = plan_graph(gm, fqns, options.tp, options.overrides, options.known, buffers)
+    state_nodes = {placeholders[i]: p for i, p in (state or {}).items()}
+    plan, notes = plan_graph(gm, fqns, options.tp, options.overrides, options.known, buffers, state_nodes)
     layouts = {i: plan.params[placeholders[i]] for i in param_fqns}
     fallbacks = [_warn_fallback(n, plan) for n in plan.prop.fallbacks]
     fallbacks += [_warn_unsupported(n, mods) for n, mods in plan.unsupported.items()]
@@ -196,13 +244,22 @@ def tp_program(gm: fx.GraphModule, param_fqns: dict[int, str], options: Options,
     fallbacks += [_warn_subgraph(n, fqns) for n in gm.graph.nodes
                   if n.op == "call_function" and isinstance(n.target, torch._ops.HigherOrderOperator)
                   and not is_region(n)]
-    floor = _add_floors(communication_floor(plan), regions.floors)
+    rewritten = not plan_only and (options.tp > 1 or options.sharded_outputs or options.rewrite_one_rank)
+    floor = _add_floors(communication_floor(plan), regions.floors) if rewritten or plan_only \
+        else {"forward": {}, "backward": {}}
     sharded: dict = {}
-    if not plan_only:
+    fused: list = []
+    kept_state: dict = {}
+    # one rank: every shard is the whole tensor and every mapping op an identity, so the captured
+    # graph is the program (torch.compile's); sharded_outputs keeps the rewrite for its DTensor outputs,
+    # and TPCOMPILE_TP1_REWRITE=1 keeps it to check the TP program on one GPU (make gpu-check)
+    if rewritten:
         rewrite(gm, plan, options.group_name, options.rank)
+        kept_state = keep_state_sharded(gm, set(state_nodes), plan.prop.info)
         if options.sequence_parallel:
             sp = sequence_parallel(gm, options.group_name, options.tp, options.rank)
-            floor = floor_with_sp(sp, floor["forward"].get("vocab-parallel loss", 0))
+            floor = floor_with_sp(sp, floor["forward"].get("vocab-parallel loss", 0), kv_copy_weights(plan))
+        fused = fuse_norms(gm, options.group_name, options.needs_backward) if options.fuse_norm else []
         sharded = keep_outputs_sharded(gm) if options.sharded_outputs else {}
     record = GraphRecord(
         {pp.fqn: pp for pp in plan.params.values()}, original_code, readable_code(gm.graph, names), fallbacks,
@@ -214,10 +271,13 @@ def tp_program(gm: fx.GraphModule, param_fqns: dict[int, str], options: Options,
     record.graph_code += regions.code
     record.regions = regions.calls
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    record.fused_norms = fused
     record.exit_mappings = [n.meta["tp_mapping"] for n in out_node.all_input_nodes if "tp_mapping" in n.meta]
     last = [n for n in gm.graph.nodes if n.op == "call_function" and n.meta.get("stack_trace")]
     record.ends_at = source_line(last[-1]) if last else ""
-    return Program(gm, record, layouts, sharded)
+    adopted = {i: plan.prop.info[n].out for i, n in enumerate(placeholders)
+               if n in plan.prop.info and plan.prop.info[n].kind == "shard_buffer"}
+    return Program(gm, record, layouts, sharded, kept_state, adopted)
 
 
 @dataclass
@@ -248,7 +308,7 @@ def _regions(gm: fx.GraphModule, placeholders: list, param_fqns: dict, options: 
     calls = region_calls(gm)
     if not calls:
         return out
-    keep = options.regional and not options.sequence_parallel
+    keep = options.regional and not options.sequence_parallel and options.tp > 1  # one rank: torch.compile
     index = {n: i for i, n in enumerate(placeholders)}
     for name, sites in calls.items():
         site_fqns = [{j: param_fqns[index[a]] for j, a in enumerate(operands(c))

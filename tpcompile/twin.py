@@ -212,3 +212,66 @@ def _through_user_hooks(twin: nn.Module, args: tuple, kwargs: dict):
             user.forward = saved
         else:
             del user.forward
+
+
+# --------------------------------------------------------------------------- sharded state
+# A KV cache lives outside the graph (Hugging Face's DynamicCache holds the ``cat`` of past and
+# new k / v as Python state): the graph returns it and takes it back on the next call. Made
+# whole at the graph's end it would cost an all-gather per layer per token and tp times the
+# memory. Instead the backend returns it as a *state ghost*: a memory-free tensor of the logical
+# shape (what Dynamo traces and guards on, like a parameter's ghost) that carries this rank's
+# shard; a graph taking it back swaps the shard in and starts it with the same placement.
+_STATE: "torch.utils.weak.WeakIdKeyDictionary" = None  # ghost -> (local shard, placement)
+
+
+def _state_table():
+    global _STATE
+    if _STATE is None:
+        from torch.utils.weak import WeakIdKeyDictionary
+
+        _STATE = WeakIdKeyDictionary()
+    return _STATE
+
+
+def state_ghost(local: torch.Tensor, shape: tuple, placement: Any) -> torch.Tensor:
+    """A NaN ghost of logical ``shape`` standing for ``local``, this rank's shard (``placement``).
+    Not a view (``expand`` would be one): Dynamo replays a view from its base, whose sizes then
+    never turn symbolic, and a growing cache would recompile every token."""
+    one = torch.full((1,), float("nan") if local.is_floating_point() else 0, dtype=local.dtype, device=local.device)
+    g = torch.empty(0, dtype=local.dtype, device=local.device).set_(one.untyped_storage(), 0, shape, [0] * len(shape))
+    state_ghost_register(g, local, placement)
+    return g
+
+
+def state_ghost_register(g: torch.Tensor, local: torch.Tensor, placement: Any) -> None:
+    """``g`` (a ghost: NaN, stride 0) stands for ``local`` from now on."""
+    _state_table()[g] = (local, placement)
+
+
+def state_of(t: Any) -> tuple | None:
+    """(local shard, placement) if ``t`` is a state ghost, else None."""
+    return _state_table().get(t) if isinstance(t, torch.Tensor) else None
+
+
+def state_bytes(obj: Any) -> tuple[int, int]:
+    """(bytes this rank holds, logical bytes) of the state ghosts and plain tensors in ``obj``
+    (a Hugging Face cache, a list of tensors): what a KV cache costs per rank."""
+    seen, held, logical = set(), 0, 0
+    stack = [obj]
+    while stack:
+        x = stack.pop()
+        if id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, torch.Tensor):
+            st = state_of(x)
+            local = st[0] if st else x
+            held += local.numel() * local.element_size()
+            logical += x.numel() * x.element_size()
+        elif isinstance(x, dict):
+            stack.extend(x.values())
+        elif isinstance(x, (list, tuple)):
+            stack.extend(x)
+        elif hasattr(x, "__dict__") and not isinstance(x, (type, nn.Module)):
+            stack.extend(vars(x).values())
+    return held, logical

@@ -11,6 +11,7 @@ on torch's own test Transformer (common_dtensor.Transformer):
     dtensor-lossp     the same, compiled, the LM head left sharded and the loss under loss_parallel()
     tpcompile         tpcompile.tp_compile(model), nothing else
     tpcompile-sp      tpcompile.tp_compile(model, sequence_parallel=True)
+    tpcompile-whole   tpcompile.tp_compile(model, regional=False): one graph of every layer (the depth sweep)
 and on Hugging Face's LlamaForCausalLM of the same size (a random-weight checkpoint saved first):
     hf-single         from_pretrained(path), one device, torch.compile
     hf-auto           from_pretrained(path, tp_plan="auto"): HF's own TP plan, eager
@@ -19,6 +20,7 @@ and on Hugging Face's LlamaForCausalLM of the same size (a random-weight checkpo
     python benchmarks/bench_tp.py                       # TP=2, small: the issue's target row
     python benchmarks/bench_tp.py --tp 1 2 4 --sizes small medium
     python benchmarks/bench_tp.py --quick               # fewer steps, for a smoke run
+    python benchmarks/bench_tp.py --depth-only          # only compile time vs depth (2, 4, 8, 16 layers)
 
 Writes docs/benchmarks.md (markdown tables, every figure also as a ratio to tpcompile) and
 docs/img/*.png. Every configuration starts with an empty Inductor cache, so "compile" is
@@ -41,7 +43,7 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -56,6 +58,7 @@ torchvision_without_kernels()  # transformers imports torchvision when it and pi
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CONFIGS = ["single", "dtensor-eager", "dtensor-compiled", "dtensor-lossp", "tpcompile", "tpcompile-sp"]
+DEPTH_CONFIGS = ["dtensor-compiled", "tpcompile", "tpcompile-whole"]  # compile time vs depth
 HF_CONFIGS = ["hf-single", "hf-auto", "hf-tpcompile"]  # the Llama table: HF's own model under each
 
 
@@ -253,7 +256,8 @@ def setup(config: str, size: Size, world: int, device, hf_path: str | None):
     info: dict = {}
     seen: list = []  # collectives recorded by a compiler (compiled configs)
     ctx = contextlib.nullcontext
-    if config in ("single", "dtensor-eager", "dtensor-compiled", "dtensor-lossp", "tpcompile", "tpcompile-sp"):
+    if config in ("single", "dtensor-eager", "dtensor-compiled", "dtensor-lossp", "tpcompile", "tpcompile-sp",
+                  "tpcompile-whole"):
         model = WithLoss(build_transformer(size)).to(device)
     if config == "single":
         fwd = torch.compile(model, backend=recording_inductor(seen))
@@ -270,7 +274,8 @@ def setup(config: str, size: Size, world: int, device, hf_path: str | None):
     elif config.startswith("tpcompile"):
         import tpcompile
 
-        model = tpcompile.tp_compile(model, sequence_parallel=config == "tpcompile-sp")
+        model = tpcompile.tp_compile(model, sequence_parallel=config == "tpcompile-sp",
+                                     regional=config != "tpcompile-whole")
         fwd = model
     elif config.startswith("hf"):
         from transformers import LlamaForCausalLM
@@ -594,10 +599,16 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tp", type=int, nargs="+", default=[2], help="TP degrees (the scaling grid)")
     p.add_argument("--sizes", nargs="+", default=["small"], choices=list(SIZES), help="model sizes (the grid)")
-    p.add_argument("--configs", nargs="+", default=CONFIGS, choices=CONFIGS,
+    p.add_argument("--configs", nargs="+", default=CONFIGS, choices=CONFIGS + ["tpcompile-whole"],
                    help="configurations at the headline point (first size, TP=2 if listed, else the first TP)")
     p.add_argument("--scaling-configs", nargs="+", default=["single", "dtensor-compiled", "tpcompile"],
-                   choices=CONFIGS, help="configurations at every other point of the grid")
+                   choices=CONFIGS + ["tpcompile-whole"], help="configurations at every other point of the grid")
+    p.add_argument("--depths", type=int, nargs="*", default=[2, 4, 8, 16],
+                   help="layer counts of the compile-time-vs-depth sweep (first size, headline TP); none: skip it")
+    p.add_argument("--depth-configs", nargs="+", default=DEPTH_CONFIGS, choices=CONFIGS + ["tpcompile-whole"])
+    p.add_argument("--depth-steps", type=int, default=2, help="timed steps per depth point (after 1 warm-up)")
+    p.add_argument("--depth-only", action="store_true",
+                   help="run only the depth sweep and replace its section of --out (the rest of the file is kept)")
     p.add_argument("--hf", action=argparse.BooleanOptionalAction, default=True,
                    help="at the headline point, HF's LlamaForCausalLM: single device, tp_plan='auto' and "
                         "tpcompile (the same model in all three, so the ratios compare like with like)")
@@ -625,14 +636,18 @@ def main(argv: list[str] | None = None) -> int:
     raw: dict = {}
     single: dict = {}  # size -> the single-device row (the same for every TP degree)
 
-    def one(size_name: str, tp: int, config: str, hf_path: str | None):
-        size = SIZES[size_name]
-        if config == "single" and size_name in single:
+    def one(size_name: str, tp: int, config: str, hf_path: str | None, layers: int | None = None):
+        size = SIZES[size_name] if layers is None else replace(SIZES[size_name], n_layers=layers)
+        if config == "single" and size_name in single and layers is None:
             return single[size_name]
         world = 1 if config in ("single", "hf-single") else tp
         t = time.perf_counter()
-        out = spawn(world, config, size, warmup, args.steps, hf_path, args.timeout,
-                    args.profile and (size_name, tp) == head)
+        if layers is None:
+            out = spawn(world, config, size, warmup, args.steps, hf_path, args.timeout,
+                        args.profile and (size_name, tp) == head)
+        else:  # the depth sweep: compile time is the figure; a short steady phase checks the losses
+            out = spawn(world, config, size, 2, args.depth_steps, hf_path, args.timeout)
+            size_name = f"{size_name}/{layers} layers"
         dt = time.perf_counter() - t
         if isinstance(out, str):
             print(f"[{size_name} tp={tp}] {config}: n/a ({dt:.0f} s)\n{out}", flush=True)
@@ -642,9 +657,27 @@ def main(argv: list[str] | None = None) -> int:
             row = summarise(out, size)
             print(f"[{size_name} tp={tp}] {config}: compile {row['compile_s']:.1f} s, step {row['step_ms']:.1f} ms, "
                   f"loss {row['lossK']:.4f} ({dt:.0f} s)", flush=True)
-        if config == "single":
+        if config == "single" and layers is None:
             single[size_name] = row
         return row
+
+    depth: dict = {}  # layers -> {config: summary | reason}
+
+    def run_depths() -> None:
+        for layers in args.depths:
+            depth[layers] = {}
+            for config in args.depth_configs:
+                depth[layers][config] = one(head[0], head[1], config, None, layers)
+                if args.json:
+                    with open(args.json, "w") as f:
+                        json.dump(raw, f, indent=1, default=str)
+
+    if args.depth_only:
+        run_depths()
+        imgs = depth_plot(depth, args.img, head)
+        replace_depth_section(args.out, depth_section(args, cmd, head, depth, imgs, time.perf_counter() - started))
+        print(f"wrote the depth section of {args.out} and {', '.join(imgs)} in {time.perf_counter() - started:.0f} s")
+        return 0
 
     hf_rows: dict = {}
     grid = [(n, t) for n in args.sizes for t in args.tp]
@@ -682,10 +715,128 @@ def main(argv: list[str] | None = None) -> int:
         for config in args.scaling_configs:
             results[(size_name, tp)][config] = one(size_name, tp, config, None)
             flush()
+    run_depths()
     imgs = flush(final=True)
+    imgs += depth_plot(depth, args.img, head)
+    if depth:
+        with open(args.out, "a") as f:
+            f.write("\n" + depth_section(args, cmd, head, depth, imgs, time.perf_counter() - started, own_header=False))
     total = time.perf_counter() - started
     print(f"wrote {args.out} and {', '.join(imgs)} in {total:.0f} s")
     return 0
+
+
+# ----------------------------------------------------------------------------- compile time vs depth
+DEPTH_START, DEPTH_END = "<!-- depth sweep: start -->", "<!-- depth sweep: end -->"
+
+
+def depth_verdict(depth: dict) -> list[str]:
+    """Issue 17's targets: tpcompile's compile at the deepest point <= 0.35x DTensor compiled's, and
+    its growth from 4 layers to the deepest <= 1.3x."""
+    ok = {d: rows for d, rows in depth.items() if all(isinstance(rows.get(c), dict) for c in ("tpcompile", "dtensor-compiled"))}
+    if not ok:
+        return []
+    deep = max(ok)
+    t, d = ok[deep]["tpcompile"]["compile_s"], ok[deep]["dtensor-compiled"]["compile_s"]
+    out = [f"Targets (issue 17), first step (compile) at {deep} layers: tpcompile / dtensor-compiled {t / d:.2f}x "
+           f"({'met' if t / d <= 0.35 else 'missed'}: <= 0.35x)"]
+    if 4 in ok and deep > 4:
+        g = t / ok[4]["tpcompile"]["compile_s"]
+        gd = d / ok[4]["dtensor-compiled"]["compile_s"]
+        out[0] += (f"; growth from 4 to {deep} layers: tpcompile {g:.2f}x ({'met' if g <= 1.3 else 'missed'}: "
+                   f"<= 1.3x), dtensor-compiled {gd:.2f}x")
+    return [out[0] + ".", ""]
+
+
+def depth_table(depth: dict) -> str:
+    configs = list(dict.fromkeys(c for rows in depth.values() for c in rows))
+    lines = ["| layers | " + " | ".join(f"{c} compile s" for c in configs) + " | tpcompile / dtensor-compiled "
+             "| tpcompile / tpcompile-whole | losses at step K equal |", "|" + "---|" * (len(configs) + 4)]
+    for layers, rows in depth.items():
+        cells = [f"{rows[c]['compile_s']:.1f}" if isinstance(rows.get(c), dict) else f"n/a: {rows.get(c)}"
+                 for c in configs]
+        t = rows.get("tpcompile")
+
+        def rat(other):
+            o = rows.get(other)
+            return _ratio(t["compile_s"], o["compile_s"]) if isinstance(t, dict) and isinstance(o, dict) else "–"
+
+        losses = [r["lossK"] for r in rows.values() if isinstance(r, dict)]
+        same = all(abs(x - losses[0]) <= 1e-4 * abs(losses[0]) for x in losses) if losses else False
+        lines.append(f"| {layers} | " + " | ".join(cells) + f" | {rat('dtensor-compiled')} | {rat('tpcompile-whole')} "
+                     f"| {'yes' if same else 'NO'} ({', '.join(f'{x:.4f}' for x in losses)}) |")
+    return "\n".join(lines)
+
+
+def depth_plot(depth: dict, img_dir: str, head: tuple) -> list[str]:
+    try:
+        import matplotlib
+    except ImportError:
+        return []
+    if not depth:
+        return []
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(img_dir, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    configs = list(dict.fromkeys(c for rows in depth.values() for c in rows))
+    style = {"tpcompile": ("tab:red", "o-"), "tpcompile-whole": ("tab:orange", "s--"),
+             "dtensor-compiled": ("tab:blue", "^-")}
+    for c in configs:
+        pts = [(d, rows[c]["compile_s"]) for d, rows in depth.items() if isinstance(rows.get(c), dict)]
+        if pts:
+            color, fmt = style.get(c, ("tab:gray", "x-"))
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], fmt, color=color, label=c)
+    ax.set_xlabel("layers")
+    ax.set_ylabel("first step (compile), s")
+    ax.set_xticks(sorted(depth))
+    ax.set_ylim(bottom=0)
+    ax.set_title(f"compile time vs depth: {head[0]} width, TP={head[1]}, empty Inductor cache", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = os.path.join(img_dir, "compile_vs_depth.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return [path]
+
+
+def _load() -> str:
+    try:
+        return "load average (1/5/15 min) %.1f / %.1f / %.1f" % os.getloadavg()
+    except OSError:
+        return "load average n/a"
+
+
+def depth_section(args, cmd: str, head: tuple, depth: dict, imgs: list, total: float, own_header: bool = True) -> str:
+    size = SIZES[head[0]]
+    L = [DEPTH_START, f"## Compile time vs depth: torch's test Transformer, {head[0]} width (dim {size.dim}, "
+         f"{size.n_heads} heads, vocab {size.vocab}, batch {size.batch}x{size.seq}), TP={head[1]}", ""]
+    if own_header:
+        L += [f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}; machine: {machine()}; "
+              f"{args.threads or 'cores // ranks'} intra-op thread(s) per rank; torch {torch.__version__}",
+              f"- command: `{cmd}` ({total / 60:.1f} min in all); {_load()} at the end of the run", ""]
+    L += ["Every point is fresh processes with an empty Inductor cache (`TORCHINDUCTOR_CACHE_DIR` a new directory "
+          "per configuration); the figure is the first step (Dynamo, the rewrite, AOTAutograd and Inductor for "
+          "forward and backward, plus one step). `tpcompile` compiles each repeated block once (`regional=True`"
+          f"); `tpcompile-whole` is `tp_compile(model, regional=False)`. Then 1 warm-up "
+          f"and {args.depth_steps} timed steps; the losses at the last step must agree.", "",
+          depth_table(depth), ""] + depth_verdict(depth)
+    L += [f"![compile_vs_depth.png](img/{os.path.basename(i)})" for i in imgs if i.endswith("compile_vs_depth.png")]
+    L += ["", DEPTH_END, ""]
+    return "\n".join(L)
+
+
+def replace_depth_section(path: str, section: str) -> None:
+    """Put ``section`` in place of the depth sweep's section of ``path`` (appended if it has none)."""
+    text = open(path).read() if os.path.exists(path) else ""
+    if DEPTH_START in text and DEPTH_END in text:
+        a, b = text.index(DEPTH_START), text.index(DEPTH_END) + len(DEPTH_END)
+        text = text[:a] + section.rstrip("\n") + text[b:]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    with open(path, "w") as f:
+        f.write(text)
 
 
 def scaling_table(results: dict) -> str:

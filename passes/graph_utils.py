@@ -52,7 +52,11 @@ def module_path(node: fx.Node) -> str:
     stack = node.meta.get("nn_module_stack") or node.meta.get("fwd_nn_module_stack") or {}
     if not stack:
         return ""
-    path = list(stack.values())[-1][0]
+    return stack_fqn(list(stack.values())[-1][0])
+
+
+def stack_fqn(path: str) -> str:
+    """A module path of ``nn_module_stack`` (``L['self']._modules['h']._modules['0']...``) as an FQN."""
     path = re.sub(r"^L\['self'\]", "", path)
     path = path.replace(".forward.__self__", "")  # through a twin module's forward (tpcompile/twin.py)
     path = re.sub(r"\._modules\['([^']+)'\]|\[['\"]?([^\]'\"]+)['\"]?\]", lambda m: "." + (m.group(1) or m.group(2)), path)

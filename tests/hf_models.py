@@ -102,7 +102,8 @@ def make_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
 
 def train_hf_beside_reference(rank: int, world: int, family: str, steps: int = 3, lr: float = 0.1,
                               backend: str = "aot_eager", batch: tuple = (2, 16), dtype=None,
-                              autocast: bool = False, grad_ckpt: dict | None = None, **overrides) -> dict:
+                              autocast: bool = False, grad_ckpt: dict | None = None, regional: bool = False,
+                              **overrides) -> dict:
     """SGD steps of a tp-compiled HF model and its single-device copy (``models_common.train_beside``),
     called the HF way: ``model(input_ids=..., labels=...)``, two ignored positions per row.
 
@@ -130,12 +131,13 @@ def train_hf_beside_reference(rank: int, world: int, family: str, steps: int = 3
         out["plan"] = {fqn: (pp.style, pp.dim, pp.chunks, pp.local_shape, pp.padded_shape) for fqn, pp in st.plan.items()}
         out["collectives"] = [(phase, kind) for _, phase, kind in out["collectives"]]
         out["floor_why"] = [r.floor for r in st.records]
+        out["regions"] = [r.regions for r in st.records]  # subgraph -> block prefix per call (regional compilation)
         bw = [n for r in st.records for ph, g in r.compiled_graphs if ph == "backward" for n in g.graph.nodes]
         out["recomputed"] = sum(n.meta.get("recompute") == torch.utils.checkpoint.CheckpointPolicy.PREFER_RECOMPUTE
                                 for n in bw if n.op == "call_function")
 
     return train_beside(rank, world, model, batches, lambda m, b: m(input_ids=b[0], labels=b[1]), lr=lr,
-                        autocast=autocast, report=report, backend=backend)
+                        autocast=autocast, report=report, backend=backend, regional=regional)
 
 
 def train_many(rank: int, world: int, cases: list) -> list:

@@ -63,6 +63,7 @@ def train_beside(rank: int, world: int, model: torch.nn.Module, batches: list, l
     out["collectives"] = [(r_i, c.phase, c.kind) for r_i, r in enumerate(st.records) for c in r.collectives]
     out["floor"] = [{ph: sum(why.values()) for ph, why in r.floor.items()} for r in st.records]
     out["n_graphs"] = len(st.records)
+    out["regions"] = [r.regions for r in st.records]  # subgraph -> block prefix per call (regional compilation)
     out["warnings"] = [str(w.message) for w in caught if issubclass(w.category, tpcompile.TPWarning)]
     if report is not None:
         report(tp, ref, out)

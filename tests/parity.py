@@ -13,7 +13,7 @@ import tpcompile
 
 def train_beside_reference(rank: int, world: int, model_name: str, steps: int = 5, lr: float = 0.1,
                            backend: str = "inductor", plan: dict | None = None, sequence_parallel: bool = False,
-                           **overrides) -> dict:
+                           regional: bool = False, **overrides) -> dict:
     """``steps`` SGD steps of tp and single-device copies of ``examples/<model_name>.py``
     (``models_common.train_beside``) on random batches of the example's shapes.
 
@@ -35,9 +35,10 @@ def train_beside_reference(rank: int, world: int, model_name: str, steps: int = 
         out["plan"] = {fqn: pp.style for fqn, pp in st.plan.items()}
         out["collectives"] = [(phase, kind) for _, phase, kind in out["collectives"]]
         out["warnings"] = [m for r in st.records for m in r.fallbacks]
+        out["regions"] = [r.regions for r in st.records]  # subgraph -> block prefix per call (regional compilation)
 
     return train_beside(rank, world, model, batches, lambda m, b: m(*b), lr=lr, report=report,
-                        backend=backend, plan=plan, sequence_parallel=sequence_parallel)
+                        backend=backend, plan=plan, sequence_parallel=sequence_parallel, regional=regional)
 
 
 def stored_slice(model, fqn: str, full: torch.Tensor, rank: int) -> torch.Tensor:

@@ -14,10 +14,14 @@ from parity import train_beside_reference
 MODELS = ["gpt", "llama"]
 
 
+REGIONAL = {2: False, 4: True}  # TP=4 with regional compilation (Inductor reuses one block program), TP=2 whole
+
+
 @functools.cache
 def _gloo(world: int) -> dict:
     """Both example models at one TP degree in one gloo job."""
-    return dict(zip(MODELS, run_cases(world, [(train_beside_reference, (m, 5)) for m in MODELS])))
+    cases = [(train_beside_reference, (m, 5, 0.1, "inductor", None, False, REGIONAL[world])) for m in MODELS]
+    return dict(zip(MODELS, run_cases(world, cases)))
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -33,3 +37,6 @@ def test_training_matches_single_device(model_name, world):
     plan = results[0]["plan"]
     assert "rowwise" in plan.values() and "colwise" in plan.values() and "vocab" in plan.values()
     assert results[0]["warnings"] == []
+    # at TP=4 regional compilation is what ran: one block program for both layers, under Inductor
+    blocks = ["h.0.", "h.1."] if model_name == "gpt" else ["layers.0.", "layers.1."]
+    assert [list(r.values()) for r in results[0]["regions"]] == ([[blocks]] if REGIONAL[world] else [[]])

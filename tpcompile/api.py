@@ -50,12 +50,12 @@ class TensorParallel:
     def __init__(self, model: nn.Module, group, plan: dict | None, compile_options: dict, *,
                  sequence_parallel: bool = False, sharded_outputs: bool = False, broadcast_inputs: bool = False,
                  fuse_norm: bool | None = None, dump_dir: str | None = None, check_replicas_every: int = 100,
-                 async_tp: bool = False):
+                 async_tp: bool = False, regional: bool = False):
         validate_overrides(plan or {}, fqns_of(model), type(model).__name__)
         self.mesh, self.group = _resolve_mesh(group)
         self.tp, self.rank = dist.get_world_size(self.group), dist.get_rank(self.group)
         self.broadcast_inputs, self.sharded_outputs = broadcast_inputs, sharded_outputs
-        self.twin = Twin(model, self.device)
+        self.twin = Twin(model, self.device, regional=regional and not sequence_parallel)
         self._moe_hint = _moe_hint(model)
         self.params = TPParameters(model, self.mesh, self.rank, self.tp)
         watch_optimizers(self.params)
@@ -63,7 +63,8 @@ class TensorParallel:
         self.options = Options(self.tp, self.rank, self.group.group_name,
                                overrides=with_tied_aliases(plan or {}, self.twin.aliases),
                                sequence_parallel=sequence_parallel, sharded_outputs=sharded_outputs,
-                               rewrite_one_rank=os.environ.get("TPCOMPILE_TP1_REWRITE") == "1", fuse_norm=fuse_norm)
+                               rewrite_one_rank=os.environ.get("TPCOMPILE_TP1_REWRITE") == "1", fuse_norm=fuse_norm,
+                               regional=regional)
         self.recorder = Recorder(self.rank, dump_dir or os.environ.get("TPCOMPILE_DUMP_DIR") or None)
         compile_options = dict(compile_options)
         mode = compile_options.pop("backend", "inductor")
@@ -106,7 +107,8 @@ class TensorParallel:
         self.twin.compile, self.twin.regions = plan_regions, {}
         try:
             with torch._dynamo.config.patch(**self._trace_config):
-                planner(*args, **kwargs)  # the same Dynamo settings as forward: the same graphs
+                # the same Dynamo settings as forward: the same graphs
+                without_regions_on_break(self.twin, lambda: planner(*args, **kwargs))
         except torch._dynamo.exc.BackendCompilerFailed as e:
             inner = getattr(e, "inner_exception", None)
             if inner is not None:
@@ -132,7 +134,7 @@ class TensorParallel:
         n_graphs, n_calls = len(self.records), self.recorder.calls
         try:
             with torch._dynamo.config.patch(**self._trace_config):
-                out = self.compiled(*args, **kwargs)
+                out = without_regions_on_break(self.twin, lambda: self.compiled(*args, **kwargs))
         except torch._dynamo.exc.BackendCompilerFailed as e:
             inner = getattr(e, "inner_exception", None)
             if isinstance(inner, (TPShardingError, ValueError, NotImplementedError, RuntimeError)):
@@ -234,6 +236,26 @@ class TensorParallel:
             )
 
 
+def without_regions_on_break(twin: Twin, call):
+    """``call()``; if Dynamo cannot capture a repeated block as one region (a graph break inside
+    it), say so and run it again with the blocks traced inline (each graph planned on its own, as
+    without regional compilation)."""
+    try:
+        return call()
+    except torch._dynamo.exc.UncapturedHigherOrderOpError as e:
+        if not twin.regional:
+            raise
+        import warnings
+
+        first = str(e).split("Got graph break/error:", 1)[-1].strip().splitlines()
+        warnings.warn(f"tpcompile: regional compilation is off for this model: a repeated block does not trace as "
+                      f"one graph ({first[0] if first else 'a graph break'}). Each layer is compiled in the model's "
+                      f"graph(s) instead (correct; compile time grows with depth). Remove the graph break inside "
+                      f"the block (TORCH_LOGS=graph_breaks) to compile it once.", TPWarning, stacklevel=4)
+        twin.regional_off()
+        return call()
+
+
 def fqns_of(model: nn.Module) -> list[str]:
     """The names ``plan=`` patterns are matched against: every parameter, tied ones under each name."""
     return [n for n, _ in model.named_parameters(remove_duplicate=False)]
@@ -302,6 +324,7 @@ def tp_compile(
     dump_dir: str | None = None,
     check_replicas_every: int = 100,
     async_tp: bool = False,
+    regional: bool = False,
     **compile_options: Any,
 ) -> nn.Module:
     """Make ``model`` run tensor-parallel over ``group`` (default: WORLD), compiled.
@@ -343,6 +366,11 @@ def tp_compile(
     (``_micro_pipeline_tp``) splits each all-gather -> matmul and matmul -> reduce-scatter into
     pipelined chunks that overlap communication with compute (symmetric memory is enabled for
     the TP group); the numbers are unchanged.
+    ``regional=True``: capture, plan and compile the repeated blocks (the largest ``ModuleList`` of
+    one class) once and reuse that program for every layer, so compile time stays flat in depth;
+    the plan, collectives and numbers are the whole graph's (a block that is not a TP region of
+    its own, and sequence parallelism, are planned whole). Off by default until it is checked
+    beside every other feature (fused norms, KV caches, MoE): one graph, every layer.
     ``compile_options``: passed to ``torch.compile`` (``dynamic``, ``fullgraph``, ...; ``mode`` and
     ``options`` go to Inductor); ``backend`` picks what compiles the rewritten graph:
     ``"inductor"`` (default), ``"aot_eager"`` or ``"eager"``.
@@ -355,7 +383,8 @@ def tp_compile(
         group = _tp_of(mesh, group, example_inputs)
     state = TensorParallel(model, group, plan, compile_options, sequence_parallel=sequence_parallel,
                            sharded_outputs=sharded_outputs, broadcast_inputs=broadcast_inputs, fuse_norm=fuse_norm,
-                           dump_dir=dump_dir, check_replicas_every=check_replicas_every, async_tp=async_tp)
+                           dump_dir=dump_dir, check_replicas_every=check_replicas_every, async_tp=async_tp,
+                           regional=regional)
     model._tp_state = state
     model.forward = state.forward
     if callable(getattr(model, "generate", None)):  # Hugging Face generation

@@ -135,13 +135,14 @@ def explain(
     plan: dict[str, str] | None = None,
     fuse_norm: bool | None = None,
     dump_dir: str | None = None,
+    regional: bool = False,
     **kwargs: Any,
 ) -> Report:
     """Plan, rewrite and trace ``model(*args, **kwargs)`` as rank ``rank`` of ``world_size``.
 
     One process, no GPU, no torchrun: a fake process group stands in for the TP group.
     The model is not modified (its parameters stay bitwise the same; one built on
-    ``meta`` stays on ``meta``). ``plan``, ``fuse_norm``: as ``tp_compile`` takes them (called under
+    ``meta`` stays on ``meta``). ``plan``, ``fuse_norm``, ``regional``: as ``tp_compile`` takes them (called under
     ``torch.no_grad()``, the norms are fused by default, as ``tp_compile`` fuses them).
     """
     if getattr(model, "_tp_state", None) is not None:
@@ -156,7 +157,7 @@ def explain(
         raise ValueError(f"explain(rank={rank}) must be in [0, {world_size}).")
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from tpcompile.api import fqns_of
+    from tpcompile.api import fqns_of, without_regions_on_break
 
     validate_overrides(plan or {}, fqns_of(model), type(model).__name__)
 
@@ -165,11 +166,12 @@ def explain(
     try:
         # the same capture and pipeline as tp_compile; stand-in parameters, so the model is never
         # touched, and the "trace" backend builds the forward and backward graphs and runs nothing
-        twin = Twin(model, torch.device("cpu"), meta_buffers_as_ghosts=True)
+        twin = Twin(model, torch.device("cpu"), meta_buffers_as_ghosts=True,
+                    regional=regional and not sequence_parallel)
         params = StandinParameters(twin)
         options = Options(world_size, rank, dist.group.WORLD.group_name,
                           overrides=with_tied_aliases(plan or {}, twin.aliases), sequence_parallel=sequence_parallel,
-                          fuse_norm=fuse_norm)
+                          fuse_norm=fuse_norm, regional=regional)
         recorder = Recorder(rank, dump_dir)
         compiled, twin.compile = compile_twin(twin, params, options, "trace", recorder)
         twin.sync()
@@ -177,7 +179,7 @@ def explain(
             warnings.simplefilter("always")
             with torch._dynamo.config.patch(**trace_config()):
                 try:
-                    compiled(*args, **kwargs)
+                    without_regions_on_break(twin, lambda: compiled(*args, **kwargs))
                 except torch._dynamo.exc.BackendCompilerFailed as e:
                     raise getattr(e, "inner_exception", None) or e from None
     finally:

@@ -8,9 +8,11 @@ they do with the result (compile it, trace it, or only store the layouts) is the
 """
 from __future__ import annotations
 
+import copy
+import re
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.fx as fx
@@ -22,9 +24,9 @@ from tpcompile.passes.fused_norm import FUSED_OP, fuse_norms
 from tpcompile.passes.inline_checkpoint import inline_checkpoints
 from tpcompile.passes.layout import ParamPlan
 from tpcompile.passes.normalize import normalize
-from tpcompile.passes.placements import Shard
-from tpcompile.passes.plan import GraphPlan, make_plan
-from tpcompile.passes.placements import Partial
+from tpcompile.passes.placements import Partial, Shard
+from tpcompile.passes.plan import GraphPlan, _style_for_fqn, make_plan
+from tpcompile.passes.regional import block_prefix, body_of, inline_regions, is_region, operands, region_calls
 from tpcompile.passes.rewrite import kv_copy_key, rewrite, token_source, whole_grad_inputs
 from tpcompile.passes.sequence_parallel import floor_with_sp, sequence_parallel
 from tpcompile.passes.sharded_outputs import keep_outputs_sharded, keep_state_sharded
@@ -47,6 +49,7 @@ class Options:
     overrides: dict = field(default_factory=dict)
     sequence_parallel: bool = False
     sharded_outputs: bool = False
+    regional: bool = False  # plan a repeated block's region (invoke_subgraph) once for every layer
     rewrite_one_rank: bool = False  # keep the TP program at tp=1 (TPCOMPILE_TP1_REWRITE=1: one-GPU checks)
     known: dict = field(default_factory=dict)  # FQN -> ParamPlan already stored (an earlier graph's)
     # fuse each row-parallel reduction + residual add + RMSNorm into one op (passes/fused_norm.py).
@@ -81,6 +84,7 @@ class GraphRecord:
     compiled_graphs: list = field(default_factory=list)  # (phase, fx.GraphModule) Inductor / AOT compiled
     ends_at: str = ""  # the user's source line of the graph's last op (where a graph break, if any, is)
     exit_mappings: list = field(default_factory=list)  # mapping ops that make outputs whole at the graph's end
+    regions: dict = field(default_factory=dict)  # subgraph name -> block prefix per call, planned once for all
     fused_norms: list = field(default_factory=list)  # passes.fused_norm.FusedNorm, one per fused reduction
 
 
@@ -96,10 +100,23 @@ class Program:
     adopted: dict = field(default_factory=dict)  # placeholder index -> placement: a module buffer held sharded
 
 
-def collectives_of(gm: fx.GraphModule, phase: str) -> list[Collective]:
-    """The ``_c10d_functional`` collectives of a post-AOTAutograd graph, in order."""
+def collectives_of(gm: fx.GraphModule, phase: str, prefixes: dict | None = None) -> list[Collective]:
+    """The ``_c10d_functional`` collectives of a post-AOTAutograd graph, in order; a region's
+    (``invoke_subgraph``) once per call. ``prefixes``: subgraph identifier -> block prefix of each
+    call in forward order (``GraphRecord.regions``), so a collective of the region names the
+    layer it ran for (the body was traced from the first block)."""
     out = []
+    seen: dict = {}
     for n in gm.graph.nodes:
+        if is_region(n):
+            body = getattr(gm, n.args[0].target)
+            inner = collectives_of(body, phase, prefixes)
+            sites = _sites(n.args[1], prefixes or {})
+            if sites:
+                k = seen[n.args[1]] = seen.get(n.args[1], -1) + 1
+                at = sites[k if phase == "forward" else len(sites) - 1 - k] if k < len(sites) else sites[0]
+                inner = [replace(c, module=_rebase(c.module, sites[0], at)) for c in inner]
+            out += inner
         if n.op == "call_function" and n.target is FUSED_OP:  # its collectives run inside the op
             out += _fused_collectives(n, phase)
             continue
@@ -114,6 +131,19 @@ def collectives_of(gm: fx.GraphModule, phase: str) -> list[Collective]:
         nbytes = val.numel() * val.element_size() if isinstance(val, torch.Tensor) and not _symbolic(val) else -1
         out.append(Collective(kind, phase, int(nbytes), source_line(n), module_path(n)))
     return out
+
+
+def _sites(identifier: str, prefixes: dict) -> list:
+    """The call prefixes of the region an AOT graph's ``invoke_subgraph`` identifier stands for
+    (AOTAutograd names them after Dynamo's subgraph: ``___forward_subgraph_0_post_graph``, ...)."""
+    for name, sites in prefixes.items():
+        if re.search(rf"(^|_){re.escape(name)}(_|$)", identifier):
+            return sites
+    return []
+
+
+def _rebase(module: str, first: str, at: str) -> str:
+    return at + module[len(first):] if first and module.startswith(first) else module
 
 
 def _fused_collectives(n: fx.Node, phase: str) -> list[Collective]:
@@ -198,6 +228,8 @@ def tp_program(gm: fx.GraphModule, param_fqns: dict[int, str], options: Options,
     t0 = time.perf_counter()
     names = names or {}
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    regions = _regions(gm, placeholders, param_fqns, options, names, plan_only)
+    param_fqns = {i: f for i, f in param_fqns.items() if i not in regions.layouts}
     fqns = {placeholders[i]: f for i, f in param_fqns.items()}
     original_code = readable_code(gm.graph, names)
     buffers = {n for n in placeholders if n.name in names and n not in fqns}
@@ -210,9 +242,11 @@ def tp_program(gm: fx.GraphModule, param_fqns: dict[int, str], options: Options,
         warnings.warn(msg, TPWarning, stacklevel=2)
         fallbacks.append(msg)
     fallbacks += [_warn_subgraph(n, fqns) for n in gm.graph.nodes
-                  if n.op == "call_function" and isinstance(n.target, torch._ops.HigherOrderOperator)]
+                  if n.op == "call_function" and isinstance(n.target, torch._ops.HigherOrderOperator)
+                  and not is_region(n)]
     rewritten = not plan_only and (options.tp > 1 or options.sharded_outputs or options.rewrite_one_rank)
-    floor = communication_floor(plan) if rewritten or plan_only else {"forward": {}, "backward": {}}
+    floor = _add_floors(communication_floor(plan), regions.floors) if rewritten or plan_only \
+        else {"forward": {}, "backward": {}}
     sharded: dict = {}
     fused: list = []
     kept_state: dict = {}
@@ -231,6 +265,11 @@ def tp_program(gm: fx.GraphModule, param_fqns: dict[int, str], options: Options,
         {pp.fqn: pp for pp in plan.params.values()}, original_code, readable_code(gm.graph, names), fallbacks,
         time.perf_counter() - t0, floor, names, gm,
     )
+    layouts.update(regions.layouts)
+    record.plan.update(regions.plan)
+    record.fallbacks[:0] = regions.fallbacks
+    record.graph_code += regions.code
+    record.regions = regions.calls
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
     record.fused_norms = fused
     record.exit_mappings = [n.meta["tp_mapping"] for n in out_node.all_input_nodes if "tp_mapping" in n.meta]
@@ -239,6 +278,85 @@ def tp_program(gm: fx.GraphModule, param_fqns: dict[int, str], options: Options,
     adopted = {i: plan.prop.info[n].out for i, n in enumerate(placeholders)
                if n in plan.prop.info and plan.prop.info[n].kind == "shard_buffer"}
     return Program(gm, record, layouts, sharded, kept_state, adopted)
+
+
+@dataclass
+class Regions:
+    """What the regions of a graph contribute to its program: the layouts of the outer placeholders
+    that feed them (every layer's parameters), their plan, floors, code and fallbacks."""
+
+    layouts: dict = field(default_factory=dict)  # outer placeholder index -> ParamPlan
+    plan: dict = field(default_factory=dict)  # fqn -> ParamPlan, every call site's
+    floors: list = field(default_factory=list)  # (floor of one call, number of calls)
+    fallbacks: list = field(default_factory=list)
+    code: str = ""
+    calls: dict = field(default_factory=dict)  # subgraph name -> block prefix of each call ("h.0.", ...)
+
+
+def _regions(gm: fx.GraphModule, placeholders: list, param_fqns: dict, options: Options, names: dict,
+             plan_only: bool) -> Regions:
+    """Plan and rewrite each repeated block's subgraph once, for all its call sites; inline the
+    ones that cannot be (``passes/regional.py`` says when).
+
+    A region is kept only when the block is a TP region of its own: its outputs come back
+    replicated (no mapping at the end of the subgraph), its parameters feed nothing but its
+    calls, every call site has the same overrides and any layout already stored for a call's
+    parameters is the first call's. Otherwise (or with sequence parallelism, where the
+    residual stream between blocks is sharded over tokens) the calls are inlined and the graph
+    is planned whole, as without regions: the same plan, collectives and numbers either way."""
+    out = Regions()
+    calls = region_calls(gm)
+    if not calls:
+        return out
+    keep = options.regional and not options.sequence_parallel and options.tp > 1  # one rank: torch.compile
+    index = {n: i for i, n in enumerate(placeholders)}
+    for name, sites in calls.items():
+        site_fqns = [{j: param_fqns[index[a]] for j, a in enumerate(operands(c))
+                      if isinstance(a, fx.Node) and index.get(a) in param_fqns} for c in sites]
+        own = all(all(is_region(u) for u in a.users) for c in sites for a in operands(c)
+                  if isinstance(a, fx.Node) and index.get(a) in param_fqns)
+        same = all(f.keys() == site_fqns[0].keys() and
+                   all(_style_for_fqn(f[j], options.overrides) == _style_for_fqn(site_fqns[0][j], options.overrides)
+                       for j in f) for f in site_fqns)
+        rebase = {c: (block_prefix(list(site_fqns[0].values())), block_prefix(list(f.values())))
+                  for c, f in zip(sites, site_fqns)}
+        if not (keep and own and same):
+            inline_regions(gm, {name}, rebase)
+            continue
+        body = body_of(gm, sites[0])
+        backup = fx.GraphModule(body, copy.deepcopy(body.graph))
+        sub_ph = [p for p in body.graph.nodes if p.op == "placeholder"]
+        sub_names = {p.name: names[a.name] for p, a in zip(sub_ph, operands(sites[0]))
+                     if isinstance(a, fx.Node) and a.name in names}
+        sub = tp_program(body, site_fqns[0], replace(options, sharded_outputs=False), sub_names, plan_only)
+        site_layouts = [{j: replace(sub.layouts[j], fqn=f[j]) for j in f} for f in site_fqns]
+        stored_elsewhere = any(f in options.known and options.known[f] != lay for s in site_layouts
+                               for f, lay in ((lay.fqn, lay) for lay in s.values()))
+        if sub.record.exit_mappings or stored_elsewhere or sub.sharded_outputs:
+            setattr(gm, name, backup)
+            inline_regions(gm, {name}, rebase)
+            continue
+        for c, lays in zip(sites, site_layouts):
+            for j, lay in lays.items():
+                out.layouts[index[operands(c)[j]]] = lay
+                out.plan[lay.fqn] = lay
+        out.floors.append((sub.record.floor, len(sites)))
+        out.fallbacks += sub.record.fallbacks
+        out.calls[name] = [block_prefix(list(f.values())) for f in site_fqns]
+        out.code += f"\n# {name}: one block, called {len(sites)} times\n" + sub.record.graph_code
+    return out
+
+
+def _add_floors(floor: dict, more: list) -> dict:
+    out = {phase: dict(v) for phase, v in floor.items()}
+    for sub, times in more:
+        for phase, reasons in sub.items():
+            for reason, n in reasons.items():
+                out.setdefault(phase, {})
+                out[phase][reason] = out[phase].get(reason, 0) + n * times
+    order = ("row-parallel linear", "vocab-parallel embedding", "vocab-parallel loss")  # communication_floor's
+    return {ph: dict(sorted(v.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
+            for ph, v in out.items()}
 
 
 def _warn_unsupported(node: fx.Node, modules: list) -> str:

@@ -64,6 +64,21 @@ def _twin_forward(self, *args, **kwargs):
     return type(self).forward(self, *args, **kwargs)
 
 
+def _block_forward(self, *args, **kwargs):
+    """A repeated block's forward (regional compilation): its body is a compile region, traced
+    once and called for every layer (``passes/regional.py``)."""
+    if self._tp_route:
+        return _through_user_hooks(self, args, kwargs)
+    return self.__dict__["_tp_block_region"](self, *args, **kwargs)
+
+
+def _block_body(module: nn.Module, *args, **kwargs):
+    # the module is an operand of the region, not the bound ``self`` of a method: Dynamo reuses a
+    # region traced from a bound method for another instance with the *first* instance's
+    # parameters (checked, torch 2.13: silently wrong), an operand module lifts its own
+    return type(module).forward(module, *args, **kwargs)
+
+
 _COPIES: dict[tuple, Callable] = {}
 
 
@@ -93,7 +108,8 @@ def position_of(fqn: str) -> str:
 class Twin:
     """The ghost copy of a user model, and the map from its ghosts back to parameter FQNs."""
 
-    def __init__(self, model: nn.Module, device: torch.device, meta_buffers_as_ghosts: bool = False):
+    def __init__(self, model: nn.Module, device: torch.device, meta_buffers_as_ghosts: bool = False,
+                 regional: bool = False):
         memo: dict[int, Any] = {}
         self.fqn_of: dict[int, str] = {}  # id(ghost) -> FQN of the parameter it stands for
         self.names: dict[int, str] = {}  # ghost / buffer id -> FQN, for readable graphs
@@ -113,15 +129,32 @@ class Twin:
         self.compile: Callable | None = None  # set by the owner: fn -> torch.compile(fn, backend=...)
         self.regions: dict[Callable, Callable] = {}
         names = {m: n for n, m in self.module.named_modules()}  # a module registered twice: its first name
+        from tpcompile.data_parallel import find_blocks
+
+        blocks = {id(b) for b in find_blocks(self.module)} if regional else set()
+        self.regional = len(blocks) > 1
+        self._blocks: list[tuple[nn.Module, str]] = []  # (twin block, position): regional forwards
         for i, (user, twin) in enumerate(self.pairs):
             if i == 0 or type(twin).forward is nn.Module.forward:
                 continue  # the root (its hooks already ran: the user called it) and containers
             position = position_of(names.get(twin, ""))
             twin._tp_route = False
-            twin.forward = types.MethodType(_copy_for(_twin_forward, type(twin), position), twin)
+            if self.regional and id(twin) in blocks:
+                twin.forward = types.MethodType(_copy_for(_block_forward, type(twin), position), twin)
+                twin.__dict__["_tp_block_region"] = _block_region(type(twin), position)
+                self._blocks.append((twin, position))
+            else:
+                twin.forward = types.MethodType(_copy_for(_twin_forward, type(twin), position), twin)
             twin.__dict__["_tp_user"] = user  # plain attributes, not submodules: never traced
             twin.__dict__["_tp_owner"] = self
             twin.__dict__["_tp_region"] = _copy_for(_region, type(twin), position)
+
+    def regional_off(self) -> None:
+        """Trace the repeated blocks inline from now on (a graph break inside a block: Dynamo cannot
+        capture a region that breaks)."""
+        for twin, position in self._blocks:
+            twin.forward = types.MethodType(_copy_for(_twin_forward, type(twin), position), twin)
+        self._blocks, self.regional = [], False
 
     def follow_devices(self, params) -> None:
         """Keep each ghost on its parameter's device (a meta model allocated on another device)."""
@@ -144,6 +177,17 @@ class Twin:
                     route = route or any(k not in theirs for k in mine)
                 if twin.__dict__.get("_tp_route", route) != route:
                     twin._tp_route = route
+
+
+_BLOCK_REGIONS: dict[tuple, Callable] = {}
+
+
+def _block_region(cls: type, position: str) -> Callable:
+    """One compile region per (class, position) of the repeated blocks."""
+    key = (cls, position)
+    if key not in _BLOCK_REGIONS:
+        _BLOCK_REGIONS[key] = torch.compiler.nested_compile_region(_copy_for(_block_body, cls, position))
+    return _BLOCK_REGIONS[key]
 
 
 def _region(module: nn.Module, *args, **kwargs):

@@ -1,0 +1,135 @@
+"""Regional compilation: a repeated block captured, planned, rewritten and compiled once for every layer.
+
+Both ways (``tp_compile(..., regional=True)`` (opt-in) and ``regional=False`` (the default): one graph of
+every layer) must give the same plan, the same collectives (kind, bytes, module, source line, in
+order) and the same numbers as single device. The Inductor side of it (torch 2.13's buffer reuse
+across a region's calls, ``tpcompile/backend.py``) is checked by ``tests/test_parity.py``, which
+trains both example models regionally under Inductor at TP=4 (whole-graph at TP=2).
+"""
+import functools
+
+import pytest
+import torch
+
+import gpt
+import hf_models
+import llama
+import tpcompile
+from multirank import run_cases
+from parity import train_beside_reference
+
+
+def _explain(make, regional, **kw):
+    model, args = make()
+    return tpcompile.explain(model, *args, world_size=4, rank=1, regional=regional, **kw)
+
+
+MODELS = {"gpt": lambda: gpt.make_model(n_layer=3), "llama": lambda: llama.make_model(n_layers=2, device="meta")}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_explain_regional_is_the_whole_graph_rewrite(name):
+    reg, whole = _explain(MODELS[name], True), _explain(MODELS[name], False)
+    assert reg.records[0].regions and not whole.records[0].regions
+    assert list(reg.records[0].regions.values()) == [["h.0.", "h.1.", "h.2."] if name == "gpt" else
+                                                     ["layers.0.", "layers.1."]]
+    assert reg.graph_code.count("invoke_subgraph(") == len(reg.records[0].regions["subgraph_0"]) and "invoke_subgraph" not in whole.graph_code
+    assert reg.params == whole.params
+    assert reg.collectives == whole.collectives  # kind, phase, bytes, module (the layer's), source line
+    assert reg.floor == whole.floor and reg.above_floor() == {"forward": 0, "backward": 0}
+    assert str(reg).replace(reg.graph_code, "") == str(whole).replace(whole.graph_code, "")
+
+
+def test_sequence_parallel_plans_the_whole_graph():
+    """The residual stream between blocks is sharded over tokens under SP: a block planned on its
+    own would gather and scatter it at its ends, so SP inlines the regions (the whole-graph plan)."""
+    rep = _explain(MODELS["gpt"], True, sequence_parallel=True)
+    assert not rep.records[0].regions and "invoke_subgraph" not in rep.graph_code
+    assert rep.above_floor() == {"forward": 0, "backward": 0}
+    assert [c.module for c in rep.collectives if c.kind == "reduce_scatter" and c.phase == "forward"][1:] == [
+        f"h.{i}.{m}" for i in range(3) for m in ("attn.o_proj", "mlp.proj")]
+
+
+def test_an_override_on_one_layer_plans_the_whole_graph():
+    """``plan={"h.1.*": "replicate"}``: layers differ, one program cannot serve them all."""
+    rep = _explain(MODELS["gpt"], True, plan={"h.1.*": "replicate"})
+    assert not rep.records[0].regions and "invoke_subgraph" not in rep.graph_code
+    assert rep.plan["h.1.mlp.fc.weight"] == "replicate" and rep.plan["h.2.mlp.fc.weight"] == "colwise"
+    # the inlined layers name their own modules (the body was traced from h.0)
+    assert [c.module for c in rep.collectives if c.phase == "forward" and c.kind == "all_reduce"] == [
+        "wte", "h.0.attn.o_proj", "h.0.mlp.proj", "h.2.attn.o_proj", "h.2.mlp.proj"]
+
+
+@functools.cache
+def _trained() -> list:
+    """One 2-rank gloo job: the example GPT both ways, and a Hugging Face Llama regionally (its
+    whole-graph training is tests/test_hf_models.py's; the example Llama's, tests/test_parity.py's)."""
+    gpt_case = functools.partial(train_beside_reference, backend="aot_eager", n_layer=2)
+    return run_cases(2, [(functools.partial(gpt_case, regional=True), ("gpt", 2)),
+                         (functools.partial(gpt_case, regional=False), ("gpt", 2)),
+                         (hf_models.train_many, ([("llama", {"steps": 2, "regional": True})],))])
+
+
+def _check(results):
+    for rank, r in enumerate(results):
+        for step, (a, b) in enumerate(zip(r["loss"], r["ref_loss"])):
+            assert abs(a - b) <= 1e-5 * abs(b), f"rank {rank} step {step}: tp {a} vs single {b}"
+        assert r["loss"] == results[0]["loss"]
+        assert r["grad_err"] <= 1e-5, f"rank {rank}: gradient off by {r['grad_err']}"
+
+
+def test_regional_and_whole_graph_train_as_single_device():
+    """2 gloo ranks, 2 layers, 2 SGD steps: the example GPT both ways equals single device (loss and
+    every gradient) and the other way: the same plan, the same collectives, the same losses."""
+    reg, whole = _trained()[:2]
+    _check(reg)
+    _check(whole)
+    assert [list(r.values()) for r in reg[0]["regions"]] == [[["h.0.", "h.1."]]] and whole[0]["regions"] == [{}]
+    assert reg[0]["plan"] == whole[0]["plan"] and "colwise" in reg[0]["plan"].values()
+    assert reg[0]["collectives"] == whole[0]["collectives"]
+    for a, b in zip(reg[0]["loss"], whole[0]["loss"]):
+        assert abs(a - b) <= 1e-6 * abs(b)
+
+
+def test_hugging_face_llama_trains_regionally_as_single_device():
+    hf = [rank[0] for rank in _trained()[2]]
+    _check(hf)
+    assert [list(r.values()) for r in hf[0]["regions"]] == [[["model.layers.0.", "model.layers.1."]]]
+    assert hf[0]["n_graphs"] == 1 and hf[0]["warnings"] == []
+    assert hf[0]["local_numel"] < 0.75 * hf[0]["full_numel"]
+
+
+class _BreakingBlock(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(16, 32), torch.nn.Linear(32, 16)
+
+    def forward(self, x):
+        h = torch.nn.functional.gelu(self.up(x))
+        if h.sum() > 0:  # data-dependent: a graph break inside the block
+            h = h * 2
+        return x + self.down(h)
+
+
+class _BreakingModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.h = torch.nn.ModuleList([_BreakingBlock() for _ in range(3)])
+
+    def forward(self, x):
+        for b in self.h:
+            x = b(x)
+        return x.pow(2).mean()
+
+
+def test_a_graph_break_inside_the_block_turns_regions_off_with_a_warning():
+    """Dynamo cannot capture a region that breaks (UncapturedHigherOrderOpError): tpcompile warns and
+    traces the blocks inline, exactly as regional=False does."""
+    torch.manual_seed(0)
+    model, x = _BreakingModel(), torch.randn(2, 8, 16)
+    reg, whole = (tpcompile.explain(model, x, world_size=2, regional=r) for r in (True, False))
+    assert any("regional compilation is off" in w and "Data-dependent branching" in w for w in reg.warnings)
+    assert not any("regional" in w for w in whole.warnings)
+    assert len(reg.records) == len(whole.records) > 1 and not any(r.regions for r in reg.records)
+    assert reg.params == whole.params and reg.collectives == whole.collectives
+    assert reg.plan == whole.plan

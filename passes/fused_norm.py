@@ -26,7 +26,7 @@ import torch.fx as fx
 from tpcompile.runtime import mappings as M
 from tpcompile.runtime import fused_norm as _registers_the_op  # noqa: F401  (tpcompile::reduce_add_rms_norm)
 
-from .graph_utils import same_shape, shape, source_line, value
+from .graph_utils import comes_before, same_shape, shape, source_line, value
 from .normalize import LINEARS
 from .propagate import RMSNormCall, op_class, rms_norm_of
 from .rewrite import _inherit_meta
@@ -56,16 +56,6 @@ def _residual_add(red: fx.Node) -> tuple[fx.Node, fx.Node] | None:
             or value(res).dtype != value(h).dtype or not same_shape(shape(red), shape(h)):
         return None
     return h, res
-
-
-def _defined_before(a: fx.Node, b: fx.Node) -> bool:
-    """True if node ``a`` stands before node ``b``."""
-    n = a.next
-    while n.op != "root":
-        if n is b:
-            return True
-        n = n.next
-    return False
 
 
 def fuse_norms(gm: fx.GraphModule, group: str, needs_backward: bool = True) -> list[FusedNorm]:
@@ -110,7 +100,7 @@ def _place_weight(norm: RMSNormCall, h: fx.Node) -> bool:
 def _hoist(x: fx.Node, h: fx.Node) -> bool:
     """Move ``x`` and what it needs before ``h`` if it is a cast / pointwise / f chain on values
     defined before ``h``; False (nothing moved) otherwise."""
-    if _defined_before(x, h):
+    if comes_before(x, h):
         return True
     chain, todo = [], [x]
     while todo:
@@ -119,7 +109,7 @@ def _hoist(x: fx.Node, h: fx.Node) -> bool:
                 n.target is M.copy_to_tp or op_class(n) in ("cast", "pointwise")):
             return False
         chain.append(n)
-        todo += [i for i in n.all_input_nodes if not _defined_before(i, h) and i not in chain]
+        todo += [i for i in n.all_input_nodes if not comes_before(i, h) and i not in chain]
     for n in [n for n in h.graph.nodes if n in set(chain)]:  # graph order
         h.prepend(n)
     return True

@@ -8,8 +8,9 @@ a recompile per sequence length) and ``{shape}`` cannot hash it at all.
 """
 from __future__ import annotations
 
+import operator
 import re
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import sympy
 import torch
@@ -102,3 +103,50 @@ def static_size(s: Any) -> int | None:
 def shape_str(sizes: Sequence) -> str:
     """``(s0, 16, 4, 16)``-style text of a shape, symbolic sizes by name (printing adds no guard)."""
     return "(" + ", ".join(str(size_expr(x)) for x in sizes) + ("," if len(sizes) == 1 else "") + ")"
+
+
+def comes_before(a: fx.Node, b: fx.Node) -> bool:
+    """True if node ``a`` stands before node ``b`` in their graph."""
+    n = a.next
+    while n.op != "root":
+        if n is b:
+            return True
+        n = n.next
+    return False
+
+
+def inline_call(gm: fx.GraphModule, call: fx.Node, body: fx.GraphModule, operands: Sequence,
+                on_copy: Callable[[fx.Node], None] | None = None) -> None:
+    """Copy the body of a higher-order op ``call`` (a checkpointed block, a compiled region) into
+    ``gm`` before it, in place: ``operands`` feed its placeholders, a nested body is hoisted into
+    ``gm`` under a fresh name, the call's ``getitem`` users read the copied outputs, and the call
+    (and its body's ``get_attr`` once unused) is erased. ``on_copy(new)`` sees each copied node."""
+    g = gm.graph
+    env = dict(zip([p for p in body.graph.nodes if p.op == "placeholder"], operands))
+    outputs = None
+    with g.inserting_before(call):
+        for b in body.graph.nodes:
+            if b.op == "placeholder":
+                continue
+            if b.op == "output":
+                outputs = torch.utils._pytree.tree_map(lambda a: env[a] if isinstance(a, fx.Node) else a, b.args[0])
+                break
+            if b.op == "get_attr":
+                name = f"{call.args[0].target}_{b.target}"
+                setattr(gm, name, getattr(body, b.target))
+                new = g.get_attr(name)
+                new.meta.update(b.meta)
+            else:
+                new = g.node_copy(b, lambda a: env[a])
+            env[b] = new
+            if on_copy is not None:
+                on_copy(new)
+    for u in list(call.users):
+        if u.target is not operator.getitem:
+            raise NotImplementedError(f"{call.target} output used as a whole by {u.format_node()}")
+        u.replace_all_uses_with(outputs[u.args[1]])
+        g.erase_node(u)
+    ref = call.args[0]
+    g.erase_node(call)
+    if not ref.users:
+        g.erase_node(ref)

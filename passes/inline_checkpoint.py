@@ -25,7 +25,7 @@ import torch
 import torch.fx as fx
 from torch.utils.checkpoint import CheckpointPolicy
 
-from .graph_utils import source_line
+from .graph_utils import inline_call, source_line
 
 CHECKPOINT = torch.ops.higher_order.tag_activation_checkpoint
 
@@ -59,33 +59,13 @@ def inline_checkpoints(gm: fx.GraphModule) -> list[tuple[str, bool]]:
             break
         blocks.append((source_line(node), "_checkpoint_context_fn" in body.meta))
         done = len(blocks)
-        env = dict(zip([p for p in body.graph.nodes if p.op == "placeholder"], node.args[1:]))
-        outputs = None
-        with g.inserting_before(node):
-            for b in body.graph.nodes:
-                if b.op == "placeholder":
-                    continue
-                if b.op == "output":
-                    outputs = torch.utils._pytree.tree_map(lambda a: env[a] if isinstance(a, fx.Node) else a, b.args[0])
-                    break
-                if b.op == "get_attr":  # a nested block's body: hoist it into gm under a fresh name
-                    name = f"{node.args[0].target}_{b.target}"
-                    setattr(gm, name, getattr(body, b.target))
-                    new = g.get_attr(name)
-                    new.meta.update(b.meta)
-                else:
-                    new = g.node_copy(b, lambda a: env[a])
-                env[b] = new
-                if "recompute" not in new.meta:  # a nested block's nodes keep their own block id
-                    new.meta["recompute"] = CheckpointPolicy.PREFER_RECOMPUTE
-                    new.meta["ac_graph_id"] = done
-        for u in list(node.users):
-            u.replace_all_uses_with(outputs[u.args[1]])
-            g.erase_node(u)
-        ref = node.args[0]
-        g.erase_node(node)
-        if not ref.users:
-            g.erase_node(ref)
+
+        def recompute(new: fx.Node, block: int = done) -> None:
+            if "recompute" not in new.meta:  # a nested block's nodes keep their own block id
+                new.meta["recompute"] = CheckpointPolicy.PREFER_RECOMPUTE
+                new.meta["ac_graph_id"] = block
+
+        inline_call(gm, node, body, node.args[1:], recompute)
     if blocks:
         g.lint()
         gm.recompile()

@@ -15,13 +15,12 @@ a region where it does not (the whole-graph path: same numbers, no reuse).
 """
 from __future__ import annotations
 
-import operator
 from collections import defaultdict
 
 import torch
 import torch.fx as fx
 
-from .graph_utils import stack_fqn
+from .graph_utils import inline_call, stack_fqn
 
 REGION = torch.ops.higher_order.invoke_subgraph
 
@@ -59,35 +58,8 @@ def inline_regions(gm: fx.GraphModule, names: set[str] | None = None, rebase: di
             continue
         body = getattr(gm, name)
         for call in calls:
-            env = dict(zip([p for p in body.graph.nodes if p.op == "placeholder"], operands(call)))
-            outputs = None
-            with g.inserting_before(call):
-                for b in body.graph.nodes:
-                    if b.op == "placeholder":
-                        continue
-                    if b.op == "output":
-                        outputs = torch.utils._pytree.tree_map(lambda a: env[a] if isinstance(a, fx.Node) else a,
-                                                               b.args[0])
-                        break
-                    if b.op == "get_attr":  # a nested body: hoist it into gm under a fresh name
-                        new_name = f"{name}_{b.target}"
-                        setattr(gm, new_name, getattr(body, b.target))
-                        new = g.get_attr(new_name)
-                        new.meta.update(b.meta)
-                    else:
-                        new = g.node_copy(b, lambda a: env[a])
-                        if rebase and call in rebase:
-                            _rebase_stack(new, *rebase[call])
-                    env[b] = new
-            for u in list(call.users):
-                if u.target is not operator.getitem:
-                    raise NotImplementedError(f"invoke_subgraph output used as a whole by {u.format_node()}")
-                u.replace_all_uses_with(outputs[u.args[1]])
-                g.erase_node(u)
-            ref = call.args[0]
-            g.erase_node(call)
-            if not ref.users:
-                g.erase_node(ref)
+            hook = (lambda new, call=call: _rebase_stack(new, *rebase[call])) if rebase and call in rebase else None
+            inline_call(gm, call, body, operands(call), hook)
             done += 1
         if not any(n.op == "get_attr" and n.target == name for n in g.nodes):
             delattr(gm, name)

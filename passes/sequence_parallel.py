@@ -38,7 +38,7 @@ from tpcompile.errors import TPShardingError
 from tpcompile.runtime import mappings as M
 from tpcompile.runtime import vocab_parallel as V
 
-from .graph_utils import same_size, shape_str, size_expr, source_line, static_size, value
+from .graph_utils import comes_before, same_size, shape_str, size_expr, source_line, static_size, value
 from .normalize import LINEARS
 from .placements import Replicate, Shard
 from .propagate import op_class, rule_through
@@ -139,7 +139,7 @@ def sequence_parallel(gm: fx.GraphModule, group: str, tp: int, rank: int = 0) ->
             _inherit_meta(cache[key], before)
             if value(x) is not None:  # meta values stay logical (whole) shapes, as the rewrite's mappings
                 cache[key].meta["example_value"] = value(x)
-        elif _comes_after(cache[key], before):
+        elif comes_before(before, cache[key]):
             before.prepend(cache[key])
         return cache[key]
 
@@ -254,16 +254,6 @@ def _async_tp_form(g: fx.Graph, gathered: fx.Node) -> list:
         lin.replace_all_uses_with(out)
         g.erase_node(lin)
     return [[w.name for w in weights]]
-
-
-def _comes_after(a: fx.Node, b: fx.Node) -> bool:
-    """True if node ``a`` stands after node ``b`` in their graph."""
-    n = b.next
-    while n.op != "root":
-        if n is a:
-            return True
-        n = n.next
-    return False
 
 
 def _whole_size(g: fx.Graph, n: fx.Node, dim: int, tp: int) -> fx.Node:

@@ -38,12 +38,17 @@ def keep_outputs_sharded(gm: fx.GraphModule) -> dict[int, tuple[int, int]]:
                 continue
             vals[i], kept[i] = v.args[0], (dim, full)
             gathers.add(v)
-    if kept:
+    _drop_gathers(gm, out, vals, gathers)
+    return kept
+
+
+def _drop_gathers(gm: fx.GraphModule, out: fx.Node, vals: list, gathers) -> None:
+    """The output node returns ``vals`` (shards in place of the end-of-graph ``gathers``, erased)."""
+    if gathers:
         out.args = (type(out.args[0])(vals),)
         for v in gathers:
             gm.graph.erase_node(v)
         gm.recompile()
-    return kept
 
 
 def _is_state(node: fx.Node, state: set, info: dict) -> bool:
@@ -75,9 +80,5 @@ def keep_state_sharded(gm: fx.GraphModule, state: set, info: dict) -> dict[int, 
                 and v.args[0] in info and _is_state(v.args[0], state, info):
             vals[i], kept[i] = v.args[0], (info[v.args[0]].out, tuple(value(v).shape))
             gathers.append(v)
-    if kept:
-        out.args = (type(out.args[0])(vals),)
-        for v in gathers:
-            gm.graph.erase_node(v)
-        gm.recompile()
+    _drop_gathers(gm, out, vals, gathers)
     return kept

@@ -54,7 +54,7 @@ def _compile(gm: fx.GraphModule, inputs: list, record: GraphRecord, mode: str, o
             # torch 2.13's Inductor reuses a buffer across a reused region's calls in the backward:
             # gradients of every block but the last come out wrong (plain torch.compile of a GPT with
             # nested_compile_region blocks, 3 layers: off by 133 on a gradient of 0.15). Not reusing
-            # buffers gives them right (tests/test_regional.py checks every gradient under Inductor).
+            # buffers gives them right (tests/test_parity.py checks every gradient regionally under Inductor at TP=4).
             patches["allow_buffer_reuse"] = False
         return compile_fx(gm, inputs, inner_compile=_recording(record, compile_fx_inner, on_graph),
                           config_patches=patches or None)

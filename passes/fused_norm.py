@@ -117,8 +117,8 @@ def _hoist(x: fx.Node, h: fx.Node) -> bool:
 
 def _fuse(g: fx.Graph, red, h, res, norm: RMSNormCall, outs: list, group: str, sp_dim) -> FusedNorm:
     partial = red.args[0]
-    form = (partial, res, norm.weight, group, sp_dim, norm.eps, norm.aten, norm.upcast, norm.tail, norm.offset,
-            norm.weight_upcast)
+    f = norm.form
+    form = (partial, res, norm.weight, group, sp_dim, f.eps, f.aten, f.upcast, f.tail, f.offset, f.weight_upcast)
     with g.inserting_before(h):
         fused = g.call_function(FUSED_OP, form)
         normed = g.call_function(operator.getitem, (fused, 0))
@@ -137,7 +137,7 @@ def _fuse(g: fx.Graph, red, h, res, norm: RMSNormCall, outs: list, group: str, s
     for n in norm.weight_nodes:  # ``1 + w.float()``: computed inside the op now
         if not n.users:
             g.erase_node(n)
-    return FusedNorm(source_line(h), sp_dim is not None, "torch.rms_norm" if norm.aten else norm.tail)
+    return FusedNorm(source_line(h), sp_dim is not None, "torch.rms_norm" if norm.form.aten else norm.form.tail)
 
 
 __all__ = ["fuse_norms", "FusedNorm", "FUSED_OP"]

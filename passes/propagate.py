@@ -21,7 +21,8 @@ import torch.nn.functional as F
 
 from .graph_utils import is_tensor, norm_dim, numel_expr, same_shape, same_size, shape, static_size, value
 from .normalize import GROUPED, LINEAR, LINEAR_IO, SDPA, weight_in_dim, weight_out_dim
-from .placements import P, R, Partial, Placement, Replicate, Shard, local_size
+from .placements import P, R, Partial, Placement, Replicate, Shard
+from tpcompile.runtime.fused_norm import NormForm
 
 
 @dataclass
@@ -786,21 +787,15 @@ class RMSNormCall:
     """An RMSNorm over the last dim of ``x``, in a spelling the rules know (``rms_norm_of``).
 
     ``out``: the normed value; ``nodes``: the ops from ``x`` to ``out`` (``out`` last), which
-    nothing else reads; ``weight``: the node multiplied in (before any cast / offset), or None.
-    The other fields are ``tpcompile.runtime.fused_norm.NormForm``'s: the same arithmetic in the
-    same order, so a fused op can reproduce the spelling bitwise.
+    nothing else reads; ``weight``: the node multiplied in (before any cast / offset), or None;
+    ``form``: the same arithmetic in the same order, so a fused op can reproduce the spelling bitwise.
     """
 
     x: fx.Node
     out: fx.Node
     nodes: list
     weight: fx.Node | None
-    eps: float
-    aten: bool = False
-    upcast: bool = False
-    tail: str = ""
-    offset: float = 0.0
-    weight_upcast: bool = False
+    form: NormForm
     weight_nodes: list = field(default_factory=list)  # the ``w.float()`` / ``1 + w`` ops the norm alone reads
 
 
@@ -861,7 +856,7 @@ def rms_norm_of(x: fx.Node) -> RMSNormCall | None:
             if len(ns) != 1 or not (eps is None or isinstance(eps, float)):
                 return None
             eps = torch.finfo(value(x).dtype).eps if eps is None else eps
-            return RMSNormCall(x, u, [u], w, float(eps), aten=True)
+            return RMSNormCall(x, u, [u], w, NormForm(float(eps), aten=True))
     for xf in [u for u in users if _is_float32_cast(u, x)] + [x]:
         call = _hand_written_rms_norm(x, xf, width)
         if call is not None:
@@ -912,7 +907,7 @@ def _hand_written_rms_norm(x: fx.Node, xf: fx.Node, width: Any) -> RMSNormCall |
             break
         nodes.append(u)
         out = u
-    return RMSNormCall(x, out, nodes, weight, eps, False, xf is not x, tail, offset, w_up, w_nodes)
+    return RMSNormCall(x, out, nodes, weight, NormForm(eps, False, xf is not x, tail, offset, w_up), w_nodes)
 
 
 _FACTORIES = (torch.zeros, torch.empty, torch.full, torch.ones)

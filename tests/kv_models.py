@@ -97,37 +97,16 @@ SPELLINGS = ("repeat_kv", "enable_gqa", "repeat_interleave", "fused")
 def train(rank: int, world: int, kv_heads: int, spelling: str, layers: int = 2, steps: int = 3) -> dict:
     """``steps`` AdamW steps with ``clip_grad_norm_`` (max norm below the gradients' norm, so it clips)
     of ``tp_compile(model)`` beside its untouched single-device copy, on one gloo rank."""
-    import copy
-    import warnings
-
     import tpcompile
-    from parity import grad_errors
+    from models_common import train_beside
+
+    def report(tp, ref, out):
+        st = tpcompile.tp_state(tp)
+        out["kv_params"] = {f: p.to_local().detach().flatten().tolist() for f, p in st.params.named() if st.plan[f].kv}
+        out["rows"] = {fqn: [(s.start, s.length) for s in pp.program_rows(rank)] for fqn, pp in st.plan.items() if pp.kv}
+        out["collectives"] = [(phase, kind) for _, phase, kind in out["collectives"]]
+        out["floor"] = [r.floor for r in st.records]
 
     model, batches = make(kv_heads, spelling, layers)
-    ref = copy.deepcopy(model)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        tp = tpcompile.tp_compile(model, backend="aot_eager")
-        opt, ref_opt = (torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (tp, ref))
-        out = {"loss": [], "ref_loss": [], "norm": [], "ref_norm": [], "grad_err": 0.0}
-        for step in range(steps):
-            idx, targets = batches[step % len(batches)]
-            loss, ref_loss = tp(idx, targets), ref(idx, targets)
-            loss.backward()
-            ref_loss.backward()
-            out["grad_err"] = max(out["grad_err"], max(grad_errors(tp, ref, rank).values()))
-            out["norm"].append(torch.nn.utils.clip_grad_norm_(tp.parameters(), 0.5).full_tensor().item())
-            out["ref_norm"].append(torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5).item())
-            out["loss"].append(loss.item())
-            out["ref_loss"].append(ref_loss.item())
-            for o in (opt, ref_opt):
-                o.step()
-                o.zero_grad()
-    st = tpcompile.tp_state(tp)
-    out["kv_params"] = {f: p.to_local().detach().flatten().tolist() for f, p in st.params.named() if st.plan[f].kv}
-    out["plan"] = {fqn: (pp.style, pp.dim, pp.chunks) for fqn, pp in st.plan.items()}
-    out["rows"] = {fqn: [(s.start, s.length) for s in pp.program_rows(rank)] for fqn, pp in st.plan.items() if pp.kv}
-    out["collectives"] = [(c.phase, c.kind) for r in st.records for c in r.collectives]
-    out["floor"] = [r.floor for r in st.records]
-    out["warnings"] = [str(w.message) for w in caught if issubclass(w.category, tpcompile.TPWarning)]
-    return out
+    return train_beside(rank, world, model, batches, lambda m, b: m(*b), steps=steps, lr=1e-2,
+                        optimizer=torch.optim.AdamW, clip=0.5, report=report)

@@ -19,13 +19,16 @@ from parity import grad_errors, local_numel
 
 def train_beside(rank: int, world: int, model: torch.nn.Module, batches: list, loss_fn: Callable,
                  steps: int | None = None, lr: float = 0.1, autocast: bool = False,
-                 report: Callable | None = None, **tp_kwargs) -> dict:
+                 report: Callable | None = None, optimizer: Callable = torch.optim.SGD,
+                 clip: float | None = None, **tp_kwargs) -> dict:
     """``len(batches)`` SGD steps (or ``steps``, cycling) of ``tp_compile(model, **tp_kwargs)`` and of
     a deep copy made before it: the one training loop of the parity tests.
 
     ``loss_fn(model, batch)`` returns the loss, or an output with ``.loss`` (and ``.logits``,
     then compared too). Both copies draw the same random numbers (dropout) at every step.
-    ``autocast``: both forwards under CPU bf16 autocast. ``report(tp, ref, out)`` may add to or
+    ``autocast``: both forwards under CPU bf16 autocast. ``optimizer(params, lr=lr)`` steps both
+    copies; ``clip``: ``clip_grad_norm_`` to it before each step (both norms recorded, the tp one
+    a DTensor's). ``report(tp, ref, out)`` may add to or
     reshape the result. Returns per-step losses of both, the largest gradient error (each rank's
     DTensor gradient against the same cut of the single-device one), the plan, the collectives
     and floor per graph and phase, element counts, graph count and tpcompile's warnings."""
@@ -34,9 +37,8 @@ def train_beside(rank: int, world: int, model: torch.nn.Module, batches: list, l
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         tp = tpcompile.tp_compile(model, **tp_kwargs)
-        opt = torch.optim.SGD(tp.parameters(), lr=lr)
-        ref_opt = torch.optim.SGD(ref.parameters(), lr=lr)
-        out = {"loss": [], "ref_loss": [], "grad_err": 0.0}
+        opt, ref_opt = (optimizer(m.parameters(), lr=lr) for m in (tp, ref))
+        out = {"loss": [], "ref_loss": [], "grad_err": 0.0, "norm": [], "ref_norm": []}
         for step in range(steps or len(batches)):
             batch = batches[step % len(batches)]
             res = []
@@ -51,6 +53,9 @@ def train_beside(rank: int, world: int, model: torch.nn.Module, batches: list, l
             loss.backward()
             ref_loss.backward()
             out["grad_err"] = max(out["grad_err"], max(grad_errors(tp, ref, rank).values()))
+            if clip is not None:
+                out["norm"].append(torch.nn.utils.clip_grad_norm_(tp.parameters(), clip).full_tensor().item())
+                out["ref_norm"].append(torch.nn.utils.clip_grad_norm_(ref.parameters(), clip).item())
             out["loss"].append(loss.item())
             out["ref_loss"].append(ref_loss.item())
             for o in (opt, ref_opt):

@@ -152,3 +152,27 @@ def test_sdpa_enable_gqa_with_fewer_kv_heads_than_tp_on_gloo():
         assert abs(loss - ref) <= 1e-5 * abs(ref) and err <= 1e-5, (rank, loss, ref, err)
         assert styles["q.weight"] == "colwise" and styles["o.weight"] == "rowwise"
         assert styles["k.weight"] == styles["v.weight"] == styles["k.bias"] == "kvcopy"
+
+
+class _GatedMLP(torch.nn.Module):
+    """Qwen2-MoE's shared expert: ``sigmoid(gate(x)) * mlp(x)`` with a ``[.., 1]`` gate, then another MLP."""
+
+    def __init__(self, C: int = 32):
+        super().__init__()
+        self.gate, self.fc, self.proj = torch.nn.Linear(C, 1, bias=False), torch.nn.Linear(C, 4 * C), torch.nn.Linear(4 * C, C)
+        self.fc2, self.proj2 = torch.nn.Linear(C, 4 * C), torch.nn.Linear(4 * C, C)
+
+    def forward(self, x):
+        h = x + torch.sigmoid(self.gate(x)) * self.proj(torch.relu(self.fc(x)))
+        return (h + self.proj2(torch.relu(self.fc2(h)))).sum()
+
+
+def test_a_size_one_gate_times_a_row_output_keeps_the_next_layer_sharded():
+    """A ``[.., 1]`` value broadcast against ``[.., C]`` is no shard of the product. The pointwise rule
+    used to carry the gate's column try through the multiply as a shard of the residual stream, so
+    the next MLP lost its column / row plan (replicated, with 3 warnings)."""
+    rep = tpcompile.explain(_GatedMLP(), torch.randn(2, 8, 32), world_size=2)
+    assert rep.plan == {"gate.weight": "replicate", "fc.weight": "colwise", "fc.bias": "colwise",
+                        "proj.weight": "rowwise", "proj.bias": "replicate", "fc2.weight": "colwise",
+                        "fc2.bias": "colwise", "proj2.weight": "rowwise", "proj2.bias": "replicate"}
+    assert rep.counts()[("forward", "all_reduce")] == 2 and rep.warnings == []

@@ -78,16 +78,22 @@ def _form(eps, aten, upcast, tail, offset, weight_upcast) -> NormForm:
     return NormForm(eps, aten, upcast, tail, offset, weight_upcast)
 
 
+def _reduce_add_norm(partial: Tensor, residual: Tensor, weight: Tensor | None, group: str, sp_dim: int | None,
+                     form: NormForm, all_reduce) -> tuple[Tensor, Tensor]:
+    """Both forms of the op, ``all_reduce`` the one the device has (functional or symmetric memory)."""
+    if sp_dim is None:
+        h = all_reduce(partial, group) + residual
+        return rms_norm_reference(h, weight, form), h
+    h = _reduce_scatter(partial, sp_dim, group) + residual
+    return _all_gather(rms_norm_reference(h, weight, form), sp_dim, group), h
+
+
 @torch.library.custom_op("tpcompile::reduce_add_rms_norm", mutates_args=())
 def _reduce_add_rms_norm(partial: Tensor, residual: Tensor, weight: Tensor | None, group: str,
                          sp_dim: int | None, eps: float, aten: bool, upcast: bool, tail: str, offset: float,
                          weight_upcast: bool) -> tuple[Tensor, Tensor]:
     form = _form(eps, aten, upcast, tail, offset, weight_upcast)
-    if sp_dim is None:
-        h = _all_reduce(partial, group) + residual
-        return rms_norm_reference(h, weight, form), h
-    h = _reduce_scatter(partial, sp_dim, group) + residual
-    return _all_gather(rms_norm_reference(h, weight, form), sp_dim, group), h
+    return _reduce_add_norm(partial, residual, weight, group, sp_dim, form, _all_reduce)
 
 
 @_reduce_add_rms_norm.register_fake
@@ -100,11 +106,7 @@ def _(partial, residual, weight, group, sp_dim, eps, aten, upcast, tail, offset,
 @_reduce_add_rms_norm.register_kernel("cuda")
 def _(partial, residual, weight, group, sp_dim, eps, aten, upcast, tail, offset, weight_upcast):
     form = _form(eps, aten, upcast, tail, offset, weight_upcast)
-    if sp_dim is None:
-        h = _symm_all_reduce(partial, group) + residual
-        return rms_norm_reference(h, weight, form), h
-    h = _reduce_scatter(partial, sp_dim, group) + residual
-    return _all_gather(rms_norm_reference(h, weight, form), sp_dim, group), h
+    return _reduce_add_norm(partial, residual, weight, group, sp_dim, form, _symm_all_reduce)
 
 
 def _setup_context(ctx, inputs, output):

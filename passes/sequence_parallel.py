@@ -63,6 +63,7 @@ class SPResult:
     bucketed: list = field(default_factory=list)  # parameters all-reduced together (copy_to_tp_bucketed)
     grad_buckets: int = 0  # their all-reduces: one per dtype
     merged: list = field(default_factory=list)  # groups of column linears on one gather, now one matmul
+    skipped: str = ""  # why this graph is not token-sharded (a token count tp does not divide)
 
 
 def _token_shard(x: fx.Node) -> Shard:
@@ -98,14 +99,17 @@ def sequence_parallel(gm: fx.GraphModule, group: str, tp: int, rank: int = 0) ->
     (T,) = tokens.values()
     res.tokens = static_size(T)
     # a symbolic token count: ``bool`` of the SymBool guards the graph on ``T % tp == 0`` (Dynamo
-    # recompiles for a count that breaks it, and that graph raises here): a guard, not a specialisation
+    # recompiles for a count that breaks it, and that graph is planned without SP): a guard, not a
+    # specialisation
     if static_size(T) is not None and T % tp or static_size(T) is None and bool(T % tp != 0):
-        raise TPShardingError(
-            f"sequence_parallel=True: {source_line(sources[0])} has {T} tokens per sequence"
+        res.skipped = (
+            f"tpcompile: sequence_parallel=True: {source_line(sources[0])} has {T} tokens per sequence"
             f"{'' if static_size(T) is not None else f' ({T.node.hint} in this call)'} (dim -2 of "
-            f"{shape_str(value(sources[0]).shape)}), not divisible by tp={tp}. Use a sequence length divisible by "
-            f"{tp} (pad the batch), or sequence_parallel=False."
-        )
+            f"{shape_str(value(sources[0]).shape)}), not divisible by tp={tp}: this graph runs without sequence "
+            f"parallelism (the same numbers; its activations between TP regions are whole on every rank, not "
+            f"1/{tp}). A decode step of one token is such a graph. To keep SP here, pad the sequence length to a "
+            f"multiple of {tp}.")
+        return res
 
     def tdim(x: fx.Node) -> int:
         return value(x).dim() - 2

@@ -26,7 +26,7 @@ def _prompt(vocab: int, batch: int = 2, length: int = 6, pad: int = 0):
 
 
 def generate_beside(rank: int, world: int, family: str, cache: str | None = None, new_tokens: int = 8,
-                    backend: str = "aot_eager") -> dict:
+                    backend: str = "aot_eager", sp: bool = False) -> dict:
     """Greedy, then seeded sampling (temperature, top-k, top-p; each rank seeded differently on
     purpose: the model must agree anyway), ``generate`` of the tp model and of single device.
     Sampling reuses the greedy run's graphs (same shapes): the graph count covers both."""
@@ -44,7 +44,7 @@ def generate_beside(rank: int, world: int, family: str, cache: str | None = None
     out = {}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        tp = tpcompile.tp_compile(model, backend=backend)
+        tp = tpcompile.tp_compile(model, backend=backend, sequence_parallel=sp)
         counters = torch._dynamo.utils.counters
         counters.clear()
         with torch.no_grad():

@@ -59,6 +59,7 @@ def _gloo(world: int) -> dict:
         cases["loop"] = (G.hand_written_loop, ())
     if world == 2:
         cases["pretrained"] = (G.from_pretrained_generate, (_saved_llama(),))
+        cases["sp"] = (G.generate_beside, ("llama", None, 8, "aot_eager", True))
     return dict(zip(cases, run_cases(world, list(cases.values()))))
 
 
@@ -108,6 +109,22 @@ def test_hand_written_static_cache_loop(world):
         assert r["styles"][f"blocks.{b}.wk.weight"] == "colwise" and r["styles"][f"blocks.{b}.wo.weight"] == "rowwise"
     assert r["collectives"] == [["all_reduce"] * 3] * 2  # per graph: the embedding, each block's out-projection
     assert r["warnings"] == []
+
+
+def test_generate_of_a_sequence_parallel_model():
+    """A model compiled with ``sequence_parallel=True`` (as it was trained) generates: the prompt (6
+    tokens) runs token-sharded, each decode step (1 token, not divisible by tp) as plain TP with a
+    TPWarning saying so; greedy tokens equal single device's, sampled ones equal across ranks."""
+    results = _gloo(2)["sp"]
+    r = _same_tokens(results, "tokens")
+    assert r["tokens"] == r["ref_tokens"]
+    _same_tokens(results, "sampled")
+    kinds = [[k for k, _ in graph] for graph in r["collectives"]]
+    assert "reduce_scatter" in kinds[0] and "all_gather" in kinds[0], kinds[0]  # the prompt: SP
+    for graph in kinds[1:]:  # decode steps: TP's all-reduces, no SP collective
+        assert graph.count("all_reduce") == 2 * LAYERS + 1 and "reduce_scatter" not in graph, graph
+    assert len(r["warnings"]) == r["n_graphs"] - 1, r["warnings"]
+    assert all("1 tokens per sequence" in w and "without sequence parallelism" in w for w in r["warnings"])
 
 
 def test_from_pretrained_generates_the_original_tokens():

@@ -8,6 +8,8 @@ all-reduced. fp32, gloo ranks; tolerances as in test_parity.
 import functools
 from collections import Counter
 
+import re
+
 import pytest
 import torch
 
@@ -83,10 +85,18 @@ def test_explain_shows_sequence_parallel_at_the_floor():
     assert "reduce-scatter into SP" in str(rep)
 
 
-def test_tokens_not_divisible_is_a_clear_error():
+def test_tokens_not_divisible_run_without_sp_with_a_warning():
+    """A token count tp does not divide (a decode step of one token, an odd batch) is planned without
+    SP: the plain TP program, at its own floor, and a TPWarning naming the line and the fix."""
     model, args = gpt.make_model(block_size=30)
-    with pytest.raises(tpcompile.TPShardingError, match=r"30 tokens per sequence.*not divisible by tp=4.*sequence_parallel=False"):
-        tpcompile.explain(model, *args, world_size=4, sequence_parallel=True)
+    rep = tpcompile.explain(model, *args, world_size=4, sequence_parallel=True)
+    assert any(re.search(r"30 tokens per sequence.*not divisible by tp=4.*without sequence parallelism.*pad the "
+                         r"sequence length to a multiple of 4", w, re.S) for w in rep.warnings), rep.warnings
+    assert rep.above_floor() == {"forward": 0, "backward": 0}
+    assert "gather_from_sp(" not in rep.graph_code and "reduce_scatter_to_sp(" not in rep.graph_code
+    plain = tpcompile.explain(model, *args, world_size=4)
+    assert [(c.kind, c.phase) for c in rep.records[0].collectives] == \
+        [(c.kind, c.phase) for c in plain.records[0].collectives]
 
 
 def test_a_non_token_wise_consumer_gets_the_whole_value():

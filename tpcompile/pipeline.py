@@ -258,7 +258,11 @@ def tp_program(gm: fx.GraphModule, param_fqns: dict[int, str], options: Options,
         kept_state = keep_state_sharded(gm, set(state_nodes), plan.prop.info)
         if options.sequence_parallel:
             sp = sequence_parallel(gm, options.group_name, options.tp, options.rank)
-            floor = floor_with_sp(sp, floor["forward"].get("vocab-parallel loss", 0), kv_copy_weights(plan))
+            if sp.skipped:
+                warnings.warn(sp.skipped, TPWarning, stacklevel=2)
+                fallbacks.append(sp.skipped)
+            else:
+                floor = floor_with_sp(sp, floor["forward"].get("vocab-parallel loss", 0), kv_copy_weights(plan))
         fused = fuse_norms(gm, options.group_name, options.needs_backward) if options.fuse_norm else []
         sharded = keep_outputs_sharded(gm) if options.sharded_outputs else {}
     record = GraphRecord(

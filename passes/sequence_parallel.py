@@ -94,8 +94,15 @@ def sequence_parallel(gm: fx.GraphModule, group: str, tp: int, rank: int = 0) ->
         return res
     tokens = {size_expr(value(n).shape[-2]): value(n).shape[-2] for n in sources}
     if len(tokens) != 1:
-        raise TPShardingError(f"sequence_parallel=True: activations with different token counts "
-                              f"{sorted(str(t) for t in tokens)}.")
+        by_rank = sorted(sources, key=lambda n: value(n).dim())  # a token-flattened one first: [B*T, C]
+        flat, whole = by_rank[0], by_rank[-1]
+        raise TPShardingError(
+            f"sequence_parallel=True: {source_line(flat)} reduces an activation of shape "
+            f"{shape_str(value(flat).shape)} while {source_line(whole)} holds {shape_str(value(whole).shape)}: "
+            f"token counts {sorted(str(t) for t in tokens)} along dim -2. The first has batch and tokens in one "
+            f"dim (a linear on x.view(-1, C), like Hugging Face's Conv1D in GPT-2), and SP shards the tokens of "
+            f"[..., tokens, hidden] activations only. Use sequence_parallel=False for this model, or apply the "
+            f"linear to the [B, T, C] activation (F.linear / nn.Linear keep the token dim).")
     (T,) = tokens.values()
     res.tokens = static_size(T)
     # a symbolic token count: ``bool`` of the SymBool guards the graph on ``T % tp == 0`` (Dynamo

@@ -181,3 +181,16 @@ def test_torch_rms_norm_runs_on_token_shards_under_sequence_parallel(norm):
     rep = tpcompile.explain(Blocks(), idx, idx, world_size=2, sequence_parallel=True)
     assert rep.above_floor() == {"forward": 0, "backward": 0}, rep.graph_code
     assert "gather_from_tp(" not in rep.graph_code and rep.graph_code.count("reduce_scatter_to_sp(") == 2
+
+
+def test_token_flattened_linear_is_refused_with_its_line():
+    """HF GPT-2's Conv1D runs ``addmm`` on ``x.view(-1, C)`` (batch and tokens in one dim): SP cannot
+    token-shard it beside the [B, T, C] embedding; the error names that line and the fix."""
+    pytest.importorskip("transformers")
+    import hf_models
+
+    model = hf_models.make_model("gpt2")
+    ids = torch.randint(0, 100, (2, 8))
+    with pytest.raises(tpcompile.TPShardingError, match=r"pytorch_utils.py:\d+ `x = torch.addmm\(self.bias, x.view\(-1, "
+                                                        r".*\(16, 64\).*\(2, 8, 64\).*sequence_parallel=False"):
+        tpcompile.explain(model, input_ids=ids, labels=ids, world_size=2, sequence_parallel=True)

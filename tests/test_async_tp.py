@@ -14,6 +14,7 @@ compile stops after the post-grad passes and runs the graph eagerly: what the fu
 at a fraction of the compile time.
 """
 import contextlib
+import warnings
 from collections import Counter
 
 import pytest
@@ -171,3 +172,27 @@ def test_async_tp_fuses_on_cuda(monkeypatch):
     torch.testing.assert_close(results[1][0], results[0][0])
     for a, b in zip(results[1][1], results[0][1]):
         torch.testing.assert_close(a, b)
+
+
+def test_one_rank_does_not_warn_about_fallbacks():
+    """A construct kept replicated with a TPWarning at TP=2 (an einsum with a 3-D weight) says nothing
+    at TP=1, where nothing is sharded and no collective runs; the record still lists it."""
+
+    class Heads(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(4, 8, 8))
+
+        def forward(self, x):
+            return torch.einsum("bi,hij->bhj", x, self.w).sum()
+
+    x = torch.randn(3, 8)
+    for world, warns in ((2, True), (1, False)):
+        torch._dynamo.reset()
+        with fake_group(world), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = tpcompile.tp_compile(Heads(), backend="aot_eager")
+            model(x)
+        got = [w for w in caught if issubclass(w.category, tpcompile.TPWarning)]
+        assert bool(got) == warns, (world, [str(w.message) for w in got])
+        assert tpcompile.tp_state(model).records[0].fallbacks, world

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import warnings
 import weakref
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
@@ -196,8 +197,12 @@ class Backend:
         names = {n.name: twin.names[id(ex)] for n, ex in zip(placeholders, example_inputs) if id(ex) in twin.names}
         stand_in = output_zeros(gm) if mode in ("trace", "plan") else None
         state_in = {i: st[1] for i, ex in enumerate(example_inputs) if (st := state_of(ex)) is not None}
-        program = tp_program(gm, param_fqns, self.options_for(param_fqns.values()), names, plan_only=mode == "plan",
-                             state=state_in)
+        options = self.options_for(param_fqns.values())
+        with warnings.catch_warnings():
+            if options.tp == 1 and mode != "plan" and not (options.sharded_outputs or options.rewrite_one_rank):
+                # one rank runs torch.compile's graph: the plan's fallbacks (kept in the record) cost nothing
+                warnings.simplefilter("ignore", TPWarning)
+            program = tp_program(gm, param_fqns, options, names, plan_only=mode == "plan", state=state_in)
         for lay in program.layouts.values():
             params.apply(lay)
         index = list(program.layouts)

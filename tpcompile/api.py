@@ -11,6 +11,7 @@ import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from tpcompile.backend import USER_MODES, Recorder, compile_twin
+from tpcompile.compat import install_output_hooks
 from tpcompile.data_parallel import apply_data_parallel, data_parallel_mesh, refuse_ddp
 from tpcompile.errors import TPEagerFallbackError, TPInputMismatchError, TPShardingError, TPWarning
 from tpcompile.params import TPParameters, watch_optimizers
@@ -55,6 +56,7 @@ class TensorParallel:
         self.mesh, self.group = _resolve_mesh(group)
         self.tp, self.rank = dist.get_world_size(self.group), dist.get_rank(self.group)
         self.broadcast_inputs, self.sharded_outputs = broadcast_inputs, sharded_outputs
+        install_output_hooks(model)  # before the twin copies the model: the same hooks on both
         self.twin = Twin(model, self.device, regional=regional and not sequence_parallel)
         self._moe_hint = _moe_hint(model)
         self.params = TPParameters(model, self.mesh, self.rank, self.tp)

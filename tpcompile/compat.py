@@ -1,4 +1,5 @@
-"""Importing model libraries on a CPU-only machine.
+"""Model libraries as tpcompile meets them: importing them on a CPU-only machine, and Hugging Face's
+lazily installed output hooks.
 
 PyPI's ``torchvision`` wheel is a CUDA build. Under a CPU ``torch`` its compiled ops fail to load,
 which torchvision tolerates, but its fake-tensor registrations for ``torchvision::nms`` / ``qnms``
@@ -52,3 +53,23 @@ def _has_nms() -> bool:
     except (AttributeError, RuntimeError):
         return False
     return True
+
+
+def install_output_hooks(model: torch.nn.Module) -> None:
+    """Install Hugging Face's output-capturing hooks (``output_hidden_states``, ``output_router_logits``,
+    ``output_attentions``) on ``model`` now, as its first call asking for them would.
+
+    HF installs them lazily, inside the forward. Traced by Dynamo with ``nested_graph_breaks`` (which
+    tpcompile's twin needs) that install fails (``cannot create weak reference to 'dict' object``:
+    torch 2.13 rebuilds the module's hook ``OrderedDict`` as a dict); and hooks put only on the twin would
+    not be the user's. Installed on the user's model before the twin is copied, both hold the same
+    hooks, which Dynamo traces inline (they do nothing unless an output is asked for).
+    """
+    try:
+        from transformers import PreTrainedModel
+        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY, maybe_install_capturing_hooks
+    except ImportError:
+        return
+    for m in model.modules():
+        if isinstance(m, PreTrainedModel) and _CAN_RECORD_REGISTRY.get(m):
+            maybe_install_capturing_hooks(m)

@@ -86,6 +86,8 @@ class GraphRecord:
     exit_mappings: list = field(default_factory=list)  # mapping ops that make outputs whole at the graph's end
     regions: dict = field(default_factory=dict)  # subgraph name -> block prefix per call, planned once for all
     fused_norms: list = field(default_factory=list)  # passes.fused_norm.FusedNorm, one per fused reduction
+    inference: bool = False  # captured under no_grad: no backward graph
+    returned_bytes: int = 0  # bytes of sharded outputs gathered whole at the end (-1: symbolic sizes)
 
 
 @dataclass
@@ -197,11 +199,19 @@ def communication_floor(plan: GraphPlan) -> dict:
 _EXIT_GATHERS = ("gather_from_tp", "gather_padded_from_tp", "gather_pieces_from_tp")
 
 
-def returned_whole(gm: fx.GraphModule) -> int:
-    """Outputs of a rewritten graph that are a shard made whole at its end (the LM head's logits that HF
+def returned_whole(gm: fx.GraphModule) -> list[fx.Node]:
+    """The gathers that make outputs of a rewritten graph whole at its end (the LM head's logits that HF
     ``generate()`` reads at decode; not a KV cache, kept sharded): one all-gather each."""
     out = next(n for n in gm.graph.nodes if n.op == "output")
-    return sum(1 for n in out.all_input_nodes if n.meta.get("tp_mapping") in _EXIT_GATHERS)
+    return [n for n in out.all_input_nodes if n.meta.get("tp_mapping") in _EXIT_GATHERS]
+
+
+def _whole_bytes(nodes: list) -> int:
+    """Bytes of the (logical, whole) values of ``nodes``; -1 if any size is symbolic."""
+    vals = [value(n) for n in nodes]
+    if any(not isinstance(v, torch.Tensor) or _symbolic(v) for v in vals):
+        return -1
+    return sum(v.numel() * v.element_size() for v in vals)
 
 
 def kv_copy_weights(plan: GraphPlan) -> int:
@@ -262,6 +272,7 @@ def tp_program(gm: fx.GraphModule, param_fqns: dict[int, str], options: Options,
     floor = _add_floors(communication_floor(plan), regions.floors) if rewritten or plan_only \
         else {"forward": {}, "backward": {}}
     sharded: dict = {}
+    returned: list = []
     fused: list = []
     kept_state: dict = {}
     # one rank: every shard is the whole tensor and every mapping op an identity, so the captured
@@ -280,8 +291,9 @@ def tp_program(gm: fx.GraphModule, param_fqns: dict[int, str], options: Options,
                 floor["backward"] = {}
         fused = fuse_norms(gm, options.group_name, options.needs_backward) if options.fuse_norm else []
         sharded = keep_outputs_sharded(gm) if options.sharded_outputs else {}
-        if plan.inference and (n := returned_whole(gm)):
-            floor["forward"]["sharded output returned whole"] = n
+        returned = returned_whole(gm) if plan.inference else []
+        if returned:
+            floor["forward"]["sharded output returned whole"] = len(returned)
     record = GraphRecord(
         {pp.fqn: pp for pp in plan.params.values()}, original_code, readable_code(gm.graph, names), fallbacks,
         time.perf_counter() - t0, floor, names, gm,
@@ -293,6 +305,7 @@ def tp_program(gm: fx.GraphModule, param_fqns: dict[int, str], options: Options,
     record.regions = regions.calls
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
     record.fused_norms = fused
+    record.inference, record.returned_bytes = plan.inference, _whole_bytes(returned)
     record.exit_mappings = [n.meta["tp_mapping"] for n in out_node.all_input_nodes if "tp_mapping" in n.meta]
     last = [n for n in gm.graph.nodes if n.op == "call_function" and n.meta.get("stack_trace")]
     record.ends_at = source_line(last[-1]) if last else ""

@@ -1139,6 +1139,16 @@ def rule_for(node: fx.Node):
     return None
 
 
+def _widening(lin: fx.Node, info: dict) -> bool:
+    """A column-parallel linear with more out- than in-features (an LM head: vocabulary > width)."""
+    if info[lin].kind != "colwise" or lin.target not in (LINEAR, LINEAR_IO):
+        return False
+    w = shape(lin.args[1])
+    od = weight_out_dim(lin)
+    out, inp = static_size(w[od]), static_size(w[1 - od])
+    return out is not None and inp is not None and out > inp
+
+
 def _merge_origins(prop_origins, node, info):
     """Column linears whose shard this node carries: the union over its sharded inputs."""
     src = set()
@@ -1206,15 +1216,19 @@ def propagate(gm: fx.GraphModule, tp: int, params: set, style_of: Callable, chun
                             blocked.setdefault(o, []).append(node)
                 # a column-parallel table counts only beside a column linear's shard (T5's bias added to
                 # head-sharded scores); alone it would have split a whole activation (the residual stream)
-                if ni.kind in ("rowwise", "expert_rowwise", "vocab_ce", "vocab_select") and isinstance(have, Shard) \
-                        and need == have and any(info[o].kind in ("colwise", "kvcopy") for o in origins.get(x, ())):
+                if ni.kind in ("rowwise", "expert_rowwise", "vocab_ce") and isinstance(have, Shard) and need == have \
+                        and any(info[o].kind in ("colwise", "kvcopy") for o in origins.get(x, ())):
                     good |= origins.get(x, frozenset())
-                    if ni.kind in ("vocab_ce", "vocab_select"):
+                    if ni.kind == "vocab_ce":
                         vocab |= origins.get(x, frozenset())
-                if ni.kind == "output" and ctx.inference and isinstance(have, Shard) and have.chunks == 1 \
-                        and not have.copies and any(info[o].kind == "colwise" for o in origins.get(x, ())):
-                    good |= origins.get(x, frozenset())  # the LM head at decode: logits returned, gathered
-                    vocab |= origins.get(x, frozenset())
+                # the LM head at decode: its logits selected from (argmax, top-k, softmax over the vocabulary)
+                # or returned (gathered at the end). A head, not a MoE router (E scores, top-k routed: kept
+                # replicated, no collective) nor a classifier: wider out than in
+                heads = {o for o in origins.get(x, ()) if _widening(o, info)}
+                if isinstance(have, Shard) and heads and (ni.kind == "vocab_select" and need == have or (
+                        ni.kind == "output" and ctx.inference and have.chunks == 1 and not have.copies)):
+                    good |= heads
+                    vocab |= heads
             if ni.kind == "fallback" and any(isinstance(ctx.pl(x), (Shard, Partial)) and ni.need.get(x) != ctx.pl(x) for x in ni.need):
                 fallbacks.append(node)
             info[node] = ni

@@ -217,7 +217,7 @@ class _Rewriter:
         with self.g.inserting_before(before):
             n = self.g.call_function(fn, args)
         n.meta["tp_mapping"] = fn.__name__
-        _inherit_meta(n, before)
+        _inherit_meta(n, args[0] if before.op == "output" and isinstance(args[0], fx.Node) else before)
         if value(args[0]) is not None:  # meta values stay logical (full) shapes: unchanged by a mapping
             n.meta["example_value"] = value(args[0])
         return n

@@ -91,6 +91,15 @@ def test_generate_matches_single_device(world, family, cache):
     for exit_maps in r["exit"]:
         assert len(exit_maps) <= 1, exit_maps
     assert r["warnings"] == [], r["warnings"]
+    # the LM head vocab-sharded at decode, tied (GPT-2, Gemma) or not (Llama, Qwen2): 1/tp of its rows
+    fqn, style, local = r["head"]
+    assert style in ("colwise", "vocab") and local[0] == -(-r["vocab"] // world), r["head"]
+    # explain(tp, graph=-1) after generate(): the decode graph's collectives per token, at the floor,
+    # no backward, and the cost of the last position's logits returned whole
+    assert r["above_floor"] == {"forward": 0, "backward": 0}, (r["above_floor"], r["explain"])
+    text = r["explain"]
+    assert "inference: no backward" in text and "backward none" in text, text
+    assert f"gathered whole at the end (the logits HF generate() reads): {2 * r['vocab'] * 4} B per call" in text, text
 
 
 @pytest.mark.parametrize("world", [2, 4] if ALL else [2], ids=lambda w: f"tp{w}")

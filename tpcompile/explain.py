@@ -107,7 +107,8 @@ class Report:
             mine = [c for c in self.collectives if c.phase == ph]
             kinds = ", ".join(f"{n} {k}" for (p, k), n in sorted(c.items()) if p == ph) or "none"
             floor = self.floor.get(ph, {})
-            why = " + ".join(f"{n} {r}" for r, n in floor.items()) or "nothing"
+            why = " + ".join(f"{n} {r}" for r, n in floor.items()) or (
+                "no backward graph" if ph == "backward" and self.inference else "nothing")
             verdict = "at the floor" if extra[ph] == 0 else f"{extra[ph]:+d} vs the floor"
             total = sum(x.nbytes for x in mine) if all(x.nbytes >= 0 for x in mine) else -1  # -1: symbolic sizes
             lines.append(f"  {ph:<8} {kinds}; {_bytes(total)}")

@@ -391,7 +391,6 @@ class _Rewriter:
             node.target = V.vocab_parallel_argmax if op == "argmax" else V.vocab_parallel_max
             node.args, node.kwargs = (x, e["dim"], e["keepdim"], start, vocab, self.group), {}
         node.op = "call_function"  # also for the method spellings (``logits.argmax(-1)``)
-        node.meta["tp_mapping"] = node.target.__name__
         _untag(node)
 
     def _sharded_random(self, node, ni):

@@ -127,12 +127,14 @@ def test_hand_written_static_cache_loop(world):
 def test_from_pretrained_generates_the_original_tokens():
     """``tpcompile.from_pretrained(path)`` on a ``save_pretrained`` directory (several shard files +
     index) at TP=2: built on meta, planned on a synthetic batch, only this rank's slices read; in
-    eval mode; greedy ``generate`` gives the original model's tokens; the parameters sharded."""
+    eval mode; greedy ``generate`` gives the original model's tokens; the parameters sharded, the LM
+    head included."""
     results = _gloo(2)["pretrained"]
     r = _same_tokens(results, "tokens")
     assert r["tokens"] == r["ref_tokens"]
     assert r["training"] is False
-    assert r["numel"] < 0.6 * r["full_numel"], (r["numel"], r["full_numel"])
+    # every weight matrix 1/tp, the LM head too (planned under no_grad, as generate() runs); norms whole
+    assert r["numel"] < 0.51 * r["full_numel"], (r["numel"], r["full_numel"])
 
 
 class _Writes(__import__("torch").nn.Module):

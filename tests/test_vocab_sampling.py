@@ -124,3 +124,31 @@ def test_selection_that_needs_a_gradient_is_made_whole():
         model(torch.randn(3, 16)).backward()
     assert tpcompile.tp_state(model).plan["head.weight"].style == "replicate"
     assert any("softmax" in str(w.message) for w in caught if issubclass(w.category, tpcompile.TPWarning))
+
+
+def test_top_p_over_the_whole_vocabulary_is_gathered_loudly():
+    """Top-p written with a ``sort`` of the whole vocabulary (HF's ``TopPLogitsWarper``) has no
+    vocab-parallel rule (the nucleus may lie outside any rank's candidates): the logits are made whole
+    first, with a TPWarning naming ``sort`` (right, and loud). Top-p over ``topk`` candidates needs no
+    rule: ``topk``'s output is whole on every rank."""
+    import warnings
+
+    import tpcompile
+    from fakepg import fake_group
+
+    class TopP(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = torch.nn.Linear(16, 64, bias=False)
+
+        def forward(self, x):
+            logits = self.head(x)
+            sorted_logits, idx = torch.sort(logits, descending=True)
+            drop = sorted_logits.softmax(-1).cumsum(-1) > 0.9
+            return logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf")).argmax(-1)
+
+    with fake_group(2), warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        tpcompile.tp_compile(TopP().eval(), backend="eager")(torch.randn(3, 16))
+    assert any("`sort`" in str(w.message) for w in caught if issubclass(w.category, tpcompile.TPWarning)), \
+        [str(w.message) for w in caught]

@@ -7,8 +7,19 @@ Per configuration: prefill time (the prompt's forward, compile excluded: measure
 ``generate`` call), decode tokens/s (median, min-max over the decode steps of that call, from a
 timer around every forward), collectives and bytes per decode token (from the compiled decode
 graph's record), and the KV-cache bytes each rank holds against the logical cache. The tokens
-are checked equal to single device's. The peers missing here: HF's own ``tp_plan`` and a
-gpt-fast style DTensor-free TP (not run). ``--plot out.png`` needs matplotlib.
+are checked equal to single device's.
+
+Peers: HF's own tensor parallelism, ``from_pretrained(dir, distributed_config=DistributedConfig(
+tp_plan="auto", tp_size=tp))`` on a ``save_pretrained`` copy of the same model (DTensor, eager; it
+needs ``accelerate``: ``pip install -e ".[bench]"``), its collectives counted as they are
+dispatched (``bench_tp.CollectiveCounter``) over one decode step. Not run: a gpt-fast style
+DTensor-free TP (gpt-fast is a script of its own models, not a library a Llama of HF's can use).
+
+A second table: the collectives on the logits per decode token, HF ``generate()``'s path (the last
+position's ``[B, 1, V]`` logits gathered, sampled in eager code) against a gpt-fast sampling step
+(temperature, top-k, softmax, ``argmax(probs / exponential noise)``) compiled in the graph, whose
+vocab-parallel selection moves a few values per row: from ``tpcompile.explain`` (one process).
+``--plot out.png`` needs matplotlib.
 """
 from __future__ import annotations
 
@@ -24,6 +35,11 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
+sys.path.insert(0, HERE)  # bench_tp's collective counter
+
+from tpcompile.compat import torchvision_without_kernels  # noqa: E402
+
+torchvision_without_kernels()  # transformers may import torchvision (a CUDA wheel under the CPU torch)
 
 
 def _model(args):
@@ -89,10 +105,76 @@ def _rank(rank: int, world: int, args, cache: str) -> dict:
     return out
 
 
-def _run(world: int, args, cache: str) -> dict:
+def _hf_rank(rank: int, world: int, args, cache: str, path: str) -> dict:
+    """HF's own TP (``tp_plan="auto"``, DTensor, eager) on the saved copy of the same model."""
+    import warnings
+
+    import transformers as tf
+    from bench_tp import CollectiveCounter
+
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(1)
+    from transformers.distributed import DistributedConfig
+
+    model = tf.AutoModelForCausalLM.from_pretrained(
+        path, distributed_config=DistributedConfig(tp_plan="auto", tp_size=world)).eval()
+    ref = tf.AutoModelForCausalLM.from_pretrained(path).eval()
+    ids = torch.randint(1, args.vocab, (args.batch, args.prompt), generator=torch.Generator().manual_seed(1))
+    want = _timed_generate(ref, ids, args, cache)[0]
+    _timed_generate(model, ids, args, cache)  # warm-up
+    got, pre, steps, kv = _timed_generate(model, ids, args, cache)
+    counter = CollectiveCounter()  # one decode step: the prompt, then a token, counted
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+        with counter:
+            model(ids[:, :1], past_key_values=out.past_key_values, use_cache=True)
+    held = sum(t.numel() * t.element_size() for layer in kv.layers for t in (layer.keys, layer.values))
+    return {"hf": (pre, steps, (held, held * min(world, args.kv_heads)), [(k, n) for _, k, n in counter.seen],
+                   torch.equal(got, want), tuple(model.lm_head.weight.to_local().shape))}
+
+
+def _run(world: int, args, cache: str, hf_path: str | None = None) -> dict:
     from multirank import run_ranks
 
+    if hf_path is not None:
+        return run_ranks(_hf_rank, world, args, cache, hf_path, timeout=3600)[0]
     return run_ranks(_rank, world, args, cache, timeout=3600)[0]  # a fresh process per run, TP=1 too
+
+
+class _Sampler(torch.nn.Module):
+    """One decode step with gpt-fast's sampler inside the graph: the next token, not the logits."""
+
+    def __init__(self, model, k: int):
+        super().__init__()
+        self.model, self.k = model, k
+
+    def forward(self, ids):
+        logits = self.model(input_ids=ids, use_cache=False, logits_to_keep=1).logits[:, -1] / 0.8
+        v, _ = torch.topk(logits, self.k)
+        probs = torch.softmax(torch.where(logits < v[..., -1:], -float("inf"), logits), -1)
+        return torch.argmax(probs / torch.empty_like(probs).exponential_(1), dim=-1)
+
+
+def _logits_collectives(args, world: int) -> list:
+    """(path, collectives on the logits, bytes) per decode token at ``world``: HF generate()'s (the
+    returned logits gathered) and the in-graph sampler's (vocab-parallel selection)."""
+    import warnings
+
+    import tpcompile
+
+    warnings.simplefilter("ignore")
+    model = _model(args)
+    ids = torch.zeros(args.batch, 1, dtype=torch.long)
+    rows = []
+    with torch.no_grad():
+        for name, m, kw in (("HF generate(): logits returned", model, {"use_cache": False, "logits_to_keep": 1}),
+                            ("gpt-fast sampler in the graph", _Sampler(model, 50), {})):
+            rep = tpcompile.explain(m, ids, world_size=world, **kw)
+            head = [c for c in rep.collectives if c.kind == "all_gather"]  # the layers' are all-reduces
+            layers = [c for c in rep.collectives if c.kind != "all_gather"]
+            rows.append((name, len(head), sum(c.nbytes for c in head), len(layers), sum(c.nbytes for c in layers),
+                         next(pp.local_shape for f, pp in rep.params.items() if f.endswith("lm_head.weight"))))
+    return rows
 
 
 def main() -> None:
@@ -109,10 +191,26 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--plot", default=None)
+    ap.add_argument("--no-hf", action="store_true", help="skip HF's own tp_plan='auto' peer")
     args = ap.parse_args()
+    hf_path = None
+    if not args.no_hf:
+        hf_path = tempfile.mkdtemp(prefix="bench-generate-hf-")
+        _model(args).save_pretrained(hf_path)
     rows = []
     for cache in args.cache:
         for world in args.tp:
+            if hf_path is not None and world > 1:
+                try:
+                    pre, steps, (held, logical), coll, same, head = _run(world, args, cache, hf_path)["hf"]
+                    kinds = {}
+                    for k, n in coll:
+                        kinds.setdefault(k, []).append(n)
+                    per_tok = ", ".join(f"{len(v)} {k} ({sum(v)} B)" for k, v in sorted(kinds.items()))
+                    rows.append((cache, f"HF tp_plan=auto TP={world}", pre, steps, held, logical, None, None,
+                                 per_tok, same))
+                except Exception as e:  # noqa: BLE001 - a peer that cannot run is reported, not fatal
+                    print(f"HF tp_plan='auto' at TP={world}, {cache} cache, did not run: {str(e).splitlines()[-1]}")
             r = _run(world, args, cache)
             if "single" in r:
                 pre, steps, (held, logical) = r["single"]
@@ -133,6 +231,13 @@ def main() -> None:
         print(f"| {cache} | {name} | {pre * 1e3:.1f} | {statistics.median(rate):.0f} ({rate[0]:.0f}-{rate[-1]:.0f}) | "
               f"{held} ({held / logical:.2f}) | {'' if comp is None else f'{comp:.1f}'} | {graphs or ''} | {per_tok} | "
               f"{same} |")
+    print()
+    print("collectives on the LM head's logits per decode token (the layers' beside them), tpcompile.explain:")
+    print("| TP | path | logits collectives | bytes | layers' collectives | bytes | LM head weight per rank |")
+    print("|---|---|---|---|---|---|---|")
+    for world in [w for w in args.tp if w > 1]:
+        for name, n, nb, nl, lb, head in _logits_collectives(args, world):
+            print(f"| {world} | {name} | {n} all-gather | {nb} | {nl} all-reduce | {lb} | {list(head)} |")
     if args.plot:
         import matplotlib.pyplot as plt
 

@@ -56,6 +56,7 @@ class GraphPlan:
     tp: int
     unsupported: dict  # op node with no rule -> column linears kept replicated because of it
     notes: list = field(default_factory=list)  # decisions the user should hear about (TPWarning)
+    inference: bool = False  # planned for a graph with no backward (captured under no_grad)
 
 
 def _style_for_fqn(fqn: str, overrides: dict) -> str | None:
@@ -212,13 +213,16 @@ def _int_at(idx, axis: int) -> bool:
 
 
 def make_plan(gm: fx.GraphModule, tp: int, param_fqns: dict, overrides: dict | None = None,
-              known: dict | None = None, buffers: set | None = None, state: dict | None = None) -> GraphPlan:
+              known: dict | None = None, buffers: set | None = None, state: dict | None = None,
+              inference: bool = False) -> GraphPlan:
     """Choose every parameter's layout for ``gm`` (params: placeholder node -> FQN).
 
     ``known``: FQN -> ParamPlan of parameters an earlier graph already stored; they keep it
     (their style is forced, and the same rows, padding included, are taken over).
     ``buffers``: placeholders of the module's buffers (module state, not the user's inputs).
     ``state``: placeholder -> placement of sharded state inputs (a KV cache kept sharded).
+    ``inference``: the graph has no backward; an LM head whose logits are returned or selected from
+    (argmax / top-k / softmax over the vocabulary) stays column-parallel (``propagate``).
     """
     known = known or {}
     # kv copies are stored replicated and chosen again from the graph (the same graph decides the same)
@@ -269,7 +273,7 @@ def make_plan(gm: fx.GraphModule, tp: int, param_fqns: dict, overrides: dict | N
             return "replicate"
 
         prop = propagate(gm, tp, params, style_of, lambda n: chunks.get(n, 1), lambda n: copies.get(n, 1),
-                         state, set(buffers or ()), frozenset(pending))
+                         state, set(buffers or ()), frozenset(pending), inference)
         joined = _joins_pending_sum(prop) - pending
         if joined:  # shared experts: their row-parallel sums join the routed experts' (one reduction)
             pending |= joined
@@ -308,7 +312,7 @@ def make_plan(gm: fx.GraphModule, tp: int, param_fqns: dict, overrides: dict | N
             break
         replicated |= dropped
     notes += _unsharded_contractions(gm, prop, param_fqns, forced)
-    return GraphPlan(_param_plans(gm, prop, tp, param_fqns, known), prop, tp, unsupported, notes)
+    return GraphPlan(_param_plans(gm, prop, tp, param_fqns, known), prop, tp, unsupported, notes, inference)
 
 
 _TOPK = {torch.topk, "topk"}

@@ -57,6 +57,7 @@ class Ctx:
         self.chunks_of = chunks_of
         self.copies_of = copies_of
         self.pending = pending  # row linears whose sum stays pending (joined to a MoE combine's, see plan)
+        self.inference = False  # the graph has no backward (decode): a shard may be returned gathered
         self.place: dict = {}
         self.buffers: set = set()  # module-buffer placeholders (a hand-written KV cache may be adopted sharded)
 
@@ -409,12 +410,94 @@ def cat(node, ctx) -> NodeInfo:
     return _replicate_all(node, ctx, "fallback")
 
 
+def _over_vocab(x, p, dim) -> bool:
+    """``dim`` is the one sharded dim of ``x``, a vocabulary-like block per rank (plain or padded, no
+    pieces, no kv copies), and ``x`` is a floating value needing no gradient (decode: the selection ops
+    of the runtime have no backward)."""
+    v = value(x)
+    return isinstance(p, Shard) and p.dim == dim and p.chunks == 1 and not p.copies \
+        and isinstance(v, torch.Tensor) and v.is_floating_point() and not v.requires_grad
+
+
 def softmax(node, ctx) -> NodeInfo:
+    """Over an unsharded dim: per shard. Over the vocabulary (a vocab-sharded, gradient-free value):
+    the runtime's vocab-parallel softmax, one all-gather of (max, sum-exp) per row, output sharded."""
     x = node.args[0]
     p = ctx.pl(x)
     dim = norm_dim(_arg(node, 1, "dim"), value(x).dim())
     if isinstance(p, Shard) and p.dim != dim:
         return NodeInfo(p, {x: p}, "pointwise")
+    if _over_vocab(x, p, dim) and _arg(node, 3 if node.target in (F.softmax, F.log_softmax) else 2, "dtype") is None:
+        form = "log_softmax" if node.target in ("log_softmax", F.log_softmax, torch.log_softmax) else "softmax"
+        return NodeInfo(p, {x: p}, "vocab_select", {"op": form, "dim": dim})
+    return _replicate_all(node, ctx, "fallback" if isinstance(p, Shard) else "replicate")
+
+
+_SELECT = {"argmax": "argmax", torch.argmax: "argmax", "max": "max", torch.max: "max", "topk": "topk", torch.topk: "topk"}
+
+
+def select(node, ctx) -> NodeInfo:
+    """``argmax`` / ``max(dim)`` / ``topk`` (greedy and top-k sampling on logits).
+
+    Over the vocabulary of a vocab-sharded, gradient-free value (the column-parallel LM head's
+    output at decode): the runtime's vocab-parallel selection, each rank's own candidates and one
+    all-gather of (value, index) pairs per row; the output is whole on every rank. Over an unsharded
+    dim: per shard. ``torch.max(a, b)`` is elementwise; ``max()`` / ``argmax()`` with no dim reduce
+    every dim: made whole first."""
+    x = node.args[0]
+    op = _SELECT[node.target]
+    if op == "max" and isinstance(_arg(node, 1, "dim"), fx.Node):
+        return pointwise(node, ctx)  # torch.max(a, b)
+    p = ctx.pl(x)
+    dim = _arg(node, 2, "dim", -1) if op == "topk" else _arg(node, 1, "dim")
+    multi = isinstance(value(node), (tuple, list))
+    if not isinstance(p, Shard) or not isinstance(dim, int):
+        return _replicate_all(node, ctx, "fallback" if isinstance(p, Shard) else "replicate")
+    nd = value(x).dim()
+    dim = norm_dim(dim, nd)
+    keep = op == "topk" or _arg(node, 2, "keepdim", False)
+    if p.dim != dim:
+        o = p.moved(p.dim if keep or dim > p.dim else p.dim - 1)
+        return NodeInfo((o, o) if multi else o, {x: p}, "pointwise")
+    k = _arg(node, 1, "k") if op == "topk" else None
+    if _over_vocab(x, p, dim) and (op != "topk" or (isinstance(k, int) and isinstance(_arg(node, 3, "largest", True), bool))):
+        extra = {"op": op, "dim": dim, "keepdim": bool(keep), "k": k, "largest": _arg(node, 3, "largest", True)}
+        return NodeInfo((R, R) if multi else R, {x: p}, "vocab_select", extra)
+    return _replicate_all(node, ctx, "fallback")
+
+
+_LIKE = {torch.empty_like, torch.zeros_like, torch.ones_like, torch.full_like}
+_RANDOM_LIKE = {torch.rand_like, torch.randn_like}
+_RANDOM_FILLS = ("exponential_", "uniform_", "normal_", "bernoulli_", "geometric_", "log_normal_", "cauchy_")
+
+
+def like(node, ctx) -> NodeInfo:
+    """``empty_like`` / ``zeros_like`` / ... / ``rand_like``: a new value of its input's layout (only
+    the shape is read; of a pending sum, a whole one). Random ones on a shard draw the whole tensor
+    and keep this rank's slice (``runtime.random``): single device's draw, streams in step."""
+    x = node.args[0]
+    p = ctx.pl(x)
+    if isinstance(p, Partial):
+        return NodeInfo(R, {x: P}, "pointwise")
+    if not isinstance(p, Shard):
+        return NodeInfo(R, {x: R}, "pointwise")
+    if node.target in _RANDOM_LIKE:
+        if p.chunks == 1 and not p.copies:
+            return NodeInfo(p, {x: p}, "sharded_random", {"dim": p.dim})
+        return _replicate_all(node, ctx, "fallback")
+    return NodeInfo(p, {x: p}, "pointwise")
+
+
+def random_fill(node, ctx) -> NodeInfo:
+    """``x.exponential_(1)`` and the other in-place random fills: on a one-block shard (plain or padded:
+    a vocabulary), the whole tensor is drawn and this rank's slice kept, as for ``rand_like``; a pending
+    sum is made whole first (every value is overwritten, whole on every rank)."""
+    x = node.args[0]
+    p = ctx.pl(x)
+    if any(isinstance(a, fx.Node) for a in [*node.args[1:], *node.kwargs.values()]):
+        return _replicate_all(node, ctx, "fallback" if isinstance(p, Shard) else "replicate")
+    if isinstance(p, Shard) and p.chunks == 1 and not p.copies:
+        return NodeInfo(p, {x: p}, "sharded_random", {"dim": p.dim})
     return _replicate_all(node, ctx, "fallback" if isinstance(p, Shard) else "replicate")
 
 
@@ -442,6 +525,8 @@ def reduction(node, ctx) -> NodeInfo:
     if p.dim in dims and node.target in _SUMS and p.plain and is_tensor(node) \
             and _arg(node, 3, "dtype") is None:
         return NodeInfo(Partial(), {x: p}, "partial_sum", {"mean": _SUMS[node.target]})
+    if node.target in ("logsumexp", torch.logsumexp) and dims == [p.dim] and _over_vocab(x, p, p.dim):
+        return NodeInfo(R, {x: p}, "vocab_select", {"op": "logsumexp", "dim": p.dim, "keepdim": bool(keep)})
     if p.dim in dims or not is_tensor(node):
         return _replicate_all(node, ctx, "fallback")
     o = p.dim if keep else p.dim - sum(d < p.dim for d in dims)
@@ -993,6 +1078,9 @@ RULES: dict[Any, Callable[[fx.Node, Ctx], NodeInfo]] = {
     **{f: split for f in ("split", torch.split, "chunk", torch.chunk, "unbind", torch.unbind)},
     **{f: cat for f in (torch.cat, torch.concat, torch.stack)},
     **{f: softmax for f in ("softmax", torch.softmax, F.softmax, "log_softmax", F.log_softmax, torch.log_softmax)},
+    **{f: select for f in _SELECT},
+    **{f: like for f in (*_LIKE, *_RANDOM_LIKE)},
+    **{f: random_fill for f in _RANDOM_FILLS},
     **{f: reduction for f in ("sum", "mean", "amax", "amin", torch.sum, torch.mean, torch.amax, torch.amin,
                                "var", "std", torch.var, "logsumexp", torch.logsumexp, "norm")},
     **{f: matmul for f in (operator.matmul, torch.matmul, "matmul", torch.bmm, "bmm")},
@@ -1017,7 +1105,7 @@ OP_CLASS: dict[Callable, str] = {
     split: "split", cat: "cat", softmax: "softmax", reduction: "reduction", matmul: "matmul", sdpa: "attention",
     layer_norm: "norm", linear: "linear", grouped_linear: "grouped_linear", embedding: "embedding", cross_entropy: "loss", dropout: "dropout",
     repeat_interleave: "repeat", getitem: "index", output: "output", no_tensor_in: "factory",
-    index_copy: "index_copy", setitem: "index_copy",
+    index_copy: "index_copy", setitem: "index_copy", select: "selection", like: "like", random_fill: "random",
 }
 
 
@@ -1051,6 +1139,16 @@ def rule_for(node: fx.Node):
     return None
 
 
+def _widening(lin: fx.Node, info: dict) -> bool:
+    """A column-parallel linear with more out- than in-features (an LM head: vocabulary > width)."""
+    if info[lin].kind != "colwise" or lin.target not in (LINEAR, LINEAR_IO):
+        return False
+    w = shape(lin.args[1])
+    od = weight_out_dim(lin)
+    out, inp = static_size(w[od]), static_size(w[1 - od])
+    return out is not None and inp is not None and out > inp
+
+
 def _merge_origins(prop_origins, node, info):
     """Column linears whose shard this node carries: the union over its sharded inputs."""
     src = set()
@@ -1064,7 +1162,7 @@ def _merge_origins(prop_origins, node, info):
 
 def propagate(gm: fx.GraphModule, tp: int, params: set, style_of: Callable, chunks_of: Callable = lambda n: 1,
               copies_of: Callable = lambda n: 1, state: dict | None = None,
-              buffers: set = frozenset(), pending: frozenset = frozenset()) -> Propagation:
+              buffers: set = frozenset(), pending: frozenset = frozenset(), inference: bool = False) -> Propagation:
     """Placement of every node of ``gm``.
 
     Inputs are replicated (the same batch on every rank), except ``state`` (placeholder ->
@@ -1074,9 +1172,13 @@ def propagate(gm: fx.GraphModule, tp: int, params: set, style_of: Callable, chun
     ``style_of(node, input_placement)``: the plan's layout for a linear / embedding node;
     ``chunks_of(node)``: pieces of a fused column-parallel projection; ``copies_of(node)``: ranks
     sharing one kv head of a ``kvcopy`` projection; ``pending``: row linears whose output stays a
-    pending sum (Partial) instead of being reduced at once.
+    pending sum (Partial) instead of being reduced at once. ``inference``: the graph has no backward;
+    a column linear's shard that reaches the vocab-parallel selection ops or the graph's output (the
+    LM head at decode: its logits returned) counts as a sink (kept column-parallel, 1/tp of its weight
+    per rank, the returned part gathered), where in training it would only add a collective.
     """
     ctx = Ctx(tp, style_of, chunks_of, copies_of, pending)
+    ctx.inference = inference
     ctx.buffers = set(buffers)
     info: dict = {}
     origins: dict = {}
@@ -1119,6 +1221,14 @@ def propagate(gm: fx.GraphModule, tp: int, params: set, style_of: Callable, chun
                     good |= origins.get(x, frozenset())
                     if ni.kind == "vocab_ce":
                         vocab |= origins.get(x, frozenset())
+                # the LM head at decode: its logits selected from (argmax, top-k, softmax over the vocabulary)
+                # or returned (gathered at the end). A head, not a MoE router (E scores, top-k routed: kept
+                # replicated, no collective) nor a classifier: wider out than in
+                heads = {o for o in origins.get(x, ()) if _widening(o, info)}
+                if isinstance(have, Shard) and heads and (ni.kind == "vocab_select" and need == have or (
+                        ni.kind == "output" and ctx.inference and have.chunks == 1 and not have.copies)):
+                    good |= heads
+                    vocab |= heads
             if ni.kind == "fallback" and any(isinstance(ctx.pl(x), (Shard, Partial)) and ni.need.get(x) != ctx.pl(x) for x in ni.need):
                 fallbacks.append(node)
             info[node] = ni

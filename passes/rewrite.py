@@ -217,7 +217,7 @@ class _Rewriter:
         with self.g.inserting_before(before):
             n = self.g.call_function(fn, args)
         n.meta["tp_mapping"] = fn.__name__
-        _inherit_meta(n, before)
+        _inherit_meta(n, args[0] if before.op == "output" and isinstance(args[0], fx.Node) else before)
         if value(args[0]) is not None:  # meta values stay logical (full) shapes: unchanged by a mapping
             n.meta["example_value"] = value(args[0])
         return n
@@ -371,6 +371,40 @@ class _Rewriter:
         _untag(node)
         node.args = (x, target, self.rank * local_size(vocab, self.plan.tp), vocab, self.group)
         node.kwargs = {"ignore_index": ignore_index, "reduction": reduction, "label_smoothing": smoothing}
+
+    def _vocab_select(self, node, ni):
+        """argmax / max / topk / softmax / log_softmax / logsumexp over the vocabulary: the runtime's
+        vocab-parallel op on this rank's columns (one small all-gather; padding masked by position)."""
+        x, e = node.args[0], ni.extra
+        vocab = int(shape(x)[e["dim"]])
+        start = self.rank * local_size(vocab, self.plan.tp)
+        op = e["op"]
+        if op in ("softmax", "log_softmax", "logsumexp"):
+            node.target = V.vocab_parallel_softmax
+            node.args, node.kwargs = (x, e["dim"], start, vocab, self.group), {"form": op}
+            if op == "logsumexp" and not e["keepdim"]:
+                self._then(node, torch.squeeze, e["dim"], keys=("stack_trace", "nn_module_stack"))
+        elif op == "topk":
+            node.target = V.vocab_parallel_topk
+            node.args, node.kwargs = (x, e["k"], e["dim"], e["largest"], start, vocab, self.group), {}
+        else:
+            node.target = V.vocab_parallel_argmax if op == "argmax" else V.vocab_parallel_max
+            node.args, node.kwargs = (x, e["dim"], e["keepdim"], start, vocab, self.group), {}
+        node.op = "call_function"  # also for the method spellings (``logits.argmax(-1)``)
+        _untag(node)
+
+    def _sharded_random(self, node, ni):
+        """A random fill / ``rand_like`` of a shard: the whole draw, this rank's slice (``runtime.random``)."""
+        x, d = node.args[0], ni.extra["dim"]
+        full = int(shape(x)[d])
+        if node.target in (torch.rand_like, torch.randn_like):
+            fn = node.target
+            node.op, node.target = "call_function", R_.sharded_random_like
+            node.args, node.kwargs = (x, fn, dict(node.kwargs), d, full, self.rank), {}
+        else:
+            method = node.target
+            node.op, node.target = "call_function", R_.sharded_fill_random
+            node.args, node.kwargs = (x, method, tuple(node.args[1:]), dict(node.kwargs), d, full, self.rank), {}
 
     def _sdpa(self, node, ni):
         dim, heads = ni.extra["dim"], ni.extra["q_heads"]

@@ -18,7 +18,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["sharded_dropout", "sharded_sdpa"]
+__all__ = ["sharded_dropout", "sharded_sdpa", "sharded_fill_random", "sharded_random_like"]
 
 
 _SELU_ALPHA = 1.7580993408473766  # alpha dropout keeps SELU's mean and variance (ATen's constant)
@@ -78,3 +78,45 @@ def sharded_sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | 
     probs = torch._safe_softmax(scores.float(), -1).to(query.dtype)
     d = probs.dim() + dim - query.dim()  # a mask may broadcast probs to more leading dims
     return sharded_dropout(probs, float(dropout_p), True, d, full, rank) @ value
+
+
+def _whole_like(x: Tensor, dim: int, full: int) -> Tensor:
+    """An empty tensor of ``x``'s whole logical shape (``full`` along ``dim``), in ``x``'s dim order:
+    random fills write memory in order, so this is the buffer single device's ``empty_like`` fills."""
+    shape = list(x.shape)
+    shape[dim] = full
+    if x.is_contiguous():
+        return torch.empty(shape, dtype=x.dtype, device=x.device)
+    order = sorted(range(x.dim()), key=lambda d: -x.stride(d))
+    return torch.empty_permuted(shape, order, dtype=x.dtype, device=x.device)
+
+
+def _own_slice(x: Tensor, whole: Tensor, dim: int, full: int, rank: int) -> Tensor:
+    """This rank's columns of ``whole`` written into ``x`` (in place); padding columns (a vocabulary tp
+    does not divide: ranks hold ceil(full / tp)) set to 1, a value every consumer masks anyway."""
+    n = x.shape[dim]
+    start = rank * n
+    real = max(0, min(n, full - start))
+    if real < n:
+        x.narrow(dim, real, n - real).fill_(1)
+    if real:
+        x.narrow(dim, 0, real).copy_(whole.narrow(dim, start, real))
+    return x
+
+
+def sharded_fill_random(x: Tensor, method: str, args: tuple, kwargs: dict, dim: int, full: int, rank: int) -> Tensor:
+    """``x.<method>(*args, **kwargs)`` (``exponential_``, ``uniform_``, ``normal_``, ...) on this rank's
+    slice ``x`` of a tensor ``full`` long along ``dim``: every rank draws the whole tensor, as single
+    device does (streams in step), and keeps its slice, so under the same seed the slices are single
+    device's draw: gpt-fast's ``empty_like(probs).exponential_(1)`` sampling noise on vocab-sharded
+    probabilities picks single device's token, the same on every rank."""
+    whole = _whole_like(x, dim, full)
+    getattr(whole, method)(*args, **kwargs)
+    return _own_slice(x, whole, dim, full, rank)
+
+
+def sharded_random_like(x: Tensor, fn, kwargs: dict, dim: int, full: int, rank: int) -> Tensor:
+    """``fn(x, **kwargs)`` (``torch.rand_like`` / ``randn_like``) for this rank's slice ``x``: the
+    whole draw, this rank's slice of it (see ``sharded_fill_random``)."""
+    whole = fn(_whole_like(x, dim, full), **kwargs)
+    return _own_slice(torch.empty_like(x, dtype=whole.dtype), whole, dim, full, rank)

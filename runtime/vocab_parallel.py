@@ -13,7 +13,8 @@ from torch import Tensor
 from . import ce_kernels
 from .mappings import Group, _sync, group_name, reduce_from_tp, reduce_scatter_to_sp
 
-__all__ = ["vocab_parallel_embedding", "vocab_parallel_cross_entropy"]
+__all__ = ["vocab_parallel_embedding", "vocab_parallel_cross_entropy", "vocab_parallel_max", "vocab_parallel_argmax",
+           "vocab_parallel_topk", "vocab_parallel_softmax"]
 
 
 def vocab_parallel_embedding(idx: Tensor, weight: Tensor, vocab_start: int, group: Group,
@@ -171,3 +172,95 @@ def vocab_parallel_cross_entropy(
         logits, target, vocab_start, vocab_size, group_name(group), ignore_index, reduction, label_smoothing,
         ce_kernels.impl_for(logits, impl), inplace_backward and not logits.is_leaf,
     )
+
+
+# ------------------------------------------------------------------ selection over the vocabulary
+# Decode-time ops on vocab-sharded logits (the column-parallel LM head's output, this rank's columns
+# [vocab_start, vocab_start + local) of ``dim``): each rank reduces its own columns, then ONE
+# all-gather of a few values per row (packed as float64: any logit dtype and any int64 index below
+# 2^53 are exact in it) and the same pick on every rank. Columns at or past ``vocab_size`` are
+# padding (a vocabulary tp does not divide) and are masked by position, whatever they hold. Not
+# differentiable: the rule table routes them only for values that need no gradient.
+
+
+def _valid(x: Tensor, dim: int, vocab_start: int, vocab_size: int) -> int:
+    return max(0, min(x.shape[dim], vocab_size - vocab_start))
+
+
+def _mask_padding(x: Tensor, dim: int, vocab_start: int, vocab_size: int, fill: float) -> Tensor:
+    """``x`` with its padding columns (past the vocabulary) set to ``fill``."""
+    valid = _valid(x, dim, vocab_start, vocab_size)
+    if valid == x.shape[dim]:
+        return x
+    cols = torch.arange(x.shape[dim], device=x.device).view([-1] + [1] * (x.dim() - 1 - dim))
+    return x.masked_fill(cols >= valid, fill)
+
+
+def _gather_rows(packed: Tensor, group: Group) -> Tensor:
+    """``[k, *rows]`` per rank -> ``[tp, k, *rows]``: the one collective."""
+    k = packed.shape[0]
+    return _sync(funcol.all_gather_single(packed.contiguous(), 0, group_name(group))).unflatten(0, (-1, k))
+
+
+def vocab_parallel_max(x: Tensor, dim: int, keepdim: bool, vocab_start: int, vocab_size: int,
+                       group: Group) -> tuple[Tensor, Tensor]:
+    """``torch.max(full, dim, keepdim)`` of the whole logits from this rank's columns ``x``: (values,
+    global indices). Ties give the lowest index, as on one device (each rank's first maximum, then
+    the first rank holding the maximum); a NaN counts as the maximum, as torch's does."""
+    dim = dim % x.dim()
+    v, i = _mask_padding(x, dim, vocab_start, vocab_size, float("-inf")).max(dim)
+    both = _gather_rows(torch.stack([v.double(), (i + vocab_start).double()]), group)  # [tp, 2, *rows]
+    pick = both[:, 0].argmax(0, keepdim=True)  # the first rank with the maximum (argmax: first occurrence)
+    values = both[:, 0].gather(0, pick).squeeze(0).to(x.dtype)
+    index = both[:, 1].gather(0, pick).squeeze(0).long()
+    if keepdim:
+        values, index = values.unsqueeze(dim), index.unsqueeze(dim)
+    return values, index
+
+
+def vocab_parallel_argmax(x: Tensor, dim: int, keepdim: bool, vocab_start: int, vocab_size: int,
+                          group: Group) -> Tensor:
+    """``torch.argmax(full, dim, keepdim)`` from this rank's columns: greedy decoding, one small
+    all-gather of (value, index) per row."""
+    return vocab_parallel_max(x, dim, keepdim, vocab_start, vocab_size, group)[1]
+
+
+def vocab_parallel_topk(x: Tensor, k: int, dim: int, largest: bool, vocab_start: int, vocab_size: int,
+                        group: Group) -> tuple[Tensor, Tensor]:
+    """``torch.topk(full, k, dim, largest)`` from this rank's columns: each rank's own top-k, one
+    all-gather of the ``k * tp`` candidates per row, the top-k of those (sorted). The values are
+    single device's exactly; so are the indices of distinct values. Equal values come lowest index
+    first: torch leaves their order (and, at the k-th place, which of them) unspecified (on CPU it
+    returns indices [1, 6, 4] for ``topk([1, 3, 3, 2, 3, 0, 3, 1], 3)``), so no rule can copy it."""
+    dim = dim % x.dim()
+    xs = _mask_padding(x, dim, vocab_start, vocab_size, float("-inf") if largest else float("inf"))
+    v, i = xs.topk(min(k, x.shape[dim]), dim, largest, sorted=False)
+    both = _gather_rows(torch.stack([v.double(), (i + vocab_start).double()]), group)  # [tp, 2, ..., k', ...]
+    values = both[:, 0].movedim(0, dim).flatten(dim, dim + 1)  # [..., tp * k', ...]
+    index = both[:, 1].movedim(0, dim).flatten(dim, dim + 1)
+    order = index.argsort(dim=dim)  # index order first, then a stable sort on the value: ties lowest index first
+    values, index = values.gather(dim, order), index.gather(dim, order)
+    order = values.argsort(dim=dim, descending=largest, stable=True).narrow(dim, 0, k)
+    return values.gather(dim, order).to(x.dtype), index.gather(dim, order).long()
+
+
+def vocab_parallel_softmax(x: Tensor, dim: int, vocab_start: int, vocab_size: int, group: Group,
+                           form: str = "softmax") -> Tensor:
+    """``softmax`` / ``log_softmax`` / ``logsumexp`` over the vocabulary from this rank's columns:
+    each rank's max ``m`` and ``s = sum exp(x - m)`` per row, one all-gather of these two values, then
+    ``M = max_r m_r``, ``S = sum_r s_r exp(m_r - M)`` on every rank: ``exp(x - M) / S``,
+    ``x - M - log S`` (this rank's columns, padding 0 / -inf) or ``M + log S`` (whole; dim kept as 1,
+    the caller squeezes it). fp32 maths for narrower inputs, the input's dtype out, as torch's."""
+    dim = dim % x.dim()
+    xf = _mask_padding(x.float() if x.element_size() < 4 else x, dim, vocab_start, vocab_size, float("-inf"))
+    m = xf.amax(dim, keepdim=True)
+    s = (xf - m.masked_fill(m == float("-inf"), 0)).exp().sum(dim, keepdim=True)  # a row all -inf here: s = 0
+    both = _gather_rows(torch.stack([m, s]).double(), group)  # [tp, 2, ..., 1, ...]
+    big_m = both[:, 0].amax(0)
+    total = (both[:, 1] * (both[:, 0] - big_m).exp()).sum(0)
+    big_m, total = big_m.to(xf.dtype), total.to(xf.dtype)
+    if form == "logsumexp":
+        return (big_m + total.log()).to(x.dtype)
+    if form == "log_softmax":
+        return (xf - big_m - total.log()).to(x.dtype)
+    return ((xf - big_m).exp() / total).to(x.dtype)

@@ -58,7 +58,11 @@ def generate_beside(rank: int, world: int, family: str, cache: str | None = None
             got = tp.generate(ids, **sample, **kw)
             out["sampled"], out["ref_sampled"] = got.sequences.tolist(), want.sequences.tolist()
     st = tpcompile.tp_state(tp)
+    report = tpcompile.explain(tp, graph=-1)  # the last decode graph, as a user would ask after generate()
+    head = next(f for f in ("lm_head.weight", "transformer.wte.weight", "model.embed_tokens.weight") if f in st.plan)
     out.update({
+        "vocab": model.config.vocab_size, "returned_bytes": report.records[0].returned_bytes, "explain": str(report), "above_floor": report.above_floor(), "head": (head, st.plan[head].style,
+                                                                              st.plan[head].local_shape),
         "n_graphs": len(st.records), "frames": dict(counters["stats"]),
         "collectives": [sorted((c.kind, c.nbytes) for c in r.collectives) for r in st.records],
         "exit": [r.exit_mappings for r in st.records],

@@ -134,11 +134,12 @@ def test_one_token_and_a_batch_of_one_are_not_one_head():
             assert o["n_graphs"] == 2, (name, o["n_graphs"])
             assert o["styles"][first[name]] == o["styles"][mlp[name]] == "colwise", (name, o["styles"])
             # per graph: the floor (2 row-parallel all-reduces, the embedding's), and the gather of the
-            # logits where the LM head is column-parallel (tied to the vocab-parallel embedding)
+            # logits (in the floor of an inference graph: they are returned) where the LM head is
+            # column-parallel: tied to the vocab-parallel embedding, or untied (Llama) at inference
             head = "lm_head.weight" if name == "llama" else "transformer.wte.weight" if name == "gpt2" else "wte.weight"
-            gathers = ["all_gather"] if o["styles"][head] != "replicate" else []
+            assert o["styles"][head] == ("colwise" if name == "llama" else "vocab"), (name, o["styles"][head])
             for floor, kinds in o["per_graph"]:
-                assert floor == 3 and kinds == gathers + ["all_reduce"] * 3, (name, floor, kinds)
+                assert floor == 4 and kinds == ["all_gather"] + ["all_reduce"] * 3, (name, floor, kinds)
 
 
 def test_sequence_parallel_with_changing_lengths():

@@ -35,10 +35,11 @@ def _model(name: str):
 
 # (model, sequence_parallel) -> (the norm's spelling as the op repeats it, collectives of the fused forward)
 GRAPHS = {
-    ("example", False): ("cw", {"all_reduce": 2 * LAYERS + 1}),  # + the vocab-parallel embedding
-    ("example", True): ("cw", {"reduce_scatter": 2 * LAYERS + 1, "all_gather": 2 * LAYERS + 1}),  # + the head's
-    ("llama", False): ("cw", {"all_reduce": 2 * LAYERS + 1}),
-    ("llama", True): ("cw", {"reduce_scatter": 2 * LAYERS + 1, "all_gather": 2 * LAYERS + 1}),
+    # + the vocab-parallel embedding; the untied head is vocab-sharded at inference: its logits gathered
+    ("example", False): ("cw", {"all_reduce": 2 * LAYERS + 1, "all_gather": 1}),
+    ("example", True): ("cw", {"reduce_scatter": 2 * LAYERS + 1, "all_gather": 2 * LAYERS + 2}),  # + the head's input
+    ("llama", False): ("cw", {"all_reduce": 2 * LAYERS + 1, "all_gather": 1}),
+    ("llama", True): ("cw", {"reduce_scatter": 2 * LAYERS + 1, "all_gather": 2 * LAYERS + 2}),
     # tied vocab-parallel head: its logits gathered. Gemma's (1 + w.float()) in fp32, cast back last
     ("gemma", False): ("wc", {"all_reduce": 2 * LAYERS + 1, "all_gather": 1}),
     # MQA: kv-head copies take the same gathered input as q (+ the tied head's logits)

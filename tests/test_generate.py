@@ -92,6 +92,16 @@ def test_generate_matches_single_device(world, family, cache):
     for exit_maps in r["exit"]:
         assert len(exit_maps) <= 1, exit_maps
     assert r["warnings"] == [], r["warnings"]
+    # the LM head vocab-sharded at decode, tied (GPT-2, Gemma) or not (Llama, Qwen2): 1/tp of its rows
+    fqn, style, local = r["head"]
+    assert style in ("colwise", "vocab") and local[0] == -(-r["vocab"] // world), r["head"]
+    # explain(tp, graph=-1) after generate(): the decode graph's collectives per token, at the floor,
+    # no backward, and the cost of the last position's logits returned whole
+    assert r["above_floor"] == {"forward": 0, "backward": 0}, (r["above_floor"], r["explain"])
+    text = r["explain"]
+    assert "inference: no backward" in text and "backward none" in text, text
+    assert "gathered whole at the end (the logits HF generate() reads)" in text, text
+    assert r["returned_bytes"] == 2 * r["vocab"] * 4  # one position of a batch of 2, fp32
 
 
 @pytest.mark.parametrize("world", [2, 4] if ALL else [2], ids=lambda w: f"tp{w}")
@@ -107,7 +117,11 @@ def test_hand_written_static_cache_loop(world):
     assert r["kv_held"] * world == r["kv_logical"], (r["kv_held"], r["kv_logical"])
     for b in (0, 1):
         assert r["styles"][f"blocks.{b}.wk.weight"] == "colwise" and r["styles"][f"blocks.{b}.wo.weight"] == "rowwise"
-    assert r["collectives"] == [["all_reduce"] * 3] * 2  # per graph: the embedding, each block's out-projection
+    # per graph: the embedding, each block's out-projection, and the returned logits gathered (the head is
+    # vocab-sharded at decode: 1/tp of its weight per rank; a sampler in the graph avoids the gather,
+    # tests/test_vocab_sampling.py)
+    assert r["collectives"] == [["all_gather"] + ["all_reduce"] * 3] * 2
+    assert r["styles"]["head.weight"] == "colwise"
     assert r["warnings"] == []
 
 
@@ -130,12 +144,14 @@ def test_generate_of_a_sequence_parallel_model():
 def test_from_pretrained_generates_the_original_tokens():
     """``tpcompile.from_pretrained(path)`` on a ``save_pretrained`` directory (several shard files +
     index) at TP=2: built on meta, planned on a synthetic batch, only this rank's slices read; in
-    eval mode; greedy ``generate`` gives the original model's tokens; the parameters sharded."""
+    eval mode; greedy ``generate`` gives the original model's tokens; the parameters sharded, the LM
+    head included."""
     results = _gloo(2)["pretrained"]
     r = _same_tokens(results, "tokens")
     assert r["tokens"] == r["ref_tokens"]
     assert r["training"] is False
-    assert r["numel"] < 0.6 * r["full_numel"], (r["numel"], r["full_numel"])
+    # every weight matrix 1/tp, the LM head too (planned under no_grad, as generate() runs); norms whole
+    assert r["numel"] < 0.51 * r["full_numel"], (r["numel"], r["full_numel"])
 
 
 class _Writes(__import__("torch").nn.Module):

@@ -49,6 +49,11 @@ class Report:
     warnings: list[str] = field(default_factory=list)
     records: list[GraphRecord] = field(default_factory=list)
 
+    @property
+    def inference(self) -> bool:
+        """Every graph was captured under ``no_grad`` (a decode step): there is no backward."""
+        return bool(self.records) and all(r.inference for r in self.records)
+
     def counts(self) -> Counter:
         """Collectives by (phase, kind)."""
         return Counter((c.phase, c.kind) for c in self.collectives)
@@ -94,18 +99,26 @@ class Report:
             "plan:",
             *("  " + r for r in self.plan_table().splitlines()),
             "",
-            "collectives per step on this rank:",
+            "collectives per step on this rank:" if not self.inference else
+            "collectives per call on this rank (inference: no backward; a decode step's are per token):",
         ]
         extra = self.above_floor()
         for ph in ("forward", "backward"):
             mine = [c for c in self.collectives if c.phase == ph]
             kinds = ", ".join(f"{n} {k}" for (p, k), n in sorted(c.items()) if p == ph) or "none"
             floor = self.floor.get(ph, {})
-            why = " + ".join(f"{n} {r}" for r, n in floor.items()) or "nothing"
+            why = " + ".join(f"{n} {r}" for r, n in floor.items()) or (
+                "no backward graph" if ph == "backward" and self.inference else "nothing")
             verdict = "at the floor" if extra[ph] == 0 else f"{extra[ph]:+d} vs the floor"
             total = sum(x.nbytes for x in mine) if all(x.nbytes >= 0 for x in mine) else -1  # -1: symbolic sizes
             lines.append(f"  {ph:<8} {kinds}; {_bytes(total)}")
             lines.append(f"           floor {sum(floor.values())} ({why}): {verdict}")
+        returned = [r.returned_bytes for r in self.records if r.returned_bytes]
+        if returned:
+            total = -1 if -1 in returned else sum(returned)
+            lines.append(f"  of which outputs gathered whole at the end (the logits HF generate() reads): "
+                         f"{_bytes(total)} per call; a sampler inside the graph (argmax / top-k / softmax over "
+                         f"the vocabulary) moves a few values per row instead")
         fused = [f for r in self.records for f in r.fused_norms]
         if fused:
             sp = " + all-gather" if fused[0].sequence_parallel else ""
@@ -129,13 +142,14 @@ def _bytes(n: int) -> str:
 def explain(
     model: nn.Module,
     *args: Any,
-    world_size: int,
+    world_size: int | None = None,
     rank: int = 0,
     sequence_parallel: bool = False,
     plan: dict[str, str] | None = None,
     fuse_norm: bool | None = None,
     dump_dir: str | None = None,
     regional: bool = False,
+    graph: int | None = None,
     **kwargs: Any,
 ) -> Report:
     """Plan, rewrite and trace ``model(*args, **kwargs)`` as rank ``rank`` of ``world_size``.
@@ -144,9 +158,19 @@ def explain(
     The model is not modified (its parameters stay bitwise the same; one built on
     ``meta`` stays on ``meta``). ``plan``, ``fuse_norm``, ``regional``: as ``tp_compile`` takes them (called under
     ``torch.no_grad()``, the norms are fused by default, as ``tp_compile`` fuses them).
+
+    ``explain(tp_model)`` (a model ``tp_compile`` returned, no batch): the report of the graphs it has
+    compiled and run so far, on this rank, e.g. after ``generate()``: ``graph=-1`` picks the last one
+    (a decode step: its collectives are per token).
     """
-    if getattr(model, "_tp_state", None) is not None:
-        raise RuntimeError("explain() takes the plain model, before tp_compile (this one is already tensor-parallel).")
+    state = getattr(model, "_tp_state", None)
+    if state is not None:
+        if args or kwargs:
+            raise RuntimeError("explain() takes the plain model, before tp_compile (this one is already "
+                               "tensor-parallel); explain(tp_model) with no batch reports the graphs it has run.")
+        return _compiled_report(model, state, graph)
+    if world_size is None:
+        raise TypeError("explain(model, *batch, world_size=N): the TP degree to explain is needed.")
     if dist.is_initialized():
         raise RuntimeError(
             "explain() runs in one process with a fake process group, but torch.distributed is already "
@@ -187,6 +211,24 @@ def explain(
         torch._dynamo.reset()  # drop the twin's cache entries (they guard on a fake group)
     breaks = Counter(torch._dynamo.utils.counters["graph_break"]) - breaks_before
     return _report(recorder.records, params.layouts, model, world_size, rank, caught, breaks)
+
+
+def _compiled_report(model: nn.Module, state, graph: int | None) -> Report:
+    """The report of the graphs a tp-compiled model has run (``graph``: one of them)."""
+    records = list(state.records)
+    if graph is not None:
+        records = [records[graph]] if records else []
+    if not records:
+        raise RuntimeError("explain(tp_model): it has compiled no graph yet; call it once first.")
+    fallbacks = [_Note(m) for r in records for m in r.fallbacks]
+    return _report(records, state.plan, model, state.tp, state.rank, fallbacks, Counter())
+
+
+@dataclass
+class _Note:
+    """A recorded fallback message where ``_report`` expects a caught warning."""
+
+    message: str
 
 
 def _report(records: list, layouts: dict, model: nn.Module, world_size: int, rank: int, caught, breaks) -> Report:

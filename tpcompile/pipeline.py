@@ -86,6 +86,8 @@ class GraphRecord:
     exit_mappings: list = field(default_factory=list)  # mapping ops that make outputs whole at the graph's end
     regions: dict = field(default_factory=dict)  # subgraph name -> block prefix per call, planned once for all
     fused_norms: list = field(default_factory=list)  # passes.fused_norm.FusedNorm, one per fused reduction
+    inference: bool = False  # captured under no_grad: no backward graph
+    returned_bytes: int = 0  # bytes of sharded outputs gathered whole at the end (-1: symbolic sizes)
 
 
 @dataclass
@@ -183,12 +185,33 @@ def communication_floor(plan: GraphPlan) -> dict:
                   for n, ni in plan.prop.info.items() if ni.kind in ("colwise", "kvcopy")}
     pending = sum(1 for ni in plan.prop.info.values() if ni.kind == "rowwise" and ni.extra.get("pending"))
     fwd = {"row-parallel linear": kinds.count("rowwise") - pending, "vocab-parallel embedding": kinds.count("vocab"),
-           "vocab-parallel loss": kinds.count("vocab_ce"), "expert combine": kinds.count("expert_rowwise")}
+           "vocab-parallel loss": kinds.count("vocab_ce"), "expert combine": kinds.count("expert_rowwise"),
+           "vocab-parallel selection": kinds.count("vocab_select")}
+    if plan.inference:  # captured under no_grad: no backward graph, no backward collective
+        return {"forward": {k: v for k, v in fwd.items() if v}, "backward": {}}
     # whole values scaling a pending sum (MoE routing weights, a shared expert's gate): summands of their gradient
     scales = {x for n, ni in plan.prop.info.items() if isinstance(ni.out, Partial) for x in whole_grad_inputs(n, ni)}
     bwd = {"column-parallel input": len(col_inputs), "kv-copy weight gradient": kv_copy_weights(plan),
            "scale of a pending sum": len(scales)}
     return {"forward": {k: v for k, v in fwd.items() if v}, "backward": {k: v for k, v in bwd.items() if v}}
+
+
+_EXIT_GATHERS = ("gather_from_tp", "gather_padded_from_tp", "gather_pieces_from_tp")
+
+
+def returned_whole(gm: fx.GraphModule) -> list[fx.Node]:
+    """The gathers that make outputs of a rewritten graph whole at its end (the LM head's logits that HF
+    ``generate()`` reads at decode; not a KV cache, kept sharded): one all-gather each."""
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    return [n for n in out.all_input_nodes if n.meta.get("tp_mapping") in _EXIT_GATHERS]
+
+
+def _whole_bytes(nodes: list) -> int:
+    """Bytes of the (logical, whole) values of ``nodes``; -1 if any size is symbolic."""
+    vals = [value(n) for n in nodes]
+    if any(not isinstance(v, torch.Tensor) or _symbolic(v) for v in vals):
+        return -1
+    return sum(v.numel() * v.element_size() for v in vals)
 
 
 def kv_copy_weights(plan: GraphPlan) -> int:
@@ -202,7 +225,7 @@ def kv_copy_weights(plan: GraphPlan) -> int:
 
 def plan_graph(gm: fx.GraphModule, fqns: dict, tp: int, overrides: dict,
                known: dict | None = None, buffers: set | None = None,
-               state: dict | None = None) -> tuple[GraphPlan, list[str]]:
+               state: dict | None = None, inference: bool = False) -> tuple[GraphPlan, list[str]]:
     """The graph passes before any sharding: inline checkpointed blocks, normalize, plan.
     ``buffers``: the placeholders that are module buffers (state, not the user's inputs);
     ``state``: placeholder -> placement of sharded state inputs (a KV cache an earlier graph returned).
@@ -216,7 +239,7 @@ def plan_graph(gm: fx.GraphModule, fqns: dict, tp: int, overrides: dict,
         for line, selective in inline_checkpoints(gm) if selective
     ]
     normalize(gm, set(fqns))
-    return make_plan(gm, tp, fqns, overrides, known, buffers, state), notes
+    return make_plan(gm, tp, fqns, overrides, known, buffers, state, inference), notes
 
 
 def tp_program(gm: fx.GraphModule, param_fqns: dict[int, str], options: Options, names: dict[str, str] | None = None,
@@ -234,7 +257,8 @@ def tp_program(gm: fx.GraphModule, param_fqns: dict[int, str], options: Options,
     original_code = readable_code(gm.graph, names)
     buffers = {n for n in placeholders if n.name in names and n not in fqns}
     state_nodes = {placeholders[i]: p for i, p in (state or {}).items()}
-    plan, notes = plan_graph(gm, fqns, options.tp, options.overrides, options.known, buffers, state_nodes)
+    plan, notes = plan_graph(gm, fqns, options.tp, options.overrides, options.known, buffers, state_nodes,
+                             inference=not options.needs_backward)
     layouts = {i: plan.params[placeholders[i]] for i in param_fqns}
     fallbacks = [_warn_fallback(n, plan) for n in plan.prop.fallbacks]
     fallbacks += [_warn_unsupported(n, mods) for n, mods in plan.unsupported.items()]
@@ -248,6 +272,7 @@ def tp_program(gm: fx.GraphModule, param_fqns: dict[int, str], options: Options,
     floor = _add_floors(communication_floor(plan), regions.floors) if rewritten or plan_only \
         else {"forward": {}, "backward": {}}
     sharded: dict = {}
+    returned: list = []
     fused: list = []
     kept_state: dict = {}
     # one rank: every shard is the whole tensor and every mapping op an identity, so the captured
@@ -262,9 +287,17 @@ def tp_program(gm: fx.GraphModule, param_fqns: dict[int, str], options: Options,
                 warnings.warn(sp.skipped, TPWarning, stacklevel=2)
                 fallbacks.append(sp.skipped)
             else:
+                selections = floor["forward"].get("vocab-parallel selection", 0)
                 floor = floor_with_sp(sp, floor["forward"].get("vocab-parallel loss", 0), kv_copy_weights(plan))
+                if selections:
+                    floor["forward"]["vocab-parallel selection"] = selections
+                if plan.inference:
+                    floor["backward"] = {}
         fused = fuse_norms(gm, options.group_name, options.needs_backward) if options.fuse_norm else []
         sharded = keep_outputs_sharded(gm) if options.sharded_outputs else {}
+        returned = returned_whole(gm) if plan.inference else []
+        if returned:
+            floor["forward"]["sharded output returned whole"] = len(returned)
     record = GraphRecord(
         {pp.fqn: pp for pp in plan.params.values()}, original_code, readable_code(gm.graph, names), fallbacks,
         time.perf_counter() - t0, floor, names, gm,
@@ -276,6 +309,7 @@ def tp_program(gm: fx.GraphModule, param_fqns: dict[int, str], options: Options,
     record.regions = regions.calls
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
     record.fused_norms = fused
+    record.inference, record.returned_bytes = plan.inference, _whole_bytes(returned)
     record.exit_mappings = [n.meta["tp_mapping"] for n in out_node.all_input_nodes if "tp_mapping" in n.meta]
     last = [n for n in gm.graph.nodes if n.op == "call_function" and n.meta.get("stack_trace")]
     record.ends_at = source_line(last[-1]) if last else ""

@@ -9,6 +9,7 @@ slices read from the files.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -24,7 +25,8 @@ def from_pretrained(path_or_class: Any, path: str | os.PathLike | None = None, *
     (``architectures[0]``); ``tpcompile.from_pretrained(LlamaForCausalLM, path)`` a class of your
     own choosing. ``example_length``: tokens of the synthetic batch (one row of token ids) that
     plans the model; ``dtype``: the parameters' dtype (default: the config's ``torch_dtype``, else
-    float32); ``eval``: return the model in eval mode (serving). ``tp_kwargs`` go to ``tp_compile``
+    float32); ``eval``: return the model in eval mode (serving; planned under ``no_grad``, as it runs:
+    an LM head with no loss behind it vocab-sharded, see ``passes/propagate.py``). ``tp_kwargs`` go to ``tp_compile``
     (``group``, ``backend``, ``plan``, ...). The shape of ``AutoModelForCausalLM.from_pretrained(path,
     tp_plan="auto")``, with no plan.
     """
@@ -55,7 +57,9 @@ def from_pretrained(path_or_class: Any, path: str | os.PathLike | None = None, *
         model.eval()
     vocab = int(getattr(config, "vocab_size", 2))
     ids = torch.randint(0, vocab, (1, example_length), generator=torch.Generator().manual_seed(0))
-    model = tpcompile.tp_compile(model, example_inputs={"input_ids": ids}, init_weights=model._init_weights,
-                                 **tp_kwargs)
+    # a serving model is planned as it runs, under no_grad: its LM head vocab-sharded (1/tp per rank)
+    with torch.no_grad() if eval else contextlib.nullcontext():
+        model = tpcompile.tp_compile(model, example_inputs={"input_ids": ids}, init_weights=model._init_weights,
+                                     **tp_kwargs)
     tpcompile.load_checkpoint(model, path)
     return model

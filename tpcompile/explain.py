@@ -136,13 +136,14 @@ def explain(
     fuse_norm: bool | None = None,
     dump_dir: str | None = None,
     regional: bool = False,
+    expert_parallel: bool = False,
     **kwargs: Any,
 ) -> Report:
     """Plan, rewrite and trace ``model(*args, **kwargs)`` as rank ``rank`` of ``world_size``.
 
     One process, no GPU, no torchrun: a fake process group stands in for the TP group.
     The model is not modified (its parameters stay bitwise the same; one built on
-    ``meta`` stays on ``meta``). ``plan``, ``fuse_norm``, ``regional``: as ``tp_compile`` takes them (called under
+    ``meta`` stays on ``meta``). ``plan``, ``fuse_norm``, ``regional``, ``expert_parallel``: as ``tp_compile`` takes them (called under
     ``torch.no_grad()``, the norms are fused by default, as ``tp_compile`` fuses them).
     """
     if getattr(model, "_tp_state", None) is not None:
@@ -171,7 +172,7 @@ def explain(
         params = StandinParameters(twin)
         options = Options(world_size, rank, dist.group.WORLD.group_name,
                           overrides=with_tied_aliases(plan or {}, twin.aliases), sequence_parallel=sequence_parallel,
-                          fuse_norm=fuse_norm, regional=regional)
+                          fuse_norm=fuse_norm, regional=regional, expert_parallel=expert_parallel)
         recorder = Recorder(rank, dump_dir)
         compiled, twin.compile = compile_twin(twin, params, options, "trace", recorder)
         twin.sync()

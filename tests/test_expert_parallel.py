@@ -1,0 +1,107 @@
+"""Expert parallelism on request (issue 16 item 2): ``tp_compile(model, expert_parallel=True)`` or
+``plan={"...experts": "expert"}`` holds E / tp whole experts per rank (style ``expert``: the 3-D expert
+weights split on dim 0). Each rank runs the rows routed to its own experts (``runtime/expert_parallel.py``)
+and one all-reduce per MoE layer combines them: every rank already holds every token, so no token moves.
+
+HF Mixtral and Qwen3-MoE from tiny configs (4 experts, hidden 64), in each experts implementation that runs
+on CPU: ``"grouped_mm"`` (in fp32 HF's opaque ``transformers::grouped_mm_fallback`` op) and ``"batched_mm"``
+(``W[expert_ids]`` + ``bmm``); Mixtral with its router's load-balancing loss in the loss (router statistics
+must not change). Loss within 1e-5 relative fp32, logits and every gradient within 1e-5, 3 SGD steps, ranks
+agree, at TP=2 and TP=4, in one spawned gloo group per degree.
+"""
+import functools
+import os
+from collections import Counter
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import hf_models  # noqa: E402
+from multirank import run_cases  # noqa: E402
+
+# tp -> [(family, experts implementation, tp_compile kwargs)]: both families, both runtime forms (rows sorted
+# by expert with cumulative counts; an expert id per row), both ways of asking, one decoder layer each;
+# TPCOMPILE_EP_ALL=1 runs every family x implementation at both degrees with two layers
+CASES = {
+    2: [("mixtral", "grouped_mm", {"expert_parallel": True})],
+    4: [("qwen3_moe", "batched_mm", {"plan": {"model.layers.*.mlp.experts": "expert"}})],
+}
+ALL = bool(os.environ.get("TPCOMPILE_EP_ALL"))
+if ALL:
+    CASES = {tp: [(f, impl, {"expert_parallel": True}) for f in ("mixtral", "qwen3_moe") for impl in ("grouped_mm", "batched_mm")]
+             for tp in (2, 4)}
+LAYERS = 2 if ALL else 1
+
+
+def train_case(rank: int, world: int, family: str, impl: str, tp_kwargs: dict, layers: int) -> dict:
+    """3 SGD steps of the tp-compiled HF model beside its single-device copy (``models_common.train_beside``)."""
+    from models_common import train_beside
+
+    import tpcompile
+
+    model = hf_models.make_model(family, _experts_implementation=impl, num_hidden_layers=layers)
+    g = torch.Generator().manual_seed(1234)
+    batches = []
+    for _ in range(3):
+        ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=g)
+        labels = ids.clone()
+        labels[:, :2] = -100
+        batches.append((ids, labels))
+
+    def report(tp, ref, out):
+        st = tpcompile.tp_state(tp)
+        out["plan"] = {f: (pp.style, pp.dim, pp.local_shape) for f, pp in st.plan.items()}
+        out["collectives"] = Counter((c.phase, c.kind) for r in st.records for c in r.collectives)
+        out["floor_why"] = [r.floor for r in st.records]
+        out["experts"] = {f: p.to_local().detach().clone() for f, p in st.params.named() if ".experts." in f}
+        out["ref_experts"] = {f: p.detach().clone() for f, p in ref.named_parameters() if ".experts." in f}
+
+    return train_beside(rank, world, model, batches, lambda m, b: m(input_ids=b[0], labels=b[1]), lr=0.1,
+                        report=report, **tp_kwargs)
+
+
+@functools.cache
+def _trained(world: int) -> list:
+    return run_cases(world, [(train_case, (*case, LAYERS)) for case in CASES[world]])
+
+
+@pytest.mark.parametrize("world", [2, 4], ids=["tp2", "tp4"])
+def test_expert_parallel_matches_single_device(world):
+    """Whole experts per rank: rank r holds experts [r * E / tp, (r + 1) * E / tp) of each expert weight, and
+    after 3 SGD steps they are single device's experts; loss, logits, gradients as single device; no warning;
+    one all-reduce per MoE layer forward (the combine) and, backward, one for the tokens' gradient and one for
+    the routing weights' (the same collectives as expert-TP), at the floor."""
+    L = LAYERS
+    for (family, impl, kw), results in zip(CASES[world], _trained(world)):
+        case = (family, impl, world)
+        for rank, r in enumerate(results):
+            for a, b in zip(r["loss"], r["ref_loss"]):
+                assert abs(a - b) <= 1e-5 * abs(b), (case, rank, a, b)
+            assert r["loss"] == results[0]["loss"], case
+            assert r["grad_err"] <= 1e-5 and r["logits_err"] <= 1e-5, (case, r["grad_err"], r["logits_err"])
+            assert r["n_graphs"] == 1 and len(r["loss"]) == 3, case
+            assert r["warnings"] == [], (case, r["warnings"])
+            E = 4
+            for f, local in r["experts"].items():  # after the steps: this rank's whole experts, single device's
+                assert r["plan"][f][:2] == ("expert", 0), (case, f, r["plan"][f])
+                full = r["ref_experts"][f]
+                assert local.shape == (E // world, *full.shape[1:]), (case, f, local.shape)
+                assert torch.allclose(local, full[rank * E // world:(rank + 1) * E // world], atol=1e-5), (case, f)
+        r = results[0]
+        assert r["plan"]["model.layers.0.mlp.gate.weight"][0] == "replicate"
+        assert r["plan"]["model.layers.0.self_attn.q_proj.weight"][0] == "colwise"
+        (why,) = r["floor_why"]
+        # per layer: o_proj and the MoE combine; embedding and loss once
+        assert why["forward"] == {"row-parallel linear": L, "vocab-parallel embedding": 1, "vocab-parallel loss": 1,
+                                  "expert combine": L}, (case, why)
+        # per layer: q/k/v's input, the experts' tokens and the routing weights; the LM head's input once;
+        # Mixtral's 2 kv heads at TP=4: kv-head copies, their weights' gradient once per layer
+        kv = L if (family, world) == ("mixtral", 4) else 0
+        assert why["backward"] == {"column-parallel input": 2 * L + 1, "scale of a pending sum": L,
+                                   **({"kv-copy weight gradient": kv} if kv else {})}, (case, why)
+        qk_norm = 2 * L if family == "qwen3_moe" else 0  # q_norm / k_norm weights on head-sharded q, k
+        # + one all-gather forward: the [B, T, V] logits returned
+        assert r["collectives"] == {("forward", "all_reduce"): 1 + 2 * L, ("forward", "all_gather"): 2,
+                                    ("backward", "all_reduce"): 3 * L + 1 + kv + qk_norm}, (case, r["collectives"])

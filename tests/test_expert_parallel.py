@@ -105,3 +105,137 @@ def test_expert_parallel_matches_single_device(world):
         # + one all-gather forward: the [B, T, V] logits returned
         assert r["collectives"] == {("forward", "all_reduce"): 1 + 2 * L, ("forward", "all_gather"): 2,
                                     ("backward", "all_reduce"): 3 * L + 1 + kv + qk_norm}, (case, r["collectives"])
+
+
+# ----------------------------------------------------------------------------- checkpoints across tp
+class TinyMoE(torch.nn.Module):
+    """An embedding, a top-2 MoE (``W[ids]`` + ``bmm``, as HF's ``batched_mm``) and a head: the expert weights
+    are the layouts a checkpoint must carry across tp and across expert-TP / expert parallelism."""
+
+    def __init__(self, C: int = 32, E: int = 4, I: int = 32, V: int = 64):
+        super().__init__()
+        self.emb, self.router, self.head = torch.nn.Embedding(V, C), torch.nn.Linear(C, E, bias=False), torch.nn.Linear(C, V)
+        self.gate_up = torch.nn.Parameter(torch.randn(E, 2 * I, C) * C ** -0.5)
+        self.down = torch.nn.Parameter(torch.randn(E, C, I) * I ** -0.5)
+
+    def forward(self, x, y):
+        h = self.emb(x).reshape(-1, self.emb.embedding_dim)
+        w, ids = torch.topk(self.router(h).softmax(-1), 2, dim=-1)
+        ids = ids.reshape(-1)
+        g, u = torch.bmm(self.gate_up[ids], h.repeat_interleave(2, dim=0).unsqueeze(-1)).squeeze(-1).chunk(2, dim=-1)
+        out = torch.bmm(self.down[ids], (torch.nn.functional.silu(g) * u).unsqueeze(-1)).squeeze(-1)
+        h = h + (out * w.reshape(-1, 1)).view(-1, 2, h.shape[-1]).sum(1)
+        return torch.nn.functional.cross_entropy(self.head(h), y.reshape(-1))
+
+
+def _tiny_batch():
+    g = torch.Generator().manual_seed(5)
+    return torch.randint(0, 64, (2, 8), generator=g), torch.randint(0, 64, (2, 8), generator=g)
+
+
+def _tiny(meta: bool, **kw):
+    import tpcompile
+
+    if meta:
+        with torch.device("meta"):
+            m = TinyMoE()
+    else:
+        torch.manual_seed(3)
+        m = TinyMoE()
+    return tpcompile.tp_compile(m, example_inputs=_tiny_batch(), backend="aot_eager", **kw)
+
+
+def _save_tp4(rank: int, world: int, path: str) -> bytes:
+    """Expert parallel at TP=4 (one expert per rank): an AdamW step, then a DCP checkpoint with its state."""
+    import tpcompile
+    from multirank import to_bytes
+
+    model = _tiny(meta=False, expert_parallel=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(*_tiny_batch()).backward()
+    opt.step()
+    tpcompile.save_checkpoint(model, os.path.join(path, "dcp"), optimizer=opt)
+    st = tpcompile.tp_state(model)
+    return to_bytes({"full": tpcompile.full_state_dict(model, rank0_only=False), "loss": model(*_tiny_batch()).item(),
+                     "optim": tpcompile.checkpoint.full_optim_state_dict(model, opt, rank0_only=False),
+                     "styles": {f: pp.style for f, pp in st.plan.items()},
+                     "local": {f: p.to_local().detach().clone() for f, p in st.params.named()}})
+
+
+def _load_tp2(rank: int, world: int, path: str) -> bytes:
+    """The TP=4 checkpoint into meta-built TP=2 models: expert parallel (two experts per rank) and expert-TP."""
+    import tpcompile
+    from multirank import to_bytes
+
+    out = {}
+    for name, kw in (("expert", {"expert_parallel": True}), ("expert-tp", {})):
+        model = _tiny(meta=True, **kw)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        tpcompile.load_checkpoint(model, os.path.join(path, "dcp"), optimizer=opt)
+        st = tpcompile.tp_state(model)
+        out[name] = {"full": tpcompile.full_state_dict(model, rank0_only=False), "loss": model(*_tiny_batch()).item(),
+                     "optim": tpcompile.checkpoint.full_optim_state_dict(model, opt, rank0_only=False),
+                     "styles": {f: pp.style for f, pp in st.plan.items()},
+                     "local": {f: p.to_local().detach().clone() for f, p in st.params.named()}}
+    return to_bytes(out)
+
+
+def test_expert_parallel_checkpoint_round_trips_across_tp(tmp_path):
+    """DCP saved expert-parallel at TP=4 (rank r holds expert r) loads into TP=2 expert-parallel (rank r:
+    experts 2r, 2r + 1) and TP=2 expert-TP (every expert split): bitwise the same full tensors and AdamW
+    state, each rank holding its slice, and the same loss."""
+    from multirank import run_ranks_bytes
+
+    saved = run_ranks_bytes(_save_tp4, 4, str(tmp_path))
+    assert saved[0]["styles"]["gate_up"] == saved[0]["styles"]["down"] == "expert"
+    for rank, r in enumerate(saved):
+        assert torch.equal(r["local"]["gate_up"], saved[0]["full"]["gate_up"][rank:rank + 1])
+    loaded = run_ranks_bytes(_load_tp2, 2, str(tmp_path))
+    for rank, r in enumerate(loaded):
+        for name, want in (("expert", ("expert", "expert")), ("expert-tp", ("expert-colwise", "expert-rowwise"))):
+            got = r[name]
+            assert (got["styles"]["gate_up"], got["styles"]["down"]) == want, (name, got["styles"])
+            for k, v in saved[0]["full"].items():
+                assert torch.equal(got["full"][k], v), (name, k)
+            for fqn, s in saved[0]["optim"].items():
+                for key, v in s.items():
+                    assert torch.equal(got["optim"][fqn][key], v), (name, fqn, key)
+            assert abs(got["loss"] - saved[0]["loss"]) <= 1e-6 * abs(saved[0]["loss"]), (name, got["loss"])
+        full = saved[0]["full"]
+        assert torch.equal(r["expert"]["local"]["down"], full["down"][2 * rank:2 * rank + 2])
+        assert torch.equal(r["expert-tp"]["local"]["down"], full["down"][:, :, 16 * rank:16 * (rank + 1)])
+
+
+# ----------------------------------------------------------------------------- refusals (one process)
+def test_experts_not_divisible_by_tp_are_refused_with_the_fix():
+    """3 experts over tp=2 cannot be held whole in equal numbers: refused at planning, naming the weight,
+    the source line and the fixes (a tp that divides E, or expert-TP); expert-TP itself plans fine."""
+    from fakepg import fake_group
+
+    import tpcompile
+    from tpcompile.errors import TPShardingError
+
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = TinyMoE(E=3)
+    with fake_group(2), pytest.raises(TPShardingError) as e:
+        tpcompile.tp_compile(model, expert_parallel=True, example_inputs=_tiny_batch(), backend="aot_eager")
+    msg = str(e.value)
+    assert "gate_up" in msg and "3 experts are not divisible by tp=2" in msg and "test_expert_parallel.py" in msg, msg
+    assert "tp in {1, 3}" in msg and "expert_parallel=True" in msg, msg
+    with torch.device("meta"):
+        model = TinyMoE(E=3)
+    report = tpcompile.explain(model, *_tiny_batch(), world_size=2)  # expert-TP: each expert split, any E
+    assert report.plan["gate_up"] == "expert-colwise" and report.plan["down"] == "expert-rowwise"
+
+
+def test_expert_style_on_a_plain_linear_is_refused():
+    """``plan={...: "expert"}`` names the weight of something that is not a grouped expert matmul: refused
+    (it would otherwise mean nothing and be ignored)."""
+    import tpcompile
+    from tpcompile.errors import TPShardingError
+
+    with torch.device("meta"):
+        model = TinyMoE()
+    with pytest.raises(TPShardingError, match=r"head.weight .* style 'expert'.*not a grouped expert matmul"):
+        tpcompile.explain(model, *_tiny_batch(), world_size=2, plan={"head.weight": "expert"})

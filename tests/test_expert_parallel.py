@@ -239,3 +239,22 @@ def test_expert_style_on_a_plain_linear_is_refused():
         model = TinyMoE()
     with pytest.raises(TPShardingError, match=r"head.weight .* style 'expert'.*not a grouped expert matmul"):
         tpcompile.explain(model, *_tiny_batch(), world_size=2, plan={"head.weight": "expert"})
+
+
+def test_explain_at_world_size_8_shows_whole_experts_and_one_all_reduce_per_moe_layer():
+    """``explain(..., expert_parallel=True)`` at world size 8 with 8 experts: one whole expert per rank, the
+    MoE combine one all-reduce forward (of ``N x H``), no all-to-all, at the floor it states."""
+    import tpcompile
+
+    with torch.device("meta"):
+        model = TinyMoE(E=8)
+    report = tpcompile.explain(model, *_tiny_batch(), world_size=8, expert_parallel=True)
+    assert report.plan["gate_up"] == report.plan["down"] == "expert"
+    assert report.params["gate_up"].local_shape == (1, 64, 32)
+    assert report.floor["forward"]["expert combine"] == 1
+    combine = [c for c in report.collectives if c.phase == "forward" and c.module == "" and c.kind == "all_reduce"
+               and "h + (out" in c.source]
+    assert [c.nbytes for c in combine] == [16 * 32 * 4], report.collectives_summary()  # N x H fp32
+    assert not any(c.kind == "all_to_all" for c in report.collectives)
+    assert report.above_floor() == {"forward": 0, "backward": 0}, str(report)
+    assert "1 of 8 whole experts on this rank" in str(report)

@@ -106,6 +106,12 @@ class Report:
             total = sum(x.nbytes for x in mine) if all(x.nbytes >= 0 for x in mine) else -1  # -1: symbolic sizes
             lines.append(f"  {ph:<8} {kinds}; {_bytes(total)}")
             lines.append(f"           floor {sum(floor.values())} ({why}): {verdict}")
+        experts = [pp for pp in self.params.values() if pp.style == "expert"]
+        if experts:
+            e = experts[0]
+            lines += ["", f"expert parallel: {len(experts)} expert weights hold {e.local_shape[0]} of {e.full_shape[0]} whole "
+                          f"experts on this rank; no token moves (no all-to-all: every rank holds every token), each MoE "
+                          f"layer's combine is one all-reduce (the 'expert combine' of the floor)."]
         fused = [f for r in self.records for f in r.fused_norms]
         if fused:
             sp = " + all-gather" if fused[0].sequence_parallel else ""

@@ -414,13 +414,13 @@ def split(node, ctx) -> NodeInfo:
     x = node.args[0]
     p = ctx.pl(x)
     n = len(value(node))
+    if not isinstance(p, (Shard, ExpertRows)):
+        return NodeInfo(tuple(R for _ in range(n)), {x: R}, "split")
     nd = value(x).dim()
     unbind = node.target in ("unbind", torch.unbind)
     dim = norm_dim(_arg(node, 1, "dim", 0) if unbind else _arg(node, 2, "dim", 0), nd)
-    if isinstance(p, ExpertRows) and dim != 0:  # gate, up = gate_up.chunk(2, -1): the same rows in each
-        return NodeInfo(tuple(p for _ in range(n)), {x: p}, "split")
-    if not isinstance(p, Shard):
-        return NodeInfo(tuple(R for _ in range(n)), {x: R}, "split")
+    if isinstance(p, ExpertRows):  # gate, up = gate_up.chunk(2, -1): the same rows in each
+        return NodeInfo(tuple(p if dim != 0 else R for _ in range(n)), {x: p if dim != 0 else R}, "split")
     if dim != p.dim:
         o = p.dim - (1 if unbind and dim < p.dim else 0)
         return NodeInfo(tuple(p.moved(o) for _ in range(n)), {x: p}, "split")

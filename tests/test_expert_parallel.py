@@ -258,3 +258,42 @@ def test_explain_at_world_size_8_shows_whole_experts_and_one_all_reduce_per_moe_
     assert not any(c.kind == "all_to_all" for c in report.collectives)
     assert report.above_floor() == {"forward": 0, "backward": 0}, str(report)
     assert "1 of 8 whole experts on this rank" in str(report)
+
+
+# ----------------------------------------------------------------------------- the runtime op, every rank in one process
+@pytest.mark.parametrize("form", ["fallback", "ids"])
+def test_local_experts_sum_over_ranks_to_the_grouped_linear(form):
+    """``local_experts_linear`` of each rank (its slice of the experts, rows of other experts filled with
+    garbage as the op between two expert matmuls may leave them) sums over the ranks to the whole grouped
+    linear, and so do the gradients of the input and of each rank's weights (the whole experts' gradient);
+    ``expert_rows_zeroed`` keeps exactly each rank's rows. 8 experts over 4 ranks, one expert hit by no row."""
+    pytest.importorskip("transformers.integrations.moe")  # registers transformers::grouped_mm_fallback
+    from tpcompile.passes.normalize import grouped_linear
+    from tpcompile.runtime.expert_parallel import expert_rows_zeroed, local_experts_linear
+
+    g = torch.Generator().manual_seed(0)
+    E, tp, S, H, O = 8, 4, 24, 16, 12
+    ids = torch.randint(0, E, (S,), generator=g)
+    ids[ids == 5] = 6  # expert 5 gets no row
+    ids = ids.sort().values if form == "fallback" else ids
+    route = torch.cumsum(torch.bincount(ids, minlength=E), 0).to(torch.int32) if form == "fallback" else ids
+    x = torch.randn(S, H, generator=g, requires_grad=True)
+    w = torch.randn(E, O, H, generator=g, requires_grad=True)
+    dy = torch.randn(S, O, generator=g)
+    (grouped_linear(x, w, route, form, 1) * dy).sum().backward()
+    want, want_dx, want_dw = grouped_linear(x, w, route, form, 1).detach(), x.grad.clone(), w.grad.clone()
+    total, dx = torch.zeros(S, O), torch.zeros(S, H)
+    n = E // tp
+    for rank in range(tp):
+        xr = x.detach().clone().requires_grad_(True)
+        wr = w.detach()[rank * n:(rank + 1) * n].clone().requires_grad_(True)
+        mine = (ids // n == rank)[:, None]
+        noisy = torch.where(mine, xr, torch.full_like(xr, float("nan")))  # other rows undefined
+        y = local_experts_linear(noisy, wr, route, form, 1, rank)
+        assert torch.equal(y[~mine.squeeze(1)], torch.zeros_like(y[~mine.squeeze(1)]))
+        assert torch.equal(expert_rows_zeroed(y, route, form, n, rank), y)
+        (y * dy).sum().backward()
+        total, dx = total + y.detach(), dx + xr.grad
+        torch.testing.assert_close(wr.grad, want_dw[rank * n:(rank + 1) * n], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(total, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dx, want_dx, rtol=1e-5, atol=1e-5)

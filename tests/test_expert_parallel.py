@@ -243,7 +243,8 @@ def test_expert_style_on_a_plain_linear_is_refused():
 
 def test_explain_at_world_size_8_shows_whole_experts_and_one_all_reduce_per_moe_layer():
     """``explain(..., expert_parallel=True)`` at world size 8 with 8 experts: one whole expert per rank, the
-    MoE combine one all-reduce forward (of ``N x H``), no all-to-all, at the floor it states."""
+    MoE combine one all-reduce forward (of ``N x H``), no all-to-all, at the floor it states; and no host
+    sync in the program (``W[ids]`` + ``bmm``: nothing but the model's own ops reads a value on the host)."""
     import tpcompile
 
     with torch.device("meta"):
@@ -258,6 +259,10 @@ def test_explain_at_world_size_8_shows_whole_experts_and_one_all_reduce_per_moe_
     assert not any(c.kind == "all_to_all" for c in report.collectives)
     assert report.above_floor() == {"forward": 0, "backward": 0}, str(report)
     assert "1 of 8 whole experts on this rank" in str(report)
+    # no host sync: no scalar leaves the device in the forward or backward program (static shapes)
+    ops = [str(n.target) for r in report.records for _, gm in r.compiled_graphs for n in gm.graph.nodes
+           if n.op == "call_function"]
+    assert ops and not [o for o in ops if o.split(".")[:2] in (["aten", "_local_scalar_dense"], ["aten", "nonzero"], ["aten", "item"])], ops
 
 
 # ----------------------------------------------------------------------------- the runtime op, every rank in one process

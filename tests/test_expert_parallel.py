@@ -62,9 +62,28 @@ def train_case(rank: int, world: int, family: str, impl: str, tp_kwargs: dict, l
                         report=report, **tp_kwargs)
 
 
+def generate_case(rank: int, world: int, family: str, impl: str) -> dict:
+    """Greedy ``generate()`` (KV cache, prefill then one token per step: a rank's experts may get no row)
+    of the expert-parallel model beside single device's."""
+    import copy
+
+    import tpcompile
+
+    model = hf_models.make_model(family, _experts_implementation=impl, num_hidden_layers=1).eval()
+    ref = copy.deepcopy(model)
+    tp = tpcompile.tp_compile(model, backend="aot_eager", expert_parallel=True)
+    ids = torch.randint(0, model.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(7))
+    kw = dict(max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0)
+    with torch.no_grad():
+        got, want = tp.generate(ids, **kw), ref.generate(ids, **kw)
+    plan = tpcompile.tp_state(tp).plan
+    return {"tokens": got.tolist(), "ref_tokens": want.tolist(), "style": plan["model.layers.0.mlp.experts.down_proj"].style}
+
+
 @functools.cache
 def _trained(world: int) -> list:
-    return run_cases(world, [(train_case, (*case, LAYERS)) for case in CASES[world]])
+    gen = [(generate_case, ("mixtral", "grouped_mm"))] if world == 2 else []
+    return run_cases(world, [(train_case, (*case, LAYERS)) for case in CASES[world]] + gen)
 
 
 @pytest.mark.parametrize("world", [2, 4], ids=["tp2", "tp4"])
@@ -74,7 +93,7 @@ def test_expert_parallel_matches_single_device(world):
     one all-reduce per MoE layer forward (the combine) and, backward, one for the tokens' gradient and one for
     the routing weights' (the same collectives as expert-TP), at the floor."""
     L = LAYERS
-    for (family, impl, kw), results in zip(CASES[world], _trained(world)):
+    for (family, impl, kw), results in zip(CASES[world], _trained(world)[:len(CASES[world])]):
         case = (family, impl, world)
         for rank, r in enumerate(results):
             for a, b in zip(r["loss"], r["ref_loss"]):
@@ -105,6 +124,15 @@ def test_expert_parallel_matches_single_device(world):
         # + one all-gather forward: the [B, T, V] logits returned
         assert r["collectives"] == {("forward", "all_reduce"): 1 + 2 * L, ("forward", "all_gather"): 2,
                                     ("backward", "all_reduce"): 3 * L + 1 + kv + qk_norm}, (case, r["collectives"])
+
+
+def test_expert_parallel_generate_matches_single_device():
+    """HF ``generate()`` of expert-parallel Mixtral at TP=2 (greedy, KV cache): single device's tokens on
+    every rank."""
+    results = _trained(2)[len(CASES[2])]
+    for r in results:
+        assert r["style"] == "expert"
+        assert r["tokens"] == r["ref_tokens"], (r["tokens"], r["ref_tokens"])
 
 
 # ----------------------------------------------------------------------------- checkpoints across tp

@@ -23,15 +23,16 @@ from multirank import run_cases  # noqa: E402
 
 # tp -> [(family, experts implementation, tp_compile kwargs)]: both families, both runtime forms (rows sorted
 # by expert with cumulative counts; an expert id per row), both ways of asking, one decoder layer each;
-# TPCOMPILE_EP_ALL=1 runs every family x implementation at both degrees with two layers
+# TPCOMPILE_EP_ALL=1 runs every family x implementation at both degrees with two layers, Qwen2-MoE (a shared
+# expert beside the routed ones, its row-parallel sum joining their combine) too
 CASES = {
     2: [("mixtral", "grouped_mm", {"expert_parallel": True})],
     4: [("qwen3_moe", "batched_mm", {"plan": {"model.layers.*.mlp.experts": "expert"}})],
 }
 ALL = bool(os.environ.get("TPCOMPILE_EP_ALL"))
 if ALL:
-    CASES = {tp: [(f, impl, {"expert_parallel": True}) for f in ("mixtral", "qwen3_moe") for impl in ("grouped_mm", "batched_mm")]
-             for tp in (2, 4)}
+    CASES = {tp: [(f, impl, {"expert_parallel": True}) for f in ("mixtral", "qwen3_moe", "qwen2_moe")
+                  for impl in ("grouped_mm", "batched_mm")] for tp in (2, 4)}
 LAYERS = 2 if ALL else 1
 
 
@@ -118,12 +119,14 @@ def test_expert_parallel_matches_single_device(world):
         # per layer: q/k/v's input, the experts' tokens and the routing weights; the LM head's input once;
         # Mixtral's 2 kv heads at TP=4: kv-head copies, their weights' gradient once per layer
         kv = L if (family, world) == ("mixtral", 4) else 0
-        assert why["backward"] == {"column-parallel input": 2 * L + 1, "scale of a pending sum": L,
+        # (Qwen2-MoE: the shared expert's sigmoid gate scales the pending sum too)
+        scales = 2 * L if family == "qwen2_moe" else L
+        assert why["backward"] == {"column-parallel input": 2 * L + 1, "scale of a pending sum": scales,
                                    **({"kv-copy weight gradient": kv} if kv else {})}, (case, why)
         qk_norm = 2 * L if family == "qwen3_moe" else 0  # q_norm / k_norm weights on head-sharded q, k
         # + one all-gather forward: the [B, T, V] logits returned
         assert r["collectives"] == {("forward", "all_reduce"): 1 + 2 * L, ("forward", "all_gather"): 2,
-                                    ("backward", "all_reduce"): 3 * L + 1 + kv + qk_norm}, (case, r["collectives"])
+                                    ("backward", "all_reduce"): 2 * L + 1 + scales + kv + qk_norm}, (case, r["collectives"])
 
 
 def test_expert_parallel_generate_matches_single_device():

@@ -143,8 +143,9 @@ class TinyMoE(torch.nn.Module):
     """An embedding, a top-2 MoE (``W[ids]`` + ``bmm``, as HF's ``batched_mm``) and a head: the expert weights
     are the layouts a checkpoint must carry across tp and across expert-TP / expert parallelism."""
 
-    def __init__(self, C: int = 32, E: int = 4, I: int = 32, V: int = 64):
+    def __init__(self, C: int = 32, E: int = 4, I: int = 32, V: int = 64, leak: bool = False):
         super().__init__()
+        self.leak = leak  # the loss also reads the experts' hidden rows whole (an op with no rule for them)
         self.emb, self.router, self.head = torch.nn.Embedding(V, C), torch.nn.Linear(C, E, bias=False), torch.nn.Linear(C, V)
         self.gate_up = torch.nn.Parameter(torch.randn(E, 2 * I, C) * C ** -0.5)
         self.down = torch.nn.Parameter(torch.randn(E, C, I) * I ** -0.5)
@@ -154,9 +155,11 @@ class TinyMoE(torch.nn.Module):
         w, ids = torch.topk(self.router(h).softmax(-1), 2, dim=-1)
         ids = ids.reshape(-1)
         g, u = torch.bmm(self.gate_up[ids], h.repeat_interleave(2, dim=0).unsqueeze(-1)).squeeze(-1).chunk(2, dim=-1)
-        out = torch.bmm(self.down[ids], (torch.nn.functional.silu(g) * u).unsqueeze(-1)).squeeze(-1)
+        act = torch.nn.functional.silu(g) * u
+        out = torch.bmm(self.down[ids], act.unsqueeze(-1)).squeeze(-1)
         h = h + (out * w.reshape(-1, 1)).view(-1, 2, h.shape[-1]).sum(1)
-        return torch.nn.functional.cross_entropy(self.head(h), y.reshape(-1))
+        loss = torch.nn.functional.cross_entropy(self.head(h), y.reshape(-1))
+        return loss + act.square().mean() if self.leak else loss
 
 
 def _tiny_batch():
@@ -333,3 +336,18 @@ def test_local_experts_sum_over_ranks_to_the_grouped_linear(form):
         torch.testing.assert_close(wr.grad, want_dw[rank * n:(rank + 1) * n], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(total, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(dx, want_dx, rtol=1e-5, atol=1e-5)
+
+
+def test_expert_rows_read_whole_are_gathered_with_a_warning():
+    """The rows between the two expert matmuls read by an op with no rule for them (``act.square().mean()``
+    in the loss): correct, not silent: those rows are zeroed off each rank's experts and all-reduced (one
+    more forward all-reduce than the floor), with a ``TPWarning`` naming the op; the experts stay whole."""
+    import tpcompile
+
+    with torch.device("meta"):
+        model = TinyMoE(leak=True)
+    report = tpcompile.explain(model, *_tiny_batch(), world_size=2, expert_parallel=True)
+    assert report.plan["gate_up"] == report.plan["down"] == "expert"
+    assert len(report.warnings) == 1 and "test_expert_parallel.py" in report.warnings[0] \
+        and "made whole" in report.warnings[0], report.warnings
+    assert report.above_floor()["forward"] == 1, str(report)

@@ -9,7 +9,11 @@ Inductor's kernels), SGD. For TP = 2 and 4 on CPU gloo ranks it prints parameter
 run (rank 0 also trains the untouched model, the two interleaved step by step) and the collectives
 per step from ``tp_state(model).records``.
 
-Expert parallelism (``expert_parallel=True``) is not built yet, so it has no row.
+Each degree runs twice: experts tensor-parallel (the default: every expert split over the ranks) and
+expert-parallel (``expert_parallel=True``: E / tp whole experts per rank, each rank running the tokens
+routed to its own experts). Both move the same collectives; the rows show what differs (memory is the
+same 1/tp, the expert matmuls are whole-expert GEMMs on 1/tp of the rows instead of 1/tp-wide GEMMs on
+all rows).
 
     python benchmarks/bench_moe.py
 """
@@ -33,7 +37,7 @@ CONFIG = dict(vocab_size=4096, hidden_size=256, intermediate_size=512, num_hidde
               tie_word_embeddings=False, attn_implementation="sdpa", use_cache=False)
 
 
-def _entry(rank: int, world: int, store: str, queue) -> None:
+def _entry(rank: int, world: int, store: str, queue, expert_parallel: bool) -> None:
     import torch.distributed as dist
 
     from tpcompile.compat import torchvision_without_kernels
@@ -51,7 +55,7 @@ def _entry(rank: int, world: int, store: str, queue) -> None:
     model = tf.MixtralForCausalLM(cfg)
     ref = copy.deepcopy(model) if rank == 0 else None
     full = {n: p.numel() * p.element_size() for n, p in model.named_parameters()}
-    model = tpcompile.tp_compile(model, backend="aot_eager")
+    model = tpcompile.tp_compile(model, backend="aot_eager", expert_parallel=expert_parallel)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=1e-3) if ref is not None else None
     ids = torch.randint(0, CONFIG["vocab_size"], (4, 128), generator=torch.Generator().manual_seed(1))
@@ -88,11 +92,11 @@ def _entry(rank: int, world: int, store: str, queue) -> None:
     dist.destroy_process_group()
 
 
-def run(world: int) -> dict:
+def run(world: int, expert_parallel: bool) -> dict:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     with tempfile.TemporaryDirectory() as d:
-        procs = [ctx.Process(target=_entry, args=(r, world, os.path.join(d, "store"), queue)) for r in range(world)]
+        procs = [ctx.Process(target=_entry, args=(r, world, os.path.join(d, "store"), queue, expert_parallel)) for r in range(world)]
         for p in procs:
             p.start()
         out = dict(queue.get(timeout=1800) for _ in procs)
@@ -105,19 +109,21 @@ def main() -> None:
     sys.path.insert(0, ROOT)
     rows = []
     for world in (2, 4):
-        r = run(world)
-        c = r["collectives"]
-        per_step = ", ".join(f"{ {'forward': 'fwd', 'backward': 'bwd'}[ph]} {n} {k}" for (ph, k), n in sorted(c.items()))
-        rows.append((world, r, per_step))
+        for ep in (False, True):
+            r = run(world, ep)
+            c = r["collectives"]
+            per_step = ", ".join(f"{ {'forward': 'fwd', 'backward': 'bwd'}[ph]} {n} {k}" for (ph, k), n in sorted(c.items()))
+            rows.append((world, "expert-parallel" if ep else "expert-TP", r, per_step))
     mib = 1 / 2 ** 20
     print(f"Mixtral-like: {CONFIG['num_hidden_layers']} layers, hidden {CONFIG['hidden_size']}, "
           f"{CONFIG['num_local_experts']} experts x intermediate {CONFIG['intermediate_size']}, top-2, fp32, aot_eager\n")
-    print("| tp | params per rank (MiB) | experts per rank (MiB) | step ms (tp) | step ms (single device) | ratio | collectives per step |")
-    print("|---|---|---|---|---|---|---|")
-    full = rows[0][1]
-    print(f"| 1 | {full['full'] * mib:.1f} | {full['experts_full'] * mib:.1f} | - | - | - | none |")
-    for world, r, per_step in rows:
-        print(f"| {world} | {r['local'] * mib:.1f} ({100 * r['local'] / r['full']:.0f}%) | "
+    print("| tp | experts | params per rank (MiB) | experts per rank (MiB) | step ms (tp) | step ms (single device) | ratio "
+          "| collectives per step |")
+    print("|---|---|---|---|---|---|---|---|")
+    full = rows[0][2]
+    print(f"| 1 | - | {full['full'] * mib:.1f} | {full['experts_full'] * mib:.1f} | - | - | - | none |")
+    for world, how, r, per_step in rows:
+        print(f"| {world} | {how} | {r['local'] * mib:.1f} ({100 * r['local'] / r['full']:.0f}%) | "
               f"{r['experts_local'] * mib:.1f} ({100 * r['experts_local'] / r['experts_full']:.0f}%) | "
               f"{r['tp_ms']:.0f} | {r['single_ms']:.0f} | {r['tp_ms'] / r['single_ms']:.2f} | {per_step} |")
 

@@ -54,7 +54,9 @@ class ParamPlan:
     """How one parameter is stored: ``style`` in TP vocabulary, shard ``dim`` and ``chunks``."""
 
     fqn: str
-    style: str  # colwise | rowwise | vocab | replicate | kvcopy (stored replicated, see the module docstring)
+    # colwise | rowwise | vocab | replicate | kvcopy (stored replicated, see the module docstring) |
+    # expert-colwise | expert-rowwise (3-D expert weights, every expert split) | expert (whole experts, dim 0)
+    style: str
     dim: int | None
     chunks: int
     full_shape: tuple

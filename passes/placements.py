@@ -14,10 +14,15 @@ Shard(dim, copies=(m,)): kv-head copies (grouped-query attention with fewer kv h
     the gradient of the replicated weight it was taken from whole. With pieces, one entry per
     piece (``[q | k | v]``: ``(1, m, m)``).
 Partial: every rank holds a summand; the value is their sum.
+ExpertRows(route, form, n_local): expert parallelism (``plan`` style ``expert``): a ``[S, ...]`` value whose
+    rows are token-expert pairs; each rank holds the right values on the rows routed to its own
+    ``n_local`` experts and anything on the others (``runtime/expert_parallel.py``). ``route`` is the
+    routing node (cumulative counts per expert, or the expert of each row; ``form`` says which).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -83,8 +88,18 @@ class Partial:
         return "P"
 
 
-Placement = Replicate | Shard | Partial
+@dataclass(frozen=True)
+class ExpertRows:
+    route: Any  # the fx.Node of the routing that says which rows are whose
+    form: str  # grouped_linear's form: "ids" (an expert id per row) or a grouped form (cumulative counts)
+    n_local: int  # experts per rank
+
+    def __repr__(self) -> str:
+        return f"X({self.n_local})"
+
+
+Placement = Replicate | Shard | Partial | ExpertRows
 R = Replicate()
 P = Partial()
 
-STYLES = ("colwise", "rowwise", "vocab", "replicate", "expert-colwise", "expert-rowwise")
+STYLES = ("colwise", "rowwise", "vocab", "replicate", "expert-colwise", "expert-rowwise", "expert")

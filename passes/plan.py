@@ -214,8 +214,11 @@ def _int_at(idx, axis: int) -> bool:
 
 def make_plan(gm: fx.GraphModule, tp: int, param_fqns: dict, overrides: dict | None = None,
               known: dict | None = None, buffers: set | None = None, state: dict | None = None,
-              inference: bool = False) -> GraphPlan:
+              inference: bool = False, expert_parallel: bool = False) -> GraphPlan:
     """Choose every parameter's layout for ``gm`` (params: placeholder node -> FQN).
+
+    ``expert_parallel``: the 3-D weights of every grouped (expert) matmul not named in ``overrides``
+    take style ``expert`` (whole experts per rank) instead of expert-TP's ``expert-colwise`` / ``-rowwise``.
 
     ``known``: FQN -> ParamPlan of parameters an earlier graph already stored; they keep it
     (their style is forced, and the same rows, padding included, are taken over).
@@ -230,6 +233,7 @@ def make_plan(gm: fx.GraphModule, tp: int, param_fqns: dict, overrides: dict | N
                  **(overrides or {})}
     params = set(param_fqns)
     forced = {n: s for n, f in param_fqns.items() if (s := _style_for_fqn(f, overrides)) is not None}
+    _check_expert_style(gm, forced, param_fqns)
 
     linears = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in PROJECTIONS and n.args[1] in params]
     embeds = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is F.embedding and n.args[1] in params]
@@ -259,6 +263,8 @@ def make_plan(gm: fx.GraphModule, tp: int, param_fqns: dict, overrides: dict | N
                 return "vocab" if w in vocab_weights else "colwise" if node in col_embeds - replicated else "replicate"
             if w in forced:
                 return _BASE_STYLE.get(forced[w], forced[w])
+            if expert_parallel and node.target is GROUPED:
+                return "expert"
             if w in vocab_weights:
                 return "colwise"  # LM head tied to a vocab-parallel embedding
             if node in replicated:
@@ -313,6 +319,22 @@ def make_plan(gm: fx.GraphModule, tp: int, param_fqns: dict, overrides: dict | N
         replicated |= dropped
     notes += _unsharded_contractions(gm, prop, param_fqns, forced)
     return GraphPlan(_param_plans(gm, prop, tp, param_fqns, known), prop, tp, unsupported, notes, inference)
+
+
+def _check_expert_style(gm: fx.GraphModule, forced: dict, param_fqns: dict) -> None:
+    """``plan`` style ``expert`` is for the 3-D weight of a grouped (MoE expert) matmul only: anywhere
+    else it would mean nothing, so it is refused, not ignored."""
+    for w, style in forced.items():
+        if style != "expert":
+            continue
+        users = [u for u in w.users if u.op == "call_function"]
+        if not users or any(u.target is not GROUPED or u.args[1] is not w for u in users):
+            where = ", ".join(f"`{getattr(u.target, '__name__', u.target)}` at {source_line(u)}" for u in users[:2])
+            raise TPShardingError(
+                f"plan: {param_fqns[w]} {tuple(shape(w))} is given style 'expert', which holds whole experts of a "
+                f"3-D expert weight per rank, but it is used by {where or 'nothing'}, not a grouped expert matmul. "
+                f"Name only the experts' weights (e.g. 'model.layers.*.mlp.experts'), or use colwise / rowwise / "
+                f"replicate for it.")
 
 
 _TOPK = {torch.topk, "topk"}
@@ -492,6 +514,8 @@ def _param_plans(gm, prop: Propagation, tp: int, param_fqns: dict, known: dict) 
         lins = [u for u in users if u.target in PROJECTIONS and u.args[1] is node]
         if any(u.target is F.embedding for u in users):
             style = "vocab" if p.dim == 0 else "colwise"
+        elif lins and lins[0].target is GROUPED and p.dim == 0:
+            style = "expert"  # expert parallelism: whole experts per rank
         elif lins:
             style = "colwise" if p.dim == weight_out_dim(lins[0]) else "rowwise"
             if lins[0].target is GROUPED:  # a 3-D expert weight: every expert split the same way
@@ -514,6 +538,12 @@ def _param_plans(gm, prop: Propagation, tp: int, param_fqns: dict, known: dict) 
             local[p.dim] = size // tp
             out[node] = ParamPlan(fqn, style, p.dim, p.chunks, full, tuple(local), None, p.sizes)
             continue
+        if style == "expert" and size % tp:
+            raise TPShardingError(
+                f"{fqn} at {source_line(lins[0])}: {size} experts are not divisible by tp={tp} (expert parallelism holds "
+                f"whole experts, the same number on every rank). Use tp in {_set(divisors(size))}, or drop "
+                f"expert_parallel=True / plan 'expert' for {fqn.rsplit('.', 1)[0]!r}: experts tensor-parallel "
+                f"(the default) split every expert instead and need no such count.")
         if size % (tp * p.chunks) or p.sizes:
             what = {"vocab": "vocabulary rows", "rowwise": "input features"}.get(style, "output features")
             module = fqn.rsplit(".", 1)[0]

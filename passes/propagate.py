@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from .graph_utils import is_tensor, norm_dim, numel_expr, same_shape, same_size, shape, static_size, value
 from .normalize import GROUPED, LINEAR, LINEAR_IO, SDPA, weight_in_dim, weight_out_dim
-from .placements import P, R, Partial, Placement, Replicate, Shard
+from .placements import P, R, ExpertRows, Partial, Placement, Replicate, Shard
 from tpcompile.runtime.fused_norm import NormForm
 
 
@@ -97,6 +97,9 @@ def pointwise(node, ctx) -> NodeInfo:
         return _replicate_all(node, ctx)
     out_nd = value(node).dim()
     ins = _tensors(node)
+    rows = _expert_rows_through(node, ctx, ins)
+    if rows is not None:
+        return rows
     partial = _partial_through(node, ctx, ins)
     if partial is not None:
         return partial
@@ -147,6 +150,26 @@ def _partial_through(node, ctx, ins) -> NodeInfo | None:
     return None
 
 
+def _rows_of(ctx, xs) -> ExpertRows | None:
+    """The one ``ExpertRows`` placement among ``xs`` (None if none, or two of different routings)."""
+    found = {ctx.pl(x) for x in xs if isinstance(ctx.pl(x), ExpertRows)}
+    return found.pop() if len(found) == 1 else None
+
+
+def _expert_rows_through(node, ctx, ins) -> NodeInfo | None:
+    """Elementwise ops on the rows of this rank's experts (expert parallelism: ``act(gate) * up`` between
+    the two expert matmuls) compute each row from the same row: the rows stay this rank's, every other
+    operand is used whole. Only where each such input's dim 0 is the output's (no broadcast over rows)."""
+    p = _rows_of(ctx, ins)
+    if p is None:
+        return None
+    out = shape(node)
+    if not all(value(x).dim() == len(out) and same_size(shape(x)[0], out[0])
+               for x in ins if ctx.pl(x) == p):
+        return None
+    return NodeInfo(p, {x: p if ctx.pl(x) == p else R for x in ins}, "pointwise")
+
+
 def _float_cast(node, x) -> bool:
     """A cast that keeps a floating value at least as wide (a pending sum may pass it)."""
     a, b = value(x), value(node)
@@ -159,6 +182,8 @@ def unary(node, ctx) -> NodeInfo:
     A pending sum passes a cast that keeps it floating and no narrower (reduced later)."""
     x = node.args[0]
     p = ctx.pl(x)
+    if isinstance(p, ExpertRows):  # a cast of this rank's expert rows: the same rows
+        return NodeInfo(p, {x: p}, "pointwise")
     if isinstance(p, Partial) and _float_cast(node, x) and node.target != "requires_grad_":
         return NodeInfo(P, {x: P}, "pointwise")
     if isinstance(p, Partial) or p is None:
@@ -254,6 +279,9 @@ def view_like(node, ctx) -> NodeInfo:
     p = ctx.pl(x)
     if isinstance(p, Partial) and node.target != "expand" and node.target not in (torch.view_as_complex, torch.view_as_real):
         return NodeInfo(P, {x: P}, "view")  # the same elements: a pending sum stays pending
+    if isinstance(p, ExpertRows) and node.target != "expand" and value(node).dim() >= 1 \
+            and same_size(shape(node)[0], shape(x)[0]):
+        return NodeInfo(p, {x: p}, "view")  # rows stay rows: this rank's expert rows
     if not isinstance(p, Shard):
         return NodeInfo(R, {x: R}, "view")
     in_shape, out_shape = shape(x), shape(node)
@@ -346,6 +374,8 @@ def getitem(node, ctx) -> NodeInfo:
     if is_tensor(src) and isinstance(p, Partial) and is_tensor(node) and _no_bigger(node, src):
         # picking rows of a pending sum (MoE's un-permute ``out[inv_perm]``) is linear in it
         return NodeInfo(P, {src: P, **{i: R for i in index_nodes if is_tensor(i)}}, "pointwise")
+    if isinstance(p, ExpertRows) and is_tensor(node) and not index_nodes and _keeps_rows(items, value(src).dim()):
+        return NodeInfo(p, {src: p}, "pointwise")  # ``[..., ::2]``: columns of this rank's expert rows
     if not is_tensor(src) or not isinstance(p, Shard):
         return _replicate_all(node, ctx, "pointwise")
     nd = value(src).dim()
@@ -369,17 +399,29 @@ def getitem(node, ctx) -> NodeInfo:
     return NodeInfo(p.moved(out_d + (p.dim - in_d)), {src: p}, "pointwise")
 
 
+def _keeps_rows(items: list, nd: int) -> bool:
+    """An index of constants (slices, ints) that leaves dim 0 whole and in place."""
+    if None in items or not items:
+        return False
+    first = items[0]
+    if first is Ellipsis:
+        return len([i for i in items if i is not Ellipsis]) < nd
+    return first == slice(None)
+
+
 def split(node, ctx) -> NodeInfo:
     """``split``/``chunk``/``unbind`` along an unsharded dim keep the shard in every piece. A split of
     a ``chunks=k`` shard into its k pieces gives k plain shards (fused QKV / gate-up)."""
     x = node.args[0]
     p = ctx.pl(x)
     n = len(value(node))
-    if not isinstance(p, Shard):
+    if not isinstance(p, (Shard, ExpertRows)):
         return NodeInfo(tuple(R for _ in range(n)), {x: R}, "split")
     nd = value(x).dim()
     unbind = node.target in ("unbind", torch.unbind)
     dim = norm_dim(_arg(node, 1, "dim", 0) if unbind else _arg(node, 2, "dim", 0), nd)
+    if isinstance(p, ExpertRows):  # gate, up = gate_up.chunk(2, -1): the same rows in each
+        return NodeInfo(tuple(p if dim != 0 else R for _ in range(n)), {x: p if dim != 0 else R}, "split")
     if dim != p.dim:
         o = p.dim - (1 if unbind and dim < p.dim else 0)
         return NodeInfo(tuple(p.moved(o) for _ in range(n)), {x: p}, "split")
@@ -710,6 +752,16 @@ def grouped_linear(node, ctx) -> NodeInfo:
     x, w, route = node.args[:3]
     od, idim = weight_out_dim(node), weight_in_dim(node)
     style = ctx.style_of(node, ctx.pl(x))
+    if style == "expert":
+        # expert parallelism: W split on its expert dim (whole experts per rank); each rank computes the
+        # rows routed to its experts (runtime/expert_parallel.py). Tokens whole in: the rows come out as
+        # this rank's (ExpertRows); those rows in (the second matmul of the pair): a pending sum out, zero
+        # off this rank's rows, reduced once after the weighted combine as with expert-TP
+        n_local = int(shape(w)[0]) // ctx.tp
+        rows = ExpertRows(route, node.args[3], n_local)
+        if ctx.pl(x) == rows:
+            return NodeInfo(P, {x: rows, w: Shard(0), route: R}, "expert_combine", {"n_local": n_local})
+        return NodeInfo(rows, {x: R, w: Shard(0), route: R}, "expert_dispatch", {"n_local": n_local})
     if style == "colwise":
         c = ctx.chunks_of(node)
         chunks, sizes = (len(c), tuple(c)) if isinstance(c, tuple) else (c, None)
@@ -1231,6 +1283,8 @@ def propagate(gm: fx.GraphModule, tp: int, params: set, style_of: Callable, chun
                     vocab |= heads
             if ni.kind == "fallback" and any(isinstance(ctx.pl(x), (Shard, Partial)) and ni.need.get(x) != ctx.pl(x) for x in ni.need):
                 fallbacks.append(node)
+            elif any(isinstance(ctx.pl(x), ExpertRows) and need != ctx.pl(x) for x, need in ni.need.items()):
+                fallbacks.append(node)  # expert rows made whole for an op with no rule for them: an all-reduce
             info[node] = ni
             origins[node] = frozenset({node}) if ni.kind in ("colwise", "column_embedding", "kvcopy") \
                 else _merge_origins(origins, node, ni)

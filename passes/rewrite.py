@@ -17,6 +17,7 @@ import operator
 import torch
 import torch.fx as fx
 
+from tpcompile.runtime import expert_parallel as EP
 from tpcompile.runtime import mappings as M
 from tpcompile.runtime import random as R_
 from tpcompile.runtime import vocab_parallel as V
@@ -24,7 +25,7 @@ from tpcompile.runtime import vocab_parallel as V
 from .graph_utils import is_tensor, shape, value
 from .layout import piece_rows
 from .plan import GraphPlan
-from .placements import Partial, Replicate, Shard, local_size
+from .placements import ExpertRows, Partial, Replicate, Shard, local_size
 from .propagate import NodeInfo, dropout_call
 
 
@@ -133,6 +134,12 @@ def token_source(x: fx.Node) -> tuple[fx.Node | None, fx.Node]:
 
 def _redistribute_call(have, need, group, full=None, rank=0, tp=1):
     """(function, extra args) turning placement ``have`` into ``need``."""
+    if isinstance(have, ExpertRows):  # rows of this rank's experts: zero the others (a summand), then sum
+        if isinstance(need, Partial):
+            return EP.expert_rows_zeroed, (have.route, have.form, have.n_local, rank)
+        if isinstance(need, Replicate):
+            return EP.expert_rows_to_replicate, (have.route, have.form, have.n_local, rank, group)
+        return None
     if isinstance(have, Replicate) and isinstance(need, Shard) and need.copies:
         sizes = need.sizes or (full // need.chunks,) * need.chunks
         return take_rows, (group, need.dim, tuple((s.start, s.length) for s in piece_rows(sizes, need.copies, tp, rank)))
@@ -198,7 +205,7 @@ def whole_grad_inputs(node: fx.Node, ni: NodeInfo) -> set:
     (all-reduce backward) on that edge, as a column-parallel linear's input does. Not on
     edges into replicated ops, whose gradient is already whole on every rank.
     """
-    if ni.kind not in ("pointwise", "dropout", "sdpa") or not isinstance(ni.out, (Shard, Partial)):
+    if ni.kind not in ("pointwise", "dropout", "sdpa") or not isinstance(ni.out, (Shard, Partial, ExpertRows)):
         return set()  # (a Partial output: each rank's backward gives its summand's part of their gradient)
     kv = set(node.args[1:3]) if ni.kind == "sdpa" and ni.extra.get("gqa") else set()  # kv_for_rank has its f
     return {x for x, need in ni.need.items()
@@ -303,6 +310,22 @@ class _Rewriter:
         node.replace_input_with(x, self._f(x, node))
 
     _kvcopy = _colwise  # its input's gradient is partial too: the same f as the query projection's
+
+    def _expert_dispatch(self, node, ni):
+        """Expert parallelism, whole tokens in: this rank's experts on the rows routed to them
+        (``runtime.expert_parallel``); each rank's backward gives its rows' part of the tokens'
+        gradient, so the tokens take Megatron's f, before the dispatch chain as for expert-TP."""
+        self._expert_call(node)
+        self._colwise(node, NodeInfo(None, extra={"grouped": True}))
+
+    def _expert_combine(self, node, ni):
+        """Expert parallelism, this rank's rows in: the same op; its output, zero off those rows, is
+        this rank's summand of the combine (reduced once, where it is needed whole)."""
+        self._expert_call(node)
+
+    def _expert_call(self, node):
+        x, w, route, form, out_dim = node.args
+        node.target, node.args = EP.local_experts_linear, (x, w, route, form, out_dim, self.rank)
 
     def _then(self, node, fn, *args, keys=("stack_trace", "nn_module_stack", *RECOMPUTE_TAGS)) -> fx.Node:
         """Insert ``fn(node, *args)`` right after ``node``; it takes over ``node``'s users."""

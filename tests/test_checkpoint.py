@@ -165,13 +165,17 @@ class EveryLayout(nn.Module):
     """One parameter of every layout kind at TP=2: a GQA fused qkv of unequal pieces (q 64 | k 32 | v 32),
     a gate-up of equal pieces, a padded vocabulary (63 rows), plain column / row, replicated norms and biases,
     kv-head copies (a second attention with one kv head: k2 / v2 stored whole, each rank's program takes it);
-    and MoE experts as 3-D tensors (``[E, 2I, C]`` gate|up split on dim 1 in two pieces, ``[E, C, I]`` on dim 2)."""
+    and MoE experts as 3-D tensors (``[E, 2I, C]`` gate|up split on dim 1 in two pieces, ``[E, C, I]`` on dim 2),
+    and a second MoE's experts held whole (``plan`` style ``expert``: each rank E / tp experts, dim 0)."""
 
     def __init__(self, C: int = 64, H: int = 8, KV: int = 4, V: int = 63, E: int = 4, I: int = 32):
         super().__init__()
         self.router = nn.Linear(C, E, bias=False)
         self.experts_gate_up = nn.Parameter(torch.randn(E, 2 * I, C) * C ** -0.5)
         self.experts_down = nn.Parameter(torch.randn(E, C, I) * I ** -0.5)
+        self.router2 = nn.Linear(C, E, bias=False)
+        self.ep_gate_up = nn.Parameter(torch.randn(E, 2 * I, C) * C ** -0.5)
+        self.ep_down = nn.Parameter(torch.randn(E, C, I) * I ** -0.5)
         self.H, self.KV, self.hd, self.V = H, KV, C // H, V
         self.emb, self.ln = nn.Embedding(V, C), nn.LayerNorm(C)
         self.qkv, self.o = nn.Linear(C, C + 2 * KV * (C // H)), nn.Linear(C, C)
@@ -193,17 +197,18 @@ class EveryLayout(nn.Module):
         h = h + self.o2(a.transpose(1, 2).reshape(B, T, C))
         g, u = self.up(h).chunk(2, dim=-1)
         h = h + self.down(torch.nn.functional.silu(g) * u)
-        h = h + self._moe(h)
+        h = h + self._moe(h, self.router, self.experts_gate_up, self.experts_down)
+        h = h + self._moe(h, self.router2, self.ep_gate_up, self.ep_down)
         return torch.nn.functional.cross_entropy(self.head(h).view(-1, self.V), y.view(-1))
 
-    def _moe(self, h):
+    def _moe(self, h, router, gate_up, down):
         """Top-2 routing, every token's experts gathered and applied by ``bmm``, the weighted sum."""
         x = h.reshape(-1, h.shape[-1])
-        w, ids = torch.topk(self.router(x).softmax(-1), 2, dim=-1)
+        w, ids = torch.topk(router(x).softmax(-1), 2, dim=-1)
         ids = ids.reshape(-1)
-        gu = torch.bmm(self.experts_gate_up[ids], x.repeat_interleave(2, dim=0).unsqueeze(-1)).squeeze(-1)
+        gu = torch.bmm(gate_up[ids], x.repeat_interleave(2, dim=0).unsqueeze(-1)).squeeze(-1)
         g, u = gu.chunk(2, dim=-1)
-        out = torch.bmm(self.experts_down[ids], (torch.nn.functional.silu(g) * u).unsqueeze(-1)).squeeze(-1)
+        out = torch.bmm(down[ids], (torch.nn.functional.silu(g) * u).unsqueeze(-1)).squeeze(-1)
         return (out * w.reshape(-1, 1)).view(-1, 2, h.shape[-1]).sum(1).reshape(h.shape)
 
 
@@ -216,7 +221,7 @@ def _every_layout(meta: bool) -> nn.Module:
         with torch.random.fork_rng():
             torch.manual_seed(11)
             m = EveryLayout()
-    return tpcompile.tp_compile(m, example_inputs=(x, x), backend="aot_eager")
+    return tpcompile.tp_compile(m, example_inputs=(x, x), backend="aot_eager", plan={"ep_*": "expert"})
 
 
 def _every_layout_worker(rank: int, world: int, path: str) -> bytes:
@@ -294,8 +299,8 @@ def test_unequal_fused_pieces_state_dict_gathers_the_true_tensor():
 
 def test_every_layout_round_trips_through_state_dicts_and_checkpoints():
     """Every ParamPlan kind at TP=2 (unequal and equal fused pieces, padded vocabulary, column, row,
-    replicate, kv-head copies): ``full_state_dict``, ``state_dict()`` and both checkpoint formats give the single-device
-    tensors, and loading restores each rank's stored shard exactly (optimizer state too, from DCP)."""
+    replicate, kv-head copies, expert-TP, whole experts): ``full_state_dict``, ``state_dict()`` and both
+    checkpoint formats give the single-device tensors, and loading restores each rank's stored shard exactly (optimizer state too, from DCP)."""
     results = _every_layout_results()
     kinds = results[0]["kinds"]
     assert kinds["qkv.weight"][:3] == ("colwise", 3, (64, 32, 32))
@@ -306,6 +311,8 @@ def test_every_layout_round_trips_through_state_dicts_and_checkpoints():
     assert kinds["ln.weight"][0] == kinds["o.bias"][0] == kinds["router.weight"][0] == "replicate"
     assert kinds["experts_gate_up"][:2] == ("expert-colwise", 2) and kinds["experts_down"][0] == "expert-rowwise"
     assert results[1]["local"]["experts_gate_up"].shape == (4, 32, 64) and results[1]["local"]["experts_down"].shape == (4, 64, 16)
+    assert kinds["ep_gate_up"][0] == kinds["ep_down"][0] == "expert"  # whole experts: rank 1 holds experts 2 and 3
+    assert results[1]["local"]["ep_gate_up"].shape == (2, 64, 64) and results[1]["local"]["ep_down"].shape == (2, 64, 32)
     # one kv head < tp=2 (k2 has no bias: a key bias's gradient is zero, softmax does not see it)
     assert kinds["k2.weight"][0] == kinds["v2.weight"][0] == kinds["v2.bias"][0] == "kvcopy"
     assert kinds["q2.weight"][0] == "colwise" and kinds["o2.weight"][0] == "rowwise"
@@ -314,6 +321,9 @@ def test_every_layout_round_trips_through_state_dicts_and_checkpoints():
     w = ref_sd["experts_gate_up"]
     assert _rel(results[1]["loaded_st_local"]["experts_gate_up"], torch.cat([w[:, 16:32], w[:, 48:64]], 1)) < 1e-6
     assert _rel(results[1]["loaded_st_local"]["experts_down"], ref_sd["experts_down"][:, :, 16:32]) < 1e-6
+    for k in ("ep_gate_up", "ep_down"):
+        assert torch.equal(results[1]["loaded_st_local"][k], results[1]["local"][k])
+        assert _rel(results[1]["loaded_st_local"][k], ref_sd[k][2:]) < 1e-6, k
     for rank, r in enumerate(results):
         for k, v in ref_sd.items():
             for src in ("full", "state_dict_full", "loaded_dcp", "loaded_st"):

@@ -85,7 +85,7 @@ def test_internal_modes_are_not_a_users_backend():
     ("h.0.mlp", "replicate", "plan['h.0.mlp']: the pattern matches no parameter of GPT, nor a module that owns one "
      "(closest names: 'h.0.mlp.fc', 'h.0.mlp.proj', "),
     ("lm_head", "colwse", "plan['lm_head'] = 'colwse': style must be one of ('colwise', 'rowwise', 'vocab', "
-     "'replicate', 'expert-colwise', 'expert-rowwise') (did you mean: 'colwise', 'rowwise', 'expert-colwise')"),
+     "'replicate', 'expert-colwise', 'expert-rowwise', 'expert') (did you mean: 'colwise', 'rowwise', 'expert-colwise')"),
 ])
 def test_plan_that_matches_nothing_is_refused_with_the_closest_names(pattern, style, message):
     """``plan={"nonexistent.*": "colwise"}`` used to be accepted in silence: it now raises before

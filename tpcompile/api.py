@@ -51,7 +51,7 @@ class TensorParallel:
     def __init__(self, model: nn.Module, group, plan: dict | None, compile_options: dict, *,
                  sequence_parallel: bool = False, sharded_outputs: bool = False, broadcast_inputs: bool = False,
                  fuse_norm: bool | None = None, dump_dir: str | None = None, check_replicas_every: int = 100,
-                 async_tp: bool = False, regional: bool = False):
+                 async_tp: bool = False, regional: bool = False, expert_parallel: bool = False):
         validate_overrides(plan or {}, fqns_of(model), type(model).__name__)
         self.mesh, self.group = _resolve_mesh(group)
         self.tp, self.rank = dist.get_world_size(self.group), dist.get_rank(self.group)
@@ -66,7 +66,7 @@ class TensorParallel:
                                overrides=with_tied_aliases(plan or {}, self.twin.aliases),
                                sequence_parallel=sequence_parallel, sharded_outputs=sharded_outputs,
                                rewrite_one_rank=os.environ.get("TPCOMPILE_TP1_REWRITE") == "1", fuse_norm=fuse_norm,
-                               regional=regional)
+                               regional=regional, expert_parallel=expert_parallel)
         self.recorder = Recorder(self.rank, dump_dir or os.environ.get("TPCOMPILE_DUMP_DIR") or None)
         compile_options = dict(compile_options)
         mode = compile_options.pop("backend", "inductor")
@@ -317,6 +317,7 @@ def tp_compile(
     group: Any = None,
     plan: dict[str, str] | None = None,
     sequence_parallel: bool = False,
+    expert_parallel: bool = False,
     sharded_outputs: bool = False,
     broadcast_inputs: bool = False,
     fuse_norm: bool | None = None,
@@ -348,6 +349,10 @@ def tp_compile(
     ``sequence_parallel``: shard the residual stream (norms, dropout, residual adds) over
     tokens between TP regions (Megatron-SP): all-gather / reduce-scatter instead of
     all-reduce, activations there shrink by tp. The sequence length must divide by tp.
+    ``expert_parallel``: MoE experts (the 3-D weights of a grouped expert matmul, found from the graph)
+    held whole, E / tp per rank (style ``expert``), instead of every expert split over the ranks
+    (expert-TP, the default). Each rank runs the tokens routed to its own experts and one all-reduce
+    per MoE layer combines them, as for expert-TP (docs/models.md). E must divide by tp.
     ``sharded_outputs``: return outputs that are sharded at the end of the graph (HF models'
     ``logits``) as ``DTensor``s (``.full_tensor()`` gathers them) instead of gathering every
     call; the loss is unaffected. Needs the model captured as one graph.
@@ -386,7 +391,7 @@ def tp_compile(
     state = TensorParallel(model, group, plan, compile_options, sequence_parallel=sequence_parallel,
                            sharded_outputs=sharded_outputs, broadcast_inputs=broadcast_inputs, fuse_norm=fuse_norm,
                            dump_dir=dump_dir, check_replicas_every=check_replicas_every, async_tp=async_tp,
-                           regional=regional)
+                           regional=regional, expert_parallel=expert_parallel)
     model._tp_state = state
     model.forward = state.forward
     if callable(getattr(model, "generate", None)):  # Hugging Face generation

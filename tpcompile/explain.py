@@ -119,6 +119,12 @@ class Report:
             lines.append(f"  of which outputs gathered whole at the end (the logits HF generate() reads): "
                          f"{_bytes(total)} per call; a sampler inside the graph (argmax / top-k / softmax over "
                          f"the vocabulary) moves a few values per row instead")
+        experts = [pp for pp in self.params.values() if pp.style == "expert"]
+        if experts:
+            e = experts[0]
+            lines += ["", f"expert parallel: {len(experts)} expert weights hold {e.local_shape[0]} of {e.full_shape[0]} whole "
+                          f"experts on this rank; no token moves (no all-to-all: every rank holds every token), each MoE "
+                          f"layer's combine is one all-reduce (the 'expert combine' of the floor)."]
         fused = [f for r in self.records for f in r.fused_norms]
         if fused:
             sp = " + all-gather" if fused[0].sequence_parallel else ""
@@ -150,13 +156,14 @@ def explain(
     dump_dir: str | None = None,
     regional: bool = False,
     graph: int | None = None,
+    expert_parallel: bool = False,
     **kwargs: Any,
 ) -> Report:
     """Plan, rewrite and trace ``model(*args, **kwargs)`` as rank ``rank`` of ``world_size``.
 
     One process, no GPU, no torchrun: a fake process group stands in for the TP group.
     The model is not modified (its parameters stay bitwise the same; one built on
-    ``meta`` stays on ``meta``). ``plan``, ``fuse_norm``, ``regional``: as ``tp_compile`` takes them (called under
+    ``meta`` stays on ``meta``). ``plan``, ``fuse_norm``, ``regional``, ``expert_parallel``: as ``tp_compile`` takes them (called under
     ``torch.no_grad()``, the norms are fused by default, as ``tp_compile`` fuses them).
 
     ``explain(tp_model)`` (a model ``tp_compile`` returned, no batch): the report of the graphs it has
@@ -195,7 +202,7 @@ def explain(
         params = StandinParameters(twin)
         options = Options(world_size, rank, dist.group.WORLD.group_name,
                           overrides=with_tied_aliases(plan or {}, twin.aliases), sequence_parallel=sequence_parallel,
-                          fuse_norm=fuse_norm, regional=regional)
+                          fuse_norm=fuse_norm, regional=regional, expert_parallel=expert_parallel)
         recorder = Recorder(rank, dump_dir)
         compiled, twin.compile = compile_twin(twin, params, options, "trace", recorder)
         twin.sync()

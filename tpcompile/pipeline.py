@@ -48,6 +48,7 @@ class Options:
     group_name: str
     overrides: dict = field(default_factory=dict)
     sequence_parallel: bool = False
+    expert_parallel: bool = False  # MoE experts held whole, E / tp per rank (plan style "expert")
     sharded_outputs: bool = False
     regional: bool = False  # plan a repeated block's region (invoke_subgraph) once for every layer
     rewrite_one_rank: bool = False  # keep the TP program at tp=1 (TPCOMPILE_TP1_REWRITE=1: one-GPU checks)
@@ -181,11 +182,12 @@ def communication_floor(plan: GraphPlan) -> dict:
     summand gives a summand of their gradient).
     """
     kinds = [ni.kind for ni in plan.prop.info.values()]
-    col_inputs = {(token_source(n.args[0])[1] if ni.extra.get("grouped") else n.args[0])
-                  for n, ni in plan.prop.info.items() if ni.kind in ("colwise", "kvcopy")}
+    col_inputs = {(token_source(n.args[0])[1] if ni.extra.get("grouped") or ni.kind == "expert_dispatch" else n.args[0])
+                  for n, ni in plan.prop.info.items() if ni.kind in ("colwise", "kvcopy", "expert_dispatch")}
     pending = sum(1 for ni in plan.prop.info.values() if ni.kind == "rowwise" and ni.extra.get("pending"))
     fwd = {"row-parallel linear": kinds.count("rowwise") - pending, "vocab-parallel embedding": kinds.count("vocab"),
-           "vocab-parallel loss": kinds.count("vocab_ce"), "expert combine": kinds.count("expert_rowwise"),
+           "vocab-parallel loss": kinds.count("vocab_ce"),
+           "expert combine": kinds.count("expert_rowwise") + kinds.count("expert_combine"),
            "vocab-parallel selection": kinds.count("vocab_select")}
     if plan.inference:  # captured under no_grad: no backward graph, no backward collective
         return {"forward": {k: v for k, v in fwd.items() if v}, "backward": {}}
@@ -225,7 +227,8 @@ def kv_copy_weights(plan: GraphPlan) -> int:
 
 def plan_graph(gm: fx.GraphModule, fqns: dict, tp: int, overrides: dict,
                known: dict | None = None, buffers: set | None = None,
-               state: dict | None = None, inference: bool = False) -> tuple[GraphPlan, list[str]]:
+               state: dict | None = None, inference: bool = False,
+               expert_parallel: bool = False) -> tuple[GraphPlan, list[str]]:
     """The graph passes before any sharding: inline checkpointed blocks, normalize, plan.
     ``buffers``: the placeholders that are module buffers (state, not the user's inputs);
     ``state``: placeholder -> placement of sharded state inputs (a KV cache an earlier graph returned).
@@ -239,7 +242,7 @@ def plan_graph(gm: fx.GraphModule, fqns: dict, tp: int, overrides: dict,
         for line, selective in inline_checkpoints(gm) if selective
     ]
     normalize(gm, set(fqns))
-    return make_plan(gm, tp, fqns, overrides, known, buffers, state, inference), notes
+    return make_plan(gm, tp, fqns, overrides, known, buffers, state, inference, expert_parallel), notes
 
 
 def tp_program(gm: fx.GraphModule, param_fqns: dict[int, str], options: Options, names: dict[str, str] | None = None,
@@ -258,7 +261,7 @@ def tp_program(gm: fx.GraphModule, param_fqns: dict[int, str], options: Options,
     buffers = {n for n in placeholders if n.name in names and n not in fqns}
     state_nodes = {placeholders[i]: p for i, p in (state or {}).items()}
     plan, notes = plan_graph(gm, fqns, options.tp, options.overrides, options.known, buffers, state_nodes,
-                             inference=not options.needs_backward)
+                             inference=not options.needs_backward, expert_parallel=options.expert_parallel)
     layouts = {i: plan.params[placeholders[i]] for i in param_fqns}
     fallbacks = [_warn_fallback(n, plan) for n in plan.prop.fallbacks]
     fallbacks += [_warn_unsupported(n, mods) for n, mods in plan.unsupported.items()]

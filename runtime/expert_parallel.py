@@ -1,0 +1,84 @@
+"""Expert parallelism without moving tokens: each rank runs the rows routed to its own experts.
+
+Under tensor parallelism without sequence parallelism every rank already holds every token
+(replicated), and the router, top-k and sort are computed identically on every rank. So rank r,
+holding experts ``[r * El, (r + 1) * El)`` whole (``ParamPlan`` style ``expert``), can compute exactly
+the rows routed to those experts, leave zeros on every other row, and the weighted combine is a
+pending sum that **one all-reduce** makes whole: the same collective, and the same bytes, as
+expert-TP. A dispatch / combine all-to-all would move ``k`` copies of the tokens to their experts
+and back; here no token moves, so none is needed (docs/models.md compares the costs).
+
+Shapes stay static: the rows of this rank's experts are found on the device from the routing
+(cumulative counts per expert, or the expert id of each row), rolled to the front of a buffer of
+all rows, and grouped-multiplied; the kernels skip the rows past this rank's last offset. No host
+sync is added (HF's opaque ``grouped_mm_fallback`` op syncs once per call on its own, as on one
+device). Every op here is plain torch, so autograd and AOTAutograd trace it.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _grouped_linear(x: Tensor, weight: Tensor, route: Tensor, form: str, out_dim: int) -> Tensor:
+    from tpcompile.passes.normalize import grouped_linear
+
+    return grouped_linear(x, weight, route, form, out_dim)
+
+
+def own_rows(route: Tensor, form: str, n_rows: int, n_local: int, rank: int) -> Tensor:
+    """``[n_rows]`` bool: which rows (in the model's row order) are routed to rank ``rank``'s experts
+    ``[rank * n_local, (rank + 1) * n_local)``. ``route``: cumulative counts per expert over rows sorted by
+    expert (the grouped forms), or the expert id of each row (``"ids"``)."""
+    if form == "ids":
+        return torch.div(route, n_local, rounding_mode="floor") == rank
+    lo, hi = _bounds(route, n_local, rank)
+    pos = torch.arange(n_rows, device=route.device)
+    return (pos >= lo) & (pos < hi)
+
+
+def _bounds(offs: Tensor, n_local: int, rank: int) -> tuple[Tensor, Tensor]:
+    """First and one-past-last sorted row of this rank's experts, as 0-d tensors (no host sync)."""
+    hi = offs[(rank + 1) * n_local - 1].long()
+    lo = offs[rank * n_local - 1].long() if rank > 0 else torch.zeros_like(hi)
+    return lo, hi
+
+
+def local_experts_linear(x: Tensor, weight: Tensor, route: Tensor, form: str, out_dim: int, rank: int) -> Tensor:
+    """``grouped_linear(x, W, route)`` for the rows routed to this rank's experts (``weight``: its
+    ``[El, ...]`` slice of the expert dim), zeros on every other row.
+
+    Rows of other experts in ``x`` may hold anything (the previous expert matmul left them
+    undefined): they are masked before the matmul, so neither they nor their gradient reach a weight
+    or another row."""
+    n_local, n = weight.shape[0], x.shape[0]
+    if form == "ids":
+        mine = own_rows(route, form, n, n_local, rank)
+        local_ids = (route - rank * n_local).clamp(0, n_local - 1)
+        xs = torch.where(mine[:, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
+        y = _grouped_linear(xs, weight, local_ids, form, out_dim)
+        return torch.where(mine[:, None], y, torch.zeros((), dtype=y.dtype, device=y.device))
+    lo, hi = _bounds(route, n_local, rank)
+    pos = torch.arange(n, device=x.device)
+    valid = (pos < hi - lo)[:, None]  # after rolling this rank's rows to the front
+    rolled = x[(pos + lo) % n]
+    rolled = torch.where(valid, rolled, torch.zeros((), dtype=x.dtype, device=x.device))
+    offs = (route[rank * n_local:(rank + 1) * n_local].long() - lo).to(route.dtype)
+    y = _grouped_linear(rolled, weight, offs, form, out_dim)
+    y = torch.where(valid, y, torch.zeros((), dtype=y.dtype, device=y.device))
+    return y[(pos - lo) % n]  # rows back in the model's order: zeros off this rank's experts
+
+
+def expert_rows_zeroed(x: Tensor, route: Tensor, form: str, n_local: int, rank: int) -> Tensor:
+    """This rank's rows of ``x`` kept, every other row zero: the rank's summand of the whole value."""
+    mine = own_rows(route, form, x.shape[0], n_local, rank)
+    mine = mine.view(-1, *([1] * (x.dim() - 1)))
+    return torch.where(mine, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def expert_rows_to_replicate(x: Tensor, route: Tensor, form: str, n_local: int, rank: int, group: str) -> Tensor:
+    """Rows of this rank's experts -> the whole value on every rank: zero the other rows, all-reduce
+    (Megatron's g; each row is computed on exactly one rank)."""
+    from .mappings import reduce_from_tp
+
+    return reduce_from_tp(expert_rows_zeroed(x, route, form, n_local, rank), group)

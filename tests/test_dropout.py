@@ -302,3 +302,48 @@ def test_torch_dropout_under_sequence_parallel_draws_the_whole_mask():
     first, second = m0[:, : T // 2], m0[:, T // 2:]  # rank 0's tokens, rank 1's tokens
     agree = (first == second).float().mean().item()
     assert agree < 0.75, f"the two ranks' masks agree on {agree:.0%} of entries: not independent"
+
+
+def _ranks_seeded_apart(rank, world):
+    """Each rank seeded with its own seed (or unseeded: torch seeds each process differently), the
+    example GPT with dropout trained 3 SGD steps: the first call gives every rank TP rank 0's RNG
+    state, with a TPWarning; the ranks then agree and match single device run from rank 0's seed."""
+    import copy
+
+    import gpt
+    import tpcompile
+
+    model, (x, y) = gpt.make_model(n_layer=1, dropout=0.1)
+    ref = copy.deepcopy(model)
+    torch.manual_seed(1234)
+    ref_rng = torch.get_rng_state()  # TP rank 0's stream: what single device draws from
+    torch.manual_seed(1234 + rank)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tp = tpcompile.tp_compile(model, backend="aot_eager")
+        opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (tp, ref)]
+        losses = []
+        for _ in range(3):
+            loss = tp(x, y)
+            loss.backward()
+            mine = torch.get_rng_state()
+            torch.set_rng_state(ref_rng)
+            ref_loss = ref(x, y)
+            ref_loss.backward()
+            ref_rng = torch.get_rng_state()
+            torch.set_rng_state(mine)
+            for o in opts:
+                o.step()
+                o.zero_grad()
+            losses.append((loss.item(), ref_loss.item()))
+    return losses, [str(w.message) for w in caught if issubclass(w.category, tpcompile.TPWarning)]
+
+
+def test_ranks_seeded_apart_get_rank_0s_random_numbers_with_a_warning():
+    results = run_cases(2, [(_ranks_seeded_apart, ())])[0]
+    (losses, msgs), (losses1, _) = results
+    assert [a for a, _ in losses] == [a for a, _ in losses1]  # the ranks agree (no TPDivergenceError)
+    for got, want in losses:
+        assert abs(got - want) <= 1e-5 * abs(want), losses
+    assert len(msgs) == 1 and "TP ranks [1] started with another random-number state" in msgs[0], msgs
+    assert "torch.manual_seed(seed)" in msgs[0]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -225,10 +226,20 @@ class TensorParallel:
                     h.update(x.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
             elif isinstance(x, (int, float, str, bool, type(None))):
                 h.update(repr(x).encode())
-        digest = torch.tensor(list(h.digest()[:8]), dtype=torch.int64, device=self.device)
+        digest = torch.tensor(list(h.digest()[:8]) + list(_rng_digest(self.device)), dtype=torch.int64,
+                              device=self.device)
         gathered = [torch.empty_like(digest) for _ in range(self.tp)]
-        dist.all_gather(gathered, digest, group=self.group)
-        differ = [r for r, d in enumerate(gathered) if not torch.equal(d, gathered[0])]
+        dist.all_gather(gathered, digest, group=self.group)  # one collective for both checks
+        rng_differ = [r for r, d in enumerate(gathered) if not torch.equal(d[8:], gathered[0][8:])]
+        if rng_differ:
+            same_rng_on_tp_ranks(self)
+            warnings.warn(
+                f"tpcompile: TP ranks {rng_differ} started with another random-number state than TP rank 0 (each "
+                f"process seeded apart, or unseeded: torch seeds each process differently). Dropout and every "
+                f"other draw inside a tp-compiled model must be the same on all ranks of a TP group, so tpcompile "
+                f"gave every rank TP rank 0's state. Seed them the same (torch.manual_seed(seed), one seed for "
+                f"all ranks of a TP group) to keep your own streams.", TPWarning, stacklevel=3)
+        differ = [r for r, d in enumerate(gathered) if not torch.equal(d[:8], gathered[0][:8])]
         if differ:
             what = "input shapes" if shapes_only else "inputs"
             raise TPInputMismatchError(
@@ -403,6 +414,14 @@ def tp_compile(
     if mesh is not None:
         state.data_parallel = apply_data_parallel(model, mesh)
     return model
+
+
+def _rng_digest(device: torch.device) -> bytes:
+    """8 bytes of this process's RNG state (CPU, and the device's on CUDA)."""
+    h = hashlib.sha256(torch.get_rng_state().numpy().tobytes())
+    if device.type == "cuda":
+        h.update(torch.cuda.get_rng_state(device).numpy().tobytes())
+    return h.digest()[:8]
 
 
 def same_rng_on_tp_ranks(state: TensorParallel) -> None:

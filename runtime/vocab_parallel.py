@@ -11,26 +11,32 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import ce_kernels
-from .mappings import Group, _sync, group_name, reduce_from_tp, reduce_scatter_to_sp
+from .mappings import Group, _sync, group_name, group_rank, group_size, rank_offset, reduce_from_tp, reduce_scatter_to_sp
 
 __all__ = ["vocab_parallel_embedding", "vocab_parallel_cross_entropy"]
 
 
-def vocab_parallel_embedding(idx: Tensor, weight: Tensor, vocab_start: int, group: Group,
+def vocab_parallel_embedding(idx: Tensor, weight: Tensor, vocab_start: int | None, group: Group,
                              sp_dim: int | None = None, padding_idx: int | None = None) -> Tensor:
     """Embedding lookup with ``weight`` holding rows ``[vocab_start, vocab_start + rows)``.
 
+    ``vocab_start`` None: this rank's equal share, ``rank * rows``, with the rank read when the
+    program runs (what rewritten graphs pass: the same graph on every rank).
     Ids outside this rank's rows look up row 0 and are zeroed; the sum over ranks
     (``reduce_from_tp``, one all-reduce) then gives the replicated embedding. With
     ``sp_dim`` (sequence parallelism) the sum is a reduce-scatter over that token dim
     instead. The local weight rows get exactly their slice of the single-device gradient;
-    ``padding_idx`` (a global row id, ``nn.Embedding``'s) gets none, on the rank holding it.
+    ``padding_idx`` (a global row id, ``nn.Embedding``'s) gets none: its lookups pass no
+    gradient back (data, not a per-rank ``padding_idx`` constant).
     """
+    if vocab_start is None:
+        vocab_start = rank_offset(idx, group, weight.shape[0])
     local = idx - vocab_start
     outside = (local < 0) | (local >= weight.shape[0])
-    pad = padding_idx - vocab_start if padding_idx is not None else None
-    pad = pad if pad is not None and 0 <= pad < weight.shape[0] else None
-    out = F.embedding(local.masked_fill(outside, 0), weight, pad).masked_fill(outside.unsqueeze(-1), 0.0)
+    out = F.embedding(local.masked_fill(outside, 0), weight)
+    if padding_idx is not None:
+        out = torch.where((idx == padding_idx).unsqueeze(-1), out.detach(), out)
+    out = out.masked_fill(outside.unsqueeze(-1), 0.0)
     if sp_dim is not None:
         return reduce_scatter_to_sp(out, group, sp_dim)
     return reduce_from_tp(out, group)
@@ -103,42 +109,46 @@ class _VocabParallelCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, vocab_start, vocab_size, name, ignore_index, reduction, eps, impl, inplace):
         cd = 0 if logits.dim() == 1 else 1
-        valid = max(0, min(logits.shape[cd], vocab_size - vocab_start))  # columns past V: padding
         x = _rows(logits, cd)
         rows_t = target.reshape(-1)
+        if isinstance(vocab_start, Tensor):  # the rank's offset read at run time: unpadded shards (the caller's check)
+            local_t, start, valid = rows_t - vocab_start, 0, logits.shape[cd]  # the kernels see local class ids
+        else:
+            local_t, start = rows_t, vocab_start
+            valid = max(0, min(logits.shape[cd], vocab_size - vocab_start))  # columns past V: padding
         stats_op, _, _ = ce_kernels.ops(impl)
         if impl == "te":
             from . import te
 
-            te.check_shards(x.shape[1], vocab_start, vocab_size)
-        stats = stats_op(x, rows_t, vocab_start, valid, eps > 0)  # fp32 [k, N]
+            te.check_shards(x.shape[1], start, vocab_size)
+        stats = stats_op(x, local_t, start, valid, eps > 0)  # fp32 [k, N]
         loss, lse = combine_stats(stats, rows_t, name, vocab_size, ignore_index, reduction, eps)
         if reduction == "none":
             loss = loss.view(target.shape)
 
-        ctx.save_for_backward(x, lse, rows_t)
-        ctx.args = (cd, valid, vocab_start, vocab_size, ignore_index, reduction, eps, impl, inplace)
+        ctx.save_for_backward(x, lse, rows_t, local_t)
+        ctx.args = (cd, valid, start, vocab_size, ignore_index, reduction, eps, impl, inplace)
         ctx.shape = tuple(logits.shape)
         return loss.to(logits.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, lse, rows_t = ctx.saved_tensors
+        x, lse, rows_t, local_t = ctx.saved_tensors
         cd, valid, vocab_start, vocab_size, ignore_index, reduction, eps, impl, inplace = ctx.args
         scale = row_scale(grad_out, rows_t, ignore_index, reduction)
         _, grad_op, grad_op_ = ce_kernels.ops(impl)
         if inplace and not torch.compiler.is_compiling():
-            grad_op_(x, rows_t, lse, scale, vocab_start, valid, eps, vocab_size)
+            grad_op_(x, local_t, lse, scale, vocab_start, valid, eps, vocab_size)
             grad = x
         else:
-            grad = grad_op(x, rows_t, lse, scale, vocab_start, valid, eps, vocab_size)
+            grad = grad_op(x, local_t, lse, scale, vocab_start, valid, eps, vocab_size)
         return _unrows(grad, ctx.shape, cd), *(None,) * 9
 
 
 def vocab_parallel_cross_entropy(
     logits: Tensor,
     target: Tensor,
-    vocab_start: int,
+    vocab_start: int | None,
     vocab_size: int,
     group: Group,
     ignore_index: int = -100,
@@ -149,6 +159,9 @@ def vocab_parallel_cross_entropy(
 ) -> Tensor:
     """``F.cross_entropy(full_logits, target, ...)`` where ``logits`` is this rank's slice
     ``[vocab_start, vocab_start + local_C)`` of the class dim (dim 1, or 0 for 1-D input).
+    ``vocab_start`` None: this rank's equal share ``rank * local_C``, the rank read when the program
+    runs (what rewritten graphs pass: one graph for every rank); a vocabulary padded to ``tp *
+    local_C`` columns reads it when traced instead (which columns are padding is then per rank).
 
     ``vocab_size`` is the logical vocabulary V: columns at or past it are padding and are
     excluded. One all-gather of a few floats per row in the forward (Megatron uses three
@@ -167,6 +180,10 @@ def vocab_parallel_cross_entropy(
     """
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if vocab_start is None:
+        cols = logits.shape[0 if logits.dim() == 1 else 1]
+        padded = cols * group_size(group) != vocab_size
+        vocab_start = group_rank(group) * cols if padded else rank_offset(logits, group, cols)
     return _VocabParallelCE.apply(
         logits, target, vocab_start, vocab_size, group_name(group), ignore_index, reduction, label_smoothing,
         ce_kernels.impl_for(logits, impl), inplace_backward and not logits.is_leaf,

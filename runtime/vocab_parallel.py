@@ -91,6 +91,39 @@ def row_scale(grad_out: Tensor, rows_t: Tensor, ignore_index: int, reduction: st
     return g.reshape(-1).expand(rows_t.shape).masked_fill(ignored, 0.0).contiguous()
 
 
+def _padded_span(cols: int, vocab_size: int, group: str) -> tuple[int, int]:
+    """(first class id, real columns) of this rank's ``cols``-column shard of a padded vocabulary."""
+    start = group_rank(group) * cols
+    return start, max(0, min(cols, vocab_size - start))
+
+
+@torch.library.custom_op("tpcompile::ce_stats_at_rank", mutates_args=())
+def ce_stats_at_rank(logits: Tensor, target: Tensor, group: str, vocab_size: int, with_sum: bool, impl: str) -> Tensor:
+    """``impl``'s ``ce_stats`` on this rank's shard of a padded vocabulary, its first id and real
+    columns from the rank read when the op runs: which columns are padding is then no constant of
+    the graph, and every rank's graph is the same (one opaque op, for padded vocabularies only)."""
+    start, valid = _padded_span(logits.shape[1], vocab_size, group)
+    return ce_kernels.ops(impl)[0](logits, target, start, valid, with_sum)
+
+
+@ce_stats_at_rank.register_fake
+def _(logits, target, group, vocab_size, with_sum, impl):
+    return logits.new_empty((4 if with_sum else 3, logits.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("tpcompile::ce_grad_at_rank", mutates_args=())
+def ce_grad_at_rank(logits: Tensor, target: Tensor, lse: Tensor, scale: Tensor, group: str, eps: float,
+                    vocab_size: int, impl: str) -> Tensor:
+    """``impl``'s ``ce_grad`` on this rank's shard of a padded vocabulary (``ce_stats_at_rank``)."""
+    start, valid = _padded_span(logits.shape[1], vocab_size, group)
+    return ce_kernels.ops(impl)[1](logits, target, lse, scale, start, valid, eps, vocab_size)
+
+
+@ce_grad_at_rank.register_fake
+def _(logits, target, lse, scale, group, eps, vocab_size, impl):
+    return torch.empty_like(logits)
+
+
 class _VocabParallelCE(torch.autograd.Function):
     """Cross-entropy over class-sharded logits with one collective in the forward.
 
@@ -111,8 +144,12 @@ class _VocabParallelCE(torch.autograd.Function):
         cd = 0 if logits.dim() == 1 else 1
         x = _rows(logits, cd)
         rows_t = target.reshape(-1)
-        if isinstance(vocab_start, Tensor):  # the rank's offset read at run time: unpadded shards (the caller's check)
-            local_t, start, valid = rows_t - vocab_start, 0, logits.shape[cd]  # the kernels see local class ids
+        # the rank's first id: a Python int, a tensor read at run time (unpadded shards: the caller's check,
+        # the kernels then see local class ids), or None (a padded vocabulary, rank read inside the op)
+        if isinstance(vocab_start, Tensor):
+            local_t, start, valid = rows_t - vocab_start, 0, logits.shape[cd]
+        elif vocab_start is None:
+            local_t, start, valid = rows_t, None, None
         else:
             local_t, start = rows_t, vocab_start
             valid = max(0, min(logits.shape[cd], vocab_size - vocab_start))  # columns past V: padding
@@ -120,14 +157,18 @@ class _VocabParallelCE(torch.autograd.Function):
         if impl == "te":
             from . import te
 
-            te.check_shards(x.shape[1], start, vocab_size)
-        stats = stats_op(x, local_t, start, valid, eps > 0)  # fp32 [k, N]
+            te.check_shards(x.shape[1], start or 0, vocab_size)
+        if start is None:
+            stats = ce_stats_at_rank(x, rows_t, name, vocab_size, eps > 0, impl)
+        else:
+            stats = stats_op(x, local_t, start, valid, eps > 0)  # fp32 [k, N]
         loss, lse = combine_stats(stats, rows_t, name, vocab_size, ignore_index, reduction, eps)
         if reduction == "none":
             loss = loss.view(target.shape)
 
         ctx.save_for_backward(x, lse, rows_t, local_t)
         ctx.args = (cd, valid, start, vocab_size, ignore_index, reduction, eps, impl, inplace)
+        ctx.name = name
         ctx.shape = tuple(logits.shape)
         return loss.to(logits.dtype)
 
@@ -137,7 +178,11 @@ class _VocabParallelCE(torch.autograd.Function):
         cd, valid, vocab_start, vocab_size, ignore_index, reduction, eps, impl, inplace = ctx.args
         scale = row_scale(grad_out, rows_t, ignore_index, reduction)
         _, grad_op, grad_op_ = ce_kernels.ops(impl)
-        if inplace and not torch.compiler.is_compiling():
+        if vocab_start is None and inplace and not torch.compiler.is_compiling():  # eager: the rank as an int
+            vocab_start, valid = _padded_span(x.shape[1], vocab_size, ctx.name)
+        if vocab_start is None:
+            grad = ce_grad_at_rank(x, local_t, lse, scale, ctx.name, eps, vocab_size, impl)
+        elif inplace and not torch.compiler.is_compiling():
             grad_op_(x, local_t, lse, scale, vocab_start, valid, eps, vocab_size)
             grad = x
         else:
@@ -160,8 +205,8 @@ def vocab_parallel_cross_entropy(
     """``F.cross_entropy(full_logits, target, ...)`` where ``logits`` is this rank's slice
     ``[vocab_start, vocab_start + local_C)`` of the class dim (dim 1, or 0 for 1-D input).
     ``vocab_start`` None: this rank's equal share ``rank * local_C``, the rank read when the program
-    runs (what rewritten graphs pass: one graph for every rank); a vocabulary padded to ``tp *
-    local_C`` columns reads it when traced instead (which columns are padding is then per rank).
+    runs (what rewritten graphs pass: one graph for every rank; for a vocabulary padded to ``tp *
+    local_C`` columns, which columns are padding is read inside one opaque op, ``ce_stats_at_rank``).
 
     ``vocab_size`` is the logical vocabulary V: columns at or past it are padding and are
     excluded. One all-gather of a few floats per row in the forward (Megatron uses three
@@ -182,8 +227,8 @@ def vocab_parallel_cross_entropy(
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     if vocab_start is None:
         cols = logits.shape[0 if logits.dim() == 1 else 1]
-        padded = cols * group_size(group) != vocab_size
-        vocab_start = group_rank(group) * cols if padded else rank_offset(logits, group, cols)
+        if cols * group_size(group) == vocab_size:
+            vocab_start = rank_offset(logits, group, cols)
     return _VocabParallelCE.apply(
         logits, target, vocab_start, vocab_size, group_name(group), ignore_index, reduction, label_smoothing,
         ce_kernels.impl_for(logits, impl), inplace_backward and not logits.is_leaf,

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
+from torch._inductor.codecache import PyCodeCache
 
 import gpt
 import kv_models
@@ -85,11 +86,15 @@ def test_one_rank_warms_the_inductor_cache_for_another(tmp_path, monkeypatch):
     seen = []
     for rank in (0, 1):
         counters.clear()
+        loaded = len(PyCodeCache.modules)
         with fake_group(2, rank):
             torch.manual_seed(0)
             model = tpcompile.tp_compile(TinyLM())
             idx = torch.randint(0, 64, (2, 8))
             model(idx, idx).backward()
+        # the program rank 1 loaded reads its rank when it runs: Inductor folded no rank 0 into it
+        calls = [open(m.__file__).read().count("torch.ops.tpcompile.tp_rank.default(") for m in PyCodeCache.modules[loaded:]]
         seen.append((counters["inductor"]["fxgraph_cache_miss"], counters["inductor"]["fxgraph_cache_hit"]))
     assert os.listdir(tmp_path), "Inductor wrote no cache"
     assert seen == [(2, 0), (0, 2)], seen  # rank 0: forward + backward compiled; rank 1: both from rank 0's entries
+    assert sum(calls) == 3, calls  # the offsets of the embedding, the dropout mask slice and the loss (forward)

@@ -98,3 +98,25 @@ def test_one_rank_warms_the_inductor_cache_for_another(tmp_path, monkeypatch):
     assert os.listdir(tmp_path), "Inductor wrote no cache"
     assert seen == [(2, 0), (0, 2)], seen  # rank 0: forward + backward compiled; rank 1: both from rank 0's entries
     assert sum(calls) == 3, calls  # the offsets of the embedding, the dropout mask slice and the loss (forward)
+
+
+def test_rank_ops_pass_opcheck_and_read_the_rank_when_they_run():
+    from tpcompile.runtime import ce_kernels
+    from tpcompile.runtime import mappings as M
+    from tpcompile.runtime import vocab_parallel as V
+
+    with fake_group(4, 3) as group:
+        name = group.group_name
+        x = torch.randn(5, 7, requires_grad=True)
+        logits, target = torch.randn(6, 4), torch.tensor([0, 3, 12, 13, 15, -100])  # V = 14: rank 3 holds 12, 13
+        lse, scale = torch.randn(6), torch.rand(6)
+        for op, args in ((M.tp_rank, (x, name)), (V.ce_stats_at_rank, (logits, target, name, 14, True, "torch")),
+                         (V.ce_grad_at_rank, (logits, target, lse, scale, name, 0.1, 14, "torch"))):
+            torch.library.opcheck(op, args)
+        assert M.tp_rank(x, name).item() == 3
+        assert torch.equal(M.narrow_at_rank(x, 1, 2, name, start=1, div=2), x[:, 3:5])  # 1 + (3 // 2) * 2
+        assert torch.equal(M.narrow_at_rank(x, 0, 1, name, mod=2), x[1:2])  # (3 % 2) * 1
+        assert torch.equal(V.ce_stats_at_rank(logits, target, name, 14, True, "torch"),
+                           ce_kernels.ce_stats(logits, target, 12, 2, True))
+        assert torch.equal(V.ce_grad_at_rank(logits, target, lse, scale, name, 0.1, 14, "torch"),
+                           ce_kernels.ce_grad(logits, target, lse, scale, 12, 2, 0.1, 14))

@@ -74,8 +74,8 @@ def _spawn(ranks: list, world: int, cache: str, fake: bool, layers: int, env: di
         out = os.path.join(tmp, f"r{r}.json")
         code = (f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); import bench_rank_cache as b; "
                 f"b._rank({r}, {world}, {store!r}, {cache!r}, {fake}, {layers}, {out!r})")
-        procs.append((out, subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL,
-                                            stderr=subprocess.PIPE, text=True)))
+        procs.append((out, subprocess.Popen([sys.executable, "-c", code], env=env, cwd=tmp,  # not the repo: its
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)))  # tpcompile/
     res = []
     for out, p in procs:
         _, err = p.communicate(timeout=timeout)
@@ -127,6 +127,8 @@ def main(argv=None) -> int:
         print(f"| {v} | {name} | {r['warm']:.1f} | {' '.join(f'{c:.1f}' for c in comp)} | {total:.1f}{ratio} | {hits} "
               f"| {step:.0f} |")
     print("\n(ratio: total compile seconds of the older tpcompile / this one's, same scenario)")
+    for v in versions:
+        print(f"{v}: tpcompile from {rows[(v, 'cold')]['ranks'][0]['tpcompile']}")
     return 0
 
 

@@ -204,14 +204,23 @@ class ParamPlan:
         return out
 
 
+def piece_blocks(sizes: Sequence[int], copies: Sequence[int], tp: int) -> list[tuple[int, int, int]]:
+    """``piece_rows`` for every rank at once: per piece ``(start, length, div)``, rank r holding rows
+    ``[start + (r // div) * length, + length)``. The form a program takes (the rank read at run time)."""
+    out, start = [], 0
+    for size, c in zip(sizes, copies):
+        out.append((start, size * c // tp, c))
+        start += size
+    return out
+
+
 def piece_rows(sizes: Sequence[int], copies: Sequence[int], tp: int, rank: int) -> list[Span]:
     """The rows rank ``rank`` holds of a dim made of pieces ``sizes``, piece i split into tp / copies[i]
     blocks, rank r holding block r // copies[i] (kv-head copies; copies 1: the plain r-th 1/tp)."""
-    out, start, at = [], 0, 0
-    for size, c in zip(sizes, copies):
-        n = size * c // tp
+    out, at = [], 0
+    for start, n, c in piece_blocks(sizes, copies, tp):
         out.append(Span(start + (rank // c) * n, n, at))
-        start, at = start + size, at + n
+        at += n
     return out
 
 

@@ -1,4 +1,4 @@
-"""Rewrite a planned graph into one rank's local program (DESIGN.md §5).
+"""Rewrite a planned graph into the local program of every rank (DESIGN.md §5).
 
 - every edge whose placement changes gets one mapping op (shared by all consumers of the
   same value that need the same placement), see ``_REDISTRIBUTE``;
@@ -8,7 +8,10 @@
 - vocab-parallel Embedding / cross-entropy become the runtime's vocab-parallel ops;
 - literal sizes of sharded dims (``view(B, T, 12, 64)``, ``split(768, -1)``) become local.
 Mapping ops are single ``call_function`` nodes on plain functions of ``tpcompile.runtime``
-so that AOTAutograd traces their forward and backward collectives.
+so that AOTAutograd traces their forward and backward collectives. No constant of the program
+depends on the rank (vocab offsets, kv-copy rows, dropout slices, splits): the ops read it when
+they run (``runtime.mappings.tp_rank``), so every rank compiles the same graph and shares one
+Inductor cache entry.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from tpcompile.runtime import random as R_
 from tpcompile.runtime import vocab_parallel as V
 
 from .graph_utils import is_tensor, shape, value
-from .layout import piece_rows
+from .layout import piece_blocks
 from .plan import GraphPlan
 from .placements import ExpertRows, Partial, Replicate, Shard, local_size
 from .propagate import NodeInfo, dropout_call
@@ -49,13 +52,17 @@ def gather_pieces_from_tp(x: torch.Tensor, group: str, dim: int, chunks: int, si
     return torch.cat([per_rank[r][i] for i in range(len(local)) for r in range(0, tp, copies[i])], dim)
 
 
-def take_rows(x: torch.Tensor, group: str, dim: int, rows: tuple) -> torch.Tensor:
-    """This rank's rows ``((start, length), ...)`` along ``dim`` of a replicated ``x``, through
-    Megatron's f: kv-head copies taken from a replicated k / v weight (``ParamPlan.program_rows``).
-    The rows' gradient comes from this rank's query heads only; f's all-reduce makes it whole."""
-    x = M.copy_to_tp(x, group)
-    parts = [x.narrow(dim, start, n) for start, n in rows]
+def _rows_at_rank(x: torch.Tensor, group: str, dim: int, rows: tuple) -> torch.Tensor:
+    parts = [M.narrow_at_rank(x, dim, n, group, start, div) for start, n, div in rows]
     return torch.cat(parts, dim) if len(parts) > 1 else parts[0]
+
+
+def take_rows(x: torch.Tensor, group: str, dim: int, rows: tuple) -> torch.Tensor:
+    """This rank's rows along ``dim`` of a replicated ``x``, through Megatron's f: kv-head copies
+    taken from a replicated k / v weight (``ParamPlan.program_rows``). ``rows``: per piece
+    ``(start, length, div)`` (``layout.piece_blocks``), the rank read at run time.
+    The rows' gradient comes from this rank's query heads only; f's all-reduce makes it whole."""
+    return _rows_at_rank(M.copy_to_tp(x, group), group, dim, rows)
 
 
 def take_rows_of(group: str, specs: tuple, *xs: torch.Tensor) -> tuple:
@@ -67,8 +74,7 @@ def take_rows_of(group: str, specs: tuple, *xs: torch.Tensor) -> tuple:
     for x, (dim, rows) in zip(xs, specs):
         whole = flat.narrow(0, at, x.numel()).view(x.shape)
         at += x.numel()
-        parts = [whole.narrow(dim, start, n) for start, n in rows]
-        out.append(torch.cat(parts, dim) if len(parts) > 1 else parts[0])
+        out.append(_rows_at_rank(whole, group, dim, rows))
     return tuple(out)
 
 
@@ -78,11 +84,10 @@ def kv_copy_key(consumer: fx.Node, ni: NodeInfo):
     return ("input", consumer.args[0]) if ni.kind == "kvcopy" else ("op", consumer)
 
 
-def copies_to_shard(x: torch.Tensor, group: str, dim: int, copies: int, rank: int) -> torch.Tensor:
+def copies_to_shard(x: torch.Tensor, group: str, dim: int, copies: int) -> torch.Tensor:
     """A kv-copy block as the plain shard of the same dim: this rank's ``1 / copies`` of its group's
     block (the repeated kv heads of this rank's query heads). No communication."""
-    n = x.shape[dim] // copies
-    return x.narrow(dim, (rank % copies) * n, n)
+    return M.narrow_at_rank(x, dim, x.shape[dim] // copies, group, mod=copies)
 
 
 def scatter_pieces_to_tp(x: torch.Tensor, group: str, dim: int, chunks: int, sizes: tuple | None = None) -> torch.Tensor:
@@ -104,7 +109,7 @@ def scatter_padded_to_tp(x: torch.Tensor, group: str, dim: int) -> torch.Tensor:
     return M.scatter_to_tp(torch.nn.functional.pad(x, pad), group, dim)
 
 
-def kv_for_rank(kv: torch.Tensor, group: str, dim: int, q_heads: int, rank: int) -> torch.Tensor:
+def kv_for_rank(kv: torch.Tensor, group: str, dim: int, q_heads: int) -> torch.Tensor:
     """The kv heads that this rank's query heads use, repeated to one per query head.
 
     For SDPA ``enable_gqa`` when tp does not divide the kv heads: ``kv`` is whole on every
@@ -113,7 +118,7 @@ def kv_for_rank(kv: torch.Tensor, group: str, dim: int, q_heads: int, rank: int)
     tp = M.group_size(group)
     n_rep, local = q_heads // kv.shape[dim], q_heads // tp
     kv = M.copy_to_tp(kv, group).repeat_interleave(n_rep, dim)
-    return kv.narrow(dim, rank * local, local)
+    return M.narrow_at_rank(kv, dim, local, group)
 
 
 _GATHERS = {operator.getitem, "repeat_interleave", torch.repeat_interleave, "to", "float", "contiguous"}
@@ -132,22 +137,23 @@ def token_source(x: fx.Node) -> tuple[fx.Node | None, fx.Node]:
     return top, src
 
 
-def _redistribute_call(have, need, group, full=None, rank=0, tp=1):
-    """(function, extra args) turning placement ``have`` into ``need``."""
+def _redistribute_call(have, need, group, full=None, tp=1):
+    """(function, extra args) turning placement ``have`` into ``need``. No argument depends on the
+    rank: the ops read it when the program runs, so every rank's program is the same."""
     if isinstance(have, ExpertRows):  # rows of this rank's experts: zero the others (a summand), then sum
         if isinstance(need, Partial):
-            return EP.expert_rows_zeroed, (have.route, have.form, have.n_local, rank)
+            return EP.expert_rows_zeroed, (have.route, have.form, have.n_local, group)
         if isinstance(need, Replicate):
-            return EP.expert_rows_to_replicate, (have.route, have.form, have.n_local, rank, group)
+            return EP.expert_rows_to_replicate, (have.route, have.form, have.n_local, group)
         return None
     if isinstance(have, Replicate) and isinstance(need, Shard) and need.copies:
         sizes = need.sizes or (full // need.chunks,) * need.chunks
-        return take_rows, (group, need.dim, tuple((s.start, s.length) for s in piece_rows(sizes, need.copies, tp, rank)))
+        return take_rows, (group, need.dim, tuple(piece_blocks(sizes, need.copies, tp)))
     if isinstance(have, Shard) and have.copies:
         if isinstance(need, Replicate):
             return gather_pieces_from_tp, (group, have.dim, have.chunks, have.sizes, have.copies)
         if isinstance(need, Shard) and need.plain and need.dim == have.dim and have.chunks == 1:
-            return copies_to_shard, (group, have.dim, have.copies[0], rank)
+            return copies_to_shard, (group, have.dim, have.copies[0])
         return None
     if isinstance(have, Shard) and have.pad and isinstance(need, Replicate):
         return gather_padded_from_tp, (group, have.dim, full)
@@ -187,13 +193,14 @@ def _untag(node: fx.Node) -> None:
         node.meta.pop(k, None)
 
 
-def shard_dropout(node: fx.Node, dim: int, full: int, rank: int) -> None:
+def shard_dropout(node: fx.Node, dim: int, full: int, group: str) -> None:
     """Make a dropout on this rank's slice of ``dim`` (size ``full`` whole) draw the whole
     mask and keep the slice: single device's mask under the same seed, RNG streams in step.
-    The rule table has checked that its arguments are constants (``dropout_call``)."""
+    The rule table has checked that its arguments are constants (``dropout_call``); the slice is
+    the rank's of ``group``, read at run time."""
     call = dropout_call(node)
     node.target = R_.sharded_dropout
-    node.args = (node.args[0], call.p, call.training, dim, full, rank)
+    node.args = (node.args[0], call.p, call.training, dim, full, group)
     node.kwargs = {"mask_dims": call.mask_dims, "alpha": call.alpha, "inplace": call.inplace}
 
 
@@ -213,8 +220,8 @@ def whole_grad_inputs(node: fx.Node, ni: NodeInfo) -> set:
 
 
 class _Rewriter:
-    def __init__(self, gm: fx.GraphModule, plan: GraphPlan, group: str, rank: int):
-        self.gm, self.g, self.plan, self.group, self.rank = gm, gm.graph, plan, group, rank
+    def __init__(self, gm: fx.GraphModule, plan: GraphPlan, group: str):
+        self.gm, self.g, self.plan, self.group = gm, gm.graph, plan, group
         self.info = plan.prop.info
         self.cache: dict = {}
         self.alias: dict = {}  # a rewritten node -> the node that now carries its value
@@ -239,11 +246,11 @@ class _Rewriter:
             full = int(shape(x)[have.dim]) if isinstance(have, Shard) else None
             if isinstance(need, Shard) and need.copies:
                 full = int(shape(x)[need.dim])
-            call = _redistribute_call(have, need, self.group, full, self.rank, self.plan.tp)
+            call = _redistribute_call(have, need, self.group, full, self.plan.tp)
             if call is None:  # Shard(a) -> Shard(b), or Partial -> Shard: go through Replicate
                 mid = self._placed(x, Replicate(), consumer)
                 self.info[mid] = NodeInfo(Replicate())
-                call = _redistribute_call(Replicate(), need, self.group, full, self.rank, self.plan.tp)
+                call = _redistribute_call(Replicate(), need, self.group, full, self.plan.tp)
                 self.cache[key] = self._call(consumer, call[0], mid, *call[1])
             else:
                 self.cache[key] = self._call(consumer, call[0], x, *call[1])
@@ -325,7 +332,7 @@ class _Rewriter:
 
     def _expert_call(self, node):
         x, w, route, form, out_dim = node.args
-        node.target, node.args = EP.local_experts_linear, (x, w, route, form, out_dim, self.rank)
+        node.target, node.args = EP.local_experts_linear, (x, w, route, form, out_dim, self.group)
 
     def _then(self, node, fn, *args, keys=("stack_trace", "nn_module_stack", *RECOMPUTE_TAGS)) -> fx.Node:
         """Insert ``fn(node, *args)`` right after ``node``; it takes over ``node``'s users."""
@@ -373,11 +380,11 @@ class _Rewriter:
 
     def _vocab(self, node, ni):
         idx, w = node.args[:2]
-        vocab, rows = int(shape(w)[0]), local_size(shape(w)[0], self.plan.tp)
+        vocab = int(shape(w)[0])
         pad = node.args[2] if len(node.args) > 2 else node.kwargs.get("padding_idx")
         node.target = V.vocab_parallel_embedding
         _untag(node)
-        node.args, node.kwargs = (idx, w, self.rank * rows, self.group), {}
+        node.args, node.kwargs = (idx, w, None, self.group), {}  # None: this rank's rows, read at run time
         if pad is not None:  # the one rank holding that row keeps its gradient at zero
             node.kwargs = {"padding_idx": pad % vocab}
 
@@ -392,7 +399,7 @@ class _Rewriter:
         vocab = int(shape(x)[class_dim])
         node.target = V.vocab_parallel_cross_entropy
         _untag(node)
-        node.args = (x, target, self.rank * local_size(vocab, self.plan.tp), vocab, self.group)
+        node.args = (x, target, None, vocab, self.group)  # None: this rank's columns, read at run time
         node.kwargs = {"ignore_index": ignore_index, "reduction": reduction, "label_smoothing": smoothing}
 
     def _vocab_select(self, node, ni):
@@ -400,7 +407,7 @@ class _Rewriter:
         vocab-parallel op on this rank's columns (one small all-gather; padding masked by position)."""
         x, e = node.args[0], ni.extra
         vocab = int(shape(x)[e["dim"]])
-        start = self.rank * local_size(vocab, self.plan.tp)
+        start = None  # this rank's first id, read at run time
         op = e["op"]
         if op in ("softmax", "log_softmax", "logsumexp"):
             node.target = V.vocab_parallel_softmax
@@ -423,27 +430,27 @@ class _Rewriter:
         if node.target in (torch.rand_like, torch.randn_like):
             fn = node.target
             node.op, node.target = "call_function", R_.sharded_random_like
-            node.args, node.kwargs = (x, fn, dict(node.kwargs), d, full, self.rank), {}
+            node.args, node.kwargs = (x, fn, dict(node.kwargs), d, full, self.group), {}
         else:
             method = node.target
             node.op, node.target = "call_function", R_.sharded_fill_random
-            node.args, node.kwargs = (x, method, tuple(node.args[1:]), dict(node.kwargs), d, full, self.rank), {}
+            node.args, node.kwargs = (x, method, tuple(node.args[1:]), dict(node.kwargs), d, full, self.group), {}
 
     def _sdpa(self, node, ni):
         dim, heads = ni.extra["dim"], ni.extra["q_heads"]
         if ni.extra["gqa"]:
             args = list(node.args)
             for i in (1, 2):
-                args[i] = self._call(node, kv_for_rank, args[i], self.group, dim, heads, self.rank)
+                args[i] = self._call(node, kv_for_rank, args[i], self.group, dim, heads)
             node.args = tuple(args)
         p = node.args[4] if len(node.args) > 4 else node.kwargs.get("dropout_p", 0.0)
         if not (isinstance(p, (int, float)) and p == 0):  # its own dropout: whole-heads mask, this rank's slice
             node.target = R_.sharded_sdpa
-            node.kwargs = {**node.kwargs, "dim": dim, "full": heads, "rank": self.rank}
+            node.kwargs = {**node.kwargs, "dim": dim, "full": heads, "rank": self.group}
 
     def _dropout(self, node, ni):
         d = ni.out.dim
-        shard_dropout(node, d, int(shape(node.args[0])[d]), self.rank)
+        shard_dropout(node, d, int(shape(node.args[0])[d]), self.group)
 
     def _view(self, node, ni):
         sizes = ni.extra.get("sizes")
@@ -479,6 +486,7 @@ class _Rewriter:
         node.args = (node.args[0], new, *node.args[2:])
 
 
-def rewrite(gm: fx.GraphModule, plan: GraphPlan, group: str, rank: int) -> fx.GraphModule:
-    """Rewrite ``gm`` (in place) into rank ``rank``'s local program for ``plan``."""
-    return _Rewriter(gm, plan, group, rank).run()
+def rewrite(gm: fx.GraphModule, plan: GraphPlan, group: str) -> fx.GraphModule:
+    """Rewrite ``gm`` (in place) into the local program for ``plan``: one program for every rank of
+    ``group`` (each op reads this rank's index when it runs, ``runtime.mappings.tp_rank``)."""
+    return _Rewriter(gm, plan, group).run()

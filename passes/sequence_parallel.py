@@ -84,7 +84,7 @@ def _token_wise(node: fx.Node, tokens: int, region: set, tp: int):
     return ni
 
 
-def sequence_parallel(gm: fx.GraphModule, group: str, tp: int, rank: int = 0) -> SPResult:
+def sequence_parallel(gm: fx.GraphModule, group: str, tp: int) -> SPResult:
     """Turn the replicated regions of a TP-rewritten ``gm`` into token-sharded ones (in place)."""
     g = gm.graph
     res = SPResult()
@@ -178,7 +178,7 @@ def sequence_parallel(gm: fx.GraphModule, group: str, tp: int, rank: int = 0) ->
                         n.replace_input_with(x, insert(M.copy_to_tp, x, n))
                         res.grad_reductions.append(x)
             if ni.kind == "dropout":  # the full-sequence mask, this rank's tokens
-                shard_dropout(n, tdim(n), T if static_size(T) is not None else _whole_size(g, n, tdim(n), tp), rank)
+                shard_dropout(n, tdim(n), T if static_size(T) is not None else _whole_size(g, n, tdim(n), tp), group)
         for u in list(n.users):  # consumers outside the region
             if u in region or u.target is torch.ops.aten.sym_size.int:  # a size read (``_whole_size``)
                 continue

@@ -19,6 +19,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .mappings import tp_rank
+
+
+def _rank(rank: int | str, like: Tensor) -> int | Tensor:
+    """``rank`` as given, or (a TP group's name, what rewritten graphs pass) this rank in that group
+    read when the program runs: a 0-d tensor, so every rank's program is the same."""
+    return tp_rank(like, rank) if isinstance(rank, str) else rank
+
 
 def _grouped_linear(x: Tensor, weight: Tensor, route: Tensor, form: str, out_dim: int) -> Tensor:
     from tpcompile.passes.normalize import grouped_linear
@@ -26,10 +34,11 @@ def _grouped_linear(x: Tensor, weight: Tensor, route: Tensor, form: str, out_dim
     return grouped_linear(x, weight, route, form, out_dim)
 
 
-def own_rows(route: Tensor, form: str, n_rows: int, n_local: int, rank: int) -> Tensor:
+def own_rows(route: Tensor, form: str, n_rows: int, n_local: int, rank: int | str) -> Tensor:
     """``[n_rows]`` bool: which rows (in the model's row order) are routed to rank ``rank``'s experts
     ``[rank * n_local, (rank + 1) * n_local)``. ``route``: cumulative counts per expert over rows sorted by
     expert (the grouped forms), or the expert id of each row (``"ids"``)."""
+    rank = _rank(rank, route)
     if form == "ids":
         return torch.div(route, n_local, rounding_mode="floor") == rank
     lo, hi = _bounds(route, n_local, rank)
@@ -37,14 +46,14 @@ def own_rows(route: Tensor, form: str, n_rows: int, n_local: int, rank: int) -> 
     return (pos >= lo) & (pos < hi)
 
 
-def _bounds(offs: Tensor, n_local: int, rank: int) -> tuple[Tensor, Tensor]:
+def _bounds(offs: Tensor, n_local: int, rank: int | Tensor) -> tuple[Tensor, Tensor]:
     """First and one-past-last sorted row of this rank's experts, as 0-d tensors (no host sync)."""
-    hi = offs[(rank + 1) * n_local - 1].long()
-    lo = offs[rank * n_local - 1].long() if rank > 0 else torch.zeros_like(hi)
-    return lo, hi
+    ends = torch.cat([offs.new_zeros(1), offs]).long()  # ends[e]: rows before expert e
+    return ends[rank * n_local], ends[(rank + 1) * n_local]
 
 
-def local_experts_linear(x: Tensor, weight: Tensor, route: Tensor, form: str, out_dim: int, rank: int) -> Tensor:
+def local_experts_linear(x: Tensor, weight: Tensor, route: Tensor, form: str, out_dim: int,
+                         rank: int | str) -> Tensor:
     """``grouped_linear(x, W, route)`` for the rows routed to this rank's experts (``weight``: its
     ``[El, ...]`` slice of the expert dim), zeros on every other row.
 
@@ -52,6 +61,7 @@ def local_experts_linear(x: Tensor, weight: Tensor, route: Tensor, form: str, ou
     undefined): they are masked before the matmul, so neither they nor their gradient reach a weight
     or another row."""
     n_local, n = weight.shape[0], x.shape[0]
+    rank = _rank(rank, route)
     if form == "ids":
         mine = own_rows(route, form, n, n_local, rank)
         local_ids = (route - rank * n_local).clamp(0, n_local - 1)
@@ -63,22 +73,23 @@ def local_experts_linear(x: Tensor, weight: Tensor, route: Tensor, form: str, ou
     valid = (pos < hi - lo)[:, None]  # after rolling this rank's rows to the front
     rolled = x[(pos + lo) % n]
     rolled = torch.where(valid, rolled, torch.zeros((), dtype=x.dtype, device=x.device))
-    offs = (route[rank * n_local:(rank + 1) * n_local].long() - lo).to(route.dtype)
+    mine = torch.arange(n_local, device=route.device) + rank * n_local  # this rank's experts
+    offs = (route.index_select(0, mine).long() - lo).to(route.dtype)
     y = _grouped_linear(rolled, weight, offs, form, out_dim)
     y = torch.where(valid, y, torch.zeros((), dtype=y.dtype, device=y.device))
     return y[(pos - lo) % n]  # rows back in the model's order: zeros off this rank's experts
 
 
-def expert_rows_zeroed(x: Tensor, route: Tensor, form: str, n_local: int, rank: int) -> Tensor:
+def expert_rows_zeroed(x: Tensor, route: Tensor, form: str, n_local: int, rank: int | str) -> Tensor:
     """This rank's rows of ``x`` kept, every other row zero: the rank's summand of the whole value."""
     mine = own_rows(route, form, x.shape[0], n_local, rank)
     mine = mine.view(-1, *([1] * (x.dim() - 1)))
     return torch.where(mine, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
-def expert_rows_to_replicate(x: Tensor, route: Tensor, form: str, n_local: int, rank: int, group: str) -> Tensor:
+def expert_rows_to_replicate(x: Tensor, route: Tensor, form: str, n_local: int, group: str) -> Tensor:
     """Rows of this rank's experts -> the whole value on every rank: zero the other rows, all-reduce
     (Megatron's g; each row is computed on exactly one rank)."""
     from .mappings import reduce_from_tp
 
-    return reduce_from_tp(expert_rows_zeroed(x, route, form, n_local, rank), group)
+    return reduce_from_tp(expert_rows_zeroed(x, route, form, n_local, group), group)

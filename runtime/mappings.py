@@ -25,6 +25,9 @@ __all__ = [
     "group_name",
     "group_size",
     "group_rank",
+    "tp_rank",
+    "rank_offset",
+    "narrow_at_rank",
     "copy_to_tp",
     "copy_to_tp_bucketed",
     "reduce_from_tp",
@@ -70,6 +73,44 @@ def group_rank(group: Group) -> int:
     return _rank_by_name(group_name(group))
 
 
+# ---------------------------------------------------------------- the rank as a runtime value
+
+
+@torch.library.custom_op("tpcompile::tp_rank", mutates_args=())
+def tp_rank(like: Tensor, group: str) -> Tensor:
+    """This process's rank in ``group``, a 0-d int64 tensor on ``like``'s device, read when the
+    program runs, never when it is traced: every rank's graph is then the same graph, and one
+    compiled program (one FX-graph / Inductor cache entry) serves every rank. ``like`` places the
+    tensor and, as an input no compiler knows the value of, keeps it from being folded to a constant."""
+    return torch.full((), dist.get_rank(c10d._resolve_process_group(group)), dtype=torch.int64, device=like.device)
+
+
+@tp_rank.register_fake
+def _(like, group):
+    return like.new_empty((), dtype=torch.int64)
+
+
+def rank_offset(like: Tensor, group: Group, step: int, div: int = 1, mod: int = 0) -> Tensor:
+    """Where this rank's block starts: ``((rank // div) % mod) * step`` (``mod`` 0: no modulo), a 0-d
+    tensor computed from the runtime rank. The one place that turns the rank into an offset."""
+    r = tp_rank(like, group_name(group))
+    if div != 1:
+        r = r // div
+    if mod:
+        r = r % mod
+    return r * step
+
+
+def narrow_at_rank(x: Tensor, dim: int, n: int, group: Group, start: int = 0, div: int = 1, mod: int = 0) -> Tensor:
+    """``x.narrow(dim, start + rank_offset(..., step=n, div, mod), n)`` with the rank read at run time:
+    an ``index_select`` of those ``n`` rows (a copy, the same values), so no rank's offset is a
+    constant of the graph."""
+    idx = torch.arange(n, device=x.device) + rank_offset(x, group, n, div, mod)
+    if start:
+        idx = idx + start
+    return x.index_select(dim, idx)
+
+
 def _chunk_len(x: Tensor, dim: int, tp: int) -> int:
     if x.shape[dim] % tp != 0:
         raise ValueError(f"size {x.shape[dim]} of dim {dim} is not divisible by tp={tp}")
@@ -99,8 +140,7 @@ def _reduce_scatter(x: Tensor, dim: int, name: str) -> Tensor:
 
 
 def _split(x: Tensor, dim: int, name: str) -> Tensor:
-    n = _chunk_len(x, dim, group_size(name))
-    return x.narrow(dim, group_rank(name) * n, n).contiguous()
+    return narrow_at_rank(x, dim, _chunk_len(x, dim, group_size(name)), name)
 
 
 def _all_to_all(x: Tensor, scatter_dim: int, gather_dim: int, name: str) -> Tensor:

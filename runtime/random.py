@@ -18,20 +18,24 @@ import math
 import torch
 from torch import Tensor
 
+from .mappings import group_size, narrow_at_rank
+
 __all__ = ["sharded_dropout", "sharded_sdpa", "sharded_fill_random", "sharded_random_like"]
 
 
 _SELU_ALPHA = 1.7580993408473766  # alpha dropout keeps SELU's mean and variance (ATen's constant)
 
 
-def sharded_dropout(x: Tensor, p: float, training: bool, dim: int, full: int, rank: int, mask_dims: int = 0,
+def sharded_dropout(x: Tensor, p: float, training: bool, dim: int, full: int, rank: int | str, mask_dims: int = 0,
                     alpha: bool = False, inplace: bool = False) -> Tensor:
     """Single-device dropout of the whole tensor (``full`` along ``dim``) restricted to this
     rank's slice ``x``: the mask is drawn as eager dropout draws it (``bernoulli_(1 - p)`` on
     the whole mask shape, in the input's dtype), so under the same seed the ranks' slices are
     exactly single device's mask. ``mask_dims`` k > 0: a feature dropout, whose mask spans the
     first k dims only (``dim`` >= k: every rank uses the whole mask). ``alpha``: alpha dropout's
-    affine maths. ``inplace``: ``x`` is updated, as ``torch.dropout_`` does."""
+    affine maths. ``inplace``: ``x`` is updated, as ``torch.dropout_`` does. ``rank``: the slice's
+    index, or the name of the TP group whose rank is read when the program runs (what rewritten
+    graphs pass: one program for every rank)."""
     if not training or p == 0.0 or x.numel() == 0:
         return x
     if p == 1.0:
@@ -49,7 +53,8 @@ def sharded_dropout(x: Tensor, p: float, training: bool, dim: int, full: int, ra
         noise = torch.empty_permuted(shape, order, dtype=x.dtype, device=x.device)
     noise.bernoulli_(1 - p)
     if noise.shape[dim] != 1:
-        noise = noise.narrow(dim, rank * x.shape[dim], x.shape[dim])
+        n = x.shape[dim]
+        noise = narrow_at_rank(noise, dim, n, rank) if isinstance(rank, str) else noise.narrow(dim, rank * n, n)
     if alpha:
         a = 1.0 / math.sqrt((_SELU_ALPHA * _SELU_ALPHA * p + 1) * (1 - p))
         b = (noise - 1) * (_SELU_ALPHA * a) + _SELU_ALPHA * a * p
@@ -61,7 +66,7 @@ def sharded_dropout(x: Tensor, p: float, training: bool, dim: int, full: int, ra
 
 def sharded_sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None, dropout_p: float = 0.0,
                  is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False, *,
-                 dim: int, full: int, rank: int) -> Tensor:
+                 dim: int, full: int, rank: int | str) -> Tensor:
     """``F.scaled_dot_product_attention`` on this rank's heads (a slice of ``dim``, ``full`` heads
     whole), in SDPA's reference maths, its dropout drawn by ``sharded_dropout``."""
     L, S = query.size(-2), key.size(-2)
@@ -91,10 +96,18 @@ def _whole_like(x: Tensor, dim: int, full: int) -> Tensor:
     return torch.empty_permuted(shape, order, dtype=x.dtype, device=x.device)
 
 
-def _own_slice(x: Tensor, whole: Tensor, dim: int, full: int, rank: int) -> Tensor:
+def _own_slice(x: Tensor, whole: Tensor, dim: int, full: int, rank: int | str) -> Tensor:
     """This rank's columns of ``whole`` written into ``x`` (in place); padding columns (a vocabulary tp
-    does not divide: ranks hold ceil(full / tp)) set to 1, a value every consumer masks anyway."""
+    does not divide: ranks hold ceil(full / tp)) set to 1, a value every consumer masks anyway.
+    ``rank``: the slice's index, or a TP group's name (the rank read when the program runs)."""
     n = x.shape[dim]
+    if isinstance(rank, str):
+        pad = n * group_size(rank) - full
+        if pad > 0:
+            ones = list(whole.shape)
+            ones[dim] = pad
+            whole = torch.cat([whole, whole.new_ones(ones)], dim)
+        return x.copy_(narrow_at_rank(whole, dim, n, rank))
     start = rank * n
     real = max(0, min(n, full - start))
     if real < n:
@@ -104,7 +117,8 @@ def _own_slice(x: Tensor, whole: Tensor, dim: int, full: int, rank: int) -> Tens
     return x
 
 
-def sharded_fill_random(x: Tensor, method: str, args: tuple, kwargs: dict, dim: int, full: int, rank: int) -> Tensor:
+def sharded_fill_random(x: Tensor, method: str, args: tuple, kwargs: dict, dim: int, full: int,
+                        rank: int | str) -> Tensor:
     """``x.<method>(*args, **kwargs)`` (``exponential_``, ``uniform_``, ``normal_``, ...) on this rank's
     slice ``x`` of a tensor ``full`` long along ``dim``: every rank draws the whole tensor, as single
     device does (streams in step), and keeps its slice, so under the same seed the slices are single
@@ -115,7 +129,7 @@ def sharded_fill_random(x: Tensor, method: str, args: tuple, kwargs: dict, dim: 
     return _own_slice(x, whole, dim, full, rank)
 
 
-def sharded_random_like(x: Tensor, fn, kwargs: dict, dim: int, full: int, rank: int) -> Tensor:
+def sharded_random_like(x: Tensor, fn, kwargs: dict, dim: int, full: int, rank: int | str) -> Tensor:
     """``fn(x, **kwargs)`` (``torch.rand_like`` / ``randn_like``) for this rank's slice ``x``: the
     whole draw, this rank's slice of it (see ``sharded_fill_random``)."""
     whole = fn(_whole_like(x, dim, full), **kwargs)

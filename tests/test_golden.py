@@ -58,7 +58,7 @@ backward all_reduce       32.0 KiB  h.0.attn.q_proj  examples/gpt.py:47 `q = sel
 # graph
 def forward(self, idx, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias, h_0_attn_q_proj_weight, h_0_attn_q_proj_bias, h_0_attn_k_proj_weight, h_0_attn_k_proj_bias, h_0_attn_v_proj_weight, h_0_attn_v_proj_bias, h_0_attn_o_proj_weight, h_0_attn_o_proj_bias, h_0_ln_2_weight, h_0_ln_2_bias, h_0_mlp_fc_weight, h_0_mlp_fc_bias, h_0_mlp_proj_weight, h_0_mlp_proj_bias, ln_f_weight, ln_f_bias, targets):
     pos = torch.arange(0, 32, dtype = torch.int64, device = device(type='cpu'))
-    tok_emb = tpcompile_runtime_vocab_parallel_vocab_parallel_embedding(idx, wte_weight, 128, '0')
+    tok_emb = tpcompile_runtime_vocab_parallel_vocab_parallel_embedding(idx, wte_weight, None, '0')
     pos_emb = torch.nn.functional.embedding(pos, wpe_weight, None, None, 2.0, False, False)
     add = tok_emb + pos_emb
     x = torch.nn.functional.dropout(add, 0.0, True, False)
@@ -96,7 +96,7 @@ def forward(self, idx, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias, h
     logits = torch._C._nn.linear(copy_to_tp_2, wte_weight, None)
     view_4 = logits.view(-1, 128)
     view_5 = targets.view(-1)
-    cross_entropy = tpcompile_runtime_vocab_parallel_vocab_parallel_cross_entropy(view_4, view_5, 128, 256, '0', ignore_index = -1, reduction = 'mean', label_smoothing = 0.0)
+    cross_entropy = tpcompile_runtime_vocab_parallel_vocab_parallel_cross_entropy(view_4, view_5, None, 256, '0', ignore_index = -1, reduction = 'mean', label_smoothing = 0.0)
     return (cross_entropy,)
 """)
 
@@ -134,7 +134,7 @@ backward all_reduce       32.0 KiB  h.0.attn.q_proj  examples/gpt.py:47 `q = sel
 # graph
 def forward(self, idx, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias, h_0_attn_q_proj_weight, h_0_attn_q_proj_bias, h_0_attn_k_proj_weight, h_0_attn_k_proj_bias, h_0_attn_v_proj_weight, h_0_attn_v_proj_bias, h_0_attn_o_proj_weight, h_0_attn_o_proj_bias, h_0_ln_2_weight, h_0_ln_2_bias, h_0_mlp_fc_weight, h_0_mlp_fc_bias, h_0_mlp_proj_weight, h_0_mlp_proj_bias, ln_f_weight, ln_f_bias, targets):
     pos = torch.arange(0, 32, dtype = torch.int64, device = device(type='cpu'))
-    tok_emb = tpcompile_runtime_vocab_parallel_vocab_parallel_embedding(idx, wte_weight, 64, '0')
+    tok_emb = tpcompile_runtime_vocab_parallel_vocab_parallel_embedding(idx, wte_weight, None, '0')
     pos_emb = torch.nn.functional.embedding(pos, wpe_weight, None, None, 2.0, False, False)
     add = tok_emb + pos_emb
     x = torch.nn.functional.dropout(add, 0.0, True, False)
@@ -172,7 +172,7 @@ def forward(self, idx, wte_weight, wpe_weight, h_0_ln_1_weight, h_0_ln_1_bias, h
     logits = torch._C._nn.linear(copy_to_tp_2, wte_weight, None)
     view_4 = logits.view(-1, 64)
     view_5 = targets.view(-1)
-    cross_entropy = tpcompile_runtime_vocab_parallel_vocab_parallel_cross_entropy(view_4, view_5, 64, 256, '0', ignore_index = -1, reduction = 'mean', label_smoothing = 0.0)
+    cross_entropy = tpcompile_runtime_vocab_parallel_vocab_parallel_cross_entropy(view_4, view_5, None, 256, '0', ignore_index = -1, reduction = 'mean', label_smoothing = 0.0)
     return (cross_entropy,)
 """)
 
@@ -201,7 +201,7 @@ backward all_reduce       32.0 KiB  layers.0.feed_forward.gate  examples/llama.p
 backward all_reduce       32.0 KiB  layers.0.attention.q_proj   examples/llama.py:82 `q = self.q_proj(x).view(bsz, seqlen, self.n_heads, self.head_dim).transpose(1, 2)`
 # graph
 def forward(self, tokens, tok_embeddings_weight, rope_cos, rope_sin, layers_0_attention_norm_weight, layers_0_attention_q_proj_weight, layers_0_attention_k_proj_weight, layers_0_attention_v_proj_weight, layers_0_attention_o_proj_weight, layers_0_ffn_norm_weight, layers_0_feed_forward_gate_weight, layers_0_feed_forward_up_weight, layers_0_feed_forward_down_weight, norm_weight, output_weight, labels):
-    h = tpcompile_runtime_vocab_parallel_vocab_parallel_embedding(tokens, tok_embeddings_weight, 128, '0')
+    h = tpcompile_runtime_vocab_parallel_vocab_parallel_embedding(tokens, tok_embeddings_weight, None, '0')
     cos = rope_cos[slice(None, 32, None)]
     sin = rope_sin[slice(None, 32, None)]
     float_1 = h.float()
@@ -283,7 +283,7 @@ def forward(self, tokens, tok_embeddings_weight, rope_cos, rope_sin, layers_0_at
     logits = linear_7.float()
     view_4 = logits.view(-1, 128)
     view_5 = labels.view(-1)
-    cross_entropy = tpcompile_runtime_vocab_parallel_vocab_parallel_cross_entropy(view_4, view_5, 128, 256, '0', ignore_index = -100, reduction = 'mean', label_smoothing = 0.0)
+    cross_entropy = tpcompile_runtime_vocab_parallel_vocab_parallel_cross_entropy(view_4, view_5, None, 256, '0', ignore_index = -100, reduction = 'mean', label_smoothing = 0.0)
     return (cross_entropy,)
 """)
 
@@ -312,7 +312,7 @@ backward all_reduce       32.0 KiB  layers.0.feed_forward.gate  examples/llama.p
 backward all_reduce       32.0 KiB  layers.0.attention.q_proj   examples/llama.py:82 `q = self.q_proj(x).view(bsz, seqlen, self.n_heads, self.head_dim).transpose(1, 2)`
 # graph
 def forward(self, tokens, tok_embeddings_weight, rope_cos, rope_sin, layers_0_attention_norm_weight, layers_0_attention_q_proj_weight, layers_0_attention_k_proj_weight, layers_0_attention_v_proj_weight, layers_0_attention_o_proj_weight, layers_0_ffn_norm_weight, layers_0_feed_forward_gate_weight, layers_0_feed_forward_up_weight, layers_0_feed_forward_down_weight, norm_weight, output_weight, labels):
-    h = tpcompile_runtime_vocab_parallel_vocab_parallel_embedding(tokens, tok_embeddings_weight, 64, '0')
+    h = tpcompile_runtime_vocab_parallel_vocab_parallel_embedding(tokens, tok_embeddings_weight, None, '0')
     cos = rope_cos[slice(None, 32, None)]
     sin = rope_sin[slice(None, 32, None)]
     float_1 = h.float()
@@ -394,7 +394,7 @@ def forward(self, tokens, tok_embeddings_weight, rope_cos, rope_sin, layers_0_at
     logits = linear_7.float()
     view_4 = logits.view(-1, 64)
     view_5 = labels.view(-1)
-    cross_entropy = tpcompile_runtime_vocab_parallel_vocab_parallel_cross_entropy(view_4, view_5, 64, 256, '0', ignore_index = -100, reduction = 'mean', label_smoothing = 0.0)
+    cross_entropy = tpcompile_runtime_vocab_parallel_vocab_parallel_cross_entropy(view_4, view_5, None, 256, '0', ignore_index = -100, reduction = 'mean', label_smoothing = 0.0)
     return (cross_entropy,)
 """)
 

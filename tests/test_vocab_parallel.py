@@ -92,7 +92,9 @@ def _emb_data(tp: int, rank: int | None):
 
 
 
-def _run(rank: int, tp: int, backend, cases, inplace: bool = False) -> dict:
+def _run(rank: int, tp: int, backend, cases, inplace: bool = False, rank_free: bool = False) -> dict:
+    """``rank_free``: pass ``vocab_start=None`` (the rank read when the ops run, what rewritten graphs
+    pass) instead of this rank's first id."""
     import torch.distributed as dist
 
     from tpcompile.runtime import vocab_parallel_cross_entropy, vocab_parallel_embedding
@@ -104,8 +106,9 @@ def _run(rank: int, tp: int, backend, cases, inplace: bool = False) -> dict:
         logits, target, grad, cd = _case_data(k, case)
         local, start = _local_slice(logits, cd, rank, tp)
         data.append((local.requires_grad_(), target, grad))
-        args.append((start, CASES[case][1], CASES[case][2], CASES[case][3], CASES[case][4]))
+        args.append((None if rank_free else start, CASES[case][1], CASES[case][2], CASES[case][3], CASES[case][4]))
     idx, w, gy, w_start = _emb_data(tp, rank)
+    w_start = None if rank_free else w_start
     w.requires_grad_()
 
     inter = []  # inplace: a non-leaf per case, which the backward overwrites with its grad
@@ -138,11 +141,17 @@ def _run(rank: int, tp: int, backend, cases, inplace: bool = False) -> dict:
 
 
 def _worker(rank: int, tp: int, compiled: bool) -> dict:
-    res = {"eager": _run(rank, tp, None, list(CASES)), "eager_inplace": _run(rank, tp, None, list(CASES), True)}
+    res = {"eager": _run(rank, tp, None, list(CASES)), "eager_inplace": _run(rank, tp, None, list(CASES), True),
+           "eager_rank_free": _run(rank, tp, None, list(CASES), rank_free=True),
+           "eager_inplace_rank_free": _run(rank, tp, None, list(CASES), True, rank_free=True)}
     if compiled:
         graphs: dict = {}
         res["aot_eager"] = _run(rank, tp, recording_aot_eager(graphs), list(CASES))
         res["aot_graphs"] = graphs
+        torch._dynamo.reset()
+        res["aot_eager_rank_free_graphs"] = {}
+        res["aot_eager_rank_free"] = _run(rank, tp, recording_aot_eager(res["aot_eager_rank_free_graphs"]), list(CASES),
+                                          rank_free=True)
         torch._dynamo.reset()
         res["inductor"] = _run(rank, tp, "inductor", INDUCTOR_CASES)
     return res
@@ -153,7 +162,9 @@ def results():
     return {2: run_ranks(_worker, 2, True), 3: run_ranks(_worker, 3, False)}
 
 
-RUNS = [(2, "eager"), (2, "eager_inplace"), (2, "aot_eager"), (2, "inductor"), (3, "eager"), (3, "eager_inplace")]
+RUNS = [(2, "eager"), (2, "eager_inplace"), (2, "aot_eager"), (2, "inductor"), (3, "eager"), (3, "eager_inplace"),
+        (2, "eager_rank_free"), (2, "eager_inplace_rank_free"), (2, "aot_eager_rank_free"), (3, "eager_rank_free"),
+        (3, "eager_inplace_rank_free")]
 
 
 # ---------------------------------------------------------------- tests
@@ -201,6 +212,28 @@ def test_cross_entropy_one_collective_forward_none_backward(results):
         # the local halves reach the graphs as opaque custom ops (chunked torch impl on CPU)
         assert graphs["fw_tpcompile_ops"][0] == ["tpcompile.ce_stats.default"] * len(CASES)
         assert graphs["bw_tpcompile_ops"][0] == ["tpcompile.ce_grad.default"] * len(CASES)
+
+
+def test_rank_read_at_run_time_gives_the_same_numbers(results):
+    """``vocab_start=None`` (the rank read when the ops run) gives bitwise the numbers of the rank's
+    first id passed in; in the compiled graphs padded vocabularies go through the ``*_at_rank`` ops."""
+    for tp in (2, 3):
+        for r in range(tp):
+            for given, read in (("eager", "eager_rank_free"), ("eager_inplace", "eager_inplace_rank_free")) + \
+                    ((("aot_eager", "aot_eager_rank_free"),) if tp == 2 else ()):
+                a, b = results[tp][r][given], results[tp][r][read]
+                for case in CASES:
+                    assert a["ce"][case][0] == b["ce"][case][0], (tp, r, given, case)
+                    for x, y in zip(a["ce"][case][1:], b["ce"][case][1:]):
+                        assert (x == y).all(), (tp, r, given, case)
+                for x, y in zip(a["emb"], b["emb"]):
+                    assert (x == y).all(), (tp, r, given)
+    padded = sum(math.ceil(CASES[c][1] / 2) * 2 != CASES[c][1] for c in CASES)
+    ops = results[2][0]["aot_eager_rank_free_graphs"]
+    assert 0 < padded < len(CASES)
+    assert sorted(ops["fw_tpcompile_ops"][0]) == sorted(["tpcompile.ce_stats.default"] * (len(CASES) - padded) +
+                                                        ["tpcompile.ce_stats_at_rank.default"] * padded +
+                                                        ["tpcompile.tp_rank.default"] * (len(CASES) - padded + 1))
 
 
 def test_inplace_backward_overwrites_logits(results):

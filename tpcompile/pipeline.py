@@ -248,8 +248,8 @@ def plan_graph(gm: fx.GraphModule, fqns: dict, tp: int, overrides: dict,
 def tp_program(gm: fx.GraphModule, param_fqns: dict[int, str], options: Options, names: dict[str, str] | None = None,
                plan_only: bool = False, state: dict | None = None) -> Program:
     """Plan ``gm`` (placeholder index -> parameter FQN in ``param_fqns``) and, unless ``plan_only``,
-    rewrite it in place into rank ``options.rank``'s program. Warns (``TPWarning``) for every part
-    left replicated or made whole. ``state``: placeholder index -> placement of the sharded state
+    rewrite it in place into the program of every rank (no constant of it depends on the rank).
+    Warns (``TPWarning``) for every part left replicated or made whole. ``state``: placeholder index -> placement of the sharded state
     (KV cache) inputs; outputs that grow it stay sharded (``Program.state_outputs``)."""
     t0 = time.perf_counter()
     names = names or {}
@@ -282,10 +282,10 @@ def tp_program(gm: fx.GraphModule, param_fqns: dict[int, str], options: Options,
     # graph is the program (torch.compile's); sharded_outputs keeps the rewrite for its DTensor outputs,
     # and TPCOMPILE_TP1_REWRITE=1 keeps it to check the TP program on one GPU (make gpu-check)
     if rewritten:
-        rewrite(gm, plan, options.group_name, options.rank)
+        rewrite(gm, plan, options.group_name)
         kept_state = keep_state_sharded(gm, set(state_nodes), plan.prop.info)
         if options.sequence_parallel:
-            sp = sequence_parallel(gm, options.group_name, options.tp, options.rank)
+            sp = sequence_parallel(gm, options.group_name, options.tp)
             if sp.skipped:
                 warnings.warn(sp.skipped, TPWarning, stacklevel=2)
                 fallbacks.append(sp.skipped)

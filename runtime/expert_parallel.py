@@ -49,7 +49,9 @@ def own_rows(route: Tensor, form: str, n_rows: int, n_local: int, rank: int | st
 def _bounds(offs: Tensor, n_local: int, rank: int | Tensor) -> tuple[Tensor, Tensor]:
     """First and one-past-last sorted row of this rank's experts, as 0-d tensors (no host sync)."""
     ends = torch.cat([offs.new_zeros(1), offs]).long()  # ends[e]: rows before expert e
-    return ends[rank * n_local], ends[(rank + 1) * n_local]
+    first = torch.as_tensor(rank, device=offs.device) * n_local  # a tensor index: no .item() (no host sync)
+    lo, hi = ends.index_select(0, torch.stack([first, first + n_local]))
+    return lo, hi
 
 
 def local_experts_linear(x: Tensor, weight: Tensor, route: Tensor, form: str, out_dim: int,

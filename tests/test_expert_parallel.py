@@ -300,12 +300,14 @@ def test_explain_at_world_size_8_shows_whole_experts_and_one_all_reduce_per_moe_
 
 
 # ----------------------------------------------------------------------------- the runtime op, every rank in one process
+@pytest.mark.parametrize("rank_of", [int, torch.tensor], ids=["int", "tensor"])
 @pytest.mark.parametrize("form", ["fallback", "ids"])
-def test_local_experts_sum_over_ranks_to_the_grouped_linear(form):
+def test_local_experts_sum_over_ranks_to_the_grouped_linear(form, rank_of):
     """``local_experts_linear`` of each rank (its slice of the experts, rows of other experts filled with
     garbage as the op between two expert matmuls may leave them) sums over the ranks to the whole grouped
     linear, and so do the gradients of the input and of each rank's weights (the whole experts' gradient);
-    ``expert_rows_zeroed`` keeps exactly each rank's rows. 8 experts over 4 ranks, one expert hit by no row."""
+    ``expert_rows_zeroed`` keeps exactly each rank's rows. 8 experts over 4 ranks, one expert hit by no row;
+    the rank given as an int or as the 0-d tensor a rank-free program reads at run time."""
     pytest.importorskip("transformers.integrations.moe")  # registers transformers::grouped_mm_fallback
     from tpcompile.passes.normalize import grouped_linear
     from tpcompile.runtime.expert_parallel import expert_rows_zeroed, local_experts_linear
@@ -328,9 +330,9 @@ def test_local_experts_sum_over_ranks_to_the_grouped_linear(form):
         wr = w.detach()[rank * n:(rank + 1) * n].clone().requires_grad_(True)
         mine = (ids // n == rank)[:, None]
         noisy = torch.where(mine, xr, torch.full_like(xr, float("nan")))  # other rows undefined
-        y = local_experts_linear(noisy, wr, route, form, 1, rank)
+        y = local_experts_linear(noisy, wr, route, form, 1, rank_of(rank))  # a tensor: the rank read at run time
         assert torch.equal(y[~mine.squeeze(1)], torch.zeros_like(y[~mine.squeeze(1)]))
-        assert torch.equal(expert_rows_zeroed(y, route, form, n, rank), y)
+        assert torch.equal(expert_rows_zeroed(y, route, form, n, rank_of(rank)), y)
         (y * dy).sum().backward()
         total, dx = total + y.detach(), dx + xr.grad
         torch.testing.assert_close(wr.grad, want_dw[rank * n:(rank + 1) * n], rtol=1e-5, atol=1e-5)

@@ -22,13 +22,32 @@ from fakepg import fake_group
 
 
 def _graphs(make, world: int, rank: int, **kw) -> list:
-    """The rewritten graph and the AOT forward / backward graphs (code text) of rank ``rank``."""
+    """The rewritten graph and the AOT forward / backward graphs (code text) of rank ``rank``
+    (``no_grad`` in ``kw``: an inference graph, forward only)."""
     model, args = make()
-    rep = tpcompile.explain(model, *args, world_size=world, rank=rank, **kw)
+    inference = kw.pop("no_grad", False)
+    with torch.set_grad_enabled(not inference):
+        rep = tpcompile.explain(model, *args, world_size=world, rank=rank, **kw)
     out = [("rewritten", r.graph_code) for r in rep.records]
     out += [(phase, gm.code) for r in rep.records for phase, gm in r.compiled_graphs]
-    assert {p for p, _ in out} >= {"rewritten", "forward", "backward"}, [p for p, _ in out]
+    want = {"rewritten", "forward"} | (set() if inference else {"backward"})
+    assert {p for p, _ in out} >= want, [p for p, _ in out]
     return out
+
+
+def _mixtral():
+    import hf_models
+
+    model = hf_models.make_model("mixtral", _experts_implementation="grouped_mm", num_hidden_layers=1)
+    ids = torch.randint(0, model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
+    return model, (ids,)
+
+
+def _sampling_step():
+    import sampling_cases
+
+    model = sampling_cases.SamplingLM(vocab=127).eval()
+    return model, (torch.zeros(2, 1, dtype=torch.long), torch.tensor([5]), torch.arange(model.max_len)[None, :] <= 5)
 
 
 def _first(made):
@@ -44,17 +63,21 @@ CASES = {  # name -> (model factory, tp, explain options, ops whose offsets were
     "llama": (lambda: llama.make_model(n_layers=1, device="meta"), 4, {},
               ("vocab_parallel_embedding", "vocab_parallel_cross_entropy")),
     "kv copies": (lambda: _first(kv_models.make(2, "repeat_kv", layers=1)), 4, {}, ("take_rows_of", "copies_to_shard")),
+    "expert parallel": (_mixtral, 2, {"expert_parallel": True}, ("local_experts_linear",)),
+    "vocab-parallel sampling": (_sampling_step, 4, {"no_grad": True},  # padded vocab: 32 columns a rank
+                                ("vocab_parallel_topk", "vocab_parallel_softmax", "sharded_fill_random",
+                                 "vocab_parallel_argmax")),
 }
 
 
 def test_every_rank_rewrites_the_same_graph():
     for name, (make, world, kw, ops) in CASES.items():
-        first = _graphs(make, world, 0, **kw)
+        first = _graphs(make, world, 0, **dict(kw))
         code = "\n".join(c for _, c in first)
         for op in ops:  # the case exercises what used to carry the rank
             assert op in code, (name, op, code)
         assert any("tpcompile.tp_rank" in c for p, c in first if p != "rewritten"), name
-        last = _graphs(make, world, world - 1, **kw)
+        last = _graphs(make, world, world - 1, **dict(kw))
         assert [p for p, _ in first] == [p for p, _ in last], name
         for (phase, a), (_, b) in zip(first, last):
             assert a == b, (name, phase)

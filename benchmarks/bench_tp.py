@@ -275,7 +275,7 @@ def setup(config: str, size: Size, world: int, device, hf_path: str | None):
         import tpcompile
 
         model = tpcompile.tp_compile(model, sequence_parallel=config == "tpcompile-sp",
-                                     regional=config != "tpcompile-whole")
+                                     regional=False if config == "tpcompile-whole" else None)
         fwd = model
     elif config.startswith("hf"):
         from transformers import LlamaForCausalLM

@@ -17,6 +17,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 import gpt
 import tpcompile
+from models_common import called_nodes
 from multirank import run_cases
 from tpcompile.passes.inline_checkpoint import CHECKPOINT, inline_checkpoints
 
@@ -76,7 +77,7 @@ def _train(rank, world, wrap, backend, steps=3):
     fwd_out = next(n for n in graphs["forward"].graph.nodes if n.op == "output")
     out["saved"] = len(fwd_out.args[0])  # outputs + tensors saved for the backward
     out["recomputed_mm"] = sum(n.meta.get("recompute") == CheckpointPolicy.PREFER_RECOMPUTE and "mm" in str(n.target)
-                               for n in graphs["backward"].graph.nodes)
+                               for n in called_nodes(graphs["backward"]))
     out["collectives"] = Counter((c.phase, c.kind) for c in rec.collectives)
     out["floor"] = rec.floor
     out["plan"] = {f: pp.style for f, pp in tpcompile.tp_state(model).plan.items()}

@@ -135,7 +135,7 @@ def explain(
     plan: dict[str, str] | None = None,
     fuse_norm: bool | None = None,
     dump_dir: str | None = None,
-    regional: bool = False,
+    regional: bool | None = None,
     **kwargs: Any,
 ) -> Report:
     """Plan, rewrite and trace ``model(*args, **kwargs)`` as rank ``rank`` of ``world_size``.
@@ -157,7 +157,7 @@ def explain(
         raise ValueError(f"explain(rank={rank}) must be in [0, {world_size}).")
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from tpcompile.api import fqns_of, without_regions_on_break
+    from tpcompile.api import fqns_of, regional_twin, without_regions_on_break
 
     validate_overrides(plan or {}, fqns_of(model), type(model).__name__)
 
@@ -167,11 +167,12 @@ def explain(
         # the same capture and pipeline as tp_compile; stand-in parameters, so the model is never
         # touched, and the "trace" backend builds the forward and backward graphs and runs nothing
         twin = Twin(model, torch.device("cpu"), meta_buffers_as_ghosts=True,
-                    regional=regional and not sequence_parallel)
+                    regional=regional_twin(regional, world_size, sequence_parallel))
+        twin.warn_regional_off = regional is True
         params = StandinParameters(twin)
         options = Options(world_size, rank, dist.group.WORLD.group_name,
                           overrides=with_tied_aliases(plan or {}, twin.aliases), sequence_parallel=sequence_parallel,
-                          fuse_norm=fuse_norm, regional=regional)
+                          fuse_norm=fuse_norm, regional=twin.regional)
         recorder = Recorder(rank, dump_dir)
         compiled, twin.compile = compile_twin(twin, params, options, "trace", recorder)
         twin.sync()

@@ -133,6 +133,7 @@ class Twin:
 
         blocks = {id(b) for b in find_blocks(self.module)} if regional else set()
         self.regional = len(blocks) > 1
+        self.warn_regional_off = False  # tp_compile(regional=True): a TPWarning when a graph break turns it off
         self._blocks: list[tuple[nn.Module, str]] = []  # (twin block, position): regional forwards
         for i, (user, twin) in enumerate(self.pairs):
             if i == 0 or type(twin).forward is nn.Module.forward:

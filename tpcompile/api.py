@@ -239,12 +239,17 @@ class TensorParallel:
 
 def without_regions_on_break(twin: Twin, call):
     """``call()``; if Dynamo cannot capture a repeated block as one region (a graph break inside
-    it), say so and run it again with the blocks traced inline (each graph planned on its own, as
-    without regional compilation)."""
+    it, a side effect on a KV cache, blocks that trace apart), run it again with the blocks traced
+    inline (each graph planned on its own, as without regional compilation); ``regional=True`` says
+    so with a ``TPWarning``. The failure is Dynamo's, at trace time, before the failing frame runs."""
     try:
         return call()
-    except torch._dynamo.exc.UncapturedHigherOrderOpError as e:
-        if not twin.regional:
+    except (torch._dynamo.exc.UncapturedHigherOrderOpError, torch._dynamo.exc.InternalTorchDynamoError) as e:
+        # Internal, from the region: blocks of one class that trace apart (each a dropout of another
+        # spelling) miss its reuse guard every layer ("invoke_subgraph: exceeded maximum reuse entries"); a
+        # KV cache a block appends to ("An intermediate tensor ... inside a higher-order op subgraph aliases")
+        if not twin.regional or (isinstance(e, torch._dynamo.exc.InternalTorchDynamoError)
+                                 and not any(w in str(e) for w in ("invoke_subgraph", "higher-order op"))):
             raise
         import warnings
 

@@ -336,7 +336,8 @@ def _regions(gm: fx.GraphModule, placeholders: list, param_fqns: dict, options: 
         # need Inductor's RNG to give every call its own draws (propagate.draws_random)
         rng = any(draws_random(n) for m in body_of(gm, sites[0]).modules() if isinstance(m, fx.GraphModule)
                   for n in m.graph.nodes)
-        if not (keep and own and same) or rng:
+        # called once (blocks of one class that trace apart): nothing to reuse
+        if not (keep and own and same) or rng or len(sites) < 2:
             inline_regions(gm, {name}, rebase)
             continue
         body = body_of(gm, sites[0])

@@ -127,9 +127,11 @@ def test_a_graph_break_inside_the_block_turns_regions_off_with_a_warning():
     traces the blocks inline, exactly as regional=False does."""
     torch.manual_seed(0)
     model, x = _BreakingModel(), torch.randn(2, 8, 16)
-    reg, whole = (tpcompile.explain(model, x, world_size=2, regional=r) for r in (True, False))
+    reg, whole, auto = (tpcompile.explain(model, x, world_size=2, regional=r) for r in (True, False, None))
     assert any("regional compilation is off" in w and "Data-dependent branching" in w for w in reg.warnings)
     assert not any("regional" in w for w in whole.warnings)
+    # the default (regional=None) falls back to the whole graph quietly: compile time, not numbers
+    assert auto.warnings == whole.warnings and auto.collectives == whole.collectives
     assert len(reg.records) == len(whole.records) > 1 and not any(r.regions for r in reg.records)
     assert reg.params == whole.params and reg.collectives == whole.collectives
     assert reg.plan == whole.plan
@@ -179,7 +181,8 @@ def test_fused_norms_and_hoisted_parameter_views_plan_the_whole_graph():
     block's norm): the regions are inlined and every norm the whole graph fuses is fused. Falcon's
     ``input @ self.weight.T``: Dynamo hoists ``weight.T`` out of the region, so the body would see an
     activation: inlined, sharded as the whole graph shards it."""
-    reg, whole = _hf_both("llama", grad=False)
+    with torch.no_grad():
+        reg, whole = _explain(MODELS["llama"], None), _explain(MODELS["llama"], False)
     assert not reg.records[0].regions and len(reg.records[0].fused_norms) == len(whole.records[0].fused_norms) == 4
     _same(reg, whole)
     reg, whole = _hf_both("falcon")

@@ -55,8 +55,8 @@ class TensorParallel:
         self.mesh, self.group = _resolve_mesh(group)
         self.tp, self.rank = dist.get_world_size(self.group), dist.get_rank(self.group)
         self.broadcast_inputs, self.sharded_outputs = broadcast_inputs, sharded_outputs
-        self.twin = Twin(model, self.device, regional=regional_twin(regional, self.tp, sequence_parallel))
-        self.twin.warn_regional_off = regional is True
+        self.twin = Twin(model, self.device, regional=regional_twin(regional, self.tp, sequence_parallel, fuse_norm))
+        self.twin.warn_regional_off, self.twin.regions_without_grad = regional is True, fuse_norm is False
         self._moe_hint = _moe_hint(model)
         self.params = TPParameters(model, self.mesh, self.rank, self.tp)
         watch_optimizers(self.params)
@@ -264,11 +264,12 @@ def without_regions_on_break(twin: Twin, call):
         return call()
 
 
-def regional_twin(regional: bool | None, tp: int, sequence_parallel: bool) -> bool:
+def regional_twin(regional: bool | None, tp: int, sequence_parallel: bool, fuse_norm: bool | None) -> bool:
     """Whether the repeated blocks are traced as compile regions: unless ``regional=False``, at
-    tp > 1 without sequence parallelism (one rank is torch.compile; under SP the token-sharded
-    residual stream crosses the blocks' ends, and the pipeline would inline every region)."""
-    return regional is not False and tp > 1 and not sequence_parallel
+    tp > 1, without sequence parallelism and without ``fuse_norm=True`` (one rank is torch.compile;
+    under SP the token-sharded residual stream, with fused norms a fusion, crosses the blocks' ends,
+    and the pipeline would inline every region)."""
+    return regional is not False and tp > 1 and not sequence_parallel and fuse_norm is not True
 
 
 def fqns_of(model: nn.Module) -> list[str]:

@@ -167,8 +167,8 @@ def explain(
         # the same capture and pipeline as tp_compile; stand-in parameters, so the model is never
         # touched, and the "trace" backend builds the forward and backward graphs and runs nothing
         twin = Twin(model, torch.device("cpu"), meta_buffers_as_ghosts=True,
-                    regional=regional_twin(regional, world_size, sequence_parallel))
-        twin.warn_regional_off = regional is True
+                    regional=regional_twin(regional, world_size, sequence_parallel, fuse_norm))
+        twin.warn_regional_off, twin.regions_without_grad = regional is True, fuse_norm is False
         params = StandinParameters(twin)
         options = Options(world_size, rank, dist.group.WORLD.group_name,
                           overrides=with_tied_aliases(plan or {}, twin.aliases), sequence_parallel=sequence_parallel,

@@ -359,6 +359,11 @@ def _regions(gm: fx.GraphModule, placeholders: list, param_fqns: dict, options: 
                 out.plan[lay.fqn] = lay
         out.floors.append((sub.record.floor, len(sites)))
         out.fallbacks += sub.record.fallbacks
+        for at in prefixes[1:]:  # warned once, for the first block: each other layer's, as the whole graph warns
+            for msg in sub.record.fallbacks:
+                msg = msg.replace(prefixes[0], at)
+                warnings.warn(msg, TPWarning, stacklevel=3)
+                out.fallbacks.append(msg)
         out.calls[name] = prefixes
         out.code += f"\n# {name}: one block, called {len(sites)} times\n" + sub.record.graph_code
     return out

@@ -275,7 +275,7 @@ def setup(config: str, size: Size, world: int, device, hf_path: str | None):
         import tpcompile
 
         model = tpcompile.tp_compile(model, sequence_parallel=config == "tpcompile-sp",
-                                     regional=config != "tpcompile-whole")
+                                     regional=False if config == "tpcompile-whole" else None)
         fwd = model
     elif config.startswith("hf"):
         from transformers import LlamaForCausalLM
@@ -818,7 +818,7 @@ def depth_section(args, cmd: str, head: tuple, depth: dict, imgs: list, total: f
               f"- command: `{cmd}` ({total / 60:.1f} min in all); {_load()} at the end of the run", ""]
     L += ["Every point is fresh processes with an empty Inductor cache (`TORCHINDUCTOR_CACHE_DIR` a new directory "
           "per configuration); the figure is the first step (Dynamo, the rewrite, AOTAutograd and Inductor for "
-          "forward and backward, plus one step). `tpcompile` compiles each repeated block once (`regional=True`"
+          "forward and backward, plus one step). `tpcompile` compiles each repeated block once (regional compilation, the default"
           f"); `tpcompile-whole` is `tp_compile(model, regional=False)`. Then 1 warm-up "
           f"and {args.depth_steps} timed steps; the losses at the last step must agree.", "",
           depth_table(depth), ""] + depth_verdict(depth)

@@ -58,7 +58,8 @@ def module_path(node: fx.Node) -> str:
 
 def stack_fqn(path: str) -> str:
     """A module path of ``nn_module_stack`` (``L['self']._modules['h']._modules['0']...``) as an FQN."""
-    path = re.sub(r"^L\['self'\]", "", path)
+    # the root: ``self``, or the first argument of a decorated forward (``wrapper(*args, **kwargs)``: HF's)
+    path = re.sub(r"^L\['self'\]|^L\['args'\]\[0\]", "", path)
     path = path.replace(".forward.__self__", "")  # through a twin module's forward (tpcompile/twin.py)
     path = re.sub(r"\._modules\['([^']+)'\]|\[['\"]?([^\]'\"]+)['\"]?\]", lambda m: "." + (m.group(1) or m.group(2)), path)
     return path.lstrip(".")

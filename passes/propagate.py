@@ -902,6 +902,30 @@ def dropout_call(node: fx.Node) -> DropoutCall | None:
     return DropoutCall(float(p), training, inplace, mask_dims(value(node.args[0]).dim()), alpha)
 
 
+# ops that draw from the RNG (besides dropouts and SDPA's dropout_p)
+_RANDOM = {torch.rand, torch.randn, torch.randint, torch.rand_like, torch.randn_like, torch.randint_like,
+           torch.bernoulli, torch.multinomial, torch.normal, torch.randperm, torch.poisson, "bernoulli", "bernoulli_",
+           "uniform_", "normal_", "exponential_", "geometric_", "log_normal_", "cauchy_", "random_", "multinomial"}
+
+
+def draws_random(node: fx.Node) -> bool:
+    """Whether ``node`` draws random numbers: a dropout in training with p > 0 (or p / training not
+    constants), SDPA with ``dropout_p > 0``, ``torch.rand`` and kin. A compile region that draws
+    is inlined (``pipeline._regions``): whether Inductor's RNG gives each call of a reused region
+    fresh draws is not checked."""
+    t = node.target if node.op in ("call_function", "call_method") else None
+    if t in _DROPOUTS:
+        call = dropout_call(node)
+        return call is None or (call.training and call.p > 0)
+    if t is torch._C._nn.scaled_dot_product_attention:
+        p = _arg(node, 4, "dropout_p", 0.0)
+        return not isinstance(p, (int, float)) or p > 0
+    try:
+        return t in _RANDOM
+    except TypeError:  # an unhashable target
+        return False
+
+
 def dropout(node, ctx) -> NodeInfo:
     """Dropout keeps its input's placement. On a plain shard it becomes the runtime's
     ``sharded_dropout``: every rank draws the whole tensor's mask, as single device does, and

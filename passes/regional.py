@@ -97,4 +97,16 @@ def block_prefix(fqns: list[str]) -> str:
     return ".".join(common) + "." if common else ""
 
 
-__all__ = ["REGION", "is_region", "region_calls", "body_of", "operands", "inline_regions", "block_prefix"]
+def block_prefixes(sites: list[list[str]]) -> list[str]:
+    """The block each call site binds, from the FQNs of its parameters: their common prefix, cut
+    after the first name where the sites differ (the layer index), so a block whose only
+    parameter operands sit in one submodule (``h.0.ln.weight``) is still ``"h.0."``."""
+    prefixes = [block_prefix(f) for f in sites]
+    parts = [p.split(".")[:-1] for p in prefixes]
+    if len(parts) < 2 or any(len(p) != len(parts[0]) for p in parts):
+        return prefixes
+    cut = next((i for i in range(len(parts[0])) if len({p[i] for p in parts}) > 1), None)
+    return prefixes if cut is None else [".".join(p[:cut + 1]) + "." for p in parts]
+
+
+__all__ = ["block_prefixes", "REGION", "is_region", "region_calls", "body_of", "operands", "inline_regions", "block_prefix"]

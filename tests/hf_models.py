@@ -102,14 +102,14 @@ def make_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
 
 def train_hf_beside_reference(rank: int, world: int, family: str, steps: int = 3, lr: float = 0.1,
                               backend: str = "aot_eager", batch: tuple = (2, 16), dtype=None,
-                              autocast: bool = False, grad_ckpt: dict | None = None, regional: bool = False,
+                              autocast: bool = False, grad_ckpt: dict | None = None, regional: bool | None = None,
                               **overrides) -> dict:
     """SGD steps of a tp-compiled HF model and its single-device copy (``models_common.train_beside``),
     called the HF way: ``model(input_ids=..., labels=...)``, two ignored positions per row.
 
     Adds the logits error, the plan's local and padded shapes, and how many forward ops the
     backward recomputes (activation checkpointing); collectives as ``(phase, kind)``."""
-    from models_common import train_beside
+    from models_common import called_nodes, train_beside
 
     import tpcompile
 
@@ -132,7 +132,7 @@ def train_hf_beside_reference(rank: int, world: int, family: str, steps: int = 3
         out["collectives"] = [(phase, kind) for _, phase, kind in out["collectives"]]
         out["floor_why"] = [r.floor for r in st.records]
         out["regions"] = [r.regions for r in st.records]  # subgraph -> block prefix per call (regional compilation)
-        bw = [n for r in st.records for ph, g in r.compiled_graphs if ph == "backward" for n in g.graph.nodes]
+        bw = [n for r in st.records for ph, g in r.compiled_graphs if ph == "backward" for n in called_nodes(g)]
         out["recomputed"] = sum(n.meta.get("recompute") == torch.utils.checkpoint.CheckpointPolicy.PREFER_RECOMPUTE
                                 for n in bw if n.op == "call_function")
 

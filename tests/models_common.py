@@ -15,6 +15,16 @@ import torch
 
 import tpcompile
 from parity import grad_errors, local_numel
+from tpcompile.passes.regional import is_region
+
+
+def called_nodes(gm: torch.fx.GraphModule) -> list:
+    """The nodes of ``gm`` with each compile region's (``invoke_subgraph``) body in place of its call, once
+    per call: what runs, whole-graph or regional (a checkpointed block's recomputed ops live in its region)."""
+    out = []
+    for n in gm.graph.nodes:
+        out += called_nodes(getattr(gm, n.args[0].target)) if is_region(n) else [n]
+    return out
 
 
 def train_beside(rank: int, world: int, model: torch.nn.Module, batches: list, loss_fn: Callable,

@@ -13,7 +13,7 @@ import tpcompile
 
 def train_beside_reference(rank: int, world: int, model_name: str, steps: int = 5, lr: float = 0.1,
                            backend: str = "inductor", plan: dict | None = None, sequence_parallel: bool = False,
-                           regional: bool = False, **overrides) -> dict:
+                           regional: bool | None = None, **overrides) -> dict:
     """``steps`` SGD steps of tp and single-device copies of ``examples/<model_name>.py``
     (``models_common.train_beside``) on random batches of the example's shapes.
 

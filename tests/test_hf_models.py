@@ -180,6 +180,10 @@ MORE = {  # family -> {tp: number of TPWarnings}
     "bert": {2: 1},  # TP=4: plan and collectives in tests/test_attention_spellings.py
     "t5": {2: 0},  # relative position bias column-parallel on its heads: added to head-sharded scores
 }
+# Regional compilation (the default) plans a block once and warns for each layer what the block leaves
+# replicated; the whole graph warns once per op without a rule, naming every layer it touches (and the
+# final norm's op too): the same parameters replicated, fewer warnings here
+MORE_REGIONAL = {"gpt_bigcode": {2: 4}, "bloom": {2: 6}}
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=["tp2", "tp4"])
@@ -197,7 +201,8 @@ def test_more_hf_families_match_single_device(trained_more):
             assert r["grad_err"] <= 1e-5 and r["logits_err"] <= 1e-5, (family, r["grad_err"], r["logits_err"])
             assert r["n_graphs"] == 1, family
         w = results[0]["warnings"]
-        assert len(w) == MORE[family][world], (family, w)
+        regional = results[0]["regions"] != [{}]
+        assert len(w) == (MORE_REGIONAL if regional and family in MORE_REGIONAL else MORE)[family][world], (family, w)
         assert all("correct" in m for m in w), (family, w)
         plan = results[0]["plan"]
         sharded = [f for f, p in plan.items() if p[0] != "replicate"]

@@ -1,7 +1,7 @@
 """Regional compilation: a repeated block captured, planned, rewritten and compiled once for every layer.
 
-Both ways (``tp_compile(..., regional=True)`` (opt-in) and ``regional=False`` (the default): one graph of
-every layer) must give the same plan, the same collectives (kind, bytes, module, source line, in
+Both ways (regional, the default ``regional=None`` where it is correct, and ``regional=False``: one graph
+of every layer) must give the same plan, the same collectives (kind, bytes, module, source line, in
 order) and the same numbers as single device. The Inductor side of it (torch 2.13's buffer reuse
 across a region's calls, ``tpcompile/backend.py``) is checked by ``tests/test_parity.py``, which
 trains both example models regionally under Inductor at TP=4 (whole-graph at TP=2).
@@ -29,7 +29,7 @@ MODELS = {"gpt": lambda: gpt.make_model(n_layer=3), "llama": lambda: llama.make_
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_explain_regional_is_the_whole_graph_rewrite(name):
-    reg, whole = _explain(MODELS[name], True), _explain(MODELS[name], False)
+    reg, whole = _explain(MODELS[name], None), _explain(MODELS[name], False)  # None: the default
     assert reg.records[0].regions and not whole.records[0].regions
     assert list(reg.records[0].regions.values()) == [["h.0.", "h.1.", "h.2."] if name == "gpt" else
                                                      ["layers.0.", "layers.1."]]
@@ -127,9 +127,11 @@ def test_a_graph_break_inside_the_block_turns_regions_off_with_a_warning():
     traces the blocks inline, exactly as regional=False does."""
     torch.manual_seed(0)
     model, x = _BreakingModel(), torch.randn(2, 8, 16)
-    reg, whole = (tpcompile.explain(model, x, world_size=2, regional=r) for r in (True, False))
+    reg, whole, auto = (tpcompile.explain(model, x, world_size=2, regional=r) for r in (True, False, None))
     assert any("regional compilation is off" in w and "Data-dependent branching" in w for w in reg.warnings)
     assert not any("regional" in w for w in whole.warnings)
+    # the default (regional=None) falls back to the whole graph quietly: compile time, not numbers
+    assert auto.warnings == whole.warnings and auto.collectives == whole.collectives
     assert len(reg.records) == len(whole.records) > 1 and not any(r.regions for r in reg.records)
     assert reg.params == whole.params and reg.collectives == whole.collectives
     assert reg.plan == whole.plan
@@ -146,3 +148,55 @@ def test_inductor_without_buffer_reuse_gives_regions_single_device_gradients():
         results = _gloo(4)[name]
         assert [list(r.values()) for r in results[0]["regions"]] == [[blocks]]
         assert all(r["grad_err"] <= 1e-5 for r in results), [r["grad_err"] for r in results]
+
+
+def _hf_both(family: str, grad: bool = True, **overrides):
+    """A tiny Hugging Face model explained at TP=4 by default (regional) and with ``regional=False``."""
+    model = hf_models.make_model(family, **overrides)
+    ids = torch.randint(0, 200, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.set_grad_enabled(grad):
+        return [tpcompile.explain(model, world_size=4, rank=1, regional=r, input_ids=ids, labels=ids)
+                for r in (None, False)]
+
+
+def _same(reg, whole, warnings: bool = True):
+    assert reg.params == whole.params
+    assert reg.collectives == whole.collectives  # kind, phase, bytes, module (the layer's), source line
+    assert reg.floor == whole.floor
+    if warnings:
+        assert reg.warnings == whole.warnings
+
+
+def test_moe_blocks_are_regions_with_the_whole_graph_plan():
+    """Mixtral's experts (grouped_mm, expert-colwise / expert-rowwise) inside a region: the same plan
+    and collectives (one reduction per MoE layer, named after its layer) as the whole graph."""
+    reg, whole = _hf_both("mixtral", _experts_implementation="grouped_mm")
+    assert [list(r.regions.values()) for r in reg.records] == [[["model.layers.0.", "model.layers.1."]]]
+    assert "expert-colwise" in reg.plan.values()
+    _same(reg, whole)
+
+
+def test_fused_norms_and_hoisted_parameter_views_plan_the_whole_graph():
+    """Under no_grad the norms are fused across the blocks' ends (a block's last reduction with the next
+    block's norm): the regions are inlined and every norm the whole graph fuses is fused. Falcon's
+    ``input @ self.weight.T``: Dynamo hoists ``weight.T`` out of the region, so the body would see an
+    activation: inlined, sharded as the whole graph shards it."""
+    with torch.no_grad():
+        reg, whole = _explain(MODELS["llama"], None), _explain(MODELS["llama"], False)
+    assert not reg.records[0].regions and len(reg.records[0].fused_norms) == len(whole.records[0].fused_norms) == 4
+    _same(reg, whole)
+    reg, whole = _hf_both("falcon")
+    assert not reg.records[0].regions and "colwise" in reg.plan.values()
+    # the same parameters left replicated; the warning names the first op without a rule, and inlining
+    # moved the hoisted views ahead of the blocks, so it may name another one
+    _same(reg, whole, warnings=False)
+
+
+def test_dropout_in_a_block_plans_the_whole_graph():
+    """A block that draws random numbers in training (dropout, SDPA's dropout_p) is inlined: whether
+    Inductor's RNG draws afresh for every call of a reused region is not checked."""
+    reg = _explain(lambda: gpt.make_model(n_layer=2, dropout=0.1), None)
+    assert not reg.records[0].regions
+    with torch.no_grad():  # eval-time dropout draws nothing: regions (norms unfused: LayerNorm)
+        model, args = gpt.make_model(n_layer=2, dropout=0.1)
+        assert tpcompile.explain(model.eval(), *args, world_size=4, fuse_norm=False).records[0].regions

@@ -52,13 +52,14 @@ class TensorParallel:
     def __init__(self, model: nn.Module, group, plan: dict | None, compile_options: dict, *,
                  sequence_parallel: bool = False, sharded_outputs: bool = False, broadcast_inputs: bool = False,
                  fuse_norm: bool | None = None, dump_dir: str | None = None, check_replicas_every: int = 100,
-                 async_tp: bool = False, regional: bool = False, expert_parallel: bool = False):
+                 async_tp: bool = False, regional: bool | None = None, expert_parallel: bool = False):
         validate_overrides(plan or {}, fqns_of(model), type(model).__name__)
         self.mesh, self.group = _resolve_mesh(group)
         self.tp, self.rank = dist.get_world_size(self.group), dist.get_rank(self.group)
         self.broadcast_inputs, self.sharded_outputs = broadcast_inputs, sharded_outputs
         install_output_hooks(model)  # before the twin copies the model: the same hooks on both
-        self.twin = Twin(model, self.device, regional=regional and not sequence_parallel)
+        self.twin = Twin(model, self.device, regional=regional_twin(regional, self.tp, sequence_parallel, fuse_norm))
+        self.twin.warn_regional_off, self.twin.regions_without_grad = regional is True, fuse_norm is False
         self._moe_hint = _moe_hint(model)
         self.params = TPParameters(model, self.mesh, self.rank, self.tp)
         watch_optimizers(self.params)
@@ -67,7 +68,7 @@ class TensorParallel:
                                overrides=with_tied_aliases(plan or {}, self.twin.aliases),
                                sequence_parallel=sequence_parallel, sharded_outputs=sharded_outputs,
                                rewrite_one_rank=os.environ.get("TPCOMPILE_TP1_REWRITE") == "1", fuse_norm=fuse_norm,
-                               regional=regional, expert_parallel=expert_parallel)
+                               regional=self.twin.regional, expert_parallel=expert_parallel)
         self.recorder = Recorder(self.rank, dump_dir or os.environ.get("TPCOMPILE_DUMP_DIR") or None)
         compile_options = dict(compile_options)
         mode = compile_options.pop("backend", "inductor")
@@ -251,22 +252,37 @@ class TensorParallel:
 
 def without_regions_on_break(twin: Twin, call):
     """``call()``; if Dynamo cannot capture a repeated block as one region (a graph break inside
-    it), say so and run it again with the blocks traced inline (each graph planned on its own, as
-    without regional compilation)."""
+    it, a side effect on a KV cache, blocks that trace apart), run it again with the blocks traced
+    inline (each graph planned on its own, as without regional compilation); ``regional=True`` says
+    so with a ``TPWarning``. The failure is Dynamo's, at trace time, before the failing frame runs."""
     try:
         return call()
-    except torch._dynamo.exc.UncapturedHigherOrderOpError as e:
-        if not twin.regional:
+    except (torch._dynamo.exc.UncapturedHigherOrderOpError, torch._dynamo.exc.InternalTorchDynamoError) as e:
+        # Internal, from the region: blocks of one class that trace apart (each a dropout of another
+        # spelling) miss its reuse guard every layer ("invoke_subgraph: exceeded maximum reuse entries"); a
+        # KV cache a block appends to ("An intermediate tensor ... inside a higher-order op subgraph aliases")
+        if not twin.regional or (isinstance(e, torch._dynamo.exc.InternalTorchDynamoError)
+                                 and not any(w in str(e) for w in ("invoke_subgraph", "higher-order op"))):
             raise
         import warnings
 
         first = str(e).split("Got graph break/error:", 1)[-1].strip().splitlines()
+        twin.regional_off()
+        if not twin.warn_regional_off:  # regional=None (the default): whole-graph compilation, quietly
+            return call()
         warnings.warn(f"tpcompile: regional compilation is off for this model: a repeated block does not trace as "
                       f"one graph ({first[0] if first else 'a graph break'}). Each layer is compiled in the model's "
                       f"graph(s) instead (correct; compile time grows with depth). Remove the graph break inside "
                       f"the block (TORCH_LOGS=graph_breaks) to compile it once.", TPWarning, stacklevel=4)
-        twin.regional_off()
         return call()
+
+
+def regional_twin(regional: bool | None, tp: int, sequence_parallel: bool, fuse_norm: bool | None) -> bool:
+    """Whether the repeated blocks are traced as compile regions: unless ``regional=False``, at
+    tp > 1, without sequence parallelism and without ``fuse_norm=True`` (one rank is torch.compile;
+    under SP the token-sharded residual stream, with fused norms a fusion, crosses the blocks' ends,
+    and the pipeline would inline every region)."""
+    return regional is not False and tp > 1 and not sequence_parallel and fuse_norm is not True
 
 
 def fqns_of(model: nn.Module) -> list[str]:
@@ -338,7 +354,7 @@ def tp_compile(
     dump_dir: str | None = None,
     check_replicas_every: int = 100,
     async_tp: bool = False,
-    regional: bool = False,
+    regional: bool | None = None,
     **compile_options: Any,
 ) -> nn.Module:
     """Make ``model`` run tensor-parallel over ``group`` (default: WORLD), compiled.
@@ -384,11 +400,13 @@ def tp_compile(
     (``_micro_pipeline_tp``) splits each all-gather -> matmul and matmul -> reduce-scatter into
     pipelined chunks that overlap communication with compute (symmetric memory is enabled for
     the TP group); the numbers are unchanged.
-    ``regional=True``: capture, plan and compile the repeated blocks (the largest ``ModuleList`` of
-    one class) once and reuse that program for every layer, so compile time stays flat in depth;
-    the plan, collectives and numbers are the whole graph's (a block that is not a TP region of
-    its own, and sequence parallelism, are planned whole). Off by default until it is checked
-    beside every other feature (fused norms, KV caches, MoE): one graph, every layer.
+    ``regional``: regional compilation: the repeated blocks (the largest ``ModuleList`` of one class)
+    are captured, planned and compiled once and that program runs every layer, so compile time
+    stays nearly flat in depth; the plan, collectives and numbers are the whole graph's. ``None``
+    (default): on wherever that holds, the whole graph planned otherwise (sequence parallelism, fused
+    norms, one rank, per-layer overrides, a block that is not a TP region of its own, a graph break
+    inside a block); ``True``: the same, with a ``TPWarning`` when a graph break turns it off;
+    ``False``: one graph of every layer.
     ``compile_options``: passed to ``torch.compile`` (``dynamic``, ``fullgraph``, ...; ``mode`` and
     ``options`` go to Inductor); ``backend`` picks what compiles the rewritten graph:
     ``"inductor"`` (default), ``"aot_eager"`` or ``"eager"``.

@@ -154,7 +154,7 @@ def explain(
     plan: dict[str, str] | None = None,
     fuse_norm: bool | None = None,
     dump_dir: str | None = None,
-    regional: bool = False,
+    regional: bool | None = None,
     graph: int | None = None,
     expert_parallel: bool = False,
     **kwargs: Any,
@@ -188,7 +188,7 @@ def explain(
         raise ValueError(f"explain(rank={rank}) must be in [0, {world_size}).")
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from tpcompile.api import fqns_of, without_regions_on_break
+    from tpcompile.api import fqns_of, regional_twin, without_regions_on_break
 
     validate_overrides(plan or {}, fqns_of(model), type(model).__name__)
 
@@ -198,11 +198,12 @@ def explain(
         # the same capture and pipeline as tp_compile; stand-in parameters, so the model is never
         # touched, and the "trace" backend builds the forward and backward graphs and runs nothing
         twin = Twin(model, torch.device("cpu"), meta_buffers_as_ghosts=True,
-                    regional=regional and not sequence_parallel)
+                    regional=regional_twin(regional, world_size, sequence_parallel, fuse_norm))
+        twin.warn_regional_off, twin.regions_without_grad = regional is True, fuse_norm is False
         params = StandinParameters(twin)
         options = Options(world_size, rank, dist.group.WORLD.group_name,
                           overrides=with_tied_aliases(plan or {}, twin.aliases), sequence_parallel=sequence_parallel,
-                          fuse_norm=fuse_norm, regional=regional, expert_parallel=expert_parallel)
+                          fuse_norm=fuse_norm, regional=twin.regional, expert_parallel=expert_parallel)
         recorder = Recorder(rank, dump_dir)
         compiled, twin.compile = compile_twin(twin, params, options, "trace", recorder)
         twin.sync()

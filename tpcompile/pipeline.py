@@ -26,7 +26,8 @@ from tpcompile.passes.layout import ParamPlan
 from tpcompile.passes.normalize import normalize
 from tpcompile.passes.placements import Partial, Shard
 from tpcompile.passes.plan import GraphPlan, _style_for_fqn, make_plan
-from tpcompile.passes.regional import block_prefix, body_of, inline_regions, is_region, operands, region_calls
+from tpcompile.passes.propagate import draws_random
+from tpcompile.passes.regional import block_prefixes, body_of, inline_regions, is_region, operands, region_calls
 from tpcompile.passes.rewrite import kv_copy_key, rewrite, token_source, whole_grad_inputs
 from tpcompile.passes.sequence_parallel import floor_with_sp, sequence_parallel
 from tpcompile.passes.sharded_outputs import keep_outputs_sharded, keep_state_sharded
@@ -146,7 +147,11 @@ def _sites(identifier: str, prefixes: dict) -> list:
 
 
 def _rebase(module: str, first: str, at: str) -> str:
-    return at + module[len(first):] if first and module.startswith(first) else module
+    """``module`` of the first block (``first``: ``"h.0."``) as the same module of block ``at``; the
+    block itself (``"h.0"``, a collective at its residual add) too."""
+    if not first or not (module + ".").startswith(first):
+        return module
+    return (at + module[len(first):]) if len(module) >= len(first) else at.rstrip(".")
 
 
 def _fused_collectives(n: fx.Node, phase: str) -> list[Collective]:
@@ -343,25 +348,37 @@ def _regions(gm: fx.GraphModule, placeholders: list, param_fqns: dict, options: 
     replicated (no mapping at the end of the subgraph), its parameters feed nothing but its
     calls, every call site has the same overrides and any layout already stored for a call's
     parameters is the first call's. Otherwise (or with sequence parallelism, where the
-    residual stream between blocks is sharded over tokens) the calls are inlined and the graph
-    is planned whole, as without regions: the same plan, collectives and numbers either way."""
+    residual stream between blocks is sharded over tokens, or with fused norms, which fuse a block's
+    last reduction with the next block's norm) the calls are inlined and the graph is planned whole,
+    as without regions: the same plan, collectives and numbers either way."""
     out = Regions()
     calls = region_calls(gm)
     if not calls:
         return out
-    keep = options.regional and not options.sequence_parallel and options.tp > 1  # one rank: torch.compile
+    # one rank: torch.compile. Fused norms: a block's last reduction fuses with the residual add and
+    # the *next* block's norm (passes/fused_norm.py), across the region's boundary
+    keep = options.regional and not options.sequence_parallel and options.tp > 1 and not options.fuse_norm
     index = {n: i for i, n in enumerate(placeholders)}
     for name, sites in calls.items():
         site_fqns = [{j: param_fqns[index[a]] for j, a in enumerate(operands(c))
                       if isinstance(a, fx.Node) and index.get(a) in param_fqns} for c in sites]
         own = all(all(is_region(u) for u in a.users) for c in sites for a in operands(c)
                   if isinstance(a, fx.Node) and index.get(a) in param_fqns)
+        # an operand computed from a parameter outside the region (Dynamo hoists a view of it, Falcon's
+        # ``self.weight.T``, out of the region): the body would see an activation where the whole graph sees the parameter
+        own = own and not any(isinstance(a, fx.Node) and a.op != "placeholder" and a.args
+                              and index.get(a.args[0]) in param_fqns for c in sites for a in operands(c))
         same = all(f.keys() == site_fqns[0].keys() and
                    all(_style_for_fqn(f[j], options.overrides) == _style_for_fqn(site_fqns[0][j], options.overrides)
                        for j in f) for f in site_fqns)
-        rebase = {c: (block_prefix(list(site_fqns[0].values())), block_prefix(list(f.values())))
-                  for c, f in zip(sites, site_fqns)}
-        if not (keep and own and same):
+        prefixes = block_prefixes([list(f.values()) for f in site_fqns])
+        rebase = {c: (prefixes[0], at) for c, at in zip(sites, prefixes)}
+        # a block that draws random numbers (dropout in training): one program reused per layer would
+        # need Inductor's RNG to give every call its own draws (propagate.draws_random)
+        rng = any(draws_random(n) for m in body_of(gm, sites[0]).modules() if isinstance(m, fx.GraphModule)
+                  for n in m.graph.nodes)
+        # called once (blocks of one class that trace apart): nothing to reuse
+        if not (keep and own and same) or rng or len(sites) < 2:
             inline_regions(gm, {name}, rebase)
             continue
         body = body_of(gm, sites[0])
@@ -383,7 +400,12 @@ def _regions(gm: fx.GraphModule, placeholders: list, param_fqns: dict, options: 
                 out.plan[lay.fqn] = lay
         out.floors.append((sub.record.floor, len(sites)))
         out.fallbacks += sub.record.fallbacks
-        out.calls[name] = [block_prefix(list(f.values())) for f in site_fqns]
+        for at in prefixes[1:]:  # warned once, for the first block: each other layer's, as the whole graph warns
+            for msg in sub.record.fallbacks:
+                msg = msg.replace(prefixes[0], at)
+                warnings.warn(msg, TPWarning, stacklevel=3)
+                out.fallbacks.append(msg)
+        out.calls[name] = prefixes
         out.code += f"\n# {name}: one block, called {len(sites)} times\n" + sub.record.graph_code
     return out
 

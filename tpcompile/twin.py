@@ -69,6 +69,8 @@ def _block_forward(self, *args, **kwargs):
     once and called for every layer (``passes/regional.py``)."""
     if self._tp_route:
         return _through_user_hooks(self, args, kwargs)
+    if not torch.is_grad_enabled() and not self.__dict__["_tp_owner"].regions_without_grad:
+        return type(self).forward(self, *args, **kwargs)  # norms fused across blocks (generate): inline
     return self.__dict__["_tp_block_region"](self, *args, **kwargs)
 
 
@@ -133,6 +135,10 @@ class Twin:
 
         blocks = {id(b) for b in find_blocks(self.module)} if regional else set()
         self.regional = len(blocks) > 1
+        self.warn_regional_off = False  # tp_compile(regional=True): a TPWarning when a graph break turns it off
+        # trace regions under no_grad too (fuse_norm=False): otherwise those graphs fuse norms across the
+        # blocks' ends and the pipeline would inline every region (a KV cache passed in cannot be traced in one)
+        self.regions_without_grad = False
         self._blocks: list[tuple[nn.Module, str]] = []  # (twin block, position): regional forwards
         for i, (user, twin) in enumerate(self.pairs):
             if i == 0 or type(twin).forward is nn.Module.forward:

@@ -360,12 +360,38 @@ def getitem(node, ctx) -> NodeInfo:
             out_d += 1
             continue
         if in_d == p.dim:
-            if i == slice(None):
+            if i == slice(None) or _whole_strides(i, shape(src)[p.dim], p, ctx.tp):
                 return NodeInfo(p.moved(out_d), {src: p}, "pointwise")
             return _replicate_all(node, ctx, "fallback")
         in_d += 1
         out_d += 0 if isinstance(i, int) else 1
     return NodeInfo(p.moved(out_d + (p.dim - in_d)), {src: p}, "pointwise")
+
+
+def _whole_strides(i, size, p: Shard, tp: int) -> bool:
+    """``x[..., j::k]`` (j < k) on a plain shard whose every rank holds whole groups of k (gpt-oss's interleaved
+    gate / up, ``gate_up[..., ::2]`` and ``[..., 1::2]``): each rank's ``x_r[..., j::k]`` is its shard of the
+    result, the same slice taken locally."""
+    n = static_size(size)
+    return isinstance(i, slice) and isinstance(i.step, int) and i.step > 1 and i.stop is None \
+        and (i.start or 0) in range(i.step) and p.plain and n is not None and n % (i.step * tp) == 0
+
+
+def max_min(node, ctx) -> NodeInfo:
+    """``x.max(dim)`` / ``x.min(dim)`` (values, indices) over a dim the shard is not on keep it, both outputs
+    (attention sinks: ``logits.max(dim=-1, keepdim=True)`` on head-sharded scores); else whole."""
+    x = node.args[0]
+    p = ctx.pl(x)
+    dim = _arg(node, 1, "dim")
+    if not isinstance(value(node), (tuple, list)) or not isinstance(dim, int) or not isinstance(p, Shard):
+        return _replicate_all(node, ctx, "fallback" if isinstance(p, (Shard, Partial)) else "replicate")
+    nd = value(x).dim()
+    dim = norm_dim(dim, nd)
+    if dim == p.dim:
+        return _replicate_all(node, ctx, "fallback")
+    keep = _arg(node, 2, "keepdim", False)
+    out = p if keep or dim > p.dim else p.moved(p.dim - 1)
+    return NodeInfo((out, out), {x: p}, "pointwise")
 
 
 def split(node, ctx) -> NodeInfo:
@@ -406,6 +432,13 @@ def cat(node, ctx) -> NodeInfo:
                 return NodeInfo(p, {x: R if x in empty else p for x in xs}, "pointwise")
         elif isinstance(p, Replicate):
             return NodeInfo(R, {x: R for x in xs}, "pointwise")
+    # a plain shard beside whole values, joined on another dim (MLA's key: head-sharded k_nope beside the
+    # rotary k_pe every head shares, expanded over the heads): the whole ones are cut to this rank's slice
+    shards = {ctx.pl(x) for x in xs if isinstance(ctx.pl(x), Shard)}
+    if not stack and len(shards) == 1 and pls <= shards | {R}:
+        (p,) = shards
+        if p.chunks == 1 and p.plain and p.dim != dim:
+            return NodeInfo(p, {x: R if x in empty else p for x in xs}, "pointwise")
     return _replicate_all(node, ctx, "fallback")
 
 
@@ -997,6 +1030,7 @@ RULES: dict[Any, Callable[[fx.Node, Ctx], NodeInfo]] = {
                                "var", "std", torch.var, "logsumexp", torch.logsumexp, "norm")},
     **{f: matmul for f in (operator.matmul, torch.matmul, "matmul", torch.bmm, "bmm")},
     **{f: einsum for f in (torch.einsum, "einsum")},
+    **{f: max_min for f in ("max", "min", torch.max, torch.min)},
     **{f: size_of for f in (torch.ops.aten.sym_size.int, "size", "numel", torch.numel)},
     SDPA: sdpa,
     **{f: layer_norm for f in (F.layer_norm, torch.layer_norm, F.rms_norm, torch.rms_norm)},

@@ -57,6 +57,8 @@ def _trained_all(world: int) -> dict:
         names += [f"mixed:{i}" for i in range(len(MIXED))]
     cases += [(f, {"_experts_implementation": impl, "num_hidden_layers": 1, **kw}) for f, impl, kw in MOE[world]]
     names += [f"moe:{i}" for i in range(len(MOE[world]))]
+    cases += [(f, {"_experts_implementation": impl}) for f, impl in MOE_FAMILIES[world]]
+    names += [f"moefam:{f}" for f, _ in MOE_FAMILIES[world]]
     more = [f for f, tps in MORE.items() if world in tps]
     cases += [(f, {"steps": 2}) for f in more]
     names += [f"more:{f}" for f in more]
@@ -301,3 +303,46 @@ def test_moe_experts_are_tensor_parallel(world):
         qk_norm = 2 if family == "qwen3_moe" else 0  # q_norm / k_norm weights on head-sharded q, k (as Qwen3)
         assert have == {("forward", "all_reduce"): 3, ("forward", "all_gather"): 2,
                         ("backward", "all_reduce"): sum(why["backward"].values()) + qk_norm}, (family, impl, have)
+
+
+# MoE families with more than experts: 2 layers each (DeepSeek-V3's first one dense), one experts implementation per tp
+MOE_FAMILIES = {2: [("deepseek_v3", "grouped_mm")], 4: [("deepseek_v3", "batched_mm")]}
+
+
+@pytest.mark.parametrize("world", [2, 4], ids=["tp2", "tp4"])
+def test_deepseek_v3_mla_and_experts_are_tensor_parallel(world):
+    """DeepSeek-V3 (MLA attention, group-limited top-k, a shared expert, the first layer dense): the low-rank
+    down-projections ``q_a_proj`` / ``kv_a_proj_with_mqa`` and their norms stay whole (a latent every head
+    shares, as Megatron-core keeps them), ``q_b_proj`` / ``kv_b_proj`` column-parallel on the heads, ``o_proj``
+    row-parallel; the rotary key ``k_pe`` (one for all heads) is expanded to this rank's heads, its gradient
+    all-reduced ("broadcast into a shard"). Experts expert-TP, the shared expert's sum joins the combine's.
+    Loss, logits and every gradient as single device for 3 SGD steps, ranks agree, no warning, at the floor."""
+    results = _trained_all(world)["moefam:deepseek_v3"]
+    plan = _check_parity(results, world)
+    for r in results:
+        assert all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(r["loss"], r["ref_loss"])), (r["loss"], r["ref_loss"])
+    r = results[0]
+    assert r["warnings"] == [], r["warnings"]
+    for i in (0, 1):
+        attn = f"model.layers.{i}.self_attn"
+        for name in ("q_a_proj", "q_a_layernorm", "kv_a_proj_with_mqa", "kv_a_layernorm"):
+            assert plan[f"{attn}.{name}.weight"][0] == "replicate", (name, plan[f"{attn}.{name}.weight"])
+        assert plan[f"{attn}.q_b_proj.weight"][:4] == ("colwise", 0, 1, (4 * 24 // world, 32))
+        assert plan[f"{attn}.kv_b_proj.weight"][:4] == ("colwise", 0, 1, (4 * 32 // world, 32))
+        assert plan[f"{attn}.o_proj.weight"][:2] == ("rowwise", 1)
+    assert plan["model.layers.0.mlp.gate_proj.weight"][0] == "colwise"  # first_k_dense_replace: a plain MLP
+    assert plan["model.layers.0.mlp.down_proj.weight"][0] == "rowwise"
+    moe = "model.layers.1.mlp"
+    assert plan[f"{moe}.experts.gate_up_proj"][:4] == ("expert-colwise", 1, 2, (4, 2 * 64 // world, 64))
+    assert plan[f"{moe}.experts.down_proj"][:4] == ("expert-rowwise", 2, 1, (4, 64, 64 // world))
+    assert plan[f"{moe}.gate.weight"][0] == "replicate"  # the router, its weight cast to fp32 in the graph
+    assert plan[f"{moe}.shared_experts.up_proj.weight"][0] == "colwise"
+    assert plan[f"{moe}.shared_experts.down_proj.weight"][0] == "rowwise"
+    (why,) = r["floor_why"]
+    assert why["forward"] == {"row-parallel linear": 3, "vocab-parallel embedding": 1, "vocab-parallel loss": 1,
+                              "expert combine": 1}, why  # o_proj x 2, the dense MLP; the shared expert joins the combine
+    # q / kv latents x 2 layers, the dense MLP, the experts and the shared expert, the LM head; k_pe x 2
+    assert why["backward"] == {"column-parallel input": 8, "scale of a pending sum": 1, "broadcast into a shard": 2}, why
+    have = Counter(r["collectives"])
+    assert have == {("forward", "all_reduce"): 5, ("forward", "all_gather"): 2,  # + the loss's, the returned logits
+                    ("backward", "all_reduce"): 11}, have

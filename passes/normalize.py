@@ -309,6 +309,10 @@ _IN_PLACE = {"add_": "add", "sub_": "sub", "mul_": "mul", "div_": "div", "masked
              "clamp_": "clamp"}
 
 
+_FRESH = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul, torch.div,
+          torch.bmm, torch.matmul, torch.mm, F.linear, torch.zeros, torch.empty, torch.ones, torch.zeros_like}
+
+
 def _out_of_place(g: fx.Graph, node: fx.Node) -> None:
     """``out.add_(b)`` on a fresh value (HF's expert bias: ``out = grouped_mm(...); out.add_(bias)``) becomes
     ``out2 = out.add(b)``, later reads of ``out`` reading ``out2``: the same values, and a placement change
@@ -318,14 +322,17 @@ def _out_of_place(g: fx.Graph, node: fx.Node) -> None:
     if node.op != "call_method" or node.target not in _IN_PLACE or not node.args or node.kwargs:
         return
     x = node.args[0]
-    if not isinstance(x, fx.Node) or x.op not in ("call_function", "call_method") or _target(x) in _VIEWS \
-            or _target(x) in _IN_PLACE or x.target in ("split", "chunk", "unbind", torch.split, torch.chunk):
-        return
+    if not isinstance(x, fx.Node) or not (x.target in PROJECTIONS or x.target in _FRESH
+                                          or isinstance(x.target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket))):
+        return  # (a custom op's result: functional, never an alias of its inputs)
+    order = {n: i for i, n in enumerate(g.nodes)}
+    if any(order[u] < order[node] and (_target(u) in _VIEWS or _target(u) in ("split", "chunk", "unbind", torch.split))
+           for u in x.users):
+        return  # a view taken before the write sees it: keep the write in place
     dt = value(x).dtype if isinstance(value(x), torch.Tensor) else None
     if dt is None or any(isinstance(a, fx.Node) and isinstance(value(a), torch.Tensor) and value(a).dtype != dt
                          and value(a).dim() > 0 for a in node.args[1:]):
         return
-    order = {n: i for i, n in enumerate(g.nodes)}
     later = [u for u in x.users if u is not node and order[u] > order[node]]
     node.target = _IN_PLACE[node.target]
     for u in later:

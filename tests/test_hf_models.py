@@ -306,7 +306,8 @@ def test_moe_experts_are_tensor_parallel(world):
 
 
 # MoE families with more than experts: 2 layers each (DeepSeek-V3's first one dense), one experts implementation per tp
-MOE_FAMILIES = {2: [("deepseek_v3", "grouped_mm")], 4: [("deepseek_v3", "batched_mm")]}
+MOE_FAMILIES = {2: [("deepseek_v3", "grouped_mm"), ("gpt_oss", "grouped_mm")],
+                4: [("deepseek_v3", "batched_mm"), ("gpt_oss", "batched_mm")]}
 
 
 @pytest.mark.parametrize("world", [2, 4], ids=["tp2", "tp4"])
@@ -346,3 +347,64 @@ def test_deepseek_v3_mla_and_experts_are_tensor_parallel(world):
     have = Counter(r["collectives"])
     assert have == {("forward", "all_reduce"): 5, ("forward", "all_gather"): 2,  # + the loss's, the returned logits
                     ("backward", "all_reduce"): 11}, have
+
+
+@pytest.mark.parametrize("world", [2, 4], ids=["tp2", "tp4"])
+def test_gpt_oss_interleaved_experts_with_biases_are_tensor_parallel(world):
+    """gpt-oss: experts ``[E, H, 2I]`` with gate / up interleaved (``[..., ::2]``, ``[..., 1::2]``): gate_up
+    expert-colwise on dim 2 as one plain shard (every rank holds whole (gate, up) pairs), down expert-rowwise
+    on dim 1. The expert biases stay whole: the gate|up one is cut to the rank's columns; the down one is added
+    after the row projection (``out.add_(bias)``, made out of place), so the pending sum is reduced first and
+    the bias added once, not tp times. Attention sinks (replicated, cut to the rank's heads), a sliding-window
+    layer beside a full one, q/k/v/o biases; TP=4: 2 kv heads, kv-head copies. Parity as above, no warning."""
+    results = _trained_all(world)["moefam:gpt_oss"]
+    plan = _check_parity(results, world)
+    for r in results:
+        assert all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(r["loss"], r["ref_loss"])), (r["loss"], r["ref_loss"])
+    r = results[0]
+    assert r["warnings"] == [], r["warnings"]
+    for i in (0, 1):
+        layer = f"model.layers.{i}"
+        assert plan[f"{layer}.self_attn.q_proj.weight"][0] == "colwise"
+        assert plan[f"{layer}.self_attn.k_proj.weight"][0] == ("kvcopy" if world == 4 else "colwise")
+        assert plan[f"{layer}.self_attn.o_proj.weight"][:2] == ("rowwise", 1)
+        assert plan[f"{layer}.self_attn.sinks"][0] == "replicate"
+        assert plan[f"{layer}.mlp.experts.gate_up_proj"][:4] == ("expert-colwise", 2, 1, (4, 64, 128 // world))
+        assert plan[f"{layer}.mlp.experts.down_proj"][:4] == ("expert-rowwise", 1, 1, (4, 64 // world, 64))
+        for name in ("experts.gate_up_proj_bias", "experts.down_proj_bias", "router.weight", "router.bias"):
+            assert plan[f"{layer}.mlp.{name}"][0] == "replicate", name
+    (why,) = r["floor_why"]
+    assert why["forward"] == {"row-parallel linear": 2, "vocab-parallel embedding": 1, "vocab-parallel loss": 1,
+                              "expert combine": 2}, why
+    have = Counter(r["collectives"])
+    kv = 2 if world == 4 else 0
+    # backward above the floor by 4 all-gathers: per layer, the sinks' and the gathered gate|up bias rows'
+    # gradients (whole values cut to the rank's heads / columns)
+    assert have == {("forward", "all_reduce"): 5, ("forward", "all_gather"): 2,
+                    ("backward", "all_reduce"): 5 + kv, ("backward", "all_gather"): 4}, have
+    assert why["backward"] == {"column-parallel input": 5, **({"kv-copy weight gradient": 2} if kv else {})}, why
+
+
+def test_explain_mixtral_at_world_size_8_experts_at_the_floor():
+    """``explain`` (one process, fake group) of HF Mixtral (1 layer, 8 heads, 8 experts of intermediate 128,
+    ``"grouped_mm"``) at world size 8: every expert tensor ``expert-colwise`` / ``expert-rowwise``, the router
+    replicated, one all-reduce per MoE layer forward (after the weighted combine), at the floor it states."""
+    import tpcompile
+
+    model = hf_models.make_model("mixtral", _experts_implementation="grouped_mm", num_attention_heads=8,
+                                 num_key_value_heads=8, num_local_experts=8, num_hidden_layers=1)
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    rep = tpcompile.explain(model, input_ids=ids, labels=ids, world_size=8, rank=3)
+    for i in range(1):
+        assert rep.plan[f"model.layers.{i}.mlp.experts.gate_up_proj"] == "expert-colwise"
+        assert rep.plan[f"model.layers.{i}.mlp.experts.down_proj"] == "expert-rowwise"
+        assert rep.plan[f"model.layers.{i}.mlp.gate.weight"] == "replicate"
+        assert rep.params[f"model.layers.{i}.mlp.experts.down_proj"].local_shape == (8, 64, 128 // 8)
+    assert rep.floor["forward"] == {"row-parallel linear": 1, "vocab-parallel embedding": 1, "vocab-parallel loss": 1,
+                                    "expert combine": 1}, rep.floor
+    fwd = [(c.module, c.nbytes) for c in rep.collectives if c.phase == "forward" and c.kind == "all_reduce"]
+    # the MoE sum reduced where the layer's residual add needs it whole: [N, H] after the combine, not [N*k, H]
+    assert fwd == [("model.embed_tokens", 8192)] + [(f"model.layers.{i}{m}", 2 * 16 * 64 * 4) for i in range(1)
+                                                     for m in (".self_attn.o_proj", "")], fwd
+    assert rep.above_floor() == {"forward": 1, "backward": 0}, (rep.above_floor(), str(rep))  # + the returned logits
+    assert rep.warnings == [], rep.warnings

@@ -252,10 +252,12 @@ def test_sharded_outputs_return_logits_as_dtensor_without_gathering():
 
 
 # MoE (docs/models.md): experts tensor-parallel in each experts implementation that runs on CPU. "grouped_mm"
-# compiles to HF's opaque `transformers::grouped_mm_fallback` op in fp32 and to `F.grouped_mm` in bf16;
+# compiles to HF's opaque `transformers::grouped_mm_fallback` op in fp32 and to `F.grouped_mm` in bf16 (its fake
+# kernel checks the weight's strides: 3-D ghosts expand one shared NaN matrix, tpcompile.twin._matrix_ghost);
 # "batched_mm" is `W[expert_ids]` + `bmm`. One decoder layer each (the collectives are per layer).
 MOE = {  # tp -> [(family, experts implementation, other fields)]: each implementation at each tp, one shared expert each
-    2: [("mixtral", "grouped_mm", {}), ("mixtral", "batched_mm", {"dtype": torch.bfloat16}), ("qwen2_moe", "grouped_mm", {})],
+    2: [("mixtral", "grouped_mm", {}), ("mixtral", "batched_mm", {"dtype": torch.bfloat16}), ("qwen2_moe", "grouped_mm", {}),
+        ("mixtral", "grouped_mm", {"dtype": torch.bfloat16})],  # bf16: torch's F.grouped_mm on the experts
     4: [("qwen3_moe", "grouped_mm", {}), ("qwen2_moe", "batched_mm", {})],
 }
 

@@ -35,7 +35,7 @@ import math
 import random
 import traceback
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -97,7 +97,7 @@ def spec(seed: int) -> Spec:
     dtype = r.choices(("fp32", "bf16", "autocast"), (0.8, 0.1, 0.1))[0]
     if dtype != "fp32" and mlp == "relu":  # a rounding difference flips relu's derivative: O(1), not a TP bug
         mlp = "gelu"
-    return Spec(
+    spec_ = Spec(
         seed=seed, vocab=r.randint(40, 130), heads=heads, kv_heads=kv, head_dim=head_dim,
         ffn_mult=r.choice((2, 4, 4, 1.5)), layers=layers, qkv=qkv,
         spellings=tuple(r.choice(SPELLINGS) for _ in range(6)), bias=r.random() < 0.5,
@@ -114,6 +114,9 @@ def spec(seed: int) -> Spec:
         moe=(r.choice((2, 4)), r.choice((1, 2)), r.choice(("ids", "fallback")), r.random() < 0.5)
         if r.random() < 0.3 and dtype == "fp32" else (),
     )
+    if spec_.moe and plan == (("blocks.*.mlp.up", "replicate"),):  # a MoE block has no `up`: its experts instead
+        spec_ = replace(spec_, plan=(("blocks.*.mlp.*", "replicate"),))
+    return spec_
 
 
 # ---------------------------------------------------------------------------------------- the model

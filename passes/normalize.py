@@ -248,6 +248,9 @@ def normalize(gm: fx.GraphModule, params: set[fx.Node]) -> fx.GraphModule:
                     node.replace_all_uses_with(lin)
                     g.erase_node(node)
     for node in list(g.nodes):
+        _out_of_place(g, node)
+    for node in list(g.nodes):
+        _filled_to_cat(g, node)  # before the slices of a filled buffer would read as a split
         _slices_to_split(g, node)
         _sizes_inline(g, node)
         _rearrange_to_views(g, node)
@@ -300,6 +303,86 @@ def _slices_to_split(g: fx.Graph, src: fx.Node) -> None:
     split.meta["example_value"] = tuple(value(u) for _, _, u in cuts)
     for i, (_, _, u) in enumerate(cuts):
         u.args = (split, i)
+
+
+_IN_PLACE = {"add_": "add", "sub_": "sub", "mul_": "mul", "div_": "div", "masked_fill_": "masked_fill",
+             "clamp_": "clamp"}
+
+
+_FRESH = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul, torch.div,
+          torch.bmm, torch.matmul, torch.mm, F.linear, torch.zeros, torch.empty, torch.ones, torch.zeros_like}
+
+
+def _out_of_place(g: fx.Graph, node: fx.Node) -> None:
+    """``out.add_(b)`` on a fresh value (HF's expert bias: ``out = grouped_mm(...); out.add_(bias)``) becomes
+    ``out2 = out.add(b)``, later reads of ``out`` reading ``out2``: the same values, and a placement change
+    of ``out`` (a pending sum reduced before the bias is added) can no longer land in a copy that nobody
+    reads. Left in place where ``out`` may alias something else (an input, a view) or the dtype would change;
+    the rewrite then refuses to map the written operand (``rewrite._Rewriter.run``)."""
+    if node.op != "call_method" or node.target not in _IN_PLACE or not node.args or node.kwargs:
+        return
+    x = node.args[0]
+    if not isinstance(x, fx.Node) or not (x.target in PROJECTIONS or x.target in _FRESH
+                                          or isinstance(x.target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket))):
+        return  # (a custom op's result: functional, never an alias of its inputs)
+    order = {n: i for i, n in enumerate(g.nodes)}
+    if any(order[u] < order[node] and (_target(u) in _VIEWS or _target(u) in ("split", "chunk", "unbind", torch.split))
+           for u in x.users):
+        return  # a view taken before the write sees it: keep the write in place
+    dt = value(x).dtype if isinstance(value(x), torch.Tensor) else None
+    if dt is None or any(isinstance(a, fx.Node) and isinstance(value(a), torch.Tensor) and value(a).dtype != dt
+                         and value(a).dim() > 0 for a in node.args[1:]):
+        return
+    later = [u for u in x.users if u is not node and order[u] > order[node]]
+    node.target = _IN_PLACE[node.target]
+    for u in later:
+        u.replace_input_with(x, node)
+
+
+def _filled_to_cat(g: fx.Graph, buf: fx.Node) -> None:
+    """``k = x.new_empty(..., a + b); k[..., :a].copy_(p); k[..., a:].copy_(q)`` (DeepSeek's MLA key: the
+    per-head part and the rotary part shared by every head written into one buffer) becomes
+    ``k = torch.cat([p, q], -1)``: the same values, no in-place write into a fresh buffer, so the
+    rules see what each part is (a head-sharded ``p`` stays sharded). Only when the slices cover the
+    last dim exactly, each is written once with a value of its shape and dtype, and every other use
+    of the buffer comes after the writes; else left as it is."""
+    if _target(buf) not in ("new_empty", torch.empty) or buf.kwargs.get("dtype") is not None or _ndim(buf) < 1:
+        return
+    n = _shape(buf)[-1]
+    if not isinstance(n, int):
+        return
+    order = {node: i for i, node in enumerate(g.nodes)}
+    cuts, reads = [], []
+    for u in buf.users:
+        sl = _last_dim_slice(u, _ndim(buf))
+        writes = [w for w in u.users if _target(w) == "copy_"]
+        if sl is None or not writes:
+            reads.append(u)
+            continue
+        if len(u.users) != 1 or writes[0].users or len(writes[0].args) != 2 or writes[0].kwargs \
+                or writes[0].args[0] is not u:
+            return
+        src = writes[0].args[1]
+        if not (isinstance(src, fx.Node) and same_shape(_shape(src), _shape(u))
+                and value(src).dtype == value(buf).dtype):
+            return
+        start, stop = sl.indices(n)[:2]
+        cuts.append((start, stop, u, writes[0], src))
+    cuts.sort(key=lambda c: c[:2])
+    if not cuts or cuts[0][0] != 0 or cuts[-1][1] != n or any(a[1] != b[0] for a, b in zip(cuts, cuts[1:])):
+        return
+    last = max((c[3] for c in cuts), key=order.__getitem__)
+    if any(order[r] < order[last] for r in reads):
+        return
+    with g.inserting_after(last):
+        new = g.call_function(torch.cat, ([c[4] for c in cuts], -1))
+    new.meta.update({k: v for k, v in buf.meta.items() if k in ("example_value", "stack_trace", "nn_module_stack")})
+    for r in reads:
+        r.replace_input_with(buf, new)
+    for _, _, sl, w, _ in cuts:
+        g.erase_node(w)
+        g.erase_node(sl)
+    g.erase_node(buf)
 
 
 _SIZED = {"view", "reshape", "expand", torch.reshape}

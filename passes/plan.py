@@ -45,7 +45,7 @@ from .placements import STYLES, Partial, Replicate, Shard, local_size
 from .propagate import Propagation, op_class, propagate, rule_for
 
 _INDEX_PASSTHROUGH = ("view", "cast", "transfer")  # op families (propagate.op_class) token ids pass through
-_SPLITS = {"split", "chunk"}  # see _fused_chunks
+_SPLITS = {"split", "chunk", torch.split}  # see _fused_chunks
 _BASE_STYLE = {"vocab": "colwise", "expert-colwise": "colwise", "expert-rowwise": "rowwise"}  # as a linear's rule reads it
 
 
@@ -135,7 +135,7 @@ def _fused_chunks(lin: fx.Node) -> int | tuple:
     users = list(out.users)
     if len(users) == 1 and users[0].target in _RESHAPES:
         return _pieces_split(out, users[0])
-    if len(users) != 1 or users[0].op != "call_method" or users[0].target not in _SPLITS:
+    if len(users) != 1 or users[0].target not in _SPLITS or users[0].op not in ("call_method", "call_function"):
         return 1
     sp = users[0]
     nd = value(out).dim()
@@ -146,6 +146,15 @@ def _fused_chunks(lin: fx.Node) -> int | tuple:
     if None in sizes:
         return 1
     return len(sizes) if len(set(sizes)) == 1 else sizes
+
+
+def _weight_param(w, params: set) -> fx.Node | None:
+    """The parameter a linear's weight is: itself, or a cast of it (DeepSeek's router,
+    ``F.linear(x.float(), self.weight.type(torch.float32))``); a cast keeps the layout."""
+    while isinstance(w, fx.Node) and w not in params and op_class(w) == "cast" and w.args \
+            and isinstance(w.args[0], fx.Node):
+        w = w.args[0]
+    return w if w in params else None
 
 
 def _plain_embedding(e: fx.Node) -> bool:
@@ -235,7 +244,8 @@ def make_plan(gm: fx.GraphModule, tp: int, param_fqns: dict, overrides: dict | N
     forced = {n: s for n, f in param_fqns.items() if (s := _style_for_fqn(f, overrides)) is not None}
     _check_expert_style(gm, forced, param_fqns)
 
-    linears = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in PROJECTIONS and n.args[1] in params]
+    linears = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in PROJECTIONS
+               and _weight_param(n.args[1], params) is not None]
     embeds = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is F.embedding and n.args[1] in params]
     vocab_weights = _vocab_tables(embeds, params | set(buffers or ()), forced)
     # other tables tried column-parallel (split on the embedding dim); kept if that reaches a row linear
@@ -252,8 +262,10 @@ def make_plan(gm: fx.GraphModule, tp: int, param_fqns: dict, overrides: dict | N
     for lin, c in chunks.items():  # unequal fused pieces that tp does not divide (kv heads < tp): keep whole
         if isinstance(c, tuple) and any(s % tp for s in c) and lin.args[1] not in forced:
             replicated.add(lin)
-            notes.append(f"tpcompile: {param_fqns[lin.args[1]].rsplit('.', 1)[0]} is a fused projection split into "
+            notes.append(f"tpcompile: {param_fqns[_weight_param(lin.args[1], params)].rsplit('.', 1)[0]} is a fused projection split into "
                          f"pieces of {list(c)}, not all divisible by tp={tp}: it stays replicated (correct, not sharded).")
+    routers = {n for n in linears if n.args[1] not in forced and _is_router(n)}  # replicated by design
+    base, latent = set(replicated), set()
     first = True
     while True:
 
@@ -267,7 +279,7 @@ def make_plan(gm: fx.GraphModule, tp: int, param_fqns: dict, overrides: dict | N
                 return "expert"
             if w in vocab_weights:
                 return "colwise"  # LM head tied to a vocab-parallel embedding
-            if node in replicated:
+            if node in replicated or node in routers:
                 return "replicate"
             if node in copies:
                 return "kvcopy"
@@ -285,6 +297,11 @@ def make_plan(gm: fx.GraphModule, tp: int, param_fqns: dict, overrides: dict | N
             pending |= joined
             continue
         tried = {n for n in linears if prop.info[n].kind in ("colwise", "kvcopy")}
+        latents = {n for n in tried if n.args[1] not in forced and _normed_latent(n, prop)} - latent
+        if latents:  # low-rank latents (MLA) stay whole; the plan starts over, as the other tries were made on the
+            latent |= latents  # stream their column shards had split
+            replicated = base | latent
+            continue
         dropped = {n for n in tried if n not in prop.good_sinks and n.args[1] not in forced and n.args[1] not in vocab_weights}
         if first:  # parameter sizes first: the clearer error; none for column tries about to be dropped
             doomed = _operands(dropped) - _operands(tried - dropped)  # (a classifier head: 1000 % 16 classes)
@@ -297,7 +314,7 @@ def make_plan(gm: fx.GraphModule, tp: int, param_fqns: dict, overrides: dict | N
                     continue
                 replicated.add(lin)
                 notes.append(
-                    f"tpcompile: {param_fqns[lin.args[1]].rsplit('.', 1)[0]} has {few[lin]} heads, not divisible "
+                    f"tpcompile: {param_fqns[_weight_param(lin.args[1], params)].rsplit('.', 1)[0]} has {few[lin]} heads, not divisible "
                     f"by tp={tp} and not dividing it (grouped-query attention): it stays replicated and each rank "
                     f"takes the kv heads its query heads need (correct, costs its full weight per rank)."
                 )
@@ -309,7 +326,7 @@ def make_plan(gm: fx.GraphModule, tp: int, param_fqns: dict, overrides: dict | N
             if _is_router(lin):  # E logits per token, picked by top-k: replicated by design, not a miss
                 continue
             for op in prop.blocked.get(lin, ()):
-                unsupported.setdefault(op, []).append(param_fqns[lin.args[1]].rsplit(".", 1)[0])
+                unsupported.setdefault(op, []).append(param_fqns[_weight_param(lin.args[1], params)].rsplit(".", 1)[0])
         # a column-parallel table is an opportunity, not Megatron's pattern: dropped quietly, also
         # where its shard is gathered anywhere (replicated, its lookup needs no communication)
         dropped |= {e for e in col_embeds if prop.info[e].kind == "column_embedding" and e.args[1] not in forced
@@ -373,6 +390,41 @@ def _joins_pending_sum(prop: Propagation) -> set:
                     if r is not None:
                         out.add(r)
     return out
+
+
+def _normed_latent(lin: fx.Node, prop: Propagation) -> bool:
+    """The linear is a low-rank down-projection whose output is normalised over its features and fed
+    straight into another linear (DeepSeek's MLA: ``q_b_proj(q_a_layernorm(q_a_proj(x)))``, and
+    ``kv_a_proj_with_mqa``'s latent before ``kv_b_proj``). Paired column -> row it would cost a partial
+    mean for the norm and an all-reduce of the up-projection's (wider) output, with attention then
+    replicated; kept whole instead (Megatron-core keeps MLA's down-projections duplicated), its latent
+    is replicated and the up-projection becomes column-parallel on the heads."""
+    w = shape(lin.args[1])
+    if lin.target is GROUPED or not int(w[weight_out_dim(lin)]) < int(w[1 - weight_out_dim(lin)]):
+        return False
+    normed, fed, frontier, seen = False, False, [lin], set()
+    while frontier:
+        node = frontier.pop()
+        for u in node.users:
+            if u in seen or lin not in prop.origins.get(u, ()):
+                continue
+            seen.add(u)
+            if u.target in PROJECTIONS and u.args[0] is node:  # an up-projection: wider than the latent
+                wu = shape(u.args[1])
+                fed |= prop.info[u].kind == "rowwise" and int(wu[weight_out_dim(u)]) > int(w[weight_out_dim(lin)])
+                continue
+            kind = op_class(u)
+            if kind == "reduction" and isinstance(prop.placement(u), Partial):
+                normed = True
+            elif kind == "view" and not (value(u).dim() and same_size(shape(u)[-1], shape(node)[-1])):
+                continue  # a view that splits the features (into heads): not a latent fed to a linear
+            elif kind not in ("pointwise", "cast", "split", "index", "view", "norm"):
+                continue
+            elif kind == "pointwise" and any(x is not node and is_tensor(x) and same_size(numel_expr(shape(x)), numel_expr(shape(u)))
+                                            for x in u.all_input_nodes):
+                continue  # joined with another full-size value (a residual add): past the latent
+            frontier.append(u)
+    return normed and fed
 
 
 def _is_router(lin: fx.Node, depth: int = 6) -> bool:
@@ -472,7 +524,8 @@ def _check_views(prop: Propagation, tp: int, param_fqns: dict) -> None:
         size = static_size(bad[1]) if bad and bad[1] is not None else None
         if size is None or size % tp == 0:
             continue
-        origin = sorted(param_fqns[o.args[1]].rsplit(".", 1)[0] for o in prop.origins.get(node.args[0], ()))
+        origin = sorted(param_fqns[_weight_param(o.args[1], set(param_fqns))].rsplit(".", 1)[0]
+                    for o in prop.origins.get(node.args[0], ()))
         fix = ", ".join(f"{o!r}: 'replicate'" for o in origin)
         what = f"{size} heads" if value(node).dim() > value(node.args[0]).dim() else f"a dim of size {size}"
         raise TPShardingError(

@@ -391,7 +391,7 @@ def getitem(node, ctx) -> NodeInfo:
             out_d += 1
             continue
         if in_d == p.dim:
-            if i == slice(None):
+            if i == slice(None) or _whole_strides(i, shape(src)[p.dim], p, ctx.tp):
                 return NodeInfo(p.moved(out_d), {src: p}, "pointwise")
             return _replicate_all(node, ctx, "fallback")
         in_d += 1
@@ -407,6 +407,15 @@ def _keeps_rows(items: list, nd: int) -> bool:
     if first is Ellipsis:
         return len([i for i in items if i is not Ellipsis]) < nd
     return first == slice(None)
+
+
+def _whole_strides(i, size, p: Shard, tp: int) -> bool:
+    """``x[..., j::k]`` (j < k) on a plain shard whose every rank holds whole groups of k (gpt-oss's interleaved
+    gate / up, ``gate_up[..., ::2]`` and ``[..., 1::2]``): each rank's ``x_r[..., j::k]`` is its shard of the
+    result, the same slice taken locally."""
+    n = static_size(size)
+    return isinstance(i, slice) and isinstance(i.step, int) and i.step > 1 and i.stop is None \
+        and (i.start or 0) in range(i.step) and p.plain and n is not None and n % (i.step * tp) == 0
 
 
 def split(node, ctx) -> NodeInfo:
@@ -449,6 +458,13 @@ def cat(node, ctx) -> NodeInfo:
                 return NodeInfo(p, {x: R if x in empty else p for x in xs}, "pointwise")
         elif isinstance(p, Replicate):
             return NodeInfo(R, {x: R for x in xs}, "pointwise")
+    # a plain shard beside whole values, joined on another dim (MLA's key: head-sharded k_nope beside the
+    # rotary k_pe every head shares, expanded over the heads): the whole ones are cut to this rank's slice
+    shards = {ctx.pl(x) for x in xs if isinstance(ctx.pl(x), Shard)}
+    if not stack and len(shards) == 1 and pls <= shards | {R}:
+        (p,) = shards
+        if p.chunks == 1 and p.plain and p.dim != dim:
+            return NodeInfo(p, {x: R if x in empty else p for x in xs}, "pointwise")
     return _replicate_all(node, ctx, "fallback")
 
 
@@ -475,11 +491,13 @@ def softmax(node, ctx) -> NodeInfo:
     return _replicate_all(node, ctx, "fallback" if isinstance(p, Shard) else "replicate")
 
 
-_SELECT = {"argmax": "argmax", torch.argmax: "argmax", "max": "max", torch.max: "max", "topk": "topk", torch.topk: "topk"}
+_SELECT = {"argmax": "argmax", torch.argmax: "argmax", "max": "max", torch.max: "max", "min": "min", torch.min: "min",
+           "topk": "topk", torch.topk: "topk"}
 
 
 def select(node, ctx) -> NodeInfo:
-    """``argmax`` / ``max(dim)`` / ``topk`` (greedy and top-k sampling on logits).
+    """``argmax`` / ``max(dim)`` / ``min(dim)`` / ``topk`` (greedy and top-k sampling on logits; attention
+    sinks' ``max`` over the keys of head-sharded scores).
 
     Over the vocabulary of a vocab-sharded, gradient-free value (the column-parallel LM head's
     output at decode): the runtime's vocab-parallel selection, each rank's own candidates and one
@@ -488,7 +506,7 @@ def select(node, ctx) -> NodeInfo:
     every dim: made whole first."""
     x = node.args[0]
     op = _SELECT[node.target]
-    if op == "max" and isinstance(_arg(node, 1, "dim"), fx.Node):
+    if op in ("max", "min") and isinstance(_arg(node, 1, "dim"), fx.Node):
         return pointwise(node, ctx)  # torch.max(a, b)
     p = ctx.pl(x)
     dim = _arg(node, 2, "dim", -1) if op == "topk" else _arg(node, 1, "dim")
@@ -502,7 +520,7 @@ def select(node, ctx) -> NodeInfo:
         o = p.moved(p.dim if keep or dim > p.dim else p.dim - 1)
         return NodeInfo((o, o) if multi else o, {x: p}, "pointwise")
     k = _arg(node, 1, "k") if op == "topk" else None
-    if _over_vocab(x, p, dim) and (op != "topk" or (isinstance(k, int) and isinstance(_arg(node, 3, "largest", True), bool))):
+    if op != "min" and _over_vocab(x, p, dim) and (op != "topk" or (isinstance(k, int) and isinstance(_arg(node, 3, "largest", True), bool))):
         extra = {"op": op, "dim": dim, "keepdim": bool(keep), "k": k, "largest": _arg(node, 3, "largest", True)}
         return NodeInfo((R, R) if multi else R, {x: p}, "vocab_select", extra)
     return _replicate_all(node, ctx, "fallback")

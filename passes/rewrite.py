@@ -25,7 +25,7 @@ from tpcompile.runtime import mappings as M
 from tpcompile.runtime import random as R_
 from tpcompile.runtime import vocab_parallel as V
 
-from .graph_utils import is_tensor, shape, value
+from .graph_utils import is_tensor, same_size, shape, static_size, value
 from .layout import piece_blocks
 from .plan import GraphPlan
 from .placements import ExpertRows, Partial, Replicate, Shard, local_size
@@ -219,6 +219,26 @@ def whole_grad_inputs(node: fx.Node, ni: NodeInfo) -> set:
             if isinstance(need, Replicate) and x not in kv and getattr(value(x), "requires_grad", False)}
 
 
+def broadcast_cut(x: fx.Node, have, need) -> bool:
+    """``x`` is whole and needed as a plain shard on a dim it only broadcasts over: ``src.expand(..., n, ...)``
+    with ``src`` of size 1 there (MLA's rotary key, one for all heads, beside head-sharded keys). It is then
+    expanded to this rank's ``n / tp`` instead of cut, and ``src`` goes through Megatron's f: its gradient (a
+    sum over this rank's slice) is all-reduced, n times smaller than the all-gather a cut's backward would be."""
+    if not (isinstance(have, Replicate) and isinstance(need, Shard) and need.plain) \
+            or x.op != "call_method" or x.target != "expand" or not isinstance(x.args[0], fx.Node):
+        return False
+    src, d = x.args[0], need.dim
+    sizes = x.args[1] if len(x.args) == 2 and isinstance(x.args[1], (tuple, list)) else x.args[1:]
+    return is_tensor(src) and value(src).dim() == value(x).dim() == len(sizes) and same_size(shape(src)[d], 1) \
+        and isinstance(sizes[d], int) and sizes[d] == static_size(shape(x)[d])
+
+
+def _writes_first(node: fx.Node) -> bool:
+    """An in-place method (``x.add_(y)``): it writes into its first operand."""
+    return node.op == "call_method" and isinstance(node.target, str) and node.target.endswith("_") \
+        and not node.target.startswith("_") and node.target != "requires_grad_"
+
+
 class _Rewriter:
     def __init__(self, gm: fx.GraphModule, plan: GraphPlan, group: str):
         self.gm, self.g, self.plan, self.group = gm, gm.graph, plan, group
@@ -242,6 +262,14 @@ class _Rewriter:
         if have is None or have == need:
             return x
         key = (x, need)
+        if key not in self.cache and broadcast_cut(x, have, need):
+            sizes = list(x.args[1] if len(x.args) == 2 and isinstance(x.args[1], (tuple, list)) else x.args[1:])
+            sizes[need.dim] //= self.plan.tp
+            with self.g.inserting_before(consumer):
+                new = self.g.call_method("expand", (self._f(x.args[0], consumer), *sizes))
+            _inherit_meta(new, x)
+            new.meta["example_value"] = value(x)
+            self.cache[key] = new
         if key not in self.cache:
             full = int(shape(x)[have.dim]) if isinstance(have, Shard) else None
             if isinstance(need, Shard) and need.copies:
@@ -268,6 +296,16 @@ class _Rewriter:
                 new = self._placed(x, need, node)
                 if x0 in whole_grad:
                     new = self._f(new, node)
+                if new is not x and _writes_first(node) and node.args[0] is x:
+                    from tpcompile.errors import TPShardingError
+
+                    from .graph_utils import source_line
+
+                    raise TPShardingError(
+                        f"tpcompile: `{node.target}` at {source_line(node)} writes in place into a value whose "
+                        f"placement must change first ({self.info[x].out} -> {need}): the write would land in a copy. "
+                        f"Write it out of place (`x = x.{node.target[:-1]}(...)`), or keep the projections feeding "
+                        f"it replicated with plan={{...: 'replicate'}}.")
                 if new is not x:
                     node.replace_input_with(x, new)
             getattr(self, "_" + ni.kind, lambda n, i: None)(node, ni)

@@ -35,7 +35,7 @@ import math
 import random
 import traceback
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -74,6 +74,7 @@ class Spec:
     batch: int
     seq: int
     dropout: float  # p of the embedding / attention-output dropouts (p > 0: the masks must be single device's)
+    moe: tuple = ()  # (experts, top-k, "ids" | "fallback", shared expert): the MLP is a MoE block (fp32 only)
 
 
 def spec(seed: int) -> Spec:
@@ -96,7 +97,7 @@ def spec(seed: int) -> Spec:
     dtype = r.choices(("fp32", "bf16", "autocast"), (0.8, 0.1, 0.1))[0]
     if dtype != "fp32" and mlp == "relu":  # a rounding difference flips relu's derivative: O(1), not a TP bug
         mlp = "gelu"
-    return Spec(
+    spec_ = Spec(
         seed=seed, vocab=r.randint(40, 130), heads=heads, kv_heads=kv, head_dim=head_dim,
         ffn_mult=r.choice((2, 4, 4, 1.5)), layers=layers, qkv=qkv,
         spellings=tuple(r.choice(SPELLINGS) for _ in range(6)), bias=r.random() < 0.5,
@@ -109,7 +110,13 @@ def spec(seed: int) -> Spec:
         dtype=dtype, plan=plan,
         sequence_parallel=r.random() < 0.25, batch=r.choice((1, 2, 3)), seq=r.choice((8, 8, 12, 6)),
         dropout=r.choice((0.0, 0.0, 0.1)),  # drawn last: the other fields of a seed stay as they were
+        # then the MoE block (fp32: a bf16 router's near-ties may route a token elsewhere, O(1), not a TP bug)
+        moe=(r.choice((2, 4)), r.choice((1, 2)), r.choice(("ids", "fallback")), r.random() < 0.5)
+        if r.random() < 0.3 and dtype == "fp32" else (),
     )
+    if spec_.moe and plan == (("blocks.*.mlp.up", "replicate"),):  # a MoE block has no `up`: its experts instead
+        spec_ = replace(spec_, plan=(("blocks.*.mlp.*", "replicate"),))
+    return spec_
 
 
 # ---------------------------------------------------------------------------------------- the model
@@ -267,11 +274,53 @@ class MLP(nn.Module):
         return self.down(h)
 
 
+class MoE(nn.Module):
+    """Experts as 3-D parameters (gate|up ``[E, 2F, C]``, down ``[E, C, F]``), a top-k router, spelled as HF's
+    ``"batched_mm"`` (``bmm(W[ids], x[..., None])``) or its ``"grouped_mm"`` (tokens sorted by expert, ``histc`` /
+    ``cumsum`` offsets, ``transformers::grouped_mm_fallback``, un-permuted), an optional shared expert."""
+
+    def __init__(self, s: Spec):
+        super().__init__()
+        C = s.heads * s.head_dim
+        self.s, F_ = s, int(C * s.ffn_mult)
+        E = s.moe[0]
+        self.router = nn.Linear(C, E, bias=False)
+        self.gate_up = nn.Parameter(torch.randn(E, 2 * F_, C) / math.sqrt(C))
+        self.down = nn.Parameter(torch.randn(E, C, F_) / math.sqrt(F_))
+        self.shared = MLP(s) if s.moe[3] else None
+        if s.moe[2] == "fallback":
+            import transformers.integrations.moe  # noqa: F401 - registers transformers::grouped_mm_fallback
+
+    def forward(self, x):
+        E, k, how, _ = self.s.moe
+        B, T, C = x.shape
+        h = x.reshape(-1, C)
+        w, ids = torch.topk(self.router(h).softmax(-1), k, dim=-1)
+        flat, wf = ids.reshape(-1), w.reshape(-1)
+        if how == "ids":
+            xs = h.repeat_interleave(k, dim=0)
+            g, u = torch.bmm(self.gate_up[flat], xs.unsqueeze(-1)).squeeze(-1).chunk(2, dim=-1)
+            o = torch.bmm(self.down[flat], (F.silu(g) * u).unsqueeze(-1)).squeeze(-1) * wf.unsqueeze(-1)
+        else:
+            mm = torch.ops.transformers.grouped_mm_fallback
+            sorted_ids, perm = torch.sort(flat)
+            offs = torch.cumsum(torch.histc(sorted_ids.float(), bins=E, min=0, max=E - 1), dim=0, dtype=torch.int32)
+            g, u = mm(h[perm // k], self.gate_up.transpose(-2, -1), offs).chunk(2, dim=-1)
+            o = mm(F.silu(g) * u, self.down.transpose(-2, -1), offs) * wf[perm].unsqueeze(-1)
+            inv = torch.empty_like(perm)
+            inv[perm] = torch.arange(perm.size(0), device=perm.device)
+            o = o[inv]
+        o = o.view(-1, k, C).sum(dim=1)
+        if self.shared is not None:
+            o = o + self.shared(h)
+        return o.view(B, T, C)
+
+
 class Block(nn.Module):
     def __init__(self, s: Spec):
         super().__init__()
         C = s.heads * s.head_dim
-        self.s, self.attn, self.mlp = s, Attention(s), MLP(s)
+        self.s, self.attn, self.mlp = s, Attention(s), (MoE(s) if s.moe else MLP(s))
         self.n1, self.n2 = norm(s, C), norm(s, C)
 
     def forward(self, x):

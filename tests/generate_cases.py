@@ -26,14 +26,15 @@ def _prompt(vocab: int, batch: int = 2, length: int = 6, pad: int = 0):
 
 
 def generate_beside(rank: int, world: int, family: str, cache: str | None = None, new_tokens: int = 8,
-                    backend: str = "aot_eager", sp: bool = False) -> dict:
+                    backend: str = "aot_eager", sp: bool = False, **overrides) -> dict:
     """Greedy, then seeded sampling (temperature, top-k, top-p; each rank seeded differently on
     purpose: the model must agree anyway), ``generate`` of the tp model and of single device.
-    Sampling reuses the greedy run's graphs (same shapes): the graph count covers both."""
+    Sampling reuses the greedy run's graphs (same shapes): the graph count covers both.
+    ``overrides``: config fields (a MoE model's ``_experts_implementation``)."""
     import tpcompile
     from tpcompile.twin import state_bytes
 
-    model = hf_models.make_model(family).eval()
+    model = hf_models.make_model(family, **overrides).eval()
     ref = copy.deepcopy(model)
     ids, mask = _prompt(model.config.vocab_size)
     kw = dict(max_new_tokens=new_tokens, pad_token_id=0, attention_mask=mask, use_cache=True,
@@ -67,6 +68,7 @@ def generate_beside(rank: int, world: int, family: str, cache: str | None = None
         "collectives": [sorted((c.kind, c.nbytes) for c in r.collectives) for r in st.records],
         "exit": [r.exit_mappings for r in st.records],
         "warnings": [str(w.message) for w in caught if issubclass(w.category, tpcompile.TPWarning)],
+        "styles": {f: pp.style for f, pp in st.plan.items()},
     })
     return out
 

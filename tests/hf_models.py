@@ -66,6 +66,21 @@ CONFIGS = {
     "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(
         _LLAMA_LIKE, num_attention_heads=4, num_key_value_heads=4, num_experts=4, num_experts_per_tok=2,
         moe_intermediate_size=64, shared_expert_intermediate_size=128)),
+    # MLA attention (low-rank q: q_a_proj -> q_a_layernorm -> q_b_proj; kv_a_proj_with_mqa -> compressed kv +
+    # decoupled RoPE key k_pe shared by every head -> kv_a_layernorm -> kv_b_proj), group-limited top-k router
+    # (sigmoid scores, 2 groups, 1 kept), a shared expert, the first layer dense (first_k_dense_replace=1)
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(
+        _LLAMA_LIKE, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=32,
+        qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2,
+        n_group=2, topk_group=1, moe_intermediate_size=64, n_shared_experts=1, first_k_dense_replace=1,
+        routed_scaling_factor=2.5, rope_interleave=True)),
+    # experts [E, H, 2I] with gate / up interleaved ([..., ::2], [..., 1::2]), expert biases, clamped SwiGLU,
+    # attention sinks (eager attention), a sliding-window layer beside a full one, q/k/v/o biases
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", dict(
+        _LLAMA_LIKE, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+        num_experts_per_tok=2, intermediate_size=64, sliding_window=8, attention_bias=True,
+        layer_types=["sliding_attention", "full_attention"], attn_implementation="eager",
+        rope_parameters={"rope_type": "default", "rope_theta": 150000.0})),
     # masked LM: positions and token types looked up with buffers (position_ids, token_type_ids), tied decoder
     "bert": ("BertConfig", "BertForMaskedLM", dict(
         vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,

@@ -60,7 +60,13 @@ def _gloo(world: int) -> dict:
     if world == 2:
         cases["pretrained"] = (G.from_pretrained_generate, (_saved_llama(),))
         cases["sp"] = (G.generate_beside, ("llama", None, 8, "aot_eager", True))
+        cases["moe"] = (_moe_generate, ())
     return dict(zip(cases, run_cases(world, list(cases.values()))))
+
+
+def _moe_generate(rank: int, world: int) -> dict:
+    """Mixtral (1 layer, 4 experts, top-2, ``"batched_mm"``): experts expert-TP while generating."""
+    return G.generate_beside(rank, world, "mixtral", num_hidden_layers=1, _experts_implementation="batched_mm")
 
 
 def _same_tokens(results, key):
@@ -217,3 +223,20 @@ def test_reduce_overhead_captures_the_decode_step_in_a_cuda_graph():
         assert r["tokens"] == r["ref_tokens"]
         assert r["skips"] == 0, r["skips"]
         assert r["n_graphs"] == 2
+
+
+def test_generate_of_a_moe_model_matches_single_device():
+    """``generate()`` of HF Mixtral at TP=2 with its experts tensor-parallel (``"batched_mm"``: ``W[ids]`` +
+    ``bmm``, the routing of each decoded token replicated): greedy tokens equal single device's on every
+    rank, sampled ones equal across ranks, the KV cache head-sharded, no warning."""
+    results = _gloo(2)["moe"]
+    r = _same_tokens(results, "tokens")
+    assert r["tokens"] == r["ref_tokens"]
+    _same_tokens(results, "sampled")
+    assert r["warnings"] == [], r["warnings"]
+    assert r["styles"]["model.layers.0.mlp.experts.gate_up_proj"] == "expert-colwise"
+    assert r["styles"]["model.layers.0.mlp.experts.down_proj"] == "expert-rowwise"
+    assert r["kv_held"] * 2 == r["kv_logical"], (r["kv_held"], r["kv_logical"])
+    assert r["n_graphs"] == GRAPHS[None], r["n_graphs"]
+    # per graph (prompt, first decode step, dynamic decode): the embedding, o_proj, the MoE combine
+    assert [[k for k, _ in g] for g in r["collectives"]] == [["all_reduce"] * 3] * 3, r["collectives"]

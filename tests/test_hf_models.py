@@ -57,6 +57,8 @@ def _trained_all(world: int) -> dict:
         names += [f"mixed:{i}" for i in range(len(MIXED))]
     cases += [(f, {"_experts_implementation": impl, "num_hidden_layers": 1, **kw}) for f, impl, kw in MOE[world]]
     names += [f"moe:{i}" for i in range(len(MOE[world]))]
+    cases += [(f, {"_experts_implementation": impl}) for f, impl in MOE_FAMILIES[world]]
+    names += [f"moefam:{f}" for f, _ in MOE_FAMILIES[world]]
     more = [f for f, tps in MORE.items() if world in tps]
     cases += [(f, {"steps": 2}) for f in more]
     names += [f"more:{f}" for f in more]
@@ -255,10 +257,12 @@ def test_sharded_outputs_return_logits_as_dtensor_without_gathering():
 
 
 # MoE (docs/models.md): experts tensor-parallel in each experts implementation that runs on CPU. "grouped_mm"
-# compiles to HF's opaque `transformers::grouped_mm_fallback` op in fp32 and to `F.grouped_mm` in bf16;
+# compiles to HF's opaque `transformers::grouped_mm_fallback` op in fp32 and to `F.grouped_mm` in bf16 (its fake
+# kernel checks the weight's strides: 3-D ghosts expand one shared NaN matrix, tpcompile.twin._matrix_ghost);
 # "batched_mm" is `W[expert_ids]` + `bmm`. One decoder layer each (the collectives are per layer).
 MOE = {  # tp -> [(family, experts implementation, other fields)]: each implementation at each tp, one shared expert each
-    2: [("mixtral", "grouped_mm", {}), ("mixtral", "batched_mm", {"dtype": torch.bfloat16}), ("qwen2_moe", "grouped_mm", {})],
+    2: [("mixtral", "grouped_mm", {}), ("mixtral", "batched_mm", {"dtype": torch.bfloat16}), ("qwen2_moe", "grouped_mm", {}),
+        ("mixtral", "grouped_mm", {"dtype": torch.bfloat16})],  # bf16: torch's F.grouped_mm on the experts
     4: [("qwen3_moe", "grouped_mm", {}), ("qwen2_moe", "batched_mm", {})],
 }
 
@@ -306,3 +310,108 @@ def test_moe_experts_are_tensor_parallel(world):
         qk_norm = 2 if family == "qwen3_moe" else 0  # q_norm / k_norm weights on head-sharded q, k (as Qwen3)
         assert have == {("forward", "all_reduce"): 3, ("forward", "all_gather"): 2,
                         ("backward", "all_reduce"): sum(why["backward"].values()) + qk_norm}, (family, impl, have)
+
+
+# MoE families with more than experts: 2 layers each (DeepSeek-V3's first one dense), one experts implementation per tp
+MOE_FAMILIES = {2: [("deepseek_v3", "grouped_mm"), ("gpt_oss", "grouped_mm")],
+                4: [("deepseek_v3", "batched_mm"), ("gpt_oss", "batched_mm")]}
+
+
+@pytest.mark.parametrize("world", [2, 4], ids=["tp2", "tp4"])
+def test_deepseek_v3_mla_and_experts_are_tensor_parallel(world):
+    """DeepSeek-V3 (MLA attention, group-limited top-k, a shared expert, the first layer dense): the low-rank
+    down-projections ``q_a_proj`` / ``kv_a_proj_with_mqa`` and their norms stay whole (a latent every head
+    shares, as Megatron-core keeps them), ``q_b_proj`` / ``kv_b_proj`` column-parallel on the heads, ``o_proj``
+    row-parallel; the rotary key ``k_pe`` (one for all heads) is expanded to this rank's heads, its gradient
+    all-reduced ("broadcast into a shard"). Experts expert-TP, the shared expert's sum joins the combine's.
+    Loss, logits and every gradient as single device for 3 SGD steps, ranks agree, no warning, at the floor."""
+    results = _trained_all(world)["moefam:deepseek_v3"]
+    plan = _check_parity(results, world)
+    for r in results:
+        assert all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(r["loss"], r["ref_loss"])), (r["loss"], r["ref_loss"])
+    r = results[0]
+    assert r["warnings"] == [], r["warnings"]
+    for i in (0, 1):
+        attn = f"model.layers.{i}.self_attn"
+        for name in ("q_a_proj", "q_a_layernorm", "kv_a_proj_with_mqa", "kv_a_layernorm"):
+            assert plan[f"{attn}.{name}.weight"][0] == "replicate", (name, plan[f"{attn}.{name}.weight"])
+        assert plan[f"{attn}.q_b_proj.weight"][:4] == ("colwise", 0, 1, (4 * 24 // world, 32))
+        assert plan[f"{attn}.kv_b_proj.weight"][:4] == ("colwise", 0, 1, (4 * 32 // world, 32))
+        assert plan[f"{attn}.o_proj.weight"][:2] == ("rowwise", 1)
+    assert plan["model.layers.0.mlp.gate_proj.weight"][0] == "colwise"  # first_k_dense_replace: a plain MLP
+    assert plan["model.layers.0.mlp.down_proj.weight"][0] == "rowwise"
+    moe = "model.layers.1.mlp"
+    assert plan[f"{moe}.experts.gate_up_proj"][:4] == ("expert-colwise", 1, 2, (4, 2 * 64 // world, 64))
+    assert plan[f"{moe}.experts.down_proj"][:4] == ("expert-rowwise", 2, 1, (4, 64, 64 // world))
+    assert plan[f"{moe}.gate.weight"][0] == "replicate"  # the router, its weight cast to fp32 in the graph
+    assert plan[f"{moe}.shared_experts.up_proj.weight"][0] == "colwise"
+    assert plan[f"{moe}.shared_experts.down_proj.weight"][0] == "rowwise"
+    (why,) = r["floor_why"]
+    assert why["forward"] == {"row-parallel linear": 3, "vocab-parallel embedding": 1, "vocab-parallel loss": 1,
+                              "expert combine": 1}, why  # o_proj x 2, the dense MLP; the shared expert joins the combine
+    # q / kv latents x 2 layers, the dense MLP, the experts and the shared expert, the LM head; k_pe x 2
+    assert why["backward"] == {"column-parallel input": 8, "scale of a pending sum": 1, "broadcast into a shard": 2}, why
+    have = Counter(r["collectives"])
+    assert have == {("forward", "all_reduce"): 5, ("forward", "all_gather"): 2,  # + the loss's, the returned logits
+                    ("backward", "all_reduce"): 11}, have
+
+
+@pytest.mark.parametrize("world", [2, 4], ids=["tp2", "tp4"])
+def test_gpt_oss_interleaved_experts_with_biases_are_tensor_parallel(world):
+    """gpt-oss: experts ``[E, H, 2I]`` with gate / up interleaved (``[..., ::2]``, ``[..., 1::2]``): gate_up
+    expert-colwise on dim 2 as one plain shard (every rank holds whole (gate, up) pairs), down expert-rowwise
+    on dim 1. The expert biases stay whole: the gate|up one is cut to the rank's columns; the down one is added
+    after the row projection (``out.add_(bias)``, made out of place), so the pending sum is reduced first and
+    the bias added once, not tp times. Attention sinks (replicated, cut to the rank's heads), a sliding-window
+    layer beside a full one, q/k/v/o biases; TP=4: 2 kv heads, kv-head copies. Parity as above, no warning."""
+    results = _trained_all(world)["moefam:gpt_oss"]
+    plan = _check_parity(results, world)
+    for r in results:
+        assert all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(r["loss"], r["ref_loss"])), (r["loss"], r["ref_loss"])
+    r = results[0]
+    assert r["warnings"] == [], r["warnings"]
+    for i in (0, 1):
+        layer = f"model.layers.{i}"
+        assert plan[f"{layer}.self_attn.q_proj.weight"][0] == "colwise"
+        assert plan[f"{layer}.self_attn.k_proj.weight"][0] == ("kvcopy" if world == 4 else "colwise")
+        assert plan[f"{layer}.self_attn.o_proj.weight"][:2] == ("rowwise", 1)
+        assert plan[f"{layer}.self_attn.sinks"][0] == "replicate"
+        assert plan[f"{layer}.mlp.experts.gate_up_proj"][:4] == ("expert-colwise", 2, 1, (4, 64, 128 // world))
+        assert plan[f"{layer}.mlp.experts.down_proj"][:4] == ("expert-rowwise", 1, 1, (4, 64 // world, 64))
+        for name in ("experts.gate_up_proj_bias", "experts.down_proj_bias", "router.weight", "router.bias"):
+            assert plan[f"{layer}.mlp.{name}"][0] == "replicate", name
+    (why,) = r["floor_why"]
+    assert why["forward"] == {"row-parallel linear": 2, "vocab-parallel embedding": 1, "vocab-parallel loss": 1,
+                              "expert combine": 2}, why
+    have = Counter(r["collectives"])
+    kv = 2 if world == 4 else 0
+    # backward above the floor by 4 all-gathers: per layer, the sinks' and the gathered gate|up bias rows'
+    # gradients (whole values cut to the rank's heads / columns)
+    assert have == {("forward", "all_reduce"): 5, ("forward", "all_gather"): 2,
+                    ("backward", "all_reduce"): 5 + kv, ("backward", "all_gather"): 4}, have
+    assert why["backward"] == {"column-parallel input": 5, **({"kv-copy weight gradient": 2} if kv else {})}, why
+
+
+def test_explain_mixtral_at_world_size_8_experts_at_the_floor():
+    """``explain`` (one process, fake group) of HF Mixtral (1 layer, 8 heads, 8 experts of intermediate 128,
+    ``"grouped_mm"``) at world size 8: every expert tensor ``expert-colwise`` / ``expert-rowwise``, the router
+    replicated, one all-reduce per MoE layer forward (after the weighted combine), at the floor it states."""
+    import tpcompile
+
+    model = hf_models.make_model("mixtral", _experts_implementation="grouped_mm", num_attention_heads=8,
+                                 num_key_value_heads=8, num_local_experts=8, num_hidden_layers=1)
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    rep = tpcompile.explain(model, input_ids=ids, labels=ids, world_size=8, rank=3)
+    for i in range(1):
+        assert rep.plan[f"model.layers.{i}.mlp.experts.gate_up_proj"] == "expert-colwise"
+        assert rep.plan[f"model.layers.{i}.mlp.experts.down_proj"] == "expert-rowwise"
+        assert rep.plan[f"model.layers.{i}.mlp.gate.weight"] == "replicate"
+        assert rep.params[f"model.layers.{i}.mlp.experts.down_proj"].local_shape == (8, 64, 128 // 8)
+    assert rep.floor["forward"] == {"row-parallel linear": 1, "vocab-parallel embedding": 1, "vocab-parallel loss": 1,
+                                    "expert combine": 1}, rep.floor
+    fwd = [(c.module, c.nbytes) for c in rep.collectives if c.phase == "forward" and c.kind == "all_reduce"]
+    # the MoE sum reduced where the layer's residual add needs it whole: [N, H] after the combine, not [N*k, H]
+    assert fwd == [("model.embed_tokens", 8192)] + [(f"model.layers.{i}{m}", 2 * 16 * 64 * 4) for i in range(1)
+                                                     for m in (".self_attn.o_proj", "")], fwd
+    assert rep.above_floor() == {"forward": 1, "backward": 0}, (rep.above_floor(), str(rep))  # + the returned logits
+    assert rep.warnings == [], rep.warnings

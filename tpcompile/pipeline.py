@@ -28,7 +28,7 @@ from tpcompile.passes.placements import Partial, Shard
 from tpcompile.passes.plan import GraphPlan, _style_for_fqn, make_plan
 from tpcompile.passes.propagate import draws_random
 from tpcompile.passes.regional import block_prefixes, body_of, inline_regions, is_region, operands, region_calls
-from tpcompile.passes.rewrite import kv_copy_key, rewrite, token_source, whole_grad_inputs
+from tpcompile.passes.rewrite import broadcast_cut, kv_copy_key, rewrite, token_source, whole_grad_inputs
 from tpcompile.passes.sequence_parallel import floor_with_sp, sequence_parallel
 from tpcompile.passes.sharded_outputs import keep_outputs_sharded, keep_state_sharded
 
@@ -184,7 +184,8 @@ def communication_floor(plan: GraphPlan) -> dict:
     (q, k, v share one; experts count the tokens before dispatch), one of the gradient of each
     replicated weight that kv-head copies are taken from (``kv_copy_weights``), and one per whole
     value that scales a pending sum (MoE routing weights, a shared expert's gate: each rank's
-    summand gives a summand of their gradient).
+    summand gives a summand of their gradient), and one per whole value broadcast into a shard
+    (``rewrite.broadcast_cut``).
     """
     kinds = [ni.kind for ni in plan.prop.info.values()]
     col_inputs = {(token_source(n.args[0])[1] if ni.extra.get("grouped") or ni.kind == "expert_dispatch" else n.args[0])
@@ -198,8 +199,11 @@ def communication_floor(plan: GraphPlan) -> dict:
         return {"forward": {k: v for k, v in fwd.items() if v}, "backward": {}}
     # whole values scaling a pending sum (MoE routing weights, a shared expert's gate): summands of their gradient
     scales = {x for n, ni in plan.prop.info.items() if isinstance(ni.out, Partial) for x in whole_grad_inputs(n, ni)}
+    # whole values broadcast into a shard (MLA's rotary key beside head-sharded keys): f on the source
+    broadcasts = {x.args[0] for n, ni in plan.prop.info.items() for x, need in ni.need.items()
+                  if broadcast_cut(x, plan.prop.placement(x), need) and getattr(value(x), "requires_grad", False)}
     bwd = {"column-parallel input": len(col_inputs), "kv-copy weight gradient": kv_copy_weights(plan),
-           "scale of a pending sum": len(scales)}
+           "scale of a pending sum": len(scales), "broadcast into a shard": len(broadcasts)}
     return {"forward": {k: v for k, v in fwd.items() if v}, "backward": {k: v for k, v in bwd.items() if v}}
 
 

@@ -48,14 +48,33 @@ def trace_config() -> dict:
 
 
 def ghost(p: torch.Tensor, device: torch.device) -> nn.Parameter:
-    """A Parameter of ``p``'s logical shape that owns one element of memory (stride 0).
+    """A Parameter of ``p``'s logical shape that owns one element of memory (stride 0); a 3-D one
+    (MoE experts) one matrix shared by all of its shape (``_matrix_ghost``).
 
     The element is NaN (floats), so code that Dynamo leaves to run eagerly on a ghost
     poisons its result instead of quietly computing with garbage; ``forward`` checks.
     """
     fill = float("nan") if p.dtype.is_floating_point else 0
+    if p.dim() == 3 and p.dtype.is_floating_point:  # MoE experts: see _matrix_ghost
+        return nn.Parameter(_matrix_ghost(tuple(p.shape[-2:]), p.dtype, device).expand(p.shape),
+                            requires_grad=p.requires_grad)
     g = torch.full((), fill, dtype=p.dtype, device=device).expand(p.shape)
     return nn.Parameter(g, requires_grad=p.requires_grad)
+
+
+_MATRICES: dict = {}
+
+
+def _matrix_ghost(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """One NaN matrix per (shape, dtype, device), shared by every 3-D ghost of that shape, which expands it
+    over the experts (strides ``(0, n, 1)``): ``torch._grouped_mm``'s fake kernel checks that one of the last
+    two strides is 1 and the other spans its dim (16-byte aligned), which stride 0 fails, so Dynamo raised at
+    the first call of a bf16 ``"grouped_mm"`` MoE. Costs one expert's matrix per shape, not one per layer."""
+    key = (shape, dtype, str(device))
+    m = _MATRICES.get(key)
+    if m is None:
+        m = _MATRICES[key] = torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return m
 
 
 def _twin_forward(self, *args, **kwargs):
@@ -167,8 +186,7 @@ class Twin:
         for g in self.ghosts:
             p = params.current(self.fqn_of[id(g)])
             if g.device != p.device:
-                g.data = torch.full((), float("nan") if g.is_floating_point() else 0, dtype=g.dtype,
-                                    device=p.device).expand(g.shape)
+                g.data = ghost(g, p.device).data
 
     def sync(self) -> None:
         """Carry the user modules' training flags and hooks over to the twin, before each call."""

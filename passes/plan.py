@@ -430,7 +430,12 @@ def _normed_latent(lin: fx.Node, prop: Propagation) -> bool:
 def _is_router(lin: fx.Node, depth: int = 6) -> bool:
     """The linear is a MoE router: its logits reach ``topk`` through casts, softmax / sigmoid and
     views. Its output is E scores per token that top-k needs whole on every rank (so that every rank
-    routes alike), a gather away from any shard: kept replicated quietly, as Megatron keeps it."""
+    routes alike), a gather away from any shard: kept replicated quietly, as Megatron keeps it.
+    A linear wider than its input is not one: an LM head whose logits are top-k sampled (gpt-fast's
+    decode step) is vocab-parallel, its selection the rule table's (``propagate.select``)."""
+    out, width = static_size(shape(lin)[-1]), static_size(shape(lin.args[0])[-1])
+    if out is not None and width is not None and out > width:
+        return False
     frontier = {lin}
     for _ in range(depth):
         nxt = set()

@@ -238,5 +238,7 @@ def test_generate_of_a_moe_model_matches_single_device():
     assert r["styles"]["model.layers.0.mlp.experts.down_proj"] == "expert-rowwise"
     assert r["kv_held"] * 2 == r["kv_logical"], (r["kv_held"], r["kv_logical"])
     assert r["n_graphs"] == GRAPHS[None], r["n_graphs"]
-    # per graph (prompt, first decode step, dynamic decode): the embedding, o_proj, the MoE combine
-    assert [[k for k, _ in g] for g in r["collectives"]] == [["all_reduce"] * 3] * 3, r["collectives"]
+    # per graph (prompt, first decode step, dynamic decode): the embedding, o_proj, the MoE combine, and
+    # the returned last position's logits of the vocab-parallel LM head
+    assert [sorted(k for k, _ in g) for g in r["collectives"]] == [["all_gather"] + ["all_reduce"] * 3] * 3, \
+        r["collectives"]

@@ -21,7 +21,7 @@ from tpcompile.dump import readable_code
 from tpcompile.errors import TPWarning
 from tpcompile.passes.graph_utils import module_path, source_line, value
 from tpcompile.passes.fused_norm import FUSED_OP, fuse_norms
-from tpcompile.passes.inline_checkpoint import inline_checkpoints
+from tpcompile.passes.inline_checkpoint import CHECKPOINT, inline_checkpoints
 from tpcompile.passes.layout import ParamPlan
 from tpcompile.passes.normalize import normalize
 from tpcompile.passes.placements import Partial, Shard
@@ -263,6 +263,9 @@ def tp_program(gm: fx.GraphModule, param_fqns: dict[int, str], options: Options,
     t0 = time.perf_counter()
     names = names or {}
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for n in gm.graph.nodes:  # a block region inside a checkpointed call: traced whole, recomputed by the checkpoint
+        if n.target is CHECKPOINT and isinstance(n.args[0], fx.Node) and n.args[0].op == "get_attr":
+            inline_regions(getattr(gm, n.args[0].target))  # (the fuzzer: kept, it was silently off single device)
     regions = _regions(gm, placeholders, param_fqns, options, names, plan_only)
     param_fqns = {i: f for i, f in param_fqns.items() if i not in regions.layouts}
     fqns = {placeholders[i]: f for i, f in param_fqns.items()}

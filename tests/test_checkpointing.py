@@ -129,9 +129,8 @@ def test_checkpointed_blocks_are_sharded_recomputed_and_match_single_device(trai
         if case[1] == "aot_eager":
             assert r["saved"] < base["saved"], (r["saved"], base["saved"])
         if case[0] == "selective":
-            # one per checkpointed block (a region warns for each layer it runs, as the whole graph does)
+            # one per checkpointed block
             assert len(r["warnings"]) == 2 and all("is not honoured" in m for m in r["warnings"]), r["warnings"]
-            assert r["regions"], "the blocks ran as one compile region"
         else:
             assert r["warnings"] == []
 

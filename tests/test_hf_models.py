@@ -322,6 +322,16 @@ MOE_FAMILIES = {2: [("deepseek_v3", "grouped_mm"), ("gpt_oss", "grouped_mm")],
 MOE_WORLDS = [2, 4] if MOE_ALL else [2]
 
 
+def _moe_family_parity(world: int, family: str) -> tuple[dict, dict]:
+    """``_check_parity`` plus every rank's loss within 1e-5 relative and no warning: (plan, rank 0's result)."""
+    results = _trained_all(world)[f"moefam:{family}"]
+    plan = _check_parity(results, world)
+    for r in results:
+        assert all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(r["loss"], r["ref_loss"])), (r["loss"], r["ref_loss"])
+    assert results[0]["warnings"] == [], results[0]["warnings"]
+    return plan, results[0]
+
+
 @pytest.mark.parametrize("world", MOE_WORLDS, ids=lambda w: f"tp{w}")
 def test_deepseek_v3_mla_and_experts_are_tensor_parallel(world):
     """DeepSeek-V3 (MLA attention, group-limited top-k, a shared expert, the first layer dense): the low-rank
@@ -330,12 +340,7 @@ def test_deepseek_v3_mla_and_experts_are_tensor_parallel(world):
     row-parallel; the rotary key ``k_pe`` (one for all heads) is expanded to this rank's heads, its gradient
     all-reduced ("broadcast into a shard"). Experts expert-TP, the shared expert's sum joins the combine's.
     Loss, logits and every gradient as single device for 3 SGD steps, ranks agree, no warning, at the floor."""
-    results = _trained_all(world)["moefam:deepseek_v3"]
-    plan = _check_parity(results, world)
-    for r in results:
-        assert all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(r["loss"], r["ref_loss"])), (r["loss"], r["ref_loss"])
-    r = results[0]
-    assert r["warnings"] == [], r["warnings"]
+    plan, r = _moe_family_parity(world, "deepseek_v3")
     for i in (0, 1):
         attn = f"model.layers.{i}.self_attn"
         for name in ("q_a_proj", "q_a_layernorm", "kv_a_proj_with_mqa", "kv_a_layernorm"):
@@ -369,12 +374,7 @@ def test_gpt_oss_interleaved_experts_with_biases_are_tensor_parallel(world):
     after the row projection (``out.add_(bias)``, made out of place), so the pending sum is reduced first and
     the bias added once, not tp times. Attention sinks (replicated, cut to the rank's heads), a sliding-window
     layer beside a full one, q/k/v/o biases; TP=4: 2 kv heads, kv-head copies. Parity as above, no warning."""
-    results = _trained_all(world)["moefam:gpt_oss"]
-    plan = _check_parity(results, world)
-    for r in results:
-        assert all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(r["loss"], r["ref_loss"])), (r["loss"], r["ref_loss"])
-    r = results[0]
-    assert r["warnings"] == [], r["warnings"]
+    plan, r = _moe_family_parity(world, "gpt_oss")
     for i in (0, 1):
         layer = f"model.layers.{i}"
         assert plan[f"{layer}.self_attn.q_proj.weight"][0] == "colwise"

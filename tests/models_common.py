@@ -12,6 +12,7 @@ import warnings
 from typing import Callable
 
 import torch
+from torch._dynamo.utils import counters
 
 import tpcompile
 from parity import grad_errors, local_numel
@@ -44,6 +45,7 @@ def train_beside(rank: int, world: int, model: torch.nn.Module, batches: list, l
     and floor per graph and phase, element counts, graph count and tpcompile's warnings."""
     ref = copy.deepcopy(model)
     tp_kwargs.setdefault("backend", "aot_eager")
+    cache = dict(counters["inductor"])  # FX-graph cache hits / misses of this job (a pool rank runs many)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         tp = tpcompile.tp_compile(model, **tp_kwargs)
@@ -80,6 +82,7 @@ def train_beside(rank: int, world: int, model: torch.nn.Module, batches: list, l
     out["n_graphs"] = len(st.records)
     out["regions"] = [r.regions for r in st.records]  # subgraph -> block prefix per call (regional compilation)
     out["warnings"] = [str(w.message) for w in caught if issubclass(w.category, tpcompile.TPWarning)]
+    out["fx_cache"] = {k: counters["inductor"][k] - cache.get(k, 0) for k in ("fxgraph_cache_miss", "fxgraph_cache_hit")}
     if report is not None:
         report(tp, ref, out)
     return out

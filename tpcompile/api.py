@@ -11,6 +11,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from tpcompile import compile_once
 from tpcompile.backend import USER_MODES, Recorder, compile_twin
 from tpcompile.compat import install_output_hooks
 from tpcompile.data_parallel import apply_data_parallel, data_parallel_mesh, refuse_ddp
@@ -227,11 +228,12 @@ class TensorParallel:
                     h.update(x.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
             elif isinstance(x, (int, float, str, bool, type(None))):
                 h.update(repr(x).encode())
-        digest = torch.tensor(list(h.digest()[:8]) + list(_rng_digest(self.device)), dtype=torch.int64,
-                              device=self.device)
+        digest = torch.tensor(list(h.digest()[:8]) + list(_rng_digest(self.device)) + compile_once.host_digest(),
+                              dtype=torch.int64, device=self.device)
         gathered = [torch.empty_like(digest) for _ in range(self.tp)]
-        dist.all_gather(gathered, digest, group=self.group)  # one collective for both checks
-        rng_differ = [r for r, d in enumerate(gathered) if not torch.equal(d[8:], gathered[0][8:])]
+        dist.all_gather(gathered, digest, group=self.group)  # one collective for the checks and the compile order
+        compile_once.arrange(self.group, [d[16:].tolist() for d in gathered])
+        rng_differ = [r for r, d in enumerate(gathered) if not torch.equal(d[8:16], gathered[0][8:16])]
         if rng_differ:
             same_rng_on_tp_ranks(self)
             warnings.warn(

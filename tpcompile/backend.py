@@ -23,6 +23,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
+from tpcompile import compile_once
 from tpcompile.errors import TPShardingError, TPWarning
 from tpcompile.passes.graph_utils import value
 from tpcompile.passes.placements import local_size
@@ -46,7 +47,7 @@ def _recording(record: GraphRecord, compile_one: Callable, on_graph: Callable | 
 
 
 def _compile(gm: fx.GraphModule, inputs: list, record: GraphRecord, mode: str, on_graph: Callable | None = None,
-             stand_in: Callable | None = None, inductor_options: dict | None = None):
+             stand_in: Callable | None = None, inductor_options: dict | None = None, group: str = ""):
     if mode == "inductor":
         from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 
@@ -57,7 +58,8 @@ def _compile(gm: fx.GraphModule, inputs: list, record: GraphRecord, mode: str, o
             # nested_compile_region blocks, 3 layers: off by 133 on a gradient of 0.15). Not reusing
             # buffers gives them right (tests/test_parity.py checks every gradient regionally under Inductor at TP=4).
             patches["allow_buffer_reuse"] = False
-        return compile_fx(gm, inputs, inner_compile=_recording(record, compile_fx_inner, on_graph),
+        inner = compile_once.in_turn(group, compile_fx_inner)  # one rank of the host compiles, the others read its cache
+        return compile_fx(gm, inputs, inner_compile=_recording(record, inner, on_graph),
                           config_patches=patches or None)
     if mode in ("aot_eager", "trace"):
         from functorch.compile import make_boxed_func
@@ -226,7 +228,7 @@ class Backend:
         for i, p in {**state_in, **adopted}.items():  # a KV cache shard: the logical sizes (symbolic kept), its dim cut
             inputs[i] = _local_like(value(placeholders[i]), p, self.options.tp, fake_mode)
         try:
-            compiled = _compile(gm, inputs, record, mode, on_graph, stand_in, self.inductor_options)
+            compiled = _compile(gm, inputs, record, mode, on_graph, stand_in, self.inductor_options, self.options.group_name)
         except torch._dynamo.exc.RestartAnalysis:
             # Dynamo traces the frame again (AOTAutograd's ``tensorify_python_scalars`` specialises a
             # float under ``dynamic=True``): this graph is never run, the next one replaces it

@@ -394,8 +394,8 @@ def _pairs(g: fx.Graph) -> list:
 
 def dispatch_experts(g: fx.Graph, region: set, group: str, tp: int, bucket: dict) -> tuple[list, list]:
     """Every expert-parallel MoE block whose tokens the SP pass gathered from ``region``: on this rank's
-    tokens with an all-to-all dispatch and combine (in place). Returns (the blocks' first expert matmul
-    names, a warning for each block left on the gathered path)."""
+    tokens with an all-to-all dispatch and combine (in place). Returns (each block's combine, the value the
+    SP pass had sliced back into the region, now erased; a warning for each block left on the gathered path)."""
     done, warns = [], []
     for pair in _pairs(g):
         if len(pair) != 2:
@@ -418,7 +418,7 @@ def dispatch_experts(g: fx.Graph, region: set, group: str, tp: int, bucket: dict
             warns.append(str(e))
             continue
         block.apply(group, bucket)
-        done.append(first.name)
+        done.append(block.combine)
     return done, [
         f"tpcompile: expert_parallel=True with sequence_parallel=True: the MoE block at {w} — it stays on the "
         f"gathered path (its tokens all-gathered, the experts' combine all-reduced and sliced back: correct, one "

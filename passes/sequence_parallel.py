@@ -196,6 +196,7 @@ def sequence_parallel(gm: fx.GraphModule, group: str, tp: int) -> SPResult:
                 res.gathers.append(u)
     if any(n.op == "call_function" and n.target is EP.local_experts_linear for n in g.nodes):
         res.dispatches, res.dispatch_warnings = dispatch_experts(g, region, group, tp, bucket)
+        res.slices = [x for x in res.slices if x not in res.dispatches]  # no longer sliced: computed per token
     if bucket:
         _bucket_grad_reductions(g, bucket, group)
         res.bucketed = [x.name for x in bucket]

@@ -34,6 +34,13 @@ if ALL:
     CASES = {tp: [(f, impl, {"expert_parallel": True}) for f in ("mixtral", "qwen3_moe", "qwen2_moe")
                   for impl in ("grouped_mm", "batched_mm")] for tp in (2, 4)}
 LAYERS = 2 if ALL else 1
+# expert parallelism under sequence parallelism: the all-to-all dispatch / combine (passes/expert_dispatch.py);
+# TPCOMPILE_EP_ALL=1: both families x both implementations at both degrees
+EP_SP = {"expert_parallel": True, "sequence_parallel": True}
+SP_CASES = {2: [("mixtral", "grouped_mm", EP_SP)], 4: [("qwen3_moe", "batched_mm", EP_SP)]}
+if ALL:
+    SP_CASES = {tp: [(f, impl, EP_SP) for f in ("mixtral", "qwen3_moe") for impl in ("grouped_mm", "batched_mm")]
+                for tp in (2, 4)}
 
 
 def train_case(rank: int, world: int, family: str, impl: str, tp_kwargs: dict, layers: int) -> dict:
@@ -84,7 +91,7 @@ def generate_case(rank: int, world: int, family: str, impl: str) -> dict:
 @functools.cache
 def _trained(world: int) -> list:
     gen = [(generate_case, ("mixtral", "grouped_mm"))] if world == 2 else []
-    return run_cases(world, [(train_case, (*case, LAYERS)) for case in CASES[world]] + gen)
+    return run_cases(world, [(train_case, (*case, LAYERS)) for case in CASES[world] + SP_CASES[world]] + gen)
 
 
 @pytest.mark.parametrize("world", [2, 4], ids=["tp2", "tp4"])
@@ -132,10 +139,90 @@ def test_expert_parallel_matches_single_device(world):
 def test_expert_parallel_generate_matches_single_device():
     """HF ``generate()`` of expert-parallel Mixtral at TP=2 (greedy, KV cache): single device's tokens on
     every rank."""
-    results = _trained(2)[len(CASES[2])]
+    results = _trained(2)[len(CASES[2]) + len(SP_CASES[2])]
     for r in results:
         assert r["style"] == "expert"
         assert r["tokens"] == r["ref_tokens"], (r["tokens"], r["ref_tokens"])
+
+
+@pytest.mark.parametrize("world", [2, 4], ids=["tp2", "tp4"])
+def test_expert_parallel_under_sequence_parallelism_dispatches_tokens_with_all_to_all(world):
+    """``sequence_parallel=True, expert_parallel=True``: each rank routes its own T / tp tokens, an all-to-all
+    sends every (token, expert) row to its expert's rank and another brings the results back; the MoE block
+    stays in the SP region (no gather before it, no all-reduce after it). Parity as above (the router's
+    gradient included: it is computed on each rank's tokens and all-reduced with the norm weights), and the
+    collectives counted exactly: per MoE layer 3 all-to-alls forward (the rows, each row's expert, the
+    results), 2 backward (their reverses), and at the SP floor."""
+    results_all = _trained(world)[len(CASES[world]):len(CASES[world]) + len(SP_CASES[world])]
+    L = LAYERS
+    for case, results in zip(SP_CASES[world], results_all):
+        family = case[0]
+        for rank, r in enumerate(results):
+            for a, b in zip(r["loss"], r["ref_loss"]):
+                assert abs(a - b) <= 1e-5 * abs(b), (case, rank, a, b)
+            assert r["loss"] == results[0]["loss"], case
+            assert r["grad_err"] <= 1e-5 and r["logits_err"] <= 1e-5, (case, r["grad_err"], r["logits_err"])
+            assert r["n_graphs"] == 1 and r["warnings"] == [], (case, r["warnings"])
+            for f, local in r["experts"].items():
+                full = r["ref_experts"][f]
+                assert r["plan"][f][:2] == ("expert", 0), (case, f, r["plan"][f])
+                assert torch.allclose(local, full[rank * 4 // world:(rank + 1) * 4 // world], atol=1e-5), (case, f)
+        r = results[0]
+        (why,) = r["floor_why"]
+        assert why["forward"] == {"reduce-scatter into SP": 1 + L, "all-gather out of SP": L, "vocab-parallel loss": 1,
+                                  "expert dispatch / combine all-to-all": 3 * L}, (case, why)
+        kv = L if (family, world) == ("mixtral", 4) else 0
+        qk_norm = 2 * L if family == "qwen3_moe" else 0  # q_norm / k_norm weights on head-sharded q, k
+        # forward: the embedding's and o_proj's reduce-scatters; q/k/v's all-gather; the final hidden states
+        # gathered for the LM head, the loss's one collective, the returned logits (as for a dense HF model)
+        assert r["collectives"] == {
+            ("forward", "reduce_scatter"): 1 + L, ("forward", "all_gather"): L + 3, ("forward", "all_to_all"): 3 * L,
+            ("backward", "all_gather"): 1 + L, ("backward", "reduce_scatter"): L, ("backward", "all_to_all"): 2 * L,
+            # the LM head's input, the one bucket of norm + router weight gradients, kv-copy / qk-norm weights
+            ("backward", "all_reduce"): 2 + kv + qk_norm}, (case, r["collectives"])
+
+
+def test_explain_shows_the_expert_all_to_alls_and_their_bytes():
+    """``explain`` of Mixtral (meta device, world size 4, SP + EP): the dispatch and combine all-to-alls in the
+    collective list with their bytes (the fixed worst-case buffer: every rank sends each rank room for all its
+    ``N/tp * k`` rows, ``N * k * H`` floats per rank in all), at the floor; the report says what moves."""
+    import tpcompile
+
+    with torch.device("meta"):
+        model = hf_models.make_model("mixtral", num_hidden_layers=2, _experts_implementation="grouped_mm")
+    ids = torch.zeros(2, 16, dtype=torch.long)
+    rep = tpcompile.explain(model, input_ids=ids, labels=ids, world_size=4, sequence_parallel=True,
+                            expert_parallel=True)
+    a2a = [c for c in rep.collectives if c.kind == "all_to_all"]
+    N, k, H = 32, 2, 64
+    assert [(c.phase, c.nbytes) for c in a2a if c.module == "model.layers.0.mlp.experts"] == \
+        [("forward", N * k * H * 4), ("forward", N * k * 4), ("forward", N * k * H * 4),
+         ("backward", N * k * H * 4), ("backward", N * k * H * 4)], rep.collectives_summary()
+    assert len(a2a) == 10 and rep.warnings == [], rep.warnings
+    assert rep.floor["forward"]["expert dispatch / combine all-to-all"] == 6
+    # the LM head's, as for a dense HF model under SP (Mistral: the same): the final hidden states gathered for
+    # ``logits_to_keep`` and the returned logits forward, its input's gradient all-reduce backward
+    assert rep.above_floor() == {"forward": 2, "backward": 1}, str(rep)
+    assert "all_reduce" not in {c.kind for c in rep.collectives if c.phase == "forward"}
+    assert "dispatch_rows(" in rep.graph_code and "combine_rows(" in rep.graph_code
+    assert "all-to-all" in str(rep) and "no token moves" not in str(rep), str(rep)
+
+
+def test_a_shared_expert_under_sequence_parallelism_stays_gathered_with_a_warning():
+    """Qwen2-MoE's shared expert (tensor-parallel linears beside the routed experts, their sums joined) cannot
+    run on a rank's tokens alone: that MoE block stays on the gathered path (all-gather in, all-reduce out:
+    correct), with a ``TPWarning`` naming the line and why, and no all-to-all."""
+    import tpcompile
+
+    with torch.device("meta"):
+        model = hf_models.make_model("qwen2_moe", num_hidden_layers=1, _experts_implementation="batched_mm")
+    ids = torch.zeros(2, 16, dtype=torch.long)
+    rep = tpcompile.explain(model, input_ids=ids, labels=ids, world_size=2, sequence_parallel=True,
+                            expert_parallel=True)
+    assert len(rep.warnings) == 1 and "shared expert" in rep.warnings[0] and "gathered path" in rep.warnings[0] \
+        and "modeling_qwen2_moe.py" in rep.warnings[0], rep.warnings
+    assert not any(c.kind == "all_to_all" for c in rep.collectives)
+    assert "local_experts_linear(" in rep.graph_code
 
 
 # ----------------------------------------------------------------------------- checkpoints across tp

@@ -30,7 +30,7 @@ import torch.fx as fx
 from tpcompile.runtime import expert_parallel as EP
 from tpcompile.runtime import mappings as M
 
-from .graph_utils import source_line, value
+from .graph_utils import source_line, static_size, value
 from .normalize import GROUPED, LINEARS
 from .propagate import op_class
 
@@ -64,13 +64,15 @@ class _Block:
 
     def __init__(self, g: fx.Graph, entry: fx.Node, first: fx.Node, second: fx.Node, tp: int):
         self.g, self.entry, self.first, self.second, self.tp = g, entry, first, second, tp
-        self.T = int(value(entry).shape[-2])  # the whole token count (static)
+        self.T = static_size(value(entry).shape[-2])  # the whole token count (None: symbolic, refused)
         self.tok: dict = {}  # node -> (dim, inner): the dim holding the token factor and its inner stride
         self.kind: dict = {}  # node -> "data" | "pos" (row positions, used as indices) | "route" (counts)
         self.edits: list = []  # (node, arg position or None, new args)
 
     # ------------------------------------------------------------------ what the block is
     def collect(self) -> None:
+        if self.T is None:
+            _no(self.first, "a symbolic token count (static shapes only)")
         down = _descendants(self.entry)
         combine = next((u for u in _descendants(self.second) if u.op == "call_function"
                         and u.target is M.reduce_from_tp), None)
@@ -94,6 +96,8 @@ class _Block:
             for u in n.users:
                 if u not in nodes and n is not combine:
                     _no(u, f"{n.name} of the MoE block is read outside it")
+        if any(u not in nodes for u in self.entry.users):  # they would read this rank's tokens, not all
+            _no(self.entry, "the gathered tokens are read outside the MoE block too")
         self.nodes = nodes
         x2 = self.second.args[0]
         self.rows = ({self.first, x2} | (_descendants(self.first) & _ancestors(x2))) & nodes
@@ -135,7 +139,6 @@ class _Block:
         ins = [x for x in n.all_input_nodes if x in self.tok or x in self.kind]
         toks = [x for x in ins if self.tok.get(x) is not None]
         kinds = {self.kind.get(x) for x in ins}
-        v = value(n)
         t = n.target
         cls = op_class(n)
         if n.op == "call_function" and t is M.copy_to_tp:
@@ -173,7 +176,8 @@ class _Block:
             x = n.args[0]
             if x not in toks or value(x).dim() != 1:
                 _no(n, "a sort of anything but the rows")
-            self.tok[n], self.kind[n] = self.tok[x], "perm"  # (values, indices): see getitem
+            # (values, indices): see getitem; an argsort is the permutation alone
+            self.tok[n], self.kind[n] = self.tok[x], ("perm" if t in (torch.sort, "sort") else "pos")
             return
         if t in (torch.topk, "topk"):
             x = n.args[0]

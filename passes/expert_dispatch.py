@@ -73,9 +73,9 @@ class _Block:
     def collect(self) -> None:
         if self.T is None:
             _no(self.first, "a symbolic token count (static shapes only)")
-        down = _descendants(self.entry)
-        combine = next((u for u in _descendants(self.second) if u.op == "call_function"
-                        and u.target is M.reduce_from_tp), None)
+        down, after = _descendants(self.entry), _descendants(self.second)
+        combine = next((u for u in self.g.nodes if u in after and u.op == "call_function"  # the nearest (graph
+                        and u.target is M.reduce_from_tp), None)  # order), not a later layer's
         if combine is None or len(combine.users) != 1 or next(iter(combine.users)).target is not M.scatter_to_sp:
             _no(self.second, "the experts' combine is not reduced and sliced back to this rank's tokens")
         self.combine, self.slice = combine, next(iter(combine.users))

@@ -188,9 +188,14 @@ class SPMoE(torch.nn.Module):
     MLP beside the routed experts (Qwen2-MoE's shared expert), its sum joining theirs; ``mix``: the router's
     softmax over the tokens instead of the experts (a router that mixes tokens: not token-wise)."""
 
-    def __init__(self, C: int = 32, E: int = 4, I: int = 32, V: int = 64, shared: bool = False, mix: bool = False):
+    def __init__(self, C: int = 32, E: int = 4, I: int = 32, V: int = 64, shared: bool = False, mix: bool = False,
+                 two: bool = False):
         super().__init__()
-        self.mix = mix
+        self.mix, self.two = mix, two  # two: a second MoE layer after the first (its own router and experts)
+        if two:
+            self.router2 = torch.nn.Linear(C, E, bias=False)
+            self.gate_up2 = torch.nn.Parameter(torch.randn(E, 2 * I, C) * C ** -0.5)
+            self.down2 = torch.nn.Parameter(torch.randn(E, C, I) * I ** -0.5)
         self.emb, self.norm = torch.nn.Embedding(V, C), torch.nn.RMSNorm(C)
         self.router, self.head = torch.nn.Linear(C, E, bias=False), torch.nn.Linear(C, V, bias=False)
         self.gate_up = torch.nn.Parameter(torch.randn(E, 2 * I, C) * C ** -0.5)
@@ -199,18 +204,22 @@ class SPMoE(torch.nn.Module):
         if shared:
             self.up_s, self.down_s = self.shared
 
-    def forward(self, x, y):
-        h = self.emb(x)
+    def _moe(self, h, router, gate_up, down):
         B, T, C = h.shape
         t = self.norm(h).view(-1, C)
-        w, ids = torch.topk(self.router(t).softmax(0 if self.mix else -1), 2, dim=-1)
+        w, ids = torch.topk(router(t).softmax(0 if self.mix else -1), 2, dim=-1)
         ids = ids.reshape(-1)
-        g, u = torch.bmm(self.gate_up[ids], t.repeat_interleave(2, dim=0).unsqueeze(-1)).squeeze(-1).chunk(2, dim=-1)
-        out = torch.bmm(self.down[ids], (torch.nn.functional.silu(g) * u).unsqueeze(-1)).squeeze(-1)
+        g, u = torch.bmm(gate_up[ids], t.repeat_interleave(2, dim=0).unsqueeze(-1)).squeeze(-1).chunk(2, dim=-1)
+        out = torch.bmm(down[ids], (torch.nn.functional.silu(g) * u).unsqueeze(-1)).squeeze(-1)
         moe = (out * w.reshape(-1, 1)).view(B * T, 2, C).sum(1)
         if self.shared is not None:
             moe = moe + self.down_s(torch.relu(self.up_s(t)))
-        h = h + moe.reshape(B, T, C)
+        return h + moe.reshape(B, T, C)
+
+    def forward(self, x, y):
+        h = self._moe(self.emb(x), self.router, self.gate_up, self.down)
+        if self.two:
+            h = self._moe(h, self.router2, self.gate_up2, self.down2)
         return torch.nn.functional.cross_entropy(self.head(self.norm(h)).flatten(0, 1), y.reshape(-1))
 
 
@@ -222,22 +231,22 @@ def test_explain_shows_the_expert_all_to_alls_and_their_bytes():
     import tpcompile
 
     with torch.device("meta"):
-        model = SPMoE()
+        model = SPMoE(two=True)  # two MoE layers: each block ends at its own combine
     x, y = _tiny_batch()  # [2, 8]: N = 16 tokens
     rep = tpcompile.explain(model, x, y, world_size=4, sequence_parallel=True, expert_parallel=True)
     N, k, C = 16, 2, 32
+    rows, ids = ("all_to_all", N * k * C * 4), ("all_to_all", N * k * 4)
     assert [(c.phase, c.kind, c.nbytes) for c in rep.collectives if c.kind == "all_to_all"] == \
-        [("forward", "all_to_all", N * k * C * 4), ("forward", "all_to_all", N * k * 4),
-         ("forward", "all_to_all", N * k * C * 4), ("backward", "all_to_all", N * k * C * 4),
-         ("backward", "all_to_all", N * k * C * 4)], rep.collectives_summary()
-    assert rep.warnings == [] and rep.plan["gate_up"] == rep.plan["down"] == "expert", rep.warnings
-    assert rep.floor["forward"]["expert dispatch / combine all-to-all"] == 3
-    assert rep.floor["backward"]["expert dispatch / combine all-to-all (reversed)"] == 2
+        [("forward", *rows), ("forward", *ids), ("forward", *rows)] * 2 + [("backward", *rows)] * 4, \
+        rep.collectives_summary()
+    assert rep.warnings == [] and rep.plan["gate_up"] == rep.plan["down2"] == "expert", rep.warnings
+    assert rep.floor["forward"]["expert dispatch / combine all-to-all"] == 6
+    assert rep.floor["backward"]["expert dispatch / combine all-to-all (reversed)"] == 4
     assert rep.above_floor() == {"forward": 0, "backward": 0}, str(rep)
     assert "all_reduce" not in {c.kind for c in rep.collectives if c.phase == "forward"}, rep.collectives_summary()
     assert "dispatch_rows(" in rep.graph_code and "combine_rows(" in rep.graph_code
     assert "gather_from_tp(" not in rep.graph_code and "scatter_to_sp(" not in rep.graph_code, rep.graph_code
-    assert "1 MoE layer(s) on this rank's tokens" in str(rep) and "no token moves" not in str(rep), str(rep)
+    assert "2 MoE layer(s) on this rank's tokens" in str(rep) and "no token moves" not in str(rep), str(rep)
 
 
 @pytest.mark.parametrize("kw, why", [({"shared": True}, "a tensor-parallel linear in the MoE block (a shared expert)"),

@@ -13,9 +13,11 @@ Each degree runs twice: experts tensor-parallel (the default: every expert split
 expert-parallel (``expert_parallel=True``: E / tp whole experts per rank, each rank running the tokens
 routed to its own experts). Both move the same collectives; the rows show what differs (memory is the
 same 1/tp, the expert matmuls are whole-expert GEMMs on 1/tp of the rows instead of 1/tp-wide GEMMs on
-all rows).
+all rows). With ``sequence_parallel=True`` (modes ``tp-sp``, ``ep-sp``): expert-TP's MoE layer is gathered
+(all-gather of the tokens, all-reduce of the combine), expert parallelism dispatches each rank's tokens with
+all-to-alls (a fixed buffer of tp x the exact rows, no host sync); the bytes column sums what moves.
 
-    python benchmarks/bench_moe.py
+    python benchmarks/bench_moe.py [--tp 2 4] [--modes tp ep tp-sp ep-sp]
 """
 from __future__ import annotations
 
@@ -37,7 +39,12 @@ CONFIG = dict(vocab_size=4096, hidden_size=256, intermediate_size=512, num_hidde
               tie_word_embeddings=False, attn_implementation="sdpa", use_cache=False)
 
 
-def _entry(rank: int, world: int, store: str, queue, expert_parallel: bool) -> None:
+MODES = {"tp": ("expert-TP", {}), "ep": ("expert-parallel", {"expert_parallel": True}),
+         "tp-sp": ("expert-TP + SP", {"sequence_parallel": True}),
+         "ep-sp": ("expert-parallel + SP (all-to-all)", {"expert_parallel": True, "sequence_parallel": True})}
+
+
+def _entry(rank: int, world: int, store: str, queue, mode: str) -> None:
     import torch.distributed as dist
 
     from tpcompile.compat import torchvision_without_kernels
@@ -55,7 +62,7 @@ def _entry(rank: int, world: int, store: str, queue, expert_parallel: bool) -> N
     model = tf.MixtralForCausalLM(cfg)
     ref = copy.deepcopy(model) if rank == 0 else None
     full = {n: p.numel() * p.element_size() for n, p in model.named_parameters()}
-    model = tpcompile.tp_compile(model, backend="aot_eager", expert_parallel=expert_parallel)
+    model = tpcompile.tp_compile(model, backend="aot_eager", **MODES[mode][1])
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=1e-3) if ref is not None else None
     ids = torch.randint(0, CONFIG["vocab_size"], (4, 128), generator=torch.Generator().manual_seed(1))
@@ -88,15 +95,16 @@ def _entry(rank: int, world: int, store: str, queue, expert_parallel: bool) -> N
         "tp_ms": 1e3 * statistics.median(times["tp"]),
         "single_ms": 1e3 * statistics.median(times["single"]) if times["single"] else None,
         "collectives": dict(coll),
+        "bytes": sum(c.nbytes for r in st.records for c in r.collectives),
     }))
     dist.destroy_process_group()
 
 
-def run(world: int, expert_parallel: bool) -> dict:
+def run(world: int, mode: str) -> dict:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     with tempfile.TemporaryDirectory() as d:
-        procs = [ctx.Process(target=_entry, args=(r, world, os.path.join(d, "store"), queue, expert_parallel)) for r in range(world)]
+        procs = [ctx.Process(target=_entry, args=(r, world, os.path.join(d, "store"), queue, mode)) for r in range(world)]
         for p in procs:
             p.start()
         out = dict(queue.get(timeout=1800) for _ in procs)
@@ -106,26 +114,33 @@ def run(world: int, expert_parallel: bool) -> dict:
 
 
 def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tp", type=int, nargs="+", default=[2, 4])
+    ap.add_argument("--modes", nargs="+", default=["tp", "ep"], choices=list(MODES))
+    args = ap.parse_args()
     sys.path.insert(0, ROOT)
     rows = []
-    for world in (2, 4):
-        for ep in (False, True):
-            r = run(world, ep)
+    for world in args.tp:
+        for mode in args.modes:
+            r = run(world, mode)
             c = r["collectives"]
             per_step = ", ".join(f"{ {'forward': 'fwd', 'backward': 'bwd'}[ph]} {n} {k}" for (ph, k), n in sorted(c.items()))
-            rows.append((world, "expert-parallel" if ep else "expert-TP", r, per_step))
+            rows.append((world, MODES[mode][0], r, per_step))
     mib = 1 / 2 ** 20
     print(f"Mixtral-like: {CONFIG['num_hidden_layers']} layers, hidden {CONFIG['hidden_size']}, "
           f"{CONFIG['num_local_experts']} experts x intermediate {CONFIG['intermediate_size']}, top-2, fp32, aot_eager\n")
     print("| tp | experts | params per rank (MiB) | experts per rank (MiB) | step ms (tp) | step ms (single device) | ratio "
-          "| collectives per step |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| collectives per step | MiB moved per step (rank 0) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     full = rows[0][2]
-    print(f"| 1 | - | {full['full'] * mib:.1f} | {full['experts_full'] * mib:.1f} | - | - | - | none |")
+    print(f"| 1 | - | {full['full'] * mib:.1f} | {full['experts_full'] * mib:.1f} | - | - | - | none | 0 |")
     for world, how, r, per_step in rows:
         print(f"| {world} | {how} | {r['local'] * mib:.1f} ({100 * r['local'] / r['full']:.0f}%) | "
               f"{r['experts_local'] * mib:.1f} ({100 * r['experts_local'] / r['experts_full']:.0f}%) | "
-              f"{r['tp_ms']:.0f} | {r['single_ms']:.0f} | {r['tp_ms'] / r['single_ms']:.2f} | {per_step} |")
+              f"{r['tp_ms']:.0f} | {r['single_ms']:.0f} | {r['tp_ms'] / r['single_ms']:.2f} | {per_step} | "
+              f"{r['bytes'] * mib:.1f} |")
 
 
 if __name__ == "__main__":

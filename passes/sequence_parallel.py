@@ -35,9 +35,11 @@ import torch
 import torch.fx as fx
 
 from tpcompile.errors import TPShardingError
+from tpcompile.runtime import expert_parallel as EP
 from tpcompile.runtime import mappings as M
 from tpcompile.runtime import vocab_parallel as V
 
+from .expert_dispatch import dispatch_experts
 from .graph_utils import comes_before, same_size, shape_str, size_expr, source_line, static_size, value
 from .normalize import LINEARS
 from .placements import Replicate, Shard
@@ -64,6 +66,8 @@ class SPResult:
     grad_buckets: int = 0  # their all-reduces: one per dtype
     merged: list = field(default_factory=list)  # groups of column linears on one gather, now one matmul
     skipped: str = ""  # why this graph is not token-sharded (a token count tp does not divide)
+    dispatches: list = field(default_factory=list)  # expert-parallel MoE blocks on this rank's tokens (all-to-all)
+    dispatch_warnings: list = field(default_factory=list)  # those left on the gathered path, and why
 
 
 def _token_shard(x: fx.Node) -> Shard:
@@ -190,6 +194,9 @@ def sequence_parallel(gm: fx.GraphModule, group: str, tp: int) -> SPResult:
             else:
                 u.replace_input_with(n, insert(M.gather_from_tp, n, u, tdim(n)))
                 res.gathers.append(u)
+    if any(n.op == "call_function" and n.target is EP.local_experts_linear for n in g.nodes):
+        res.dispatches, res.dispatch_warnings = dispatch_experts(g, region, group, tp, bucket)
+        res.slices = [x for x in res.slices if x not in res.dispatches]  # no longer sliced: computed per token
     if bucket:
         _bucket_grad_reductions(g, bucket, group)
         res.bucketed = [x.name for x in bucket]
@@ -279,11 +286,14 @@ def floor_with_sp(res: SPResult, loss_collectives: int, kv_copy_weights: int = 0
     the backward all-reduces of replicated weights used on token shards (norm weights, biases)
     and of those kv-head copies are taken from."""
     fwd = {"reduce-scatter into SP": len(res.entries), "all-gather out of SP": len(res.exits),
-           "vocab-parallel loss": loss_collectives}
+           "vocab-parallel loss": loss_collectives,
+           # per MoE block: the rows to their experts' ranks, each row's expert (int32), the results back
+           "expert dispatch / combine all-to-all": 3 * len(res.dispatches)}
     bwd = {"all-gather (reduce-scatter's backward)": len(res.entries),
            "reduce-scatter (all-gather's backward)": len(res.exits),
            "replicated-weight gradient all-reduce": len(res.grad_reductions) + res.grad_buckets,
-           "sliced input gradient all-gather": len(res.slices), "kv-copy weight gradient": kv_copy_weights}
+           "sliced input gradient all-gather": len(res.slices), "kv-copy weight gradient": kv_copy_weights,
+           "expert dispatch / combine all-to-all (reversed)": 2 * len(res.dispatches)}
     return {"forward": {k: v for k, v in fwd.items() if v}, "backward": {k: v for k, v in bwd.items() if v}}
 
 

@@ -95,3 +95,66 @@ def expert_rows_to_replicate(x: Tensor, route: Tensor, form: str, n_local: int, 
     from .mappings import reduce_from_tp
 
     return reduce_from_tp(expert_rows_zeroed(x, route, form, n_local, group), group)
+
+
+# ----------------------------------------------------------------------------- under sequence parallelism
+# Each rank holds 1/tp of the tokens, routes them itself, and the rows (token, expert) travel to the rank of
+# their expert and back: Megatron's all-to-all token dispatcher, in a fixed worst-case buffer. Every rank sends
+# each other rank a block of S rows (S: its own rows, tokens x top-k), filled up to the rows routed there, so
+# every shape is static and no count is read on the host (no host sync, one graph, Inductor-friendly); the
+# price is tp x the bytes of an exact exchange (docs/models.md compares).
+
+
+def _row_experts(route: Tensor, form: str, n_rows: int) -> Tensor:
+    """The expert of each row: ``route`` itself (``"ids"``), or, for rows sorted by expert with cumulative
+    counts, how many experts end at or before the row (rows past the last count: E, a row of no expert)."""
+    if form == "ids":
+        return route.long()
+    return torch.searchsorted(route.long(), torch.arange(n_rows, device=route.device), right=True)
+
+
+def dispatch_rows(x: Tensor, route: Tensor, form: str, n_local: int, group: str) -> tuple:
+    """Send each row of ``x`` (this rank's tokens' rows, routed by ``route``) to the rank holding its expert.
+
+    Returns ``(rows, rows_route, send_at, order, valid)``: ``rows`` the rows this rank's experts receive from
+    every rank (``[tp * S, H]``; zero where a block is not full), laid out for ``grouped_linear`` with
+    ``rows_route`` (sorted by local expert with cumulative counts, or the local expert of each row); the
+    rest is what ``combine_rows`` needs to send the results back. Two all-to-alls (the rows, differentiable:
+    their backward is the reverse all-to-all; and each row's local expert, int32)."""
+    from .mappings import _all_to_all, all_to_all_tp, group_size
+
+    tp, S = group_size(group), x.shape[0]
+    e = _row_experts(route, form, S)
+    dest = torch.div(e, n_local, rounding_mode="floor").clamp(max=tp)  # tp: a row of no expert, sent nowhere
+    slot = (torch.nn.functional.one_hot(dest, tp + 1).cumsum(0) - 1).gather(1, dest[:, None]).squeeze(1)
+    send_at = torch.where(dest < tp, dest * S + slot, tp * S)  # its row in the send buffer (tp * S: a dump row)
+    send = x.new_zeros(tp * S + 1, *x.shape[1:]).index_copy(0, send_at, x)[:-1]
+    ids = torch.full((tp * S + 1,), -1, dtype=torch.int32, device=x.device)
+    ids = ids.index_copy(0, send_at, (e - dest * n_local).to(torch.int32))[:-1]
+    rows = all_to_all_tp(send, group, 0, 0)  # block s: the rows rank s routed to this rank's experts
+    key = _all_to_all(ids, 0, 0, group).long()  # their local experts (-1: an empty slot)
+    key = torch.where(key >= 0, key, n_local)
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    if form == "ids":
+        valid = key < n_local
+        return torch.where(valid[:, None], rows, zero), key.clamp(max=n_local - 1), send_at, None, valid
+    order = torch.argsort(key, stable=True)  # by local expert (then source rank, then the source's order)
+    valid = key.index_select(0, order) < n_local
+    counts = torch.zeros(n_local + 1, dtype=torch.long, device=x.device).scatter_add(0, key, torch.ones_like(key))
+    offs = counts[:n_local].cumsum(0).to(route.dtype)
+    return torch.where(valid[:, None], rows.index_select(0, order), zero), offs, send_at, order, valid
+
+
+def combine_rows(y: Tensor, send_at: Tensor, order: Tensor | None, valid: Tensor, group: str) -> Tensor:
+    """The experts' results ``y`` (``dispatch_rows``' layout) back to the ranks and rows they came from:
+    ``[S, O]`` in the order of the rows dispatched (zeros for a row of no expert). One all-to-all (its
+    backward the reverse one). Rows past the experts' last count are undefined in ``y``: zeroed first."""
+    from .mappings import all_to_all_tp
+
+    zero = torch.zeros((), dtype=y.dtype, device=y.device)
+    y = torch.where(valid[:, None], y, zero)
+    if order is not None:  # back in the order received
+        y = torch.zeros_like(y).index_copy(0, order, y)
+    back = all_to_all_tp(y, group, 0, 0)  # block d: this rank's rows, computed by rank d's experts
+    back = torch.cat([back, back.new_zeros(1, *back.shape[1:])])
+    return back.index_select(0, send_at)

@@ -346,3 +346,43 @@ def test_replicas_that_drift_apart_raise_tp_divergence_error():
         assert msg.startswith("tp_compile: wpe.weight is replicated over the TP group but TP ranks [1] hold "
                               "other values than TP rank 0"), msg
         assert "check_replicas_every=0" in msg
+
+
+class _WritesIntoAColumnShard(nn.Module):
+    """``y.cumsum_(-1)`` on a column-parallel output that the row linear has already read: cumsum over
+    the sharded features needs ``y`` whole (an all-gather), and the write would land in that copy while
+    the later ``y.sum()`` reads the shard (written out of place it plans fine)."""
+
+    def __init__(self, in_place: bool = True):
+        super().__init__()
+        self.in_place = in_place
+        self.up, self.down = nn.Linear(32, 64, bias=False), nn.Linear(64, 32, bias=False)
+
+    def forward(self, x):
+        y = self.up(x)
+        z = self.down(F.relu(y))
+        if self.in_place:
+            y.cumsum_(-1)
+        else:
+            y = y.cumsum(-1)
+        return z.sum() + y.sum()
+
+
+def test_inplace_write_into_a_shard_that_must_be_gathered_is_refused_not_dropped():
+    """``rewrite._writes_first``: an in-place op whose written operand must change placement first (here
+    Shard(1) -> Replicate) is refused under ``explain``'s fake group,, naming the op, its source line and both fixes; the out-of-place
+    spelling of the same model plans and stays at its floor."""
+    import pytest
+
+    from tpcompile.errors import TPShardingError
+
+    x = torch.randn(4, 32)
+    with pytest.raises(TPShardingError) as e:
+        tpcompile.explain(_WritesIntoAColumnShard(), x, world_size=2)
+    msg = str(e.value)
+    assert "`cumsum_`" in msg and "test_behaviour.py" in msg and "y.cumsum_(-1)" in msg, msg
+    assert "S(1) -> R" in msg and "the write would land in a copy" in msg, msg
+    assert "x = x.cumsum(...)" in msg and "'replicate'" in msg, msg
+    rep = tpcompile.explain(_WritesIntoAColumnShard(in_place=False), x, world_size=2)
+    assert rep.plan["up.weight"] == "colwise" and rep.plan["down.weight"] == "rowwise", rep.plan
+    assert "gather_from_tp(" in rep.graph_code  # the cumsum reads y whole, out of place

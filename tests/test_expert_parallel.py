@@ -34,6 +34,13 @@ if ALL:
     CASES = {tp: [(f, impl, {"expert_parallel": True}) for f in ("mixtral", "qwen3_moe", "qwen2_moe")
                   for impl in ("grouped_mm", "batched_mm")] for tp in (2, 4)}
 LAYERS = 2 if ALL else 1
+# expert parallelism under sequence parallelism: the all-to-all dispatch / combine (passes/expert_dispatch.py);
+# TPCOMPILE_EP_ALL=1: both families x both implementations at both degrees
+EP_SP = {"expert_parallel": True, "sequence_parallel": True}
+SP_CASES = {2: [("mixtral", "grouped_mm", EP_SP)], 4: []}  # (suite budget: the TP=4 group takes no SP case)
+if ALL:
+    SP_CASES = {tp: [(f, impl, EP_SP) for f in ("mixtral", "qwen3_moe") for impl in ("grouped_mm", "batched_mm")]
+                for tp in (2, 4)}
 
 
 def train_case(rank: int, world: int, family: str, impl: str, tp_kwargs: dict, layers: int) -> dict:
@@ -84,7 +91,7 @@ def generate_case(rank: int, world: int, family: str, impl: str) -> dict:
 @functools.cache
 def _trained(world: int) -> list:
     gen = [(generate_case, ("mixtral", "grouped_mm"))] if world == 2 else []
-    return run_cases(world, [(train_case, (*case, LAYERS)) for case in CASES[world]] + gen)
+    return run_cases(world, [(train_case, (*case, LAYERS)) for case in CASES[world] + SP_CASES[world]] + gen)
 
 
 @pytest.mark.parametrize("world", [2, 4], ids=["tp2", "tp4"])
@@ -132,10 +139,133 @@ def test_expert_parallel_matches_single_device(world):
 def test_expert_parallel_generate_matches_single_device():
     """HF ``generate()`` of expert-parallel Mixtral at TP=2 (greedy, KV cache): single device's tokens on
     every rank."""
-    results = _trained(2)[len(CASES[2])]
+    results = _trained(2)[len(CASES[2]) + len(SP_CASES[2])]
     for r in results:
         assert r["style"] == "expert"
         assert r["tokens"] == r["ref_tokens"], (r["tokens"], r["ref_tokens"])
+
+
+@pytest.mark.parametrize("world", [w for w in (2, 4) if SP_CASES[w]], ids=[f"tp{w}" for w in (2, 4) if SP_CASES[w]])
+def test_expert_parallel_under_sequence_parallelism_dispatches_tokens_with_all_to_all(world):
+    """``sequence_parallel=True, expert_parallel=True``: each rank routes its own T / tp tokens, an all-to-all
+    sends every (token, expert) row to its expert's rank and another brings the results back; the MoE block
+    stays in the SP region (no gather before it, no all-reduce after it). Parity as above (the router's
+    gradient included: it is computed on each rank's tokens and all-reduced with the norm weights), and the
+    collectives counted exactly: per MoE layer 3 all-to-alls forward (the rows, each row's expert, the
+    results), 2 backward (their reverses), and at the SP floor."""
+    results_all = _trained(world)[len(CASES[world]):len(CASES[world]) + len(SP_CASES[world])]
+    L = LAYERS
+    for case, results in zip(SP_CASES[world], results_all):
+        family = case[0]
+        for rank, r in enumerate(results):
+            for a, b in zip(r["loss"], r["ref_loss"]):
+                assert abs(a - b) <= 1e-5 * abs(b), (case, rank, a, b)
+            assert r["loss"] == results[0]["loss"], case
+            assert r["grad_err"] <= 1e-5 and r["logits_err"] <= 1e-5, (case, r["grad_err"], r["logits_err"])
+            assert r["n_graphs"] == 1 and r["warnings"] == [], (case, r["warnings"])
+            for f, local in r["experts"].items():
+                full = r["ref_experts"][f]
+                assert r["plan"][f][:2] == ("expert", 0), (case, f, r["plan"][f])
+                assert torch.allclose(local, full[rank * 4 // world:(rank + 1) * 4 // world], atol=1e-5), (case, f)
+        r = results[0]
+        (why,) = r["floor_why"]
+        assert why["forward"] == {"reduce-scatter into SP": 1 + L, "all-gather out of SP": L, "vocab-parallel loss": 1,
+                                  "expert dispatch / combine all-to-all": 3 * L}, (case, why)
+        kv = L if (family, world) == ("mixtral", 4) else 0
+        qk_norm = 2 * L if family == "qwen3_moe" else 0  # q_norm / k_norm weights on head-sharded q, k
+        # forward: the embedding's and o_proj's reduce-scatters; q/k/v's all-gather; the final hidden states
+        # gathered for the LM head, the loss's one collective, the returned logits (as for a dense HF model)
+        assert r["collectives"] == {
+            ("forward", "reduce_scatter"): 1 + L, ("forward", "all_gather"): L + 3, ("forward", "all_to_all"): 3 * L,
+            ("backward", "all_gather"): 1 + L, ("backward", "reduce_scatter"): L, ("backward", "all_to_all"): 2 * L,
+            # the LM head's input, the one bucket of norm + router weight gradients, kv-copy / qk-norm weights
+            ("backward", "all_reduce"): 2 + kv + qk_norm}, (case, r["collectives"])
+
+
+class SPMoE(torch.nn.Module):
+    """A decoder-shaped MoE layer on ``[B, T, C]``: embedding, RMSNorm, a top-2 router, experts as HF's
+    ``batched_mm`` spells them, the combine back into the residual stream, a head; ``shared``: a tensor-parallel
+    MLP beside the routed experts (Qwen2-MoE's shared expert), its sum joining theirs; ``mix``: the router's
+    softmax over the tokens instead of the experts (a router that mixes tokens: not token-wise)."""
+
+    def __init__(self, C: int = 32, E: int = 4, I: int = 32, V: int = 64, shared: bool = False, mix: bool = False,
+                 two: bool = False):
+        super().__init__()
+        self.mix, self.two = mix, two  # two: a second MoE layer after the first (its own router and experts)
+        if two:
+            self.router2 = torch.nn.Linear(C, E, bias=False)
+            self.gate_up2 = torch.nn.Parameter(torch.randn(E, 2 * I, C) * C ** -0.5)
+            self.down2 = torch.nn.Parameter(torch.randn(E, C, I) * I ** -0.5)
+        self.emb, self.norm = torch.nn.Embedding(V, C), torch.nn.RMSNorm(C)
+        self.router, self.head = torch.nn.Linear(C, E, bias=False), torch.nn.Linear(C, V, bias=False)
+        self.gate_up = torch.nn.Parameter(torch.randn(E, 2 * I, C) * C ** -0.5)
+        self.down = torch.nn.Parameter(torch.randn(E, C, I) * I ** -0.5)
+        self.shared = (torch.nn.Linear(C, I, bias=False), torch.nn.Linear(I, C, bias=False)) if shared else None
+        if shared:
+            self.up_s, self.down_s = self.shared
+
+    def _moe(self, h, router, gate_up, down):
+        B, T, C = h.shape
+        t = self.norm(h).view(-1, C)
+        w, ids = torch.topk(router(t).softmax(0 if self.mix else -1), 2, dim=-1)
+        ids = ids.reshape(-1)
+        g, u = torch.bmm(gate_up[ids], t.repeat_interleave(2, dim=0).unsqueeze(-1)).squeeze(-1).chunk(2, dim=-1)
+        out = torch.bmm(down[ids], (torch.nn.functional.silu(g) * u).unsqueeze(-1)).squeeze(-1)
+        moe = (out * w.reshape(-1, 1)).view(B * T, 2, C).sum(1)
+        if self.shared is not None:
+            moe = moe + self.down_s(torch.relu(self.up_s(t)))
+        return h + moe.reshape(B, T, C)
+
+    def forward(self, x, y):
+        h = self._moe(self.emb(x), self.router, self.gate_up, self.down)
+        if self.two:
+            h = self._moe(h, self.router2, self.gate_up2, self.down2)
+        return torch.nn.functional.cross_entropy(self.head(self.norm(h)).flatten(0, 1), y.reshape(-1))
+
+
+def test_explain_shows_the_expert_all_to_alls_and_their_bytes():
+    """``explain`` (world size 4, SP + EP, 4 experts: one per rank): the dispatch and combine all-to-alls in the
+    collective list with their bytes (the fixed worst-case buffer: every rank sends each rank room for all its
+    ``N/tp * k`` rows: ``N * k * C`` floats per rank in all), the block in the SP region (no all-reduce forward),
+    at the floor; the report says what moves."""
+    import tpcompile
+
+    with torch.device("meta"):
+        model = SPMoE(two=True)  # two MoE layers: each block ends at its own combine
+    x, y = _tiny_batch()  # [2, 8]: N = 16 tokens
+    rep = tpcompile.explain(model, x, y, world_size=4, sequence_parallel=True, expert_parallel=True)
+    N, k, C = 16, 2, 32
+    rows, ids = ("all_to_all", N * k * C * 4), ("all_to_all", N * k * 4)
+    assert [(c.phase, c.kind, c.nbytes) for c in rep.collectives if c.kind == "all_to_all"] == \
+        [("forward", *rows), ("forward", *ids), ("forward", *rows)] * 2 + [("backward", *rows)] * 4, \
+        rep.collectives_summary()
+    assert rep.warnings == [] and rep.plan["gate_up"] == rep.plan["down2"] == "expert", rep.warnings
+    assert rep.floor["forward"]["expert dispatch / combine all-to-all"] == 6
+    assert rep.floor["backward"]["expert dispatch / combine all-to-all (reversed)"] == 4
+    assert rep.above_floor() == {"forward": 0, "backward": 0}, str(rep)
+    assert "all_reduce" not in {c.kind for c in rep.collectives if c.phase == "forward"}, rep.collectives_summary()
+    assert "dispatch_rows(" in rep.graph_code and "combine_rows(" in rep.graph_code
+    assert "gather_from_tp(" not in rep.graph_code and "scatter_to_sp(" not in rep.graph_code, rep.graph_code
+    assert "2 MoE layer(s) on this rank's tokens" in str(rep) and "no token moves" not in str(rep), str(rep)
+
+
+@pytest.mark.parametrize("kw, why", [({"shared": True}, "a tensor-parallel linear in the MoE block (a shared expert)"),
+                                     ({"mix": True}, "softmax over the tokens")], ids=["shared_expert", "token_mixing"])
+def test_a_moe_block_that_is_not_token_wise_alone_stays_gathered_with_a_warning(kw, why):
+    """A shared expert (tensor-parallel linears beside the routed experts, their sums joined), or a router that
+    mixes tokens (a softmax over them), cannot run on a rank's tokens alone: that MoE block stays on the
+    gathered path (all-gather in, all-reduce out: correct), with a ``TPWarning`` naming the line and why, and
+    no all-to-all."""
+    import tpcompile
+
+    with torch.device("meta"):
+        model = SPMoE(**kw)
+    rep = tpcompile.explain(model, *_tiny_batch(), world_size=2, sequence_parallel=True, expert_parallel=True)
+    assert len(rep.warnings) == 1 and why in rep.warnings[0] and "gathered path" in rep.warnings[0] \
+        and "test_expert_parallel.py" in rep.warnings[0], rep.warnings
+    assert rep.plan["gate_up"] == "expert" and (not kw.get("shared") or rep.plan["up_s.weight"] == "colwise"), rep.plan
+    assert not any(c.kind == "all_to_all" for c in rep.collectives)
+    assert "local_experts_linear(" in rep.graph_code and "gather_from_tp(" in rep.graph_code
 
 
 # ----------------------------------------------------------------------------- checkpoints across tp

@@ -122,9 +122,16 @@ class Report:
         experts = [pp for pp in self.params.values() if pp.style == "expert"]
         if experts:
             e = experts[0]
-            lines += ["", f"expert parallel: {len(experts)} expert weights hold {e.local_shape[0]} of {e.full_shape[0]} whole "
-                          f"experts on this rank; no token moves (no all-to-all: every rank holds every token), each MoE "
-                          f"layer's combine is one all-reduce (the 'expert combine' of the floor)."]
+            held = (f"expert parallel: {len(experts)} expert weights hold {e.local_shape[0]} of {e.full_shape[0]} whole "
+                    f"experts on this rank; ")
+            dispatched = sum(r.floor.get("forward", {}).get("expert dispatch / combine all-to-all", 0) for r in self.records) // 3
+            if dispatched:  # sequence parallel: each rank's tokens go to their experts' ranks and back
+                lines += ["", held + f"{dispatched} MoE layer(s) on this rank's tokens (sequence parallel): each sends "
+                          f"its (token, expert) rows to their experts' ranks and the results back, 3 all-to-alls forward "
+                          f"(rows, their experts, results), 2 backward, in a fixed buffer of tp x its rows (no host sync)."]
+            else:
+                lines += ["", held + "no token moves (no all-to-all: every rank holds every token), each MoE layer's "
+                          "combine is one all-reduce (the 'expert combine' of the floor)."]
         fused = [f for r in self.records for f in r.fused_norms]
         if fused:
             sp = " + all-gather" if fused[0].sequence_parallel else ""

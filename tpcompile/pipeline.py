@@ -298,10 +298,10 @@ def tp_program(gm: fx.GraphModule, param_fqns: dict[int, str], options: Options,
         kept_state = keep_state_sharded(gm, set(state_nodes), plan.prop.info)
         if options.sequence_parallel:
             sp = sequence_parallel(gm, options.group_name, options.tp)
-            if sp.skipped:
-                warnings.warn(sp.skipped, TPWarning, stacklevel=2)
-                fallbacks.append(sp.skipped)
-            else:
+            for msg in ([sp.skipped] if sp.skipped else []) + sp.dispatch_warnings:
+                warnings.warn(msg, TPWarning, stacklevel=2)
+                fallbacks.append(msg)
+            if not sp.skipped:
                 selections = floor["forward"].get("vocab-parallel selection", 0)
                 floor = floor_with_sp(sp, floor["forward"].get("vocab-parallel loss", 0), kv_copy_weights(plan))
                 if selections:

@@ -283,7 +283,9 @@ def regional_twin(regional: bool | None, tp: int, sequence_parallel: bool, fuse_
     tp > 1, without sequence parallelism and without ``fuse_norm=True`` (one rank is torch.compile;
     under SP the token-sharded residual stream, with fused norms a fusion, crosses the blocks' ends,
     and the pipeline would inline every region)."""
-    return regional is True and tp > 1 and not sequence_parallel and fuse_norm is not True
+    if regional is None and os.environ.get("TPCOMPILE_REGIONAL") == "0":  # the suite-time measurement's switch
+        regional = False
+    return regional is not False and tp > 1 and not sequence_parallel and fuse_norm is not True
 
 
 def fqns_of(model: nn.Module) -> list[str]:

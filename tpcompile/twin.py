@@ -23,6 +23,7 @@ Two things keep eagerly-run code right:
 from __future__ import annotations
 
 import copy
+import functools
 import re
 import types
 import warnings
@@ -217,27 +218,77 @@ class Twin:
             self._inline_changed_blocks()
 
     def _inline_changed_blocks(self) -> None:
-        """Trace inline every repeated block a module of which has hooks (copied from the user's model,
-        or registered there after ``tp_compile``: routed) or a training flag unlike the model's. Dynamo
-        (torch 2.13) checks a region's reuse for the next block against the guards of the first block's
-        trace, which have none on hooks (``skip_nnmodule_hook_guards``), and guards a stamped-out region
-        only on the block it was traced from: a forward hook on ``h[2].attn``, registered before
-        ``tp_compile`` or after the first call, was silently skipped (loss 5e-4 off). ``_tp_inline`` is
-        read in the caller's frame, where Dynamo guards it for every block."""
-        mode, names, now_inline = self.module.training, {m: n for n, m in self.module.named_modules()}, []
+        """Trace inline every repeated block whose modules differ from the first block's in hooks or
+        training flags, or have a routed module (hooks registered on the user's model after
+        ``tp_compile``). Dynamo (torch 2.13) checks a region's reuse for the next block against the
+        guards of the first block's trace, which have none on hooks (``skip_nnmodule_hook_guards``),
+        and guards a stamped-out region only on the block it was traced from: a forward hook on
+        ``h[2].attn``, registered before ``tp_compile`` or after the first call, was silently skipped
+        (loss 5e-4 off). Hooks alike in every block (Hugging Face's output-capturing ones: one closure
+        per module over the same code and values) trace into the region the same for each.
+        ``_tp_inline`` is read in the caller's frame, where Dynamo guards it for every block."""
+        first = [_module_state(m) for m in self._block_modules[id(self._blocks[0][0])]]
+        names, now_inline = {m: n for n, m in self.module.named_modules()}, []
         for block, _ in self._blocks:
-            inline = any(m.__dict__.get("_tp_route", False) or m.training != mode or m._forward_hooks
-                         or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-                         for m in self._block_modules[id(block)])
+            mods = self._block_modules[id(block)]
+            inline = (any(m.__dict__.get("_tp_route", False) for m in mods) or len(mods) != len(first)
+                      or not all(_same(_module_state(m), f) for m, f in zip(mods, first)))
             if block._tp_inline != inline:
                 block._tp_inline = inline
                 if inline:
                     now_inline.append(names.get(block, "?"))
         if now_inline and self.warn_regional_off:  # tp_compile(regional=True)
             warnings.warn(f"tpcompile: blocks {now_inline} are compiled inline, not as the repeated block's region: "
-                          f"a module in them has hooks or a training flag unlike the model's (a reused region "
+                          f"a module in them has hooks or a training flag unlike the first block's (a reused region "
                           f"would skip them). Correct; those layers compile in the model's graph.", TPWarning,
                           stacklevel=4)
+
+
+def _module_state(m: nn.Module) -> tuple:
+    """What a region traced from one block bakes in of each of its modules, beyond what Dynamo checks
+    for reuse: the training flag and the hooks (with their kwargs / always-called flags)."""
+    def hooks(d: dict, *flags: dict) -> list:
+        return [(h, *(k in f for f in flags)) for k, h in d.items()]
+
+    return (m.training, hooks(m._forward_pre_hooks, m._forward_pre_hooks_with_kwargs),
+            hooks(m._forward_hooks, m._forward_hooks_with_kwargs, m._forward_hooks_always_called),
+            hooks(m._backward_pre_hooks), hooks(m._backward_hooks))
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Whether ``a`` and ``b`` behave alike when traced: equal plain values, or functions of one code
+    object over alike defaults and closure cells (a closure made per module), partials and bound
+    methods of alike parts. Anything else only if it is the same object."""
+    if a is b:
+        return True
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, (bool, int, float, str, bytes, type(None))):
+        return a == b
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, types.FunctionType):
+        return (a.__code__ is b.__code__ and a.__globals__ is b.__globals__ and _same(a.__defaults__, b.__defaults__)
+                and _same(a.__kwdefaults__, b.__kwdefaults__) and _same(_cells(a), _cells(b)))
+    if isinstance(a, functools.partial):
+        return _same(a.func, b.func) and _same(a.args, b.args) and _same(a.keywords, b.keywords)
+    if isinstance(a, types.MethodType):
+        return a.__self__ is b.__self__ and _same(a.__func__, b.__func__)
+    return False
+
+
+def _cells(f: types.FunctionType) -> list:
+    """A closure's cell contents (itself, a recursive closure, and an empty cell as markers)."""
+    out = []
+    for c in f.__closure__ or ():
+        try:
+            v = c.cell_contents
+        except ValueError:
+            v = "<empty cell>"
+        out.append("<itself>" if v is f else v)
+    return out
 
 
 _BLOCK_REGIONS: dict[tuple, Callable] = {}

@@ -255,27 +255,28 @@ def _module_state(m: nn.Module) -> tuple:
             hooks(m._backward_pre_hooks), hooks(m._backward_hooks))
 
 
-def _same(a: Any, b: Any) -> bool:
+def _same(a: Any, b: Any, depth: int = 0) -> bool:
     """Whether ``a`` and ``b`` behave alike when traced: equal plain values, or functions of one code
     object over alike defaults and closure cells (a closure made per module), partials and bound
-    methods of alike parts. Anything else only if it is the same object."""
+    methods of alike parts. Anything else (or nested deeper than 6) only if it is the same object."""
     if a is b:
         return True
-    if type(a) is not type(b):
+    if type(a) is not type(b) or depth > 6:
         return False
+    same = functools.partial(_same, depth=depth + 1)
     if isinstance(a, (tuple, list)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
     if isinstance(a, (bool, int, float, str, bytes, type(None))):
         return a == b
     if isinstance(a, dict):
-        return list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
+        return list(a) == list(b) and all(same(a[k], b[k]) for k in a)
     if isinstance(a, types.FunctionType):
-        return (a.__code__ is b.__code__ and a.__globals__ is b.__globals__ and _same(a.__defaults__, b.__defaults__)
-                and _same(a.__kwdefaults__, b.__kwdefaults__) and _same(_cells(a), _cells(b)))
+        return (a.__code__ is b.__code__ and a.__globals__ is b.__globals__ and same(a.__defaults__, b.__defaults__)
+                and same(a.__kwdefaults__, b.__kwdefaults__) and same(_cells(a), _cells(b)))
     if isinstance(a, functools.partial):
-        return _same(a.func, b.func) and _same(a.args, b.args) and _same(a.keywords, b.keywords)
+        return same(a.func, b.func) and same(a.args, b.args) and same(a.keywords, b.keywords)
     if isinstance(a, types.MethodType):
-        return a.__self__ is b.__self__ and _same(a.__func__, b.__func__)
+        return a.__self__ is b.__self__ and same(a.__func__, b.__func__)
     return False
 
 

@@ -230,3 +230,18 @@ def test_cli_factory_arguments_and_inputs():
         main(["explain", "factories:meta_llama", "--input", "2x8", "--world-size", "2"])
     with pytest.raises(SystemExit, match="a shape like 2x3x224x224, got '2,8'"):
         main(["explain", "torch.nn:Linear", "4", "8", "--input", "2,8", "--world-size", "2"])
+
+
+def test_cli_explains_regional_by_default_and_the_whole_graph_with_a_flag(capsys):
+    """``explain`` both ways: the default compiles the repeated block once (one ``invoke_subgraph`` call per
+    layer in the rewritten graph); ``--whole-graph`` is ``regional=False``. Same plan and collectives."""
+    from tpcompile.__main__ import main
+
+    outs = []
+    for flag in ([], ["--whole-graph"]):
+        main(["explain", "gpt:make_model", "n_layer=2", "--world-size", "2", "--graph", *flag])
+        outs.append(capsys.readouterr().out)
+    reg, whole = outs
+    assert reg.count("invoke_subgraph(") == 2 and "invoke_subgraph" not in whole
+    assert reg.split("rewritten graph:")[0] == whole.split("rewritten graph:")[0]
+    assert reg.count("at the floor") == 2

@@ -82,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--graph", action="store_true", help="also print the rewritten graph code")
     ex.add_argument("--replicate", action="append", default=[], metavar="FQN",
                     help="keep these parameters/modules replicated (globs allowed; repeatable)")
+    ex.add_argument("--whole-graph", action="store_true",
+                    help="regional=False: every layer in one graph (the default compiles a repeated block once)")
     args = parser.parse_args(argv)
 
     import torch
@@ -106,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         margs = (margs,)
     rep = tpcompile.explain(
         model, *margs, world_size=args.world_size, rank=args.rank, sequence_parallel=args.sequence_parallel,
-        plan={p: "replicate" for p in args.replicate} or None, dump_dir=args.dump, **mkwargs,
+        plan={p: "replicate" for p in args.replicate} or None, dump_dir=args.dump,
+        regional=False if args.whole_graph else None, **mkwargs,
     )
     print(rep)
     if args.graph:

@@ -280,12 +280,14 @@ def without_regions_on_break(twin: Twin, call):
 
 
 def regional_twin(regional: bool | None, tp: int, sequence_parallel: bool, fuse_norm: bool | None) -> bool:
-    """Whether the repeated blocks are traced as compile regions: with ``regional=True`` (opt-in: the
-    default stays whole-graph until regions pass the full suite and the fuzzer as the default), at
+    """Whether the repeated blocks are traced as compile regions: unless ``regional=False``, at
     tp > 1, without sequence parallelism and without ``fuse_norm=True`` (one rank is torch.compile;
     under SP the token-sharded residual stream, with fused norms a fusion, crosses the blocks' ends,
-    and the pipeline would inline every region)."""
-    return regional is True and tp > 1 and not sequence_parallel and fuse_norm is not True
+    and the pipeline would inline every region). ``TPCOMPILE_REGIONAL=0`` turns the default off (to
+    time the test suite both ways)."""
+    if regional is None and os.environ.get("TPCOMPILE_REGIONAL") == "0":  # the suite-time measurement's switch
+        regional = False
+    return regional is not False and tp > 1 and not sequence_parallel and fuse_norm is not True
 
 
 def fqns_of(model: nn.Module) -> list[str]:
@@ -405,11 +407,12 @@ def tp_compile(
     the TP group); the numbers are unchanged.
     ``regional``: regional compilation: the repeated blocks (the largest ``ModuleList`` of one class)
     are captured, planned and compiled once and that program runs every layer, so compile time
-    stays nearly flat in depth; the plan, collectives and numbers are the whole graph's. ``True``:
-    on wherever that holds, the whole graph planned otherwise (sequence parallelism, fused norms, one
-    rank, per-layer overrides, a block that is not a TP region of its own, a graph break inside a
-    block, with a ``TPWarning``); ``None`` (default) and ``False``: one graph of every layer (opt-in
-    until regions pass the full suite and the fuzzer as the default: README).
+    stays nearly flat in depth; the plan, collectives and numbers are the whole graph's. ``None``
+    (default): on wherever that holds, the whole graph planned otherwise (sequence parallelism, fused
+    norms, one rank, per-layer overrides, a block that is not a TP region of its own, a graph break
+    inside a block), and a block whose hooks or training flags differ from the first block's traced
+    inline; ``True``: the same, with a ``TPWarning`` when it falls back; ``False``: one graph of every
+    layer.
     ``compile_options``: passed to ``torch.compile`` (``dynamic``, ``fullgraph``, ...; ``mode`` and
     ``options`` go to Inductor); ``backend`` picks what compiles the rewritten graph:
     ``"inductor"`` (default), ``"aot_eager"`` or ``"eager"``.

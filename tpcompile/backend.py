@@ -27,6 +27,7 @@ from tpcompile import compile_once
 from tpcompile.errors import TPShardingError, TPWarning
 from tpcompile.passes.graph_utils import value
 from tpcompile.passes.placements import local_size
+from tpcompile.passes.regional import inline_regions
 from tpcompile.twin import state_ghost, state_ghost_register, state_of
 from tpcompile.pipeline import Collective, GraphRecord, Options, collectives_of, communication_floor, tp_program
 
@@ -74,6 +75,10 @@ def _compile(gm: fx.GraphModule, inputs: list, record: GraphRecord, mode: str, o
             compiled(gm, inputs)
         return stand_in
     if mode == "eager":
+        # run eagerly, the rewritten regions inline: torch 2.13's eager invoke_subgraph cannot run its
+        # backward outside a fake mode ("fake_mode should be enabled for HOPs": a tp_compile(backend="eager")
+        # model's first backward raised); inlined, the graph is the whole-graph rewrite (same numbers)
+        inline_regions(gm)
         return gm.forward
     raise ValueError(f"tp_compile(backend={mode!r}): use 'inductor', 'aot_eager' or 'eager'")
 

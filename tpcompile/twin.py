@@ -23,12 +23,16 @@ Two things keep eagerly-run code right:
 from __future__ import annotations
 
 import copy
+import functools
 import re
 import types
+import warnings
 from typing import Any, Callable
 
 import torch
 import torch.nn as nn
+
+from tpcompile.errors import TPWarning
 
 
 def trace_config() -> dict:
@@ -88,6 +92,8 @@ def _block_forward(self, *args, **kwargs):
     once and called for every layer (``passes/regional.py``)."""
     if self._tp_route:
         return _through_user_hooks(self, args, kwargs)
+    if self._tp_inline:  # this block's modules changed since capture (``Twin.sync``): traced inline, guarded
+        return type(self).forward(self, *args, **kwargs)
     if not torch.is_grad_enabled() and not self.__dict__["_tp_owner"].regions_without_grad:
         return type(self).forward(self, *args, **kwargs)  # norms fused across blocks (generate): inline
     return self.__dict__["_tp_block_region"](self, *args, **kwargs)
@@ -165,6 +171,7 @@ class Twin:
             position = position_of(names.get(twin, ""))
             twin._tp_route = False
             if self.regional and id(twin) in blocks:
+                twin._tp_inline = False
                 twin.forward = types.MethodType(_copy_for(_block_forward, type(twin), position), twin)
                 twin.__dict__["_tp_block_region"] = _block_region(type(twin), position)
                 self._blocks.append((twin, position))
@@ -173,13 +180,15 @@ class Twin:
             twin.__dict__["_tp_user"] = user  # plain attributes, not submodules: never traced
             twin.__dict__["_tp_owner"] = self
             twin.__dict__["_tp_region"] = _copy_for(_region, type(twin), position)
+        self._block_modules = {id(b): list(b.modules())[1:] for b, _ in self._blocks}
+        self._blocks_checked = False  # the first sync checks the blocks' hooks (_inline_changed_blocks)
 
     def regional_off(self) -> None:
         """Trace the repeated blocks inline from now on (a graph break inside a block: Dynamo cannot
         capture a region that breaks)."""
         for twin, position in self._blocks:
             twin.forward = types.MethodType(_copy_for(_twin_forward, type(twin), position), twin)
-        self._blocks, self.regional = [], False
+        self._blocks, self._block_modules, self.regional = [], {}, False
 
     def follow_devices(self, params) -> None:
         """Keep each ghost on its parameter's device (a meta model allocated on another device)."""
@@ -190,17 +199,97 @@ class Twin:
 
     def sync(self) -> None:
         """Carry the user modules' training flags and hooks over to the twin, before each call."""
+        changed = False
         for i, (user, twin) in enumerate(self.pairs):
-            twin.training = user.training
+            if twin.training != user.training:
+                twin.training, changed = user.training, True
             if i and (user._forward_pre_hooks or user._forward_hooks or twin._forward_pre_hooks or twin._forward_hooks):
                 route = False
                 for mine, theirs in ((user._forward_pre_hooks, twin._forward_pre_hooks),
                                      (user._forward_hooks, twin._forward_hooks)):
                     for k in [k for k in theirs if k not in mine]:
                         del theirs[k]  # removed from the user's module since: the twin forgets it too
+                        changed = True
                     route = route or any(k not in theirs for k in mine)
                 if twin.__dict__.get("_tp_route", route) != route:
-                    twin._tp_route = route
+                    twin._tp_route, changed = route, True
+        if self._blocks and (changed or not self._blocks_checked):
+            self._blocks_checked = True
+            self._inline_changed_blocks()
+
+    def _inline_changed_blocks(self) -> None:
+        """Trace inline every repeated block whose modules differ from the first block's in hooks or
+        training flags, or have a routed module (hooks registered on the user's model after
+        ``tp_compile``). Dynamo (torch 2.13) checks a region's reuse for the next block against the
+        guards of the first block's trace, which have none on hooks (``skip_nnmodule_hook_guards``),
+        and guards a stamped-out region only on the block it was traced from: a forward hook on
+        ``h[2].attn``, registered before ``tp_compile`` or after the first call, was silently skipped
+        (loss 5e-4 off). Hooks alike in every block (Hugging Face's output-capturing ones: one closure
+        per module over the same code and values) trace into the region the same for each.
+        ``_tp_inline`` is read in the caller's frame, where Dynamo guards it for every block."""
+        first = [_module_state(m) for m in self._block_modules[id(self._blocks[0][0])]]
+        names, now_inline = {m: n for n, m in self.module.named_modules()}, []
+        for block, _ in self._blocks:
+            mods = self._block_modules[id(block)]
+            inline = (any(m.__dict__.get("_tp_route", False) for m in mods) or len(mods) != len(first)
+                      or not all(_same(_module_state(m), f) for m, f in zip(mods, first)))
+            if block._tp_inline != inline:
+                block._tp_inline = inline
+                if inline:
+                    now_inline.append(names.get(block, "?"))
+        if now_inline and self.warn_regional_off:  # tp_compile(regional=True)
+            warnings.warn(f"tpcompile: blocks {now_inline} are compiled inline, not as the repeated block's region: "
+                          f"a module in them has hooks or a training flag unlike the first block's (a reused region "
+                          f"would skip them). Correct; those layers compile in the model's graph.", TPWarning,
+                          stacklevel=4)
+
+
+def _module_state(m: nn.Module) -> tuple:
+    """What a region traced from one block bakes in of each of its modules, beyond what Dynamo checks
+    for reuse: the training flag and the hooks (with their kwargs / always-called flags)."""
+    def hooks(d: dict, *flags: dict) -> list:
+        return [(h, *(k in f for f in flags)) for k, h in d.items()]
+
+    return (m.training, hooks(m._forward_pre_hooks, m._forward_pre_hooks_with_kwargs),
+            hooks(m._forward_hooks, m._forward_hooks_with_kwargs, m._forward_hooks_always_called),
+            hooks(m._backward_pre_hooks), hooks(m._backward_hooks))
+
+
+def _same(a: Any, b: Any, depth: int = 0) -> bool:
+    """Whether ``a`` and ``b`` behave alike when traced: equal plain values, or functions of one code
+    object over alike defaults and closure cells (a closure made per module), partials and bound
+    methods of alike parts. Anything else (or nested deeper than 6) only if it is the same object."""
+    if a is b:
+        return True
+    if type(a) is not type(b) or depth > 6:
+        return False
+    same = functools.partial(_same, depth=depth + 1)
+    if isinstance(a, (tuple, list)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    if isinstance(a, (bool, int, float, str, bytes, type(None))):
+        return a == b
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, types.FunctionType):
+        return (a.__code__ is b.__code__ and a.__globals__ is b.__globals__ and same(a.__defaults__, b.__defaults__)
+                and same(a.__kwdefaults__, b.__kwdefaults__) and same(_cells(a), _cells(b)))
+    if isinstance(a, functools.partial):
+        return same(a.func, b.func) and same(a.args, b.args) and same(a.keywords, b.keywords)
+    if isinstance(a, types.MethodType):
+        return a.__self__ is b.__self__ and same(a.__func__, b.__func__)
+    return False
+
+
+def _cells(f: types.FunctionType) -> list:
+    """A closure's cell contents (itself, a recursive closure, and an empty cell as markers)."""
+    out = []
+    for c in f.__closure__ or ():
+        try:
+            v = c.cell_contents
+        except ValueError:
+            v = "<empty cell>"
+        out.append("<itself>" if v is f else v)
+    return out
 
 
 _BLOCK_REGIONS: dict[tuple, Callable] = {}

@@ -30,7 +30,7 @@ import torch.fx as fx
 from tpcompile.runtime import expert_parallel as EP
 from tpcompile.runtime import mappings as M
 
-from .graph_utils import source_line, static_size, value
+from .graph_utils import op_name, reachable, source_line, static_size, value
 from .normalize import GROUPED, LINEARS
 from .propagate import op_class
 
@@ -73,13 +73,13 @@ class _Block:
     def collect(self) -> None:
         if self.T is None:
             _no(self.first, "a symbolic token count (static shapes only)")
-        down, after = _descendants(self.entry), _descendants(self.second)
+        down, after = reachable(self.entry), reachable(self.second)
         combine = next((u for u in self.g.nodes if u in after and u.op == "call_function"  # the nearest (graph
                         and u.target is M.reduce_from_tp), None)  # order), not a later layer's
         if combine is None or len(combine.users) != 1 or next(iter(combine.users)).target is not M.scatter_to_sp:
             _no(self.second, "the experts' combine is not reduced and sliced back to this rank's tokens")
         self.combine, self.slice = combine, next(iter(combine.users))
-        nodes = ({n for n in _ancestors(combine) if n in down} | {combine}) - {self.entry}
+        nodes = ({n for n in reachable(combine, down=False) if n in down} | {combine}) - {self.entry}
         nodes |= {u for n in nodes for u in n.users if u.target is operator.setitem}  # writes (``inv_perm[perm] = ...``)
         for n in list(nodes):  # values made from nothing (``arange(S)``) that only the block reads
             for x in n.all_input_nodes:
@@ -100,7 +100,7 @@ class _Block:
             _no(self.entry, "the gathered tokens are read outside the MoE block too")
         self.nodes = nodes
         x2 = self.second.args[0]
-        self.rows = ({self.first, x2} | (_descendants(self.first) & _ancestors(x2))) & nodes
+        self.rows = ({self.first, x2} | (reachable(self.first) & reachable(x2, down=False))) & nodes
 
     # ------------------------------------------------------------------ token dims, kinds, edits
     def walk(self) -> None:
@@ -162,7 +162,7 @@ class _Block:
             if t is torch.arange and len(n.args) == 1 and isinstance(n.args[0], int):
                 self.tok[n], self.kind[n] = None, "pos"  # sized when its consumer is seen
                 return
-            _no(n, f"{_name(n)} with literal sizes in the MoE block")
+            _no(n, f"{op_name(n)} with literal sizes in the MoE block")
         if t in _VIEWS or t in _SHAPE_ONLY:
             self._view(n)
             return
@@ -210,7 +210,7 @@ class _Block:
         if cls in ("pointwise", "cast", "softmax", "reduction"):
             self._elementwise(n, toks, kinds, cls)
             return
-        _no(n, f"{_name(n)} (no rule says it is token-wise in a MoE block)")
+        _no(n, f"{op_name(n)} (no rule says it is token-wise in a MoE block)")
 
     def _pos_ok(self, n: fx.Node) -> bool:
         """Row positions may be scaled by ints (``perm // k``), copied (``empty_like``) and used as indices."""
@@ -229,7 +229,7 @@ class _Block:
     def _elementwise(self, n, toks, kinds, cls) -> None:
         v = value(n)
         if not isinstance(v, torch.Tensor):
-            _no(n, f"{_name(n)} of the tokens gives no tensor")
+            _no(n, f"{op_name(n)} of the tokens gives no tensor")
         if not toks:
             self.tok[n], self.kind[n] = None, ("route" if "route" in kinds else "data")
             return
@@ -238,7 +238,7 @@ class _Block:
             d, inner = self.tok[x]
             places.add((d + v.dim() - value(x).dim(), inner))
         if len(places) != 1:
-            _no(n, f"{_name(n)} of tokens laid out differently")
+            _no(n, f"{op_name(n)} of tokens laid out differently")
         (d, inner), = places
         for x in n.all_input_nodes:  # a value with no token dim broadcast along the tokens: size 1 there
             xv = value(x)
@@ -255,11 +255,11 @@ class _Block:
             dims = [k % nd for k in dims]
             src = self.tok[x][0]
             if src in dims:
-                _no(n, f"{_name(n)} over the tokens")
+                _no(n, f"{op_name(n)} over the tokens")
             if cls == "reduction" and v.dim() < nd:
                 d = src - sum(1 for k in dims if k < src)
         if v.dim() <= d or v.shape[d] % (self.T * inner):
-            _no(n, f"{_name(n)}: the tokens' dim is lost")
+            _no(n, f"{op_name(n)}: the tokens' dim is lost")
         self.tok[n], self.kind[n] = (d, inner), ("route" if "route" in kinds else "pos" if kinds == {"pos"} else "data")
 
     def _view(self, n: fx.Node) -> None:
@@ -357,33 +357,9 @@ class _Block:
                 bucket.setdefault(p, []).extend(u for u in p.users if u in self.nodes)
 
 
-def _name(n: fx.Node) -> str:
-    return n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
-
-
-def _descendants(n: fx.Node) -> set:
-    out, todo = set(), [n]
-    while todo:
-        for u in todo.pop().users:
-            if u not in out:
-                out.add(u)
-                todo.append(u)
-    return out
-
-
-def _ancestors(n: fx.Node) -> set:
-    out, todo = set(), [n]
-    while todo:
-        for x in todo.pop().all_input_nodes:
-            if x not in out:
-                out.add(x)
-                todo.append(x)
-    return out
-
-
 def _from_copy(x: fx.Node, nodes: set) -> bool:
     """``x`` is (a view / cast of) a ``copy_to_tp`` of the block: the input of a column-parallel linear."""
-    return any(a.op == "call_function" and a.target is M.copy_to_tp for a in _ancestors(x) | {x} if a in nodes)
+    return any(a.op == "call_function" and a.target is M.copy_to_tp for a in reachable(x, down=False) | {x} if a in nodes)
 
 
 def _pairs(g: fx.Graph) -> list:
@@ -406,9 +382,9 @@ def dispatch_experts(g: fx.Graph, region: set, group: str, tp: int, bucket: dict
             warns.append(f"{source_line(pair[0])}: {len(pair)} expert matmuls on one routing")
             continue
         first, second = pair
-        found = [a for a in _ancestors(first) if a.op == "call_function" and a.target is M.gather_from_tp
+        found = [a for a in reachable(first, down=False) if a.op == "call_function" and a.target is M.gather_from_tp
                  and a.args[0] in region]
-        above = set().union(*(_ancestors(a) for a in found)) if found else set()
+        above = set().union(*(reachable(a, down=False) for a in found)) if found else set()
         entries = [a for a in found if a not in above]  # the nearest: not an earlier block's
         if len(entries) != 1:
             warns.append(f"{source_line(first)}: the experts' tokens do not come from the sequence-parallel region "

@@ -106,6 +106,23 @@ def shape_str(sizes: Sequence) -> str:
     return "(" + ", ".join(str(size_expr(x)) for x in sizes) + ("," if len(sizes) == 1 else "") + ")"
 
 
+def op_name(node: fx.Node) -> str:
+    """What a message calls the op of ``node``: a method's name, or the function's ``__name__``."""
+    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+
+
+def reachable(node: fx.Node, down: bool = True) -> set:
+    """Every node ``node`` reaches through its users (``down``) or its inputs (not ``down``), itself excluded."""
+    out, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        for x in (n.users if down else n.all_input_nodes):
+            if x not in out:
+                out.add(x)
+                todo.append(x)
+    return out
+
+
 def comes_before(a: fx.Node, b: fx.Node) -> bool:
     """True if node ``a`` stands before node ``b`` in their graph."""
     n = a.next

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from tpcompile.errors import TPShardingError
 
-from .graph_utils import (divisors, is_tensor, norm_dim, numel_expr, same_size, shape, shape_str, source_line,
+from .graph_utils import (divisors, is_tensor, norm_dim, op_name, numel_expr, same_size, shape, shape_str, source_line,
                           static_size, value)
 from .layout import KVCopies, ParamPlan
 from .normalize import CONTRACTIONS, GROUPED, PROJECTIONS, param_operands, weight_out_dim
@@ -471,7 +471,7 @@ def _unsharded_contractions(gm: fx.GraphModule, prop: Propagation, param_fqns: d
             if w in forced or isinstance(prop.placement(w), Shard) or (not contraction and value(w).dim() < 2):
                 continue
             fqn = param_fqns[w]
-            name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+            name = op_name(node)
             fix = ("To shard it, write it as a linear over a 2-D weight (`F.linear(x, W)`, `x @ W`, "
                    "`torch.einsum('...i,io->...o', x, W)`); " if contraction else "")
             out.append(

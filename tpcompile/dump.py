@@ -17,6 +17,8 @@ from typing import Any
 
 import torch.fx as fx
 
+from tpcompile.passes.graph_utils import op_name
+
 _FREE = re.compile(r";  (?:\w+ = )+None$", re.M)
 _ANNOT = re.compile(r" ?: (?:torch\.[\w.]+|[A-Z]\w*)(?=[,)])")
 
@@ -59,7 +61,7 @@ def graph_dot(graph: fx.Graph, names: dict[str, str]) -> str:
         elif "tp_mapping" in n.meta or "vocab_parallel" in getattr(n.target, "__name__", ""):
             label, style = f"{n.name}\\n{getattr(n.target, '__name__', n.target)}", 'style=filled, fillcolor="#ffb3b3"'
         else:
-            target = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
+            target = op_name(n)
             label, style = f"{n.name}\\n{target}", ""
         lines.append(f'  "{n.name}" [label="{label}" {style}];')
         for a in n.all_input_nodes:

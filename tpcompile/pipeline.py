@@ -19,7 +19,7 @@ import torch.fx as fx
 
 from tpcompile.dump import readable_code
 from tpcompile.errors import TPWarning
-from tpcompile.passes.graph_utils import module_path, source_line, value
+from tpcompile.passes.graph_utils import module_path, op_name, source_line, value
 from tpcompile.passes.fused_norm import FUSED_OP, fuse_norms
 from tpcompile.passes.inline_checkpoint import CHECKPOINT, inline_checkpoints
 from tpcompile.passes.layout import ParamPlan
@@ -169,10 +169,6 @@ def _fused_collectives(n: fx.Node, phase: str) -> list[Collective]:
 
 def _symbolic(t: torch.Tensor) -> bool:
     return any(isinstance(s, torch.SymInt) for s in t.shape)
-
-
-def _op_name(node: fx.Node) -> str:
-    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
 
 
 def communication_floor(plan: GraphPlan) -> dict:
@@ -431,7 +427,7 @@ def _add_floors(floor: dict, more: list) -> dict:
 
 def _warn_unsupported(node: fx.Node, modules: list) -> str:
     msg = (
-        f"tpcompile: no tensor-parallel rule for `{_op_name(node)}` at {source_line(node)}; "
+        f"tpcompile: no tensor-parallel rule for `{op_name(node)}` at {source_line(node)}; "
         f"{', '.join(sorted(set(modules)))} stay replicated (correct, but not sharded)."
     )
     warnings.warn(msg, TPWarning, stacklevel=3)
@@ -445,7 +441,7 @@ def _warn_subgraph(node: fx.Node, fqns: dict) -> str:
     inside = [fqns[x] for x in node.all_input_nodes if x in fqns]
     shown = ", ".join(inside[:3]) + (", ..." if len(inside) > 3 else "")
     msg = (
-        f"tpcompile: `{_op_name(node)}` at {source_line(node)} runs a subgraph that is not rewritten "
+        f"tpcompile: `{op_name(node)}` at {source_line(node)} runs a subgraph that is not rewritten "
         f"(only activation-checkpointed blocks are); its {len(inside)} parameters ({shown}) stay replicated "
         f"(correct, but not sharded)."
     )
@@ -456,7 +452,7 @@ def _warn_subgraph(node: fx.Node, fqns: dict) -> str:
 def _warn_fallback(node: fx.Node, plan: GraphPlan) -> str:
     ins = {x.name: plan.prop.info[x].out for x in plan.prop.info[node].need if x in plan.prop.info}
     msg = (
-        f"tpcompile: no tensor-parallel rule for `{_op_name(node)}` at {source_line(node)} (inputs {ins}); "
+        f"tpcompile: no tensor-parallel rule for `{op_name(node)}` at {source_line(node)} (inputs {ins}); "
         f"its inputs are made whole first (extra collective), so the result stays correct. "
         f"To avoid the collective, keep the projections around it replicated with plan={{...: 'replicate'}}."
     )

@@ -61,6 +61,9 @@ def stack_fqn(path: str) -> str:
     # the root: ``self``, or the first argument of a decorated forward (``wrapper(*args, **kwargs)``: HF's)
     path = re.sub(r"^L\['self'\]|^L\['args'\]\[0\]", "", path)
     path = path.replace(".forward.__self__", "")  # through a twin module's forward (tpcompile/twin.py)
+    # a twin module's class has its own ``__getattr__`` (tpcompile/eager.py): Dynamo reads submodules
+    # from the instance's ``__dict__`` then
+    path = path.replace(".__dict__['_modules']", "._modules")
     path = re.sub(r"\._modules\['([^']+)'\]|\[['\"]?([^\]'\"]+)['\"]?\]", lambda m: "." + (m.group(1) or m.group(2)), path)
     return path.lstrip(".")
 

@@ -115,6 +115,15 @@ def make_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
     return model.train()
 
 
+def enable_checkpointing(model, kwargs: dict) -> None:
+    """HF's activation checkpointing, under the name the installed transformers gives it
+    (``activation_checkpointing_enable`` from 5.25 on, ``gradient_checkpointing_enable`` before)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def train_hf_beside_reference(rank: int, world: int, family: str, steps: int = 3, lr: float = 0.1,
                               backend: str = "aot_eager", batch: tuple = (2, 16), dtype=None,
                               autocast: bool = False, grad_ckpt: dict | None = None, regional: bool | None = None,
@@ -130,7 +139,7 @@ def train_hf_beside_reference(rank: int, world: int, family: str, steps: int = 3
 
     model = make_model(family, **overrides)
     if grad_ckpt is not None:  # HF's activation checkpointing: torch.utils.checkpoint around each layer
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=grad_ckpt)
+        enable_checkpointing(model, grad_ckpt)
     if dtype is not None:
         model = model.to(dtype)
     g = torch.Generator().manual_seed(1234)
@@ -160,9 +169,11 @@ def train_many(rank: int, world: int, cases: list) -> list:
     (one process start and one ``transformers`` import per rank for all of them)."""
     import torch._dynamo
 
+    from multirank import isolated
+
     out = []
-    for family, kw in cases:
-        out.append(train_hf_beside_reference(rank, world, family, **kw))
+    for family, kw in cases:  # a case that raises is reported by its own test (multirank.per_case)
+        out.append(isolated(train_hf_beside_reference, rank, world, family, **kw))
         torch._dynamo.reset()
     return out
 

@@ -150,13 +150,51 @@ def _cases(rank: int, world_size: int, cases: list) -> list:
 
     out = []
     for fn, args in cases:
-        out.append(fn(rank, world_size, *args))
+        out.append(isolated(fn, rank, world_size, *args))
         torch._dynamo.reset()
     return out
 
 
 def run_cases(world_size: int, cases: list, timeout: float = 600) -> list:
     """Several ``(fn, args)`` cases in one spawned gloo group (one process start and one set of
-    imports for all of them; Dynamo reset between cases). Returns, per case, the results by rank."""
+    imports for all of them; Dynamo reset between cases). Returns, per case, the results by rank; a
+    case that raised is a ``FailedCase`` that raises its traceback where a test reads it, so one
+    broken case fails its own test, not every test sharing the job."""
     by_rank = run_ranks(_cases, world_size, cases, timeout=timeout)
-    return [[r[i] for r in by_rank] for i in range(len(cases))]
+    return [per_case([r[i] for r in by_rank]) for i in range(len(cases))]
+
+
+class CaseError:
+    """What a rank returns for a case that raised (its traceback), instead of ending the shared job."""
+
+    def __init__(self, tb: str):
+        self.tb = tb
+
+
+def isolated(fn: Callable, *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)``, or a ``CaseError`` with the traceback if it raised."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception:  # noqa: BLE001 - reported by the test that reads this case
+        return CaseError(traceback.format_exc())
+
+
+class FailedCase:
+    """One case of a shared job that raised on some rank: any use of it raises that rank's traceback."""
+
+    def __init__(self, errors: list):
+        self.errors = errors
+
+    def _raise(self, *_args, **_kwargs):
+        raise AssertionError("this case raised in the shared gloo job:\n" + "\n".join(self.errors))
+
+    __getitem__ = __iter__ = __len__ = __contains__ = _raise
+
+    def __getattr__(self, name):
+        self._raise()
+
+
+def per_case(results: list) -> Any:
+    """A case's results by rank, or a ``FailedCase`` if a rank returned a ``CaseError``."""
+    errors = [f"--- rank {r} ---\n{x.tb}" for r, x in enumerate(results) if isinstance(x, CaseError)]
+    return FailedCase(errors) if errors else results

@@ -15,7 +15,7 @@ import gpt
 import hf_models
 import llama
 import tpcompile
-from multirank import run_cases
+from multirank import per_case, run_cases
 from parity import train_beside_reference
 
 
@@ -92,7 +92,7 @@ def test_regional_and_whole_graph_train_as_single_device():
 
 
 def test_hugging_face_llama_trains_regionally_as_single_device():
-    hf = [rank[0] for rank in _trained()[2]]
+    hf = per_case([rank[0] for rank in _trained()[2]])
     _check(hf)
     assert [list(r.values()) for r in hf[0]["regions"]] == [[["model.layers.0.", "model.layers.1."]]]
     assert hf[0]["n_graphs"] == 1 and hf[0]["warnings"] == []

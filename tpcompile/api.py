@@ -11,9 +11,10 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from tpcompile import compile_once
+from tpcompile import compile_once, eager
 from tpcompile.backend import USER_MODES, Recorder, compile_twin
 from tpcompile.compat import install_output_hooks
+from tpcompile.eager import EagerLog
 from tpcompile.data_parallel import apply_data_parallel, data_parallel_mesh, refuse_ddp
 from tpcompile.errors import TPEagerFallbackError, TPInputMismatchError, TPShardingError, TPWarning
 from tpcompile.params import TPParameters, watch_optimizers
@@ -63,6 +64,8 @@ class TensorParallel:
         self.twin.warn_regional_off, self.twin.regions_without_grad = regional is True, fuse_norm is False
         self._moe_hint = _moe_hint(model)
         self.params = TPParameters(model, self.mesh, self.rank, self.tp)
+        self.eager_log = EagerLog(hint=_moe_hint(model))
+        eager.register(self.twin, self.params, self.eager_log)
         watch_optimizers(self.params)
         refuse_ddp()
         self.options = Options(self.tp, self.rank, self.group.group_name,
@@ -137,6 +140,7 @@ class TensorParallel:
         if every and self.tp > 1 and (self.calls <= 3 or self.calls % every == 0):
             self.params.check_replicas(self.group, self.device)
         n_graphs, n_calls = len(self.records), self.recorder.calls
+        self.eager_log.start_call()
         try:
             with torch._dynamo.config.patch(**self._trace_config):
                 out = without_regions_on_break(self.twin, lambda: self.compiled(*args, **kwargs))
@@ -145,6 +149,7 @@ class TensorParallel:
             if isinstance(inner, (TPShardingError, ValueError, NotImplementedError, RuntimeError)):
                 raise inner from None
             raise
+        self.eager_log.flush(stacklevel=3)
         if self.recorder.calls == n_calls:
             self._check_ran_compiled(out)
         if len(self.records) != n_graphs:  # something (re)compiled: make sure nothing ran on ghosts
@@ -189,19 +194,19 @@ class TensorParallel:
             )
 
     def _check_no_eager_ghosts(self, out) -> None:
-        """Code Dynamo runs eagerly (a frame skipped for a graph break inside a loop) computes right when
-        it calls modules (each compiles on its own), but a parameter it reads directly is a ghost: NaN."""
+        """Code Dynamo runs eagerly reads real parameters through their modules (``tpcompile.eager``);
+        one that reaches a parameter another way (``module._parameters[...]``, ``parameters()`` inside
+        the forward) gets the memory-free stand-in, and its result is NaN: say so instead."""
         if not _has_nan(out):
             return
         unseen = [f for f in self.params.slots if f not in self.params.layouts]
-        which = "a parameter was read directly (not through its module) by code Dynamo ran eagerly" + (
-            f" (no compiled graph has used {unseen[:6]}{'...' if len(unseen) > 6 else ''})" if unseen else "")
+        which = (f" (no compiled graph has used {unseen[:6]}{'...' if len(unseen) > 6 else ''})" if unseen else "")
         raise TPEagerFallbackError(
-            f"tp_compile: the output is NaN on a call that compiled new graphs: {which}. Dynamo runs a frame "
-            f"eagerly when it cannot resume it after a graph break (typically one inside a loop), and there a "
-            f"parameter is only a memory-free stand-in (NaN); a module call is compiled on its own and stays "
-            f"right. Call the module instead of reading its weight (self.lm_head(x), not x @ self.wte.weight.T), "
-            f"or remove the graph break (TORCH_LOGS=graph_breaks shows it).{self._moe_hint}"
+            f"tp_compile: the output is NaN on a call that compiled new graphs: code Dynamo ran eagerly reached a "
+            f"parameter other than through its module{which}. Such code reads `module.weight` as the full "
+            f"parameter (gathered, right but slower), but a parameter taken from `module._parameters`, "
+            f"`parameters()` or `state_dict()` inside the forward is a memory-free stand-in (NaN). Read it as an "
+            f"attribute of its module, or remove the graph break (TORCH_LOGS=graph_breaks shows it).{self._moe_hint}"
         )
 
     def _broadcast(self, args, kwargs):

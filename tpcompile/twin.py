@@ -32,6 +32,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+from tpcompile.eager import eager_class
 from tpcompile.errors import TPWarning
 
 
@@ -41,14 +42,21 @@ def trace_config() -> dict:
     Graph breaks in nested frames resume there instead of ending the caller's graph, and logger
     calls Dynamo would break on are dropped inside compiled code: a harmless
     ``logger.warning_once(...)`` in a library model (Hugging Face's loss selection) would
-    otherwise split the model into graphs planned apart, which costs collectives."""
+    otherwise split the model into graphs planned apart, which costs collectives.
+
+    A checkpointed block (``torch.utils.checkpoint``) with a Python side effect is traced, its side
+    effect applied once (in the forward), not again in the backward's recompute: Hugging Face's
+    layers (transformers >= 5.25) set and reset the ``kernels`` package's context variable around
+    each attention forward, a side effect that Dynamo otherwise refuses inside the checkpoint and
+    answers by running every checkpointed layer eagerly (unsharded, through ``tpcompile.eager``)."""
     import logging
 
     names = ("debug", "info", "warning", "warn", "error", "critical", "exception", "log", "warning_once", "info_once",
              "warning_advice")
     fns = {getattr(logging.Logger, n) for n in names if hasattr(logging.Logger, n)}
     return {"nested_graph_breaks": True,
-            "ignore_logging_functions": set(torch._dynamo.config.ignore_logging_functions) | fns}
+            "ignore_logging_functions": set(torch._dynamo.config.ignore_logging_functions) | fns,
+            "skip_fwd_side_effects_in_bwd_under_checkpoint": True}
 
 
 def ghost(p: torch.Tensor, device: torch.device) -> nn.Parameter:
@@ -81,10 +89,34 @@ def _matrix_ghost(shape: tuple, dtype: torch.dtype, device: torch.device) -> tor
     return m
 
 
+def _forward_of(module: nn.Module) -> Callable:
+    """The function ``module`` runs as its forward, called as ``f(module, *args)``: its class's, or
+    the one set on the instance before ``tp_compile`` (``module.forward = ...``, as accelerate's
+    hooks and patching libraries do; it used to be skipped for the class's, silently)."""
+    f = module._tp_fwd
+    return type(module).forward if f is None else f
+
+
+def _instance_forward(fwd: Callable, module: nn.Module, *args, **kwargs):
+    return fwd(*args, **kwargs)
+
+
+def _own_forward(twin: nn.Module) -> tuple[Callable | None, bool]:
+    """(``_tp_fwd`` of a twin module, whether a compile region may run it for another block): None for
+    the class's forward; a method bound to the module itself, as its function (region-safe); any
+    other callable (a partial, a closure: it holds its own module), called as it is, not region-safe."""
+    fwd = twin.__dict__.get("forward")
+    if fwd is None:
+        return None, True
+    if isinstance(fwd, types.MethodType) and fwd.__self__ is twin:
+        return fwd.__func__, True
+    return functools.partial(_instance_forward, fwd), False
+
+
 def _twin_forward(self, *args, **kwargs):
     if self._tp_route:  # the user's module has hooks (FSDP2): run them, around the compiled forward
         return _through_user_hooks(self, args, kwargs)
-    return type(self).forward(self, *args, **kwargs)
+    return _forward_of(self)(self, *args, **kwargs)
 
 
 def _block_forward(self, *args, **kwargs):
@@ -93,9 +125,9 @@ def _block_forward(self, *args, **kwargs):
     if self._tp_route:
         return _through_user_hooks(self, args, kwargs)
     if self._tp_inline:  # this block's modules changed since capture (``Twin.sync``): traced inline, guarded
-        return type(self).forward(self, *args, **kwargs)
+        return _forward_of(self)(self, *args, **kwargs)
     if not torch.is_grad_enabled() and not self.__dict__["_tp_owner"].regions_without_grad:
-        return type(self).forward(self, *args, **kwargs)  # norms fused across blocks (generate): inline
+        return _forward_of(self)(self, *args, **kwargs)  # norms fused across blocks (generate): inline
     return self.__dict__["_tp_block_region"](self, *args, **kwargs)
 
 
@@ -103,7 +135,7 @@ def _block_body(module: nn.Module, *args, **kwargs):
     # the module is an operand of the region, not the bound ``self`` of a method: Dynamo reuses a
     # region traced from a bound method for another instance with the *first* instance's
     # parameters (checked, torch 2.13: silently wrong), an operand module lifts its own
-    return type(module).forward(module, *args, **kwargs)
+    return _forward_of(module)(module, *args, **kwargs)
 
 
 _COPIES: dict[tuple, Callable] = {}
@@ -151,14 +183,19 @@ class Twin:
         # every name of a parameter (a tied weight has several) -> the FQN it is planned under
         self.aliases = {n: self.fqn_of[id(memo[id(p)])] for n, p in model.named_parameters(remove_duplicate=False)}
         self.module = copy.deepcopy(model, memo)
+        for m in self.module.modules():  # untraced reads of a ghost get the real value (tpcompile.eager)
+            m.__class__ = eager_class(type(m))
         self.ghosts = [memo[id(p)] for p in model.parameters()]  # keep ids stable
+        self.eager = None  # tpcompile.eager.register: what an untraced read of a ghost gathers from
         self.pairs = list(zip(model.modules(), self.module.modules()))
         self.compile: Callable | None = None  # set by the owner: fn -> torch.compile(fn, backend=...)
         self.regions: dict[Callable, Callable] = {}
         names = {m: n for n, m in self.module.named_modules()}  # a module registered twice: its first name
         from tpcompile.data_parallel import find_blocks
 
-        blocks = {id(b) for b in find_blocks(self.module)} if regional else set()
+        own = {id(m): _own_forward(m) for m in self.module.modules()}
+        # a block whose forward was set on the instance as anything but its own method stays out of the region
+        blocks = {id(b) for b in find_blocks(self.module) if own[id(b)][1]} if regional else set()
         self.regional = len(blocks) > 1
         self.warn_regional_off = False  # tp_compile(regional=True): a TPWarning when a graph break turns it off
         # trace regions under no_grad too (fuse_norm=False): otherwise those graphs fuse norms across the
@@ -170,6 +207,7 @@ class Twin:
                 continue  # the root (its hooks already ran: the user called it) and containers
             position = position_of(names.get(twin, ""))
             twin._tp_route = False
+            twin._tp_fwd = own[id(twin)][0]
             if self.regional and id(twin) in blocks:
                 twin._tp_inline = False
                 twin.forward = types.MethodType(_copy_for(_block_forward, type(twin), position), twin)
@@ -250,7 +288,7 @@ def _module_state(m: nn.Module) -> tuple:
     def hooks(d: dict, *flags: dict) -> list:
         return [(h, *(k in f for f in flags)) for k, h in d.items()]
 
-    return (m.training, hooks(m._forward_pre_hooks, m._forward_pre_hooks_with_kwargs),
+    return (m.training, m.__dict__.get("_tp_fwd"), hooks(m._forward_pre_hooks, m._forward_pre_hooks_with_kwargs),
             hooks(m._forward_hooks, m._forward_hooks_with_kwargs, m._forward_hooks_always_called),
             hooks(m._backward_pre_hooks), hooks(m._backward_hooks))
 
@@ -306,7 +344,7 @@ def _block_region(cls: type, position: str) -> Callable:
 def _region(module: nn.Module, *args, **kwargs):
     """What a routed module compiles (one copy per class and position): the twin module's own
     forward (its children route as usual)."""
-    return type(module).forward(module, *args, **kwargs)
+    return _forward_of(module)(module, *args, **kwargs)
 
 
 @torch._dynamo.disable(recursive=True)

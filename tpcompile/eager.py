@@ -1,0 +1,228 @@
+"""Code that Dynamo runs eagerly reads real parameters: right, slower.
+
+Dynamo traces the ghost twin (``tpcompile.twin``), whose parameters own no memory (NaN). Some
+code is not traced but run as it is, on the twin: a ``torch._dynamo.disable``d function, a frame
+Dynamo cannot resume after a graph break (one inside a loop, or inside a ``with`` of a user
+context manager), ``torch.utils.checkpoint``'s eager path and its recompute in the backward,
+every frame past Dynamo's recompile limit. Such code reaches a parameter through its module
+(``self.weight``, ``self.wte.weight.T``): ``nn.Module.__getattr__``. Every twin module's class is
+a subclass of its own with ``EagerReads`` first, whose ``__getattr__`` answers an untraced read of
+a ghost with the parameter's full value, gathered from this rank's DTensor parameter. The gather
+is differentiable: the gradient of the full value comes back as this rank's shard of it (every
+rank computes the same full gradient, so no reduction). Traced reads are unchanged (the branch
+is dead under ``torch.compiler.is_compiling()``), so compiled graphs and their collectives are
+the same as without this module.
+
+The cost: each read all-gathers the whole parameter on every rank, the op runs unsharded, and
+autograd may hold the full value until the backward. ``EagerLog`` says so once per frame, with
+the frame, the parameters, the bytes and Dynamo's graph-break reasons.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from tpcompile.errors import TPWarning
+
+_OWNERS: "torch.utils.weak.WeakIdKeyDictionary | None" = None  # ghost -> (weakref to EagerParams, fqn)
+
+
+def _owners():
+    global _OWNERS
+    if _OWNERS is None:
+        from torch.utils.weak import WeakIdKeyDictionary
+
+        _OWNERS = WeakIdKeyDictionary()
+    return _OWNERS
+
+
+class EagerReads:
+    """First base of every twin module's class: an untraced read of a ghost parameter returns its
+    real full value (``real_value``). ``nn.Module.__getattr__`` is only reached for parameters,
+    buffers and submodules, so other attribute reads cost nothing."""
+
+    def __getattr__(self, name: str):
+        value = super().__getattr__(name)
+        if torch.compiler.is_compiling():
+            return value
+        return real_value(value, sys._getframe(1))
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def eager_class(cls: type) -> type:
+    """``cls`` with ``EagerReads`` first (one per class, same name): what a twin module becomes."""
+    if issubclass(cls, EagerReads):
+        return cls
+    out = _CLASSES.get(cls)
+    if out is None:
+        out = _CLASSES[cls] = type(cls.__name__, (EagerReads, cls), {"__module__": cls.__module__,
+                                                                     "__qualname__": cls.__qualname__})
+    return out
+
+
+@dataclass
+class _Frame:
+    where: str
+    fqns: dict = field(default_factory=dict)  # fqn -> bytes gathered per read
+
+
+@dataclass
+class EagerLog:
+    """The eagerly-run frames that read parameters, for one tp-compiled model: one ``TPWarning``
+    per frame, the first time it is seen (``flush``, after each call)."""
+
+    frames: dict = field(default_factory=dict)  # code object -> _Frame
+    warned: set = field(default_factory=set)
+    reasons: list = field(default_factory=list)  # Dynamo's graph-break reasons seen while tracing
+    gathered: list = field(default_factory=list)  # (weakref to a full value handed out, its version, fqn, frame)
+    hint: str = ""  # a model-specific way out, appended to each warning (tpcompile.api._moe_hint)
+    _before: set = field(default_factory=set)
+
+    def start_call(self) -> None:
+        self._before = set(_dynamo_reasons())
+
+    def note(self, frame, fqn: str, full: torch.Tensor) -> None:
+        code = frame.f_code
+        self.gathered.append((weakref.ref(full), full._version, fqn, code))
+        f = self.frames.get(code)
+        if f is None:
+            where = f"{_short(code.co_filename)}:{frame.f_lineno} ({getattr(code, 'co_qualname', code.co_name)})"
+            f = self.frames[code] = _Frame(where)
+        f.fqns[fqn] = full.numel() * full.element_size()
+
+    def flush(self, stacklevel: int = 3) -> None:
+        """Warn once per new eager frame; refuse a parameter written in place by eager code (the
+        write went to a gathered copy and would be lost)."""
+        written = [(fqn, code) for ref, version, fqn, code in self.gathered
+                   if (t := ref()) is not None and t._version != version]
+        self.gathered.clear()
+        if written:
+            from tpcompile.errors import TPEagerFallbackError
+
+            fqn, code = written[0]
+            raise TPEagerFallbackError(
+                f"tp_compile: {self.frames[code].where} ran eagerly and wrote into parameter {fqn} in place. In "
+                f"code Dynamo does not trace, a parameter read is a full copy gathered from this rank's shard, so "
+                f"the write would be lost. Update parameters outside the forward (under torch.no_grad(), on "
+                f"model.parameters()), or remove the graph break so that the write is compiled.")
+        for r in _dynamo_reasons():
+            line = _one_line(r)
+            if r not in self._before and line and line not in self.reasons:
+                self.reasons.append(line)
+        for code, f in self.frames.items():
+            if code in self.warned:
+                continue
+            self.warned.add(code)
+            total = sum(f.fqns.values())
+            names = list(f.fqns)
+            why = "; ".join(self.reasons[-3:]) or \
+                "no graph break recorded: a torch._dynamo.disable'd function, torch.utils.checkpoint's eager path or " \
+                "its recompute in the backward, or Dynamo's recompile limit (TORCH_LOGS=graph_breaks,recompiles)"
+            warnings.warn(
+                f"tpcompile: {f.where} ran eagerly (Dynamo did not trace it; Dynamo said: {why}). Its parameter "
+                f"reads {names[:4]}{' ...' if len(names) > 4 else ''} get the full tensors, all-gathered on every "
+                f"rank at each read ({_mib(total)} per call) and used unsharded: right, slower. Remove the graph "
+                f"break (TORCH_LOGS=graph_breaks) so that this code is compiled and sharded.{self.hint}",
+                TPWarning, stacklevel=stacklevel)
+
+
+def _dynamo_reasons() -> list:
+    """What Dynamo could not trace so far (its graph-break and unsupported-construct counters)."""
+    from torch._dynamo.utils import counters
+
+    return [*counters["graph_break"], *counters["unimplemented"]]
+
+
+def _short(path: str) -> str:
+    parts = path.replace(os.sep, "/").split("/")
+    if "site-packages" in parts:
+        parts = parts[parts.index("site-packages") + 1:]
+    return "/".join(parts[-3:])
+
+
+def _one_line(reason: str) -> str:
+    line = " ".join(str(reason).strip().splitlines()[0].split()) if str(reason).strip() else ""
+    return line[:200] + ("..." if len(line) > 200 else "")
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB" if n >= 2**16 else f"{n} bytes"
+
+
+@dataclass
+class EagerParams:
+    """What an untraced read needs: the model's ``TPParameters`` (current DTensor parameter and
+    its layout by FQN) and the log."""
+
+    params: object
+    log: EagerLog
+
+
+def register(twin, params, log: EagerLog) -> EagerParams:
+    """Let untraced reads of ``twin``'s ghosts gather ``params``' values."""
+    owner = EagerParams(params, log)
+    table, ref = _owners(), weakref.ref(owner)
+    for g in twin.ghosts:
+        table[g] = (ref, twin.fqn_of[id(g)])
+    twin.eager = owner  # the twin keeps it alive
+    return owner
+
+
+@torch._dynamo.disable(recursive=True)
+def real_value(value, frame):
+    """``value`` itself, or for a ghost its parameter's full value (differentiable). Never traced:
+    it runs in code Dynamo already left, and the gather inside must not become a frame of its own."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    entry = _owners().get(value)
+    if entry is None:
+        return value
+    owner = entry[0]()
+    if owner is None:
+        return value
+    fqn = entry[1]
+    p = owner.params.current(fqn)
+    full = _Gathered.apply(p, owner.params.layouts.get(fqn), owner.params.rank) if _is_dtensor(p) else p
+    owner.log.note(frame, fqn, full)
+    return full
+
+
+def _is_dtensor(t) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+class _Gathered(torch.autograd.Function):
+    """DTensor parameter -> its full value; backward: every rank holds the same full gradient (the
+    eager code ran the same on all of them), so this rank's shard of it is its gradient (no sum)."""
+
+    @staticmethod
+    def forward(ctx, p, layout, rank):
+        ctx.spec, ctx.layout, ctx.rank = p._spec, layout, rank
+        full = p.full_tensor()
+        return full.clone() if full.untyped_storage().data_ptr() == p._local_tensor.untyped_storage().data_ptr() \
+            else full
+
+    @staticmethod
+    def backward(ctx, grad):
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        lay = ctx.layout
+        if lay is not None and lay.sharded and ctx.spec.mesh.ndim == 1:
+            local = lay.stored(grad, ctx.rank)
+            return lay.mark(DTensor(local, ctx.spec, requires_grad=False)), None, None
+        # replicated, or a placement tpcompile did not make (FSDP2's on a 2-D mesh): the local chunk
+        g = distribute_tensor(grad.contiguous(), ctx.spec.mesh, ctx.spec.placements, src_data_rank=None)
+        return g, None, None
+
+
+__all__ = ["EagerReads", "EagerLog", "eager_class", "register", "real_value"]

@@ -49,7 +49,7 @@ class EagerReads:
 
     def __getattr__(self, name: str):
         value = super().__getattr__(name)
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or not isinstance(value, nn.Parameter):  # ghosts are Parameters
             return value
         return real_value(value, sys._getframe(1))
 

@@ -58,6 +58,16 @@ def _eager_head_forward(self, idx, targets):
     return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
 
 
+def _checkpointed_with_a_break_forward(self, x):
+    def body(x):
+        h = F.layer_norm(x, self.ln_1.normalized_shape, self.ln_1.weight, self.ln_1.bias, self.ln_1.eps)
+        torch._dynamo.graph_break()  # inside the checkpoint: Dynamo runs the whole checkpoint eagerly
+        x = x + self.attn(h)
+        return x + self.mlp(self.ln_2(x))
+
+    return torch.utils.checkpoint.checkpoint(body, x, use_reentrant=False)
+
+
 def _halved_residual_forward(self, x):
     x = x + 0.5 * self.attn(self.ln_1(x))
     return x + 0.5 * self.mlp(self.ln_2(x))
@@ -80,7 +90,8 @@ def _model(case: str):
         del model.lm_head  # the embedding is the head
         model.forward = types.MethodType(_eager_head_forward, model)
     else:
-        fwd = _disabled_helper_forward if case == "disabled-helper" else _break_in_context_forward
+        fwd = {"disabled-helper": _disabled_helper_forward, "break-in-context": _break_in_context_forward,
+               "checkpoint-eager": _checkpointed_with_a_break_forward}[case]
         for block in model.h:
             block.forward = types.MethodType(fwd, block)
     return model
@@ -96,7 +107,8 @@ def _train(rank, world, case, regional=None):
                         clip=1.0, backend="aot_eager", regional=regional)
 
 
-CASES = ("disabled-helper", "break-in-context", "eager-head", "instance-forward", "partial-forward")
+CASES = ("disabled-helper", "break-in-context", "eager-head", "instance-forward", "partial-forward",
+         "checkpoint-eager")
 
 
 @functools.cache
@@ -104,7 +116,7 @@ def _gloo() -> dict:
     return dict(zip(CASES, run_cases(2, [(_train, (c,)) for c in CASES])))
 
 
-def _check(case: str, frame: str | None) -> dict:
+def _check(case: str, frame: str | None, sharded: bool = True) -> dict:
     results = _gloo()[case]
     for rank, r in enumerate(results):
         assert len(r["loss"]) == 3
@@ -115,9 +127,9 @@ def _check(case: str, frame: str | None) -> dict:
         for a, b in zip(r["norm"], r["ref_norm"]):
             assert abs(a - b) <= 1e-5 * abs(b), (r["norm"], r["ref_norm"])
         eager = [w for w in r["warnings"] if "ran eagerly" in w]
-        assert (len(eager) == 1 and frame in eager[0]) if frame else not eager, r["warnings"]
+        assert (len(eager) == 1 and frame in eager[0]) if frame else not eager, "\n".join(r["warnings"])
     plan = results[0]["plan"]
-    for i in range(2):  # the module calls inside are compiled and sharded as without the eager frame
+    for i in range(2 if sharded else 0):  # the module calls inside are compiled and sharded as without the eager frame
         assert plan[f"h.{i}.attn.q_proj.weight"][0] == "colwise"
         assert plan[f"h.{i}.mlp.proj.weight"][0] == "rowwise"
     return results[0]
@@ -129,7 +141,18 @@ def test_disabled_helper_reading_a_weight_in_a_block_trains_at_parity():
 
 
 def test_graph_break_inside_a_user_context_manager_in_a_block_trains_at_parity():
-    _check("break-in-context", "_break_in_context_forward")
+    """Dynamo cannot resume there, so it gives up on the model's forward (the outermost frame run
+    eagerly, named by the warning at the block call) and on the block's; the module calls compile."""
+    r = _check("break-in-context", "GPT.forward")
+    assert "h.0.ln_1.weight" in next(w for w in r["warnings"] if "ran eagerly" in w)
+
+
+def test_checkpointed_block_dynamo_cannot_trace_is_recomputed_eagerly_at_parity():
+    """A graph break inside ``torch.utils.checkpoint``: Dynamo runs the checkpoint eagerly (its own
+    ``_disable_dynamo``), so the whole block runs eagerly in the forward and again in the backward's
+    recompute; both read the gathered parameters. Right, one warning for the block body."""
+    r = _check("checkpoint-eager", "_checkpointed_with_a_break_forward", sharded=False)
+    assert "h.0.attn.q_proj.weight" in next(w for w in r["warnings"] if "ran eagerly" in w)
 
 
 def test_weight_read_directly_in_an_eagerly_run_forward_trains_at_parity():

@@ -90,6 +90,7 @@ class EagerLog:
         self._before = set(_dynamo_reasons())
 
     def note(self, frame, fqn: str, full: torch.Tensor) -> None:
+        frame = _user_frame(frame)
         code = frame.f_code
         self.gathered.append((weakref.ref(full), full._version, fqn, code))
         f = self.frames.get(code)
@@ -132,6 +133,34 @@ class EagerLog:
                 f"rank at each read ({_mib(total)} per call) and used unsharded: right, slower. Remove the graph "
                 f"break (TORCH_LOGS=graph_breaks) so that this code is compiled and sharded.{self.hint}",
                 TPWarning, stacklevel=stacklevel)
+
+
+_TORCH = os.path.dirname(torch.__file__) + os.sep
+_MODULES = os.path.join(_TORCH, "nn", "modules") + os.sep  # nn.Module.__call__ and the built-in modules' forwards
+_OURS = os.path.dirname(__file__) + os.sep
+_TWIN = os.path.join(os.path.dirname(__file__), "twin.py")  # the twin modules' forwards: call machinery too
+
+
+def _user_frame(frame):
+    """The outermost frame of the eagerly-run code a read is in: up through user frames and the
+    module-call machinery, stopping at the code that started running it eagerly (a frame Dynamo
+    compiled, Dynamo's own wrappers, ``torch.utils.checkpoint``, tpcompile). ``nn.Linear.forward``
+    reading its weight inside a block's body that Dynamo left is reported as that body, once."""
+    found, f = frame, frame
+    while f is not None:
+        path = f.f_code.co_filename
+        if path.startswith(_MODULES) or path == _TWIN:
+            f = f.f_back
+            continue
+        if path.startswith((_TORCH, _OURS)) or _compiled(f.f_code):
+            break
+        found, f = f, f.f_back
+    return found
+
+
+def _compiled(code) -> bool:
+    """Bytecode Dynamo wrote (a compiled frame, or the resume function after a graph break)."""
+    return code.co_name.startswith("__resume_at") or any(n.startswith("__compiled_fn") for n in code.co_names)
 
 
 def _dynamo_reasons() -> list:

@@ -230,7 +230,8 @@ class TensorParallel:
             if isinstance(x, torch.Tensor) and state_of(x) is None:
                 h.update(repr((tuple(x.shape), x.dtype)).encode())
                 if not shapes_only:
-                    h.update(x.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+                    # reshape(-1): a 0-dim tensor (the Trainer's num_items_in_batch) cannot be viewed as bytes
+                    h.update(x.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
             elif isinstance(x, (int, float, str, bool, type(None))):
                 h.update(repr(x).encode())
         digest = torch.tensor(list(h.digest()[:8]) + list(_rng_digest(self.device)) + compile_once.host_digest(),
@@ -422,8 +423,7 @@ def tp_compile(
     ``options`` go to Inductor); ``backend`` picks what compiles the rewritten graph:
     ``"inductor"`` (default), ``"aot_eager"`` or ``"eager"``.
     """
-    if not dist.is_initialized():
-        raise RuntimeError("tp_compile needs torch.distributed initialised (torchrun + dist.init_process_group()).")
+    default_group_from_launcher()
     if getattr(model, "_tp_state", None) is not None:
         raise RuntimeError("tp_compile: this module is already tensor-parallel.")
     if mesh is not None:
@@ -443,6 +443,25 @@ def tp_compile(
     if mesh is not None:
         state.data_parallel = apply_data_parallel(model, mesh)
     return model
+
+
+def default_group_from_launcher() -> None:
+    """Initialise the default process group from torchrun's environment if nobody has: Hugging Face
+    Trainer scripts never call ``init_process_group`` (accelerate does, later, and reuses one that
+    exists), and HF's own ``from_pretrained(tp_plan=...)`` initialises it the same way. NCCL on CUDA
+    (on the device ``LOCAL_RANK`` names), gloo otherwise; said once with a ``TPWarning``."""
+    if dist.is_initialized():
+        return
+    if not all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")):
+        raise RuntimeError("tp_compile needs torch.distributed: launch with torchrun (tp_compile then initialises the "
+                           "default process group itself) or call torch.distributed.init_process_group() first.")
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend)
+    warnings.warn(f"tpcompile: initialised the default process group from torchrun's environment ({backend}, "
+                  f"{dist.get_world_size()} ranks); tensor parallelism runs over all of them unless tp_compile gets a "
+                  f"group= or mesh=.", TPWarning, stacklevel=3)
 
 
 def _rng_digest(device: torch.device) -> bytes:

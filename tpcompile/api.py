@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from tpcompile import compile_once, eager
+from tpcompile import compile_once, eager, hf
 from tpcompile.backend import USER_MODES, Recorder, compile_twin
 from tpcompile.compat import install_output_hooks
 from tpcompile.eager import EagerLog
@@ -434,8 +434,7 @@ def tp_compile(
                            regional=regional, expert_parallel=expert_parallel)
     model._tp_state = state
     model.forward = state.forward
-    if callable(getattr(model, "generate", None)):  # Hugging Face generation
-        model.generate = _generating(model.generate, state)
+    hf.install(model, state)  # Hugging Face's generate / save_pretrained on the tp-compiled model
     from tpcompile import checkpoint  # checkpoint-facing side: state dicts, meta-device models
 
     checkpoint.install_state_dict_hooks(model)
@@ -488,18 +487,6 @@ def same_rng_on_tp_ranks(state: TensorParallel) -> None:
         g = torch.cuda.get_rng_state().to(state.device)
         dist.broadcast(g, src=src, group=state.group)
         torch.cuda.set_rng_state(g.cpu())
-
-
-def _generating(generate, state: TensorParallel):
-    """``model.generate`` that starts from one RNG state on every TP rank (``same_rng_on_tp_ranks``)."""
-    import functools
-
-    @functools.wraps(generate)
-    def tp_generate(*args, **kwargs):
-        same_rng_on_tp_ranks(state)
-        return generate(*args, **kwargs)
-
-    return tp_generate
 
 
 def _tp_of(mesh, group, example_inputs):

@@ -184,7 +184,8 @@ class Twin:
         self.aliases = {n: self.fqn_of[id(memo[id(p)])] for n, p in model.named_parameters(remove_duplicate=False)}
         self.module = copy.deepcopy(model, memo)
         for m in self.module.modules():  # untraced reads of a ghost get the real value (tpcompile.eager)
-            m.__class__ = eager_class(type(m))
+            if m._parameters:  # only a module's own parameters are read through its __getattr__
+                m.__class__ = eager_class(type(m))
         self.ghosts = [memo[id(p)] for p in model.parameters()]  # keep ids stable
         self.eager = None  # tpcompile.eager.register: what an untraced read of a ghost gathers from
         self.pairs = list(zip(model.modules(), self.module.modules()))

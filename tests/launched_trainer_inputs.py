@@ -2,12 +2,10 @@
 is: no ``init_process_group`` anywhere (tp_compile initialises the default group from torchrun's
 environment), and every forward gets the Trainer's kind of keyword arguments: a 0-dim
 ``num_items_in_batch`` tensor, a dict, a list with ``None``, a dataclass. Two SGD steps beside a
-single-device copy; rank 0 prints one JSON line."""
-import copy
+single-device copy (``models_common.train_beside``); rank 0 prints one JSON line."""
 import json
 import os
 import sys
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -16,8 +14,6 @@ import torch.nn as nn
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
 
 import gpt  # noqa: E402
-
-import tpcompile  # noqa: E402
 
 
 @dataclass
@@ -39,29 +35,20 @@ class TrainerStyle(nn.Module):
 
 
 def main() -> None:
+    from models_common import train_beside  # tests/ is this script's directory: on sys.path
+
     torch.manual_seed(0)
-    model = TrainerStyle()
-    ref = copy.deepcopy(model)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        tp = tpcompile.tp_compile(model, backend="aot_eager")
-    said = [str(w.message) for w in caught if issubclass(w.category, tpcompile.TPWarning)]
-    opt, ref_opt = (torch.optim.SGD(m.parameters(), lr=0.1) for m in (tp, ref))
     g = torch.Generator().manual_seed(5)
-    losses = []
-    for step in range(2):
-        ids, labels = (torch.randint(0, 256, (2, 16), generator=g) for _ in range(2))
-        kw = dict(num_items_in_batch=torch.tensor(30), options={"scale": 0.5}, flags=[True, None], note=Note(step))
-        loss, ref_loss = tp(input_ids=ids, labels=labels, **kw), ref(input_ids=ids, labels=labels, **kw)
-        loss.backward()
-        ref_loss.backward()
-        losses.append((loss.item(), ref_loss.item()))
-        for o in (opt, ref_opt):
-            o.step()
-            o.zero_grad()
+    batches = [tuple(torch.randint(0, 256, (2, 16), generator=g) for _ in range(2)) for _ in range(2)]
+
+    def loss_fn(m, b):
+        kw = dict(num_items_in_batch=torch.tensor(30), options={"scale": 0.5}, flags=[True, None], note=Note(0))
+        return m(input_ids=b[0], labels=b[1], **kw)
+
+    r = train_beside(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), TrainerStyle(), batches, loss_fn)
     if torch.distributed.get_rank() == 0:
-        print("RESULT " + json.dumps({"losses": losses, "said": said,
-                                      "world": torch.distributed.get_world_size(),
+        print("RESULT " + json.dumps({"losses": list(zip(r["loss"], r["ref_loss"])), "grad_err": r["grad_err"],
+                                      "said": r["warnings"], "world": torch.distributed.get_world_size(),
                                       "backend": torch.distributed.get_backend()}), flush=True)
     torch.distributed.destroy_process_group()
 

@@ -16,7 +16,10 @@ class TPShardingError(ValueError):
 
 
 class TPEagerFallbackError(RuntimeError):
-    """Dynamo ran part of the model eagerly, outside any graph tpcompile rewrote."""
+    """Code Dynamo ran eagerly did what cannot be made right there: wrote into a parameter in place
+    (the write would go to a gathered copy), or reached a parameter other than as a module attribute
+    (a memory-free stand-in). Eager code that reads parameters as attributes is right, slower
+    (``tpcompile.eager``), with a ``TPWarning``."""
 
 
 class TPInputMismatchError(RuntimeError):

@@ -394,3 +394,35 @@ def test_inplace_write_into_a_shard_that_must_be_gathered_is_refused_not_dropped
     rep = tpcompile.explain(_WritesIntoAColumnShard(in_place=False), x, world_size=2)
     assert rep.plan["up.weight"] == "colwise" and rep.plan["down.weight"] == "rowwise", rep.plan
     assert "gather_from_tp(" in rep.graph_code  # the cumsum reads y whole, out of place
+
+
+@torch._dynamo.disable
+def _decay_in_place(m: nn.Module) -> None:
+    with torch.no_grad():
+        m.scale.mul_(0.5)  # a parameter update inside the forward, in code Dynamo does not trace
+
+
+class _WritesItsParameter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(8, 16), nn.Linear(16, 8)
+        self.scale = nn.Parameter(torch.ones(8))
+
+    def forward(self, x):
+        _decay_in_place(self)
+        return self.down(F.gelu(self.up(x))) * self.scale
+
+
+def test_an_in_place_write_into_a_parameter_from_eager_code_is_refused_not_lost():
+    """Eager code reads a parameter as its full value, gathered: a copy. Written in place there, the
+    write would be lost (the model's parameter unchanged), a silent difference from single device:
+    ``TPEagerFallbackError`` names the parameter and the frame."""
+    import pytest
+
+    from fakepg import fake_group
+
+    torch._dynamo.reset()
+    with fake_group(world_size=2):
+        model = tpcompile.tp_compile(_WritesItsParameter(), backend="eager")
+        with pytest.raises(tpcompile.TPEagerFallbackError, match=r"_decay_in_place.*wrote into parameter scale"):
+            model(torch.randn(4, 8))

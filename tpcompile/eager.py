@@ -92,7 +92,11 @@ class EagerLog:
     def note(self, frame, fqn: str, full: torch.Tensor) -> None:
         frame = _user_frame(frame)
         code = frame.f_code
-        self.gathered.append((weakref.ref(full), full._version, fqn, code))
+        # a parameter is only written in place under no_grad (single device refuses it on a leaf otherwise): a
+        # value read there is held until the call ends, so a write into a temporary copy is seen; one read with
+        # gradients is only watched while something (autograd, the model) holds it
+        held = (lambda t=full: t) if not torch.is_grad_enabled() else weakref.ref(full)
+        self.gathered.append((held, full._version, fqn, code))
         f = self.frames.get(code)
         if f is None:
             where = f"{_short(code.co_filename)}:{frame.f_lineno} ({getattr(code, 'co_qualname', code.co_name)})"

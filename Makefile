@@ -50,7 +50,7 @@ test-latest:
 
 # After a green `make test-latest`: take its versions as the new pinned set (then run `make test`).
 lock:
-	{ sed -n '1,5p' constraints.txt; $(LATEST)/bin/python -m pip freeze --exclude-editable 2>/dev/null \
+	{ grep '^#' constraints.txt; $(LATEST)/bin/python -m pip freeze --exclude-editable 2>/dev/null \
 	  | grep -viE '^(torch|tpcompile|pip|setuptools|wheel)==' | sort -f; } > constraints.txt.new
 	mv constraints.txt.new constraints.txt
 

@@ -14,8 +14,8 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from tpcompile import compile_once, eager, hf
 from tpcompile.backend import USER_MODES, Recorder, compile_twin
 from tpcompile.compat import install_output_hooks
-from tpcompile.eager import EagerLog
 from tpcompile.data_parallel import apply_data_parallel, data_parallel_mesh, refuse_ddp
+from tpcompile.eager import EagerLog
 from tpcompile.errors import TPEagerFallbackError, TPInputMismatchError, TPShardingError, TPWarning
 from tpcompile.params import TPParameters, watch_optimizers
 from tpcompile.passes.plan import validate_overrides, with_tied_aliases
@@ -64,7 +64,7 @@ class TensorParallel:
         self.twin.warn_regional_off, self.twin.regions_without_grad = regional is True, fuse_norm is False
         self._moe_hint = _moe_hint(model)
         self.params = TPParameters(model, self.mesh, self.rank, self.tp)
-        self.eager_log = EagerLog(hint=_moe_hint(model))
+        self.eager_log = EagerLog(hint=self._moe_hint)
         eager.register(self.twin, self.params, self.eager_log)
         watch_optimizers(self.params)
         refuse_ddp()
@@ -140,7 +140,6 @@ class TensorParallel:
         if every and self.tp > 1 and (self.calls <= 3 or self.calls % every == 0):
             self.params.check_replicas(self.group, self.device)
         n_graphs, n_calls = len(self.records), self.recorder.calls
-        self.eager_log.start_call()
         try:
             with torch._dynamo.config.patch(**self._trace_config):
                 out = without_regions_on_break(self.twin, lambda: self.compiled(*args, **kwargs))

@@ -28,18 +28,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from tpcompile.errors import TPWarning
+from torch.distributed.tensor import DTensor
+from torch.utils.weak import WeakIdKeyDictionary
 
-_OWNERS: "torch.utils.weak.WeakIdKeyDictionary | None" = None  # ghost -> (weakref to EagerParams, fqn)
+from tpcompile.errors import TPEagerFallbackError, TPWarning
 
-
-def _owners():
-    global _OWNERS
-    if _OWNERS is None:
-        from torch.utils.weak import WeakIdKeyDictionary
-
-        _OWNERS = WeakIdKeyDictionary()
-    return _OWNERS
+_OWNERS = WeakIdKeyDictionary()  # ghost -> (weakref to EagerParams, fqn)
 
 
 class EagerReads:
@@ -80,14 +74,9 @@ class EagerLog:
     per frame, the first time it is seen (``flush``, after each call)."""
 
     frames: dict = field(default_factory=dict)  # code object -> _Frame
-    warned: set = field(default_factory=set)
-    reasons: list = field(default_factory=list)  # Dynamo's graph-break reasons seen while tracing
-    gathered: list = field(default_factory=list)  # (weakref to a full value handed out, its version, fqn, frame)
+    new: list = field(default_factory=list)  # frames not warned about yet
+    gathered: list = field(default_factory=list)  # (a full value handed out, or a weakref to it; version, fqn, code)
     hint: str = ""  # a model-specific way out, appended to each warning (tpcompile.api._moe_hint)
-    _before: set = field(default_factory=set)
-
-    def start_call(self) -> None:
-        self._before = set(_dynamo_reasons())
 
     def note(self, frame, fqn: str, full: torch.Tensor) -> None:
         frame = _user_frame(frame)
@@ -101,34 +90,29 @@ class EagerLog:
         if f is None:
             where = f"{_short(code.co_filename)}:{frame.f_lineno} ({getattr(code, 'co_qualname', code.co_name)})"
             f = self.frames[code] = _Frame(where)
+            self.new.append(f)
         f.fqns[fqn] = full.numel() * full.element_size()
 
     def flush(self, stacklevel: int = 3) -> None:
         """Warn once per new eager frame; refuse a parameter written in place by eager code (the
-        write went to a gathered copy and would be lost)."""
+        write went to a gathered copy and would be lost). Nothing to do on a call that ran no eager read."""
+        if not self.gathered and not self.new:
+            return
         written = [(fqn, code) for ref, version, fqn, code in self.gathered
                    if (t := ref()) is not None and t._version != version]
         self.gathered.clear()
         if written:
-            from tpcompile.errors import TPEagerFallbackError
-
             fqn, code = written[0]
             raise TPEagerFallbackError(
                 f"tp_compile: {self.frames[code].where} ran eagerly and wrote into parameter {fqn} in place. In "
                 f"code Dynamo does not trace, a parameter read is a full copy gathered from this rank's shard, so "
                 f"the write would be lost. Update parameters outside the forward (under torch.no_grad(), on "
                 f"model.parameters()), or remove the graph break so that the write is compiled.")
-        for r in _dynamo_reasons():
-            line = _one_line(r)
-            if r not in self._before and line and line not in self.reasons:
-                self.reasons.append(line)
-        for code, f in self.frames.items():
-            if code in self.warned:
-                continue
-            self.warned.add(code)
+        new, self.new = self.new, []
+        for f in new:
             total = sum(f.fqns.values())
             names = list(f.fqns)
-            why = "; ".join(self.reasons[-3:]) or \
+            why = "; ".join(_latest_reasons(3)) or \
                 "no graph break recorded: a torch._dynamo.disable'd function, torch.utils.checkpoint's eager path or " \
                 "its recompute in the backward, or Dynamo's recompile limit (TORCH_LOGS=graph_breaks,recompiles)"
             warnings.warn(
@@ -167,11 +151,19 @@ def _compiled(code) -> bool:
     return code.co_name.startswith("__resume_at") or any(n.startswith("__compiled_fn") for n in code.co_names)
 
 
-def _dynamo_reasons() -> list:
-    """What Dynamo could not trace so far (its graph-break and unsupported-construct counters)."""
+def _latest_reasons(n: int) -> list[str]:
+    """The first lines of the last ``n`` distinct things Dynamo could not trace (its graph-break and
+    unsupported-construct counters keep them in the order first seen)."""
     from torch._dynamo.utils import counters
 
-    return [*counters["graph_break"], *counters["unimplemented"]]
+    out: list[str] = []
+    for r in reversed([*counters["graph_break"], *counters["unimplemented"]]):
+        line = _one_line(r)
+        if line and line not in out:
+            out.append(line)
+        if len(out) == n:
+            break
+    return out[::-1]
 
 
 def _short(path: str) -> str:
@@ -199,14 +191,14 @@ class EagerParams:
     log: EagerLog
 
 
-def register(twin, params, log: EagerLog) -> EagerParams:
-    """Let untraced reads of ``twin``'s ghosts gather ``params``' values."""
+def register(twin, params, log: EagerLog) -> None:
+    """Let untraced reads of ``twin``'s ghosts gather ``params``' values. The table holds the owner
+    weakly (Dynamo's caches may outlive the model and keep ghosts); the twin keeps it alive."""
     owner = EagerParams(params, log)
-    table, ref = _owners(), weakref.ref(owner)
+    ref = weakref.ref(owner)
     for g in twin.ghosts:
-        table[g] = (ref, twin.fqn_of[id(g)])
-    twin.eager = owner  # the twin keeps it alive
-    return owner
+        _OWNERS[g] = (ref, twin.fqn_of[id(g)])
+    twin.eager = owner
 
 
 @torch._dynamo.disable(recursive=True)
@@ -215,7 +207,7 @@ def real_value(value, frame):
     it runs in code Dynamo already left, and the gather inside must not become a frame of its own."""
     if not isinstance(value, torch.Tensor):
         return value
-    entry = _owners().get(value)
+    entry = _OWNERS.get(value)
     if entry is None:
         return value
     owner = entry[0]()
@@ -223,15 +215,9 @@ def real_value(value, frame):
         return value
     fqn = entry[1]
     p = owner.params.current(fqn)
-    full = _Gathered.apply(p, owner.params.layouts.get(fqn), owner.params.rank) if _is_dtensor(p) else p
+    full = _Gathered.apply(p, owner.params.layouts.get(fqn), owner.params.rank) if isinstance(p, DTensor) else p
     owner.log.note(frame, fqn, full)
     return full
-
-
-def _is_dtensor(t) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
 
 
 class _Gathered(torch.autograd.Function):
@@ -247,7 +233,7 @@ class _Gathered(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        from torch.distributed.tensor import DTensor, distribute_tensor
+        from torch.distributed.tensor import distribute_tensor
 
         lay = ctx.layout
         if lay is not None and lay.sharded and ctx.spec.mesh.ndim == 1:

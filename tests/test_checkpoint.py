@@ -603,3 +603,41 @@ def test_bad_dcp_checkpoints_load_nothing(tmp_path):
         tpcompile.load_checkpoint(other, tmp_path / "no_optim", optimizer=torch.optim.SGD(other.parameters(), lr=1))
     assert _unchanged(other, before)
 
+
+
+def _resume_before_planning_worker(rank: int, world: int, path: str) -> bytes:
+    _, (x, y) = gpt.make_model(vocab_size=V_ODD)
+
+    def fresh():
+        model = tpcompile.tp_compile(gpt.make_model(vocab_size=V_ODD)[0])  # planned at its first call
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)  # the HF Trainer's default
+
+    def step(model, opt):
+        model(x, y).backward()
+        opt.step()
+        opt.zero_grad()
+
+    a, opt_a = fresh()
+    step(a, opt_a), step(a, opt_a)
+    tpcompile.save_checkpoint(a, path, optimizer=opt_a)
+    b, opt_b = fresh()  # as a resumed Trainer does: load into a model not called yet, then train
+    tpcompile.load_checkpoint(b, path, optimizer=opt_b)
+    step(a, opt_a), step(a, opt_a), step(b, opt_b), step(b, opt_b)
+    return _out({"params": [tpcompile.full_state_dict(m, rank0_only=False) for m in (a, b)],
+                 "optim": [_gathered_optim(m, o) for m, o in ((a, opt_a), (b, opt_b))]})
+
+
+def test_optimizer_state_loaded_before_the_model_is_planned_keeps_updating(tmp_path):
+    """Regression: AdamW state loaded into a model that had not been called yet (so not planned) was
+    made replicated; planning then sharded the parameters in place but not that state, and every
+    later fused AdamW update (the HF Trainer's default optimizer) ran on redistributed copies: the
+    moments froze at their loaded values and training after a resume silently went its own way
+    (the losses still matched for a few steps). Two more AdamW steps after the load equal two more steps of the saved run, bitwise."""
+    got = _ranks(_resume_before_planning_worker, 2, str(tmp_path / "ck"))
+    for r in got:
+        (pa, pb), (oa, ob) = r["params"], r["optim"]
+        for k, v in pa.items():
+            assert torch.equal(pb[k], v), k
+        for fqn, s in oa.items():
+            for name, v in s.items():
+                assert torch.equal(ob[fqn][name], v), (fqn, name)

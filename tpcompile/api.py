@@ -1,6 +1,7 @@
 """``tp_compile``: the one call a user makes."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import warnings
@@ -432,7 +433,7 @@ def tp_compile(
                            dump_dir=dump_dir, check_replicas_every=check_replicas_every, async_tp=async_tp,
                            regional=regional, expert_parallel=expert_parallel)
     model._tp_state = state
-    model.forward = state.forward
+    model.forward = _signed_like(model.forward, state.forward)
     hf.install(model, state)  # Hugging Face's generate / save_pretrained on the tp-compiled model
     from tpcompile import checkpoint  # checkpoint-facing side: state dicts, meta-device models
 
@@ -441,6 +442,17 @@ def tp_compile(
     if mesh is not None:
         state.data_parallel = apply_data_parallel(model, mesh)
     return model
+
+
+def _signed_like(forward, tp_forward):
+    """``tp_forward`` under ``forward``'s name and signature: callers that read the signature (the HF
+    Trainer keeps only the dataset columns ``forward`` names) see the model's own."""
+
+    @functools.wraps(forward)
+    def tp_model_forward(*args, **kwargs):
+        return tp_forward(*args, **kwargs)
+
+    return tp_model_forward
 
 
 def default_group_from_launcher() -> None:

@@ -10,6 +10,7 @@ Without this, safetensors reads a DTensor's storage pointer and raises, and the 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch.distributed as dist
@@ -22,6 +23,7 @@ def install(model: nn.Module, state) -> None:
         model.generate = _generating(model.generate, state)
     if callable(getattr(model, "save_pretrained", None)) and hasattr(model, "config"):
         model.save_pretrained = _saving(model.save_pretrained, model)
+    adapt_trainers()
 
 
 def _generating(generate, state):
@@ -50,3 +52,123 @@ def _saving(save_pretrained, model: nn.Module):
         dist.barrier()
 
     return tp_save_pretrained
+
+
+# ---- the Trainer -------------------------------------------------------------------------------------
+
+OPTIMIZER_DIR = "tp_optimizer"  # in a Trainer checkpoint: the optimizer state, a DCP directory (every rank's shards)
+
+
+def adapt_trainers() -> None:
+    """Make ``transformers.Trainer`` (and its subclasses: TRL's ``SFTTrainer``...) right for a tp-compiled
+    model: its ``__init__`` is wrapped once, and a trainer whose model is tp-compiled is adapted
+    (``adapt``); any other trainer is left exactly as it was. Done when the Trainer is already imported
+    (a script imports it at the top), else by importing it when accelerate, which it needs, is installed."""
+    import importlib
+    import importlib.util
+    import sys
+
+    if "transformers" not in sys.modules:  # nobody here uses Hugging Face
+        return
+    if "transformers.trainer" not in sys.modules:
+        if importlib.util.find_spec("accelerate") is None:
+            return
+        try:
+            importlib.import_module("transformers.trainer")
+        except Exception:  # a Trainer that cannot be imported is one nobody will run
+            return
+    trainer_cls = sys.modules["transformers.trainer"].Trainer
+    if getattr(trainer_cls.__init__, "_tpcompile", False):
+        return
+    init = trainer_cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        model = getattr(self, "model", None)
+        if getattr(model, "_tp_state", None) is not None:
+            adapt(self, model)
+
+    __init__._tpcompile = True
+    trainer_cls.__init__ = __init__
+
+
+def adapt(trainer, model: nn.Module) -> None:
+    """What the Trainer must know about a tp-compiled model, told on its own terms.
+
+    - The model owns its placement and gradient reduction (the TP collectives, and FSDP2 over ``dp``
+      with ``tp_compile(mesh=...)``): the trainer's own flag for such models
+      (``is_distributed_loading_by_transformers``), so accelerate wraps it in no DDP, and
+      ``save_pretrained`` is called on every rank (it gathers; rank 0 writes).
+    - Ranks of one TP group read the same rows, dp ranks different ones: accelerate splits the data by
+      a device mesh (``dp_shard`` x ``tp``), as for Hugging Face's own TP.
+    - ``get_tp_size``: the TP degree, which the Trainer divides token counts and loss scales by.
+    - Checkpoints: the optimizer state as a DCP directory (``OPTIMIZER_DIR``, each rank its own shards;
+      torch.save of rank 0's would hand rank 0's shards to every rank on resume); resuming reads the
+      model's safetensors slices and that directory (``tpcompile.load_checkpoint``).
+    """
+    import os
+
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+
+    state = model._tp_state
+    world = dist.get_world_size()
+    tp_ranks = dist.get_process_group_ranks(state.group)
+    first = min(tp_ranks)
+    if sorted(tp_ranks) != list(range(first, first + state.tp)) or first % state.tp:
+        raise ValueError(f"Trainer with a tp-compiled model: the TP group is ranks {tp_ranks}; the Trainer (accelerate) "
+                      f"gives the same rows to consecutive ranks only. Build the mesh with 'tp' as its last dim, "
+                      f"e.g. init_device_mesh(device, (dp, tp), mesh_dim_names=('dp', 'tp')).")
+    trainer.is_distributed_loading_by_transformers = True
+    trainer.accelerator.state.device_mesh = init_device_mesh(
+        state.mesh.device_type, (world // state.tp, state.tp), mesh_dim_names=("dp_shard", "tp"))
+    trainer.get_tp_size = lambda: state.tp
+
+    def save_optimizer_and_scheduler(output_dir: str) -> None:
+        from tpcompile.checkpoint import save_checkpoint
+        from transformers.trainer import SCHEDULER_NAME
+
+        save_checkpoint(model, os.path.join(output_dir, OPTIMIZER_DIR), optimizer=_bare(trainer.optimizer))
+        if trainer.args.should_save and trainer.lr_scheduler is not None:
+            torch.save(trainer.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+
+    def load_from_checkpoint(resume_from_checkpoint: str, model_: nn.Module | None = None) -> None:
+        from tpcompile.checkpoint import load_checkpoint
+
+        load_checkpoint(model if model_ is None else model_, resume_from_checkpoint)
+
+    def load_optimizer_and_scheduler(checkpoint: str | None) -> None:
+        if checkpoint is None:
+            return
+        from tpcompile.checkpoint import load_checkpoint
+        from transformers.trainer import SCHEDULER_NAME
+
+        load_checkpoint(model, os.path.join(checkpoint, OPTIMIZER_DIR), optimizer=_bare(trainer.optimizer))
+        sched = os.path.join(checkpoint, SCHEDULER_NAME)
+        if trainer.lr_scheduler is not None and os.path.isfile(sched):
+            trainer.lr_scheduler.load_state_dict(torch.load(sched, weights_only=True))
+
+    @contextlib.contextmanager
+    def defer_fsdp_gradient_reduction():
+        """Accumulation micro-batches before the last: FSDP2 (tp_compile(mesh=...)) reduces nothing."""
+        from torch.distributed.fsdp import FSDPModule
+
+        roots = [m for m in model.modules() if isinstance(m, FSDPModule)][:1]
+        for m in roots:
+            m.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            for m in roots:
+                m.set_requires_gradient_sync(True)
+
+    trainer._defer_fsdp_gradient_reduction = defer_fsdp_gradient_reduction
+    trainer._save_optimizer_and_scheduler = save_optimizer_and_scheduler
+    trainer._load_from_checkpoint = load_from_checkpoint
+    trainer._load_optimizer_and_scheduler = load_optimizer_and_scheduler
+
+
+def _bare(optimizer):
+    """The torch optimizer inside accelerate's wrapper (its ``param_groups`` and ``state`` are the real ones)."""
+    return getattr(optimizer, "optimizer", optimizer)

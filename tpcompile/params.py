@@ -205,6 +205,9 @@ class TPParameters:
     def _parameter(self, pp: ParamPlan, stored: torch.Tensor, requires_grad: bool) -> nn.Parameter:
         """A DTensor parameter of ``pp``'s placement holding ``stored``. A padded vocabulary keeps its
         program shard (real rows, then zeros) with the stored rows a view of it: no copy per call."""
+        return nn.Parameter(self._dtensor(pp, stored), requires_grad=requires_grad)
+
+    def _dtensor(self, pp: ParamPlan, stored: torch.Tensor):
         from torch.distributed.tensor import DTensor
 
         base = None
@@ -213,10 +216,9 @@ class TPParameters:
             stored = pp.unpad(base, self.rank)
         d = DTensor.from_local(stored, self.mesh, [pp.placement()], run_check=False,
                                shape=torch.Size(pp.full_shape), stride=contiguous_stride(pp.full_shape))
-        p = nn.Parameter(d, requires_grad=requires_grad)
         if base is not None:
-            p._local_tensor._tp_padded = base
-        return p
+            d._local_tensor._tp_padded = base
+        return d
 
     @staticmethod
     def _carry_pieces(p, pp: ParamPlan) -> None:
@@ -295,8 +297,10 @@ class TPParameters:
         )
 
     def check_optimizer(self, optimizer) -> None:
-        """An optimizer built before tp_compile holds the replaced plain Parameters: it would never
-        update the model. Called from a global optimizer pre-step hook."""
+        """At an optimizer's first step (a global pre-step hook). An optimizer built before tp_compile
+        holds the replaced plain Parameters: it would never update the model (an error). State given
+        to it before the model was planned (a resumed checkpoint) is shaped like the parameters were
+        then, replicated: it is stored like its parameter now (``_state_like_parameters``)."""
         for g in optimizer.param_groups:
             for p in g["params"]:
                 r = self.retired.get(id(p))
@@ -306,6 +310,23 @@ class TPParameters:
                         "which tp_compile replaced by tensor-parallel DTensors, so it would never update the "
                         "model. Build the optimizer after tp_compile (opt = AdamW(model.parameters()))."
                     )
+        self._state_like_parameters(optimizer)
+
+    def _state_like_parameters(self, optimizer) -> None:
+        """Planning swaps a parameter's replicated value for its shard in place; optimizer state made
+        before that (loaded, not stepped: a step needs a forward, which plans) keeps the replicated
+        layout, and DTensor would run every in-place update of it (``exp_avg.lerp_(grad)``) on a
+        redistributed copy: the state would never change again. Shard it the same way, in place."""
+        from torch.distributed.tensor import DTensor, Replicate
+
+        for p, st in optimizer.state.items():
+            pp = self.layouts.get(self.fqn_of.get(id(p), ""))
+            if pp is None or not pp.sharded:
+                continue
+            for v in st.values():
+                if (isinstance(v, DTensor) and v.shape == p.shape and v.device_mesh == self.mesh
+                        and all(isinstance(q, Replicate) for q in v.placements)):
+                    torch.utils.swap_tensors(v, self._dtensor(pp, pp.stored(v._local_tensor, self.rank)))
 
 
 def _stored_already(layouts: dict, pp: ParamPlan) -> bool:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import math
 import operator
 from dataclasses import dataclass, field
 
@@ -259,11 +260,11 @@ def make_plan(gm: fx.GraphModule, tp: int, param_fqns: dict, overrides: dict | N
     pending: set = set()
     unsupported: dict = {}
     notes: list = []
+    whole: dict = {}  # linear -> head counts (or piece sizes) tp does not divide: kept whole, one warning
     for lin, c in chunks.items():  # unequal fused pieces that tp does not divide (kv heads < tp): keep whole
         if isinstance(c, tuple) and any(s % tp for s in c) and lin.args[1] not in forced:
             replicated.add(lin)
-            notes.append(f"tpcompile: {param_fqns[_weight_param(lin.args[1], params)].rsplit('.', 1)[0]} is a fused projection split into "
-                         f"pieces of {list(c)}, not all divisible by tp={tp}: it stays replicated (correct, not sharded).")
+            whole[lin] = {s for s in c if s % tp}
     routers = {n for n in linears if n.args[1] not in forced and _is_router(n)}  # replicated by design
     base, latent = set(replicated), set()
     first = True
@@ -306,18 +307,16 @@ def make_plan(gm: fx.GraphModule, tp: int, param_fqns: dict, overrides: dict | N
         if first:  # parameter sizes first: the clearer error; none for column tries about to be dropped
             doomed = _operands(dropped) - _operands(tried - dropped)  # (a classifier head: 1000 % 16 classes)
             _param_plans(gm, prop, tp, {n: f for n, f in param_fqns.items() if n not in doomed}, known)
-        few = {n: h for n, h in _few_kv_heads(prop, tp, forced, chunks).items() if n not in replicated | set(copies)}
-        if few:  # GQA / MQA with fewer kv heads than tp: kv-head copies where tp divides by them, plan again
-            for lin in sorted(few, key=lambda n: n.name):
-                if _copyable(few[lin], chunks.get(lin, 1), tp):
-                    copies[lin] = tp // few[lin]
+        heads = {n: h for n, h in _indivisible_heads(prop, tp, forced, chunks).items() if n not in replicated}
+        if heads:  # heads tp does not divide: kv-head copies where that is exact (GQA), else the projection whole
+            for lin, (sizes, kv) in sorted(heads.items(), key=lambda item: item[0].name):
+                (h, *more) = sorted(sizes)
+                if kv and not more and lin not in copies and _copyable(h, chunks.get(lin, 1), tp):
+                    copies[lin] = tp // h
                     continue
+                copies.pop(lin, None)
                 replicated.add(lin)
-                notes.append(
-                    f"tpcompile: {param_fqns[_weight_param(lin.args[1], params)].rsplit('.', 1)[0]} has {few[lin]} heads, not divisible "
-                    f"by tp={tp} and not dividing it (grouped-query attention): it stays replicated and each rank "
-                    f"takes the kv heads its query heads need (correct, costs its full weight per rank)."
-                )
+                whole[lin] = sizes
             continue
         if first:
             _check_views(prop, tp, param_fqns)
@@ -335,6 +334,12 @@ def make_plan(gm: fx.GraphModule, tp: int, param_fqns: dict, overrides: dict | N
             break
         replicated |= dropped
     notes += _unsharded_contractions(gm, prop, param_fqns, forced)
+    if whole:
+        notes.append(_whole_heads_note(whole, replicated, param_fqns, tp))
+        # the linears reading them are whole as a consequence (said in that note), not for an op with no rule
+        quiet = {param_fqns[_weight_param(n.args[1], params)].rsplit(".", 1)[0]
+                 for n in _followers(whole, replicated, params)}
+        unsupported = {op: mods for op, ms in unsupported.items() if (mods := [m for m in ms if m not in quiet])}
     return GraphPlan(_param_plans(gm, prop, tp, param_fqns, known), prop, tp, unsupported, notes, inference)
 
 
@@ -490,40 +495,106 @@ def _copyable(heads: int, chunks, tp: int) -> bool:
     return not isinstance(chunks, tuple) or (max(chunks) % tp == 0 and len(set(chunks)) > 1)
 
 
-def _unsplittable_heads(prop: Propagation, tp: int) -> dict:
-    """Column linear -> (view node, size) for head splits of its output that tp does not divide,
-    and for views that may be one head (``C -> (1, head_dim)``, MQA)."""
-    out = {}
+def _unsplittable(prop: Propagation, tp: int) -> dict:
+    """Column linear -> {view: (size, one head)} for the splits of its output into a dim of ``size``
+    that tp does not divide (heads; the view then gathers), and for views that may be one head
+    (``C -> (1, head_dim)``, MQA: ``one head``, which only a kv projection's plan acts on)."""
+    out: dict = {}
     for node, ni in prop.info.items():
         bad = ni.extra.get("unsplittable")
-        size = 1 if ni.extra.get("one_head") else static_size(bad[1]) if bad and bad[1] is not None else None
-        if size is not None and size % tp and value(node).dim() > value(node.args[0]).dim():
+        one = bool(ni.extra.get("one_head"))
+        size = 1 if one else static_size(bad[1]) if bad and bad[1] is not None else None
+        if size is not None and size % tp and (one or bad):
             for o in prop.origins.get(node.args[0], ()):
-                out[o] = (node, size)
+                out.setdefault(o, {})[node] = (size, one)
     return out
 
 
-def _few_kv_heads(prop: Propagation, tp: int, forced: dict, chunks: dict) -> dict:
-    """Key/value projections of grouped-query attention whose head count tp does not divide.
+def _split_heads(prop: Propagation) -> set:
+    """Column linears whose output some view splits into heads that stay sharded (plain shard)."""
+    out = set()
+    for node, ni in prop.info.items():
+        if ni.kind == "view" and isinstance(ni.out, Shard) and ni.out.plain and not ni.extra.get("one_head") \
+                and value(node).dim() > value(node.args[0]).dim():
+            out |= prop.origins.get(node.args[0], frozenset())
+    return out
 
-    Recognised by a sibling: another column-parallel linear on the same input (the query
-    projection) whose heads do split. Those k/v projections are better replicated than an
-    error: the query heads stay sharded and each rank uses the kv heads they map to.
-    """
-    bad = _unsplittable_heads(prop, tp)
-    few = {}
-    for lin, (_, heads) in bad.items():
+
+def _indivisible_heads(prop: Propagation, tp: int, forced: dict, chunks: dict) -> dict:
+    """Column linear -> (sizes, kv) for every projection (not named in ``plan=``) whose output is split
+    into heads (or any dim) that tp does not divide, whatever the spelling: separate or fused q/k/v,
+    per-group, ``reshape(B, T, 3, H, hd)``. All of them are planned alike (``make_plan``): whole.
+
+    ``kv``: the projection is the key / value side of grouped-query attention, recognised by a
+    sibling: another column linear on the same input (the query projection) whose heads do split,
+    or one fused projection of unequal pieces. Only those may take kv-head copies (each rank the kv
+    heads its query heads use); a projection holding query heads never does (2 query heads at
+    tp=4 would leave a rank none). A lone one-head view (``one head``) is no split: not listed."""
+    split = _split_heads(prop)
+    out = {}
+    for lin, views in _unsplittable(prop, tp).items():
         if lin.args[1] in forced:
             continue
         siblings = [u for u in lin.args[0].users if u is not lin and u.op == "call_function" and u.target is lin.target
-                    and prop.info.get(u) is not None and prop.info[u].kind == "colwise" and u not in bad]
-        if siblings or isinstance(chunks.get(lin), tuple):  # separate q/k/v, or one fused GQA projection
-            few[lin] = heads
-    return few
+                    and prop.info.get(u) is not None and prop.info[u].kind == "colwise" and u in split]
+        kv = bool(siblings) or isinstance(chunks.get(lin), tuple)
+        sizes = {size for size, one in views.values() if kv or not one}
+        if sizes:
+            out[lin] = (sizes, kv)
+    return out
+
+
+def _followers(whole: dict, replicated: set, params: set) -> list:
+    """Replicated linears that read what the projections kept whole compute, through no other linear
+    (the attention's output projection): whole with them, as a consequence, not for a rule they lack."""
+    out = []
+    for lin in whole:
+        frontier, seen = [lin], {lin}
+        while frontier:
+            for u in frontier.pop().users:
+                if u in seen:
+                    continue
+                seen.add(u)
+                if u.target in PROJECTIONS and _weight_param(u.args[1], params) is not None:
+                    if u in replicated and u not in whole and u not in out:
+                        out.append(u)
+                    continue
+                frontier.append(u)
+    return out
+
+
+def _whole_heads_note(whole: dict, replicated: set, param_fqns: dict, tp: int) -> str:
+    """The one warning for projections kept whole because tp does not divide their heads: which,
+    why, what it costs per rank (memory, compute) and the tp values that would shard them."""
+    params = set(param_fqns)
+    followers = _followers(whole, replicated, params)
+    names = lambda ns: [param_fqns[_weight_param(n.args[1], params)].rsplit(".", 1)[0] for n in ns]
+    operands = _operands(set(whole) | set(followers)) & params
+    numel = sum(int(numel_expr(shape(w))) for w in operands)
+    nbytes = sum(int(numel_expr(shape(w))) * value(w).element_size() for w in operands)
+    sizes = sorted({s for ss in whole.values() for s in ss})
+    g = 0
+    for s in sizes:
+        g = math.gcd(g, s)
+    listed = ", ".join(f"{n} ({'/'.join(map(str, sorted(whole[l])))})" for n, l in zip(names(whole), whole))
+    after = f", and {', '.join(names(followers))}, which read{'s' if len(followers) == 1 else ''} their output," \
+        if followers else ""
+    fix = ", ".join(f"{n!r}: 'replicate'" for n in names(whole))
+    return (f"tpcompile: heads (or fused pieces) that tp={tp} does not divide: {listed}{after} stay whole on every "
+            f"rank (replicated: correct, not sharded). Cost per rank: {numel:,} parameters ({_mib(nbytes)}) held "
+            f"whole instead of 1/{tp} ({_mib(nbytes - nbytes // tp)} more, plus their gradients and optimizer "
+            f"state), and {tp}x their share of the compute (these projections and the attention between them run "
+            f"in full on every rank). The rest of the model stays sharded. tp in {_set(divisors(g))} would shard "
+            f"them; plan={{{fix}}} says this is intended and silences this warning.")
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2 ** 20:.2f} MiB" if n >= 2 ** 16 else f"{n / 2 ** 10:.1f} KiB"
 
 
 def _check_views(prop: Propagation, tp: int, param_fqns: dict) -> None:
-    """A head split that tp does not divide is a user-facing error, not a silent gather."""
+    """A split tp does not divide that is left after planning comes from a projection ``plan=`` names
+    column-parallel (the others are kept whole, ``_indivisible_heads``): an error, not a silent gather."""
     for node, ni in prop.info.items():
         bad = ni.extra.get("unsplittable")
         size = static_size(bad[1]) if bad and bad[1] is not None else None
@@ -534,9 +605,10 @@ def _check_views(prop: Propagation, tp: int, param_fqns: dict) -> None:
         fix = ", ".join(f"{o!r}: 'replicate'" for o in origin)
         what = f"{size} heads" if value(node).dim() > value(node.args[0]).dim() else f"a dim of size {size}"
         raise TPShardingError(
-            f"{source_line(node)}: the output of {', '.join(origin) or node.args[0].name} is split into "
-            f"{what} (shape {shape_str(shape(node))}), and {size} is not divisible by tp={tp}. "
-            f"Use tp in {_set(divisors(size))}, or keep these projections whole: plan={{{fix}}}."
+            f"{source_line(node)}: the output of {', '.join(origin) or node.args[0].name} (column-parallel as "
+            f"plan= asks) is split into {what} (shape {shape_str(shape(node))}), and {size} is not divisible by "
+            f"tp={tp}. Use tp in {_set(divisors(size))}, or let tpcompile keep these projections whole (leave "
+            f"them out of plan=, or plan={{{fix}}})."
         )
 
 

@@ -309,7 +309,7 @@ def view_like(node, ctx) -> NodeInfo:
     else:
         o, ok = _map_dim(in_shape, out_shape, p.dim, p.split_over(ctx.tp))  # kv copies: tp / m blocks
         # C -> (1, head_dim) may be one head (MQA): its shard then lands on head_dim, which attention
-        # contracts. Said to the plan (plan._few_kv_heads keeps k/v whole when a sibling q projection
+        # contracts. Said to the plan (plan._indivisible_heads keeps k/v whole when a sibling q projection
         # has heads that split); the same shapes are a one-token ``(B*T, C) -> (B, 1, C)``, so the
         # shard itself goes on (it is the same split of the same elements either way)
         one_head = node.target in ("view", "reshape", torch.reshape) and _one_head(in_shape, out_shape, p.dim)
@@ -1254,6 +1254,44 @@ def _merge_origins(prop_origins, node, info):
     return frozenset(src)
 
 
+# rules that lay out a parameter: the sizes they shard are checked by the plan (``plan._param_plans``
+# names the parameter and the tp values that work)
+_LAYOUT_KINDS = frozenset({"colwise", "rowwise", "kvcopy", "vocab", "column_embedding", "expert", "expert_colwise",
+                           "expert_rowwise", "expert_combine", "expert_dispatch", "vocab_ce", "placeholder"})
+
+
+def _shard_fits(p: Placement, size, tp: int) -> bool:
+    """A shard of a dim of ``size`` entries gives every rank the same whole, non-empty part of each
+    piece: ``size`` (or each piece) divides by the number of distinct blocks. Padding (a vocabulary)
+    and symbolic sizes (batch, tokens) are the rules' own business."""
+    if not isinstance(p, Shard) or p.pad:
+        return True
+    full = static_size(size)
+    if full is None:
+        return True
+    pieces = p.sizes or ((full // p.chunks,) * p.chunks if full % p.chunks == 0 else None)
+    if pieces is None:
+        return False
+    return all(n > 0 and n * c % tp == 0 for n, c in zip(pieces, p.piece_copies()))
+
+
+def _splits_evenly(node: fx.Node, ni: NodeInfo, tp: int) -> bool:
+    """Every shard a rule produces or asks for splits its dim evenly over tp (see ``_shard_fits``).
+
+    The one place that makes a plan giving a rank zero heads (or a ragged part of one) impossible
+    by construction, whichever rule would have produced it: the op then runs on whole inputs (a
+    correct gather, reported as a fallback) and the plan replicates what led there."""
+    outs = ni.out if isinstance(ni.out, tuple) else (ni.out,)
+    vals = value(node) if isinstance(ni.out, tuple) else (value(node),)
+    for p, v in zip(outs, vals or ()):
+        if isinstance(p, Shard) and isinstance(v, torch.Tensor) and p.dim < v.dim() and not _shard_fits(p, v.shape[p.dim], tp):
+            return False
+    for x, p in ni.need.items():
+        if isinstance(p, Shard) and is_tensor(x) and p.dim < value(x).dim() and not _shard_fits(p, shape(x)[p.dim], tp):
+            return False
+    return True
+
+
 def propagate(gm: fx.GraphModule, tp: int, params: set, style_of: Callable, chunks_of: Callable = lambda n: 1,
               copies_of: Callable = lambda n: 1, state: dict | None = None,
               buffers: set = frozenset(), pending: frozenset = frozenset(), inference: bool = False) -> Propagation:
@@ -1293,6 +1331,8 @@ def propagate(gm: fx.GraphModule, tp: int, params: set, style_of: Callable, chun
                 ni = _replicate_all(node, ctx, "fallback")
             else:
                 ni = rule(node, ctx)
+                if ni.kind not in _LAYOUT_KINDS and not _splits_evenly(node, ni, tp):
+                    ni = _replicate_all(node, ctx, "fallback")  # e.g. 2 heads at tp=4: no rank gets zero
             for x, need in ni.need.items():  # a parameter is stored the way its first consumer needs
                 if x in params and ctx.place.get(x) is None:  # (kv copies are taken from a replicated one)
                     ctx.place[x] = info[x].out = R if isinstance(need, Shard) and need.copies else need

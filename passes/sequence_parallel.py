@@ -40,7 +40,7 @@ from tpcompile.runtime import mappings as M
 from tpcompile.runtime import vocab_parallel as V
 
 from .expert_dispatch import dispatch_experts
-from .graph_utils import comes_before, same_size, shape_str, size_expr, source_line, static_size, value
+from .graph_utils import comes_before, same_shape, same_size, shape_str, size_expr, source_line, static_size, value
 from .normalize import LINEARS
 from .placements import Replicate, Shard
 from .propagate import op_class, rule_through
@@ -92,8 +92,9 @@ def sequence_parallel(gm: fx.GraphModule, group: str, tp: int) -> SPResult:
     """Turn the replicated regions of a TP-rewritten ``gm`` into token-sharded ones (in place)."""
     g = gm.graph
     res = SPResult()
+    _tokens_through_flattens(g)
     sources = [n for n in g.nodes if n.op == "call_function"  # row-parallel reductions, vocab embeddings
-               and ((n.target is M.reduce_from_tp and n.args[0].target in LINEARS) or n.target is V.vocab_parallel_embedding)]
+               and ((n.target is M.reduce_from_tp and _row_output(n.args[0])) or n.target is V.vocab_parallel_embedding)]
     if not sources:
         return res
     tokens = {size_expr(value(n).shape[-2]): value(n).shape[-2] for n in sources}
@@ -206,6 +207,97 @@ def sequence_parallel(gm: fx.GraphModule, group: str, tp: int) -> SPResult:
     g.lint()
     gm.recompile()
     return res
+
+
+_VIEWS = {"view", "reshape", torch.reshape}
+
+
+def _row_output(x: fx.Node) -> bool:
+    """``x`` is a linear's output, or a view of one (``_tokens_through_flattens``)."""
+    return x.target in LINEARS or (_is_view(x) and x.args[0].target in LINEARS)
+
+
+def _is_view(n: fx.Node) -> bool:
+    return n.op in ("call_method", "call_function") and n.target in _VIEWS and isinstance(n.args[0], fx.Node) \
+        and isinstance(value(n), torch.Tensor) and isinstance(value(n.args[0]), torch.Tensor)
+
+
+def _whole_index(n: fx.Node) -> bool:
+    """``x[:, 0:, :]`` (HF's ``hidden_states[:, slice(-logits_to_keep, None), :]`` with 0 to keep): every entry."""
+    if n.op != "call_function" or n.target is not operator.getitem or not isinstance(n.args[0], fx.Node) \
+            or not isinstance(value(n.args[0]), torch.Tensor):
+        return False
+    idx = n.args[1] if isinstance(n.args[1], tuple) else (n.args[1],)
+    return all(isinstance(i, slice) and i.start in (None, 0) and i.stop is None and i.step in (None, 1) for i in idx)
+
+
+def _flattens_tokens(flat: fx.Node, full: fx.Node) -> bool:
+    """``flat`` ([N, C]) is ``full`` ([..., T, C], 3-D or more) with its leading dims in one: the same
+    elements, the same last dim."""
+    a, b = value(flat), value(full)
+    return a.dim() == 2 and b.dim() >= 3 and same_size(a.shape[-1], b.shape[-1]) and same_size(a.numel(), b.numel())
+
+
+def _tokens_through_flattens(g: fx.Graph) -> None:
+    """Show SP the token dim where a linear runs on token-flattened activations (HF's ``Conv1D``:
+    ``addmm(b, x.view(-1, C), W).view(B, T, C)``; ``x.view(-1, C) @ W``), in place, the numbers unchanged:
+
+    - a row-parallel reduction of ``[B*T, C]`` whose result (plus a bias) is viewed back to
+      ``[B, T, C]`` reduces that view instead (a view of a pending sum is a pending sum), so the
+      reduce-scatter splits tokens, not rows of the flattened batch;
+    - Megatron's f (``copy_to_tp``, identity forward) on ``x.view(-1, C)`` goes on ``x`` before the view,
+      so the all-gather that replaces it gathers tokens and the view flattens the whole sequence;
+    - views and slices that keep every entry in place (``x.view(-1, T, C)`` of a ``[B, T, C]`` x,
+      ``x[:, 0:, :]``) are dropped: on a token shard their literal sizes would be wrong.
+    """
+    for n in list(g.nodes):
+        if (_is_view(n) and same_shape(value(n).shape, value(n.args[0]).shape) and len(n.args[0].users) >= 1) \
+                or (_whole_index(n) and same_shape(value(n).shape, value(n.args[0]).shape)):
+            n.replace_all_uses_with(n.args[0])
+            g.erase_node(n)
+    for n in list(g.nodes):
+        if n.op != "call_function":
+            continue
+        if n.target is M.reduce_from_tp and n.args[0].target in LINEARS and value(n).dim() == 2:
+            chain, last = [], n
+            while len(last.users) == 1:
+                (u,) = last.users
+                if _is_view(u) and _flattens_tokens(last, u):
+                    _reduce_after_view(g, n, chain, u)
+                    break
+                if op_class(u) not in ("pointwise", "cast") or any(
+                        x is not last and isinstance(value(x), torch.Tensor) and value(x).dim() > 1 for x in u.all_input_nodes):
+                    break  # only a bias (1-D) or scalars may join on the way to the view
+                chain.append(u)
+                last = u
+        elif n.target is M.copy_to_tp and n.meta.get("tp_mapping") == "copy_to_tp" and _is_view(n.args[0]) \
+                and _flattens_tokens(n.args[0], n.args[0].args[0]):
+            flat = n.args[0]
+            n.replace_input_with(flat, flat.args[0])
+            n.meta["example_value"] = value(flat.args[0])
+            with g.inserting_after(n):
+                again = g.create_node(flat.op, flat.target, (n, *flat.args[1:]), dict(flat.kwargs))
+            _inherit_meta(again, flat, _KEYS)
+            again.meta["example_value"] = value(flat)
+            n.replace_all_uses_with(again, delete_user_cb=lambda u: u is not again)
+            if not flat.users:
+                g.erase_node(flat)
+
+
+def _reduce_after_view(g: fx.Graph, red: fx.Node, chain: list, view: fx.Node) -> None:
+    """``view(chain(reduce(y)))`` -> ``chain(reduce(view(y)))``: the view's sizes on ``y`` (the same numel
+    and last dim), the reduction and the ops after it (a bias add) on the viewed shape."""
+    y = red.args[0]
+    with g.inserting_before(red):
+        yv = g.create_node(view.op, view.target, (y, *view.args[1:]), dict(view.kwargs))
+    _inherit_meta(yv, view, _KEYS)
+    full = value(view).shape
+    yv.meta["example_value"] = value(y).reshape(full)
+    red.replace_input_with(y, yv)
+    for n in (red, *chain):
+        n.meta["example_value"] = value(n).reshape(full)
+    view.replace_all_uses_with(chain[-1] if chain else red)
+    g.erase_node(view)
 
 
 def _bucket_grad_reductions(g: fx.Graph, bucket: dict, group: str) -> None:

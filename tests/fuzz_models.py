@@ -385,16 +385,17 @@ def batches(s: Spec, n: int = 2) -> list:
 
 
 # ---------------------------------------------------------------------------------------- one case
-def run_case(rank: int, world: int, seed: int, backend: str = "aot_eager") -> dict:
-    """Train the seed's model tp-compiled and on one device for 2 SGD steps on this gloo rank."""
+def run_case(rank: int, world: int, seed: int, backend: str = "aot_eager", s: Spec | None = None) -> dict:
+    """Train the seed's model (or the model ``s`` describes) tp-compiled and on one device for 2 SGD
+    steps on this gloo rank."""
     import torch._dynamo
 
     import tpcompile
     from parity import stored_slice
 
-    s = spec(seed)
-    out = {"seed": seed, "world": world, "loss": [], "ref_loss": [], "grad_err": [], "warnings": [],
-           "error": None, "error_type": None, "loud": False}
+    s = s or spec(seed)
+    out = {"seed": seed, "world": world, "dtype": s.dtype, "loss": [], "ref_loss": [], "grad_err": [], "warnings": [],
+           "error": None, "error_type": None, "loud": False, "plan": {}}
     try:
         model = build(s)
         ref = copy.deepcopy(model)
@@ -435,7 +436,8 @@ def run_case(rank: int, world: int, seed: int, backend: str = "aot_eager") -> di
                 for o in opts:
                     o.step()
                     o.zero_grad()
-        out["warnings"] = [str(w.message)[:300] for w in caught if issubclass(w.category, tpcompile.TPWarning)]
+        out["warnings"] = [str(w.message)[:1000] for w in caught if issubclass(w.category, tpcompile.TPWarning)]
+        out["plan"] = {fqn: pp.style for fqn, pp in tpcompile.tp_state(tp).plan.items()}
     except Exception as e:  # noqa: BLE001 - classified below
         from tpcompile import errors
 
@@ -456,15 +458,15 @@ def run_many(rank: int, world: int, seeds: list, backend: str = "aot_eager") -> 
 def classify(by_rank: list) -> tuple[str, str]:
     """(outcome, why) of one case from every rank's ``run_case`` result."""
     r0 = by_rank[0]
-    s = spec(r0["seed"])
     if any(r["error"] for r in by_rank):
         r = next(r for r in by_rank if r["error"])
         return ("loud" if all(x["loud"] for x in by_rank if x["error"]) else "crash"), f"{r['error_type']}: {r['error']}"
-    low = s.dtype != "fp32"
+    dtype = r0.get("dtype") or spec(r0["seed"]).dtype
+    low = dtype != "fp32"
     for rank, r in enumerate(by_rank):
         if r["loss"] != r0["loss"]:
             return "silent", f"rank {rank} loss {r['loss']} != rank 0's {r0['loss']}"
-        steps = 1 if s.dtype == "bf16" else len(r["loss"])  # bf16 updates round differently: judge step 0
+        steps = 1 if dtype == "bf16" else len(r["loss"])  # bf16 updates round differently: judge step 0
         for step, (a, refs) in enumerate(zip(r["loss"][:steps], r["ref_loss"])):
             b = refs[-1]
             ok = abs(a - b) <= (4 * abs(refs[0] - b) + 4e-3 * abs(b) if low else 1e-4 * max(abs(b), 1e-6))

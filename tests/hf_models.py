@@ -127,7 +127,7 @@ def enable_checkpointing(model, kwargs: dict) -> None:
 def train_hf_beside_reference(rank: int, world: int, family: str, steps: int = 3, lr: float = 0.1,
                               backend: str = "aot_eager", batch: tuple = (2, 16), dtype=None,
                               autocast: bool = False, grad_ckpt: dict | None = None, regional: bool | None = None,
-                              **overrides) -> dict:
+                              sequence_parallel: bool = False, **overrides) -> dict:
     """SGD steps of a tp-compiled HF model and its single-device copy (``models_common.train_beside``),
     called the HF way: ``model(input_ids=..., labels=...)``, two ignored positions per row.
 
@@ -161,7 +161,8 @@ def train_hf_beside_reference(rank: int, world: int, family: str, steps: int = 3
                                 for n in bw if n.op == "call_function")
 
     return train_beside(rank, world, model, batches, lambda m, b: m(input_ids=b[0], labels=b[1]), lr=lr,
-                        autocast=autocast, report=report, backend=backend, regional=regional)
+                        autocast=autocast, report=report, backend=backend, regional=regional,
+                        sequence_parallel=sequence_parallel)
 
 
 def train_many(rank: int, world: int, cases: list) -> list:

@@ -105,7 +105,7 @@ def test_fallbacks_and_graph_breaks_are_listed():
 def test_clear_errors():
     model, args = gpt.make_model(n_head=6, n_embd=96)
     with pytest.raises(tpcompile.TPShardingError, match=r"6 heads.*tp=4"):
-        tpcompile.explain(model, *args, world_size=4)
+        tpcompile.explain(model, *args, world_size=4, plan={"h.*.attn.*_proj": "colwise"})
     assert not dist.is_initialized()  # the fake group is torn down on errors too
     with fake_group(2):
         with pytest.raises(RuntimeError, match="already initialised"):

@@ -45,15 +45,28 @@ def test_collectives_on_inductor_graphs_hit_the_floor(make, layers_kw):
     assert gather.nbytes <= 4 * n_rows * 4 * 4  # <= tp * rows * 4 stats * fp32
 
 
-def test_heads_not_divisible_is_a_clear_error():
-    with fake_group(world_size=4):
-        model, args = gpt.make_model(n_head=6, n_embd=96)
-        model = tpcompile.tp_compile(model, backend="eager")
-        with pytest.raises(tpcompile.TPShardingError) as e:
-            model(*args)
+def test_heads_not_divisible_keep_attention_whole_with_one_warning():
+    """6 heads at tp=4: q/k/v (and the out-projection reading them) stay whole, the MLP and the
+    vocabulary stay sharded, and one TPWarning says what it costs and which tp would shard them.
+    Naming those projections column-parallel in ``plan=`` is the error (the user asked for a split
+    that cannot be made)."""
+    model, args = gpt.make_model(n_head=6, n_embd=96)
+    rep = tpcompile.explain(model, *args, world_size=4)
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        assert rep.plan[f"h.0.attn.{name}.weight"] == "replicate", rep.plan
+    assert rep.plan["h.0.mlp.fc.weight"] == "colwise" and rep.plan["h.0.mlp.proj.weight"] == "rowwise"
+    assert rep.plan["wte.weight"] == "vocab"
+    # one warning per layer (a repeated block is planned once as a region, and warns for each layer)
+    msg, other = [w for w in rep.warnings if "does not divide" in w]
+    assert other == msg.replace("h.0.", "h.1."), other
+    assert "h.0.attn.q_proj (6)" in msg and "h.0.attn.o_proj" in msg and "tp in {1, 2, 3, 6}" in msg, msg
+    assert "parameters (" in msg and "more" in msg and "4x their share of the compute" in msg, msg
+    assert not [w for w in rep.warnings if "no tensor-parallel rule" in w], rep.warnings
+    model, args = gpt.make_model(n_head=6, n_embd=96)
+    with pytest.raises(tpcompile.TPShardingError) as e:
+        tpcompile.explain(model, *args, world_size=4, plan={"h.*.attn.q_proj": "colwise"})
     msg = str(e.value)
-    assert "6 heads" in msg and "tp=4" in msg and "{1, 2, 3, 6}" in msg
-    assert "h.0.attn.q_proj': 'replicate'" in msg and "gpt.py" in msg
+    assert "6 heads" in msg and "tp=4" in msg and "{1, 2, 3, 6}" in msg and "gpt.py" in msg, msg
 
 
 def test_vocab_not_divisible_is_padded():

@@ -6,6 +6,7 @@ weights used on token shards (norm weights, row-parallel biases) get their gradi
 all-reduced. fp32, gloo ranks; tolerances as in test_parity.
 """
 import functools
+import importlib.util
 from collections import Counter
 
 import re
@@ -16,7 +17,9 @@ import torch
 import gpt
 import llama
 import tpcompile
+import hf_models
 from fakepg import fake_group
+from models_common import assert_parity
 from multirank import run_cases
 from parity import train_beside_reference
 
@@ -29,7 +32,11 @@ def _gloo(world: int) -> list:
     """The gloo cases of this file at one TP degree in one job: the TRAINING rows of that degree,
     then (TP=2) the dropout case."""
     cases = [(train_beside_reference, (m, 3, 0.1, b, None, True)) for m, w, b in TRAINING if w == world]
-    return run_cases(world, cases + ([(_sp_dropout_ranks, ())] if world == 2 else []))
+    if world == 2:
+        cases.append((_sp_dropout_ranks, ()))
+        if importlib.util.find_spec("transformers") is not None:  # last: GPT-2 (HF Conv1D) under SP
+            cases.append((functools.partial(hf_models.train_hf_beside_reference, sequence_parallel=True), ("gpt2",)))
+    return run_cases(world, cases)
 
 
 @pytest.mark.parametrize("model_name, world, backend", TRAINING)
@@ -131,7 +138,7 @@ def _sp_dropout_ranks(rank, world):
 
 
 def test_dropout_in_the_token_sharded_stream():
-    results = _gloo(2)[-1]
+    results = _gloo(2)[sum(w == 2 for _, w, _ in TRAINING)]  # after the TRAINING rows of TP=2
     for train_loss, eval_loss, n in results:
         assert n >= 3  # embedding dropout and both residual dropouts of each block are region ops
         assert train_loss == results[0][0]  # every rank combines the same loss
@@ -183,14 +190,21 @@ def test_torch_rms_norm_runs_on_token_shards_under_sequence_parallel(norm):
     assert "gather_from_tp(" not in rep.graph_code and rep.graph_code.count("reduce_scatter_to_sp(") == 2
 
 
-def test_token_flattened_linear_is_refused_with_its_line():
-    """HF GPT-2's Conv1D runs ``addmm`` on ``x.view(-1, C)`` (batch and tokens in one dim): SP cannot
-    token-shard it beside the [B, T, C] embedding; the error names that line and the fix."""
+def test_gpt2_token_flattened_conv1d_trains_under_sp_at_the_floor():
+    """HF GPT-2's Conv1D runs ``addmm`` on ``x.view(-1, C)`` (batch and tokens in one dim) and views the
+    result back to ``[B, T, C]``; SP follows the token dim through that flatten
+    (``sequence_parallel._tokens_through_flattens``): the row-parallel sums are reduce-scattered over
+    tokens after the view back, the all-gathers go before the flatten. It used to be refused.
+    3 SGD steps at TP=2: loss, logits and every gradient as single device, ranks agree, no warning,
+    every collective an SP one, at the SP floor plus the returned logits' all-gather."""
     pytest.importorskip("transformers")
-    import hf_models
-
-    model = hf_models.make_model("gpt2")
-    ids = torch.randint(0, 100, (2, 8))
-    with pytest.raises(tpcompile.TPShardingError, match=r"pytorch_utils.py:\d+ `x = torch.addmm\(self.bias, x.view\(-1, "
-                                                        r".*\(16, 64\).*\(2, 8, 64\).*sequence_parallel=False"):
-        tpcompile.explain(model, input_ids=ids, labels=ids, world_size=2, sequence_parallel=True)
+    results = _gloo(2)[-1]
+    r = assert_parity(results, rel=1e-5, grad_atol=1e-5)
+    assert all(x["logits_err"] <= 1e-5 for x in results), [x["logits_err"] for x in results]
+    assert r["warnings"] == [], r["warnings"]
+    kinds = Counter(r["collectives"])  # (phase, kind)
+    assert ("forward", "all_reduce") not in kinds and kinds[("forward", "reduce_scatter")] == 2 * 2 + 1, kinds
+    (floor,) = r["floor"]
+    have = Counter(ph for ph, _ in r["collectives"])
+    assert have == {"forward": floor["forward"] + 1, "backward": floor["backward"]}, (have, floor)
+    assert r["plan"]["transformer.h.0.attn.c_attn.weight"][:2] == ("colwise", 1)  # Conv1D: [in, out]

@@ -123,13 +123,19 @@ def test_fused_qkv_reshaped_pieces_first_is_a_three_piece_column_shard(cls, worl
 
 
 @pytest.mark.parametrize("world,dim,heads", [(2, 24, 3), (4, 16, 2)])
-def test_fused_qkv_reshaped_with_heads_tp_does_not_divide_names_the_heads(world, dim, heads):
-    """The hint counts heads, not the 3 pieces: tp must divide the heads."""
+def test_fused_qkv_reshaped_with_heads_tp_does_not_divide_stays_whole_and_names_the_heads(world, dim, heads):
+    """The hint counts heads, not the 3 pieces: tp must divide the heads. Left to tpcompile, qkv and
+    the projection reading it stay whole, with the heads in the warning; named column-parallel in
+    ``plan=``, it is refused with the same count."""
     torch.manual_seed(0)
     model = spellings.FusedQKVReshapeUnbind(dim, heads)
-    with pytest.raises(tpcompile.TPShardingError, match=rf"qkv is split into {heads} heads .* not divisible by "
-                       rf"tp={world}\. Use tp in \{{1, {heads}\}}"):
-        tpcompile.explain(model, torch.randn(2, 8, dim), world_size=world)
+    rep = tpcompile.explain(model, torch.randn(2, 8, dim), world_size=world)
+    assert rep.plan["qkv.weight"] == "replicate" and rep.plan["o.weight"] == "replicate", rep.plan
+    (msg,) = rep.warnings
+    assert f"qkv ({heads})" in msg and f"tp={world} does not divide" in msg and f"tp in {{1, {heads}}}" in msg, msg
+    with pytest.raises(tpcompile.TPShardingError, match=rf"qkv \(column-parallel as plan= asks\) is split into "
+                       rf"{heads} heads .* not divisible by tp={world}\. Use tp in \{{1, {heads}\}}"):
+        tpcompile.explain(model, torch.randn(2, 8, dim), world_size=world, plan={"qkv": "colwise"})
 
 
 class _no_warning:

@@ -224,7 +224,7 @@ def _int_at(idx, axis: int) -> bool:
 
 def make_plan(gm: fx.GraphModule, tp: int, param_fqns: dict, overrides: dict | None = None,
               known: dict | None = None, buffers: set | None = None, state: dict | None = None,
-              inference: bool = False, expert_parallel: bool = False) -> GraphPlan:
+              inference: bool = False, expert_parallel: bool = False, outputs_sharded: bool = False) -> GraphPlan:
     """Choose every parameter's layout for ``gm`` (params: placeholder node -> FQN).
 
     ``expert_parallel``: the 3-D weights of every grouped (expert) matmul not named in ``overrides``
@@ -236,6 +236,9 @@ def make_plan(gm: fx.GraphModule, tp: int, param_fqns: dict, overrides: dict | N
     ``state``: placeholder -> placement of sharded state inputs (a KV cache kept sharded).
     ``inference``: the graph has no backward; an LM head whose logits are returned or selected from
     (argmax / top-k / softmax over the vocabulary) stays column-parallel (``propagate``).
+    ``outputs_sharded``: outputs are returned as shards (``sharded_outputs=True``): an LM head whose
+    logits are returned stays column-parallel in training too. Without it (and in training) such a
+    head goes back to replicated, which is said with its cost (``_returned_head_note``).
     """
     known = known or {}
     # kv copies are stored replicated and chosen again from the graph (the same graph decides the same)
@@ -260,6 +263,7 @@ def make_plan(gm: fx.GraphModule, tp: int, param_fqns: dict, overrides: dict | N
     pending: set = set()
     unsupported: dict = {}
     notes: list = []
+    returned: set = set()
     whole: dict = {}  # linear -> head counts (or piece sizes) tp does not divide: kept whole, one warning
     for lin, c in chunks.items():  # unequal fused pieces that tp does not divide (kv heads < tp): keep whole
         if isinstance(c, tuple) and any(s % tp for s in c) and lin.args[1] not in forced:
@@ -292,7 +296,8 @@ def make_plan(gm: fx.GraphModule, tp: int, param_fqns: dict, overrides: dict | N
             return "replicate"
 
         prop = propagate(gm, tp, params, style_of, lambda n: chunks.get(n, 1), lambda n: copies.get(n, 1),
-                         state, set(buffers or ()), frozenset(pending), inference)
+                         state, set(buffers or ()), frozenset(pending), inference, outputs_sharded)
+        returned |= prop.returned
         joined = _joins_pending_sum(prop) - pending
         if joined:  # shared experts: their row-parallel sums join the routed experts' (one reduction)
             pending |= joined
@@ -334,6 +339,11 @@ def make_plan(gm: fx.GraphModule, tp: int, param_fqns: dict, overrides: dict | N
             break
         replicated |= dropped
     notes += _unsharded_contractions(gm, prop, param_fqns, forced)
+    vocab_rows = {int(shape(w)[0]) for w in vocab_weights}
+    heads_left = sorted((h for h in returned if h in replicated and h.args[1] not in forced
+                         and static_size(shape(h.args[1])[weight_out_dim(h)]) in vocab_rows), key=lambda n: n.name)
+    if heads_left:
+        notes.append(_returned_head_note(heads_left, param_fqns, tp))
     if whole:
         notes.append(_whole_heads_note(whole, replicated, param_fqns, tp))
         # the linears reading them are whole as a consequence (said in that note), not for an op with no rule
@@ -586,6 +596,27 @@ def _whole_heads_note(whole: dict, replicated: set, param_fqns: dict, tp: int) -
             f"state), and {tp}x their share of the compute (these projections and the attention between them run "
             f"in full on every rank). The rest of the model stays sharded. tp in {_set(divisors(g))} would shard "
             f"them; plan={{{fix}}} says this is intended and silences this warning.")
+
+
+def _returned_head_note(heads: list, param_fqns: dict, tp: int) -> str:
+    """The one warning for an LM head kept whole because its logits leave the graph (the loss is
+    computed outside): which, what it costs per rank, and the two ways to shard it."""
+    params = set(param_fqns)
+    parts = []
+    for h in heads:
+        w = _weight_param(h.args[1], params)
+        od = weight_out_dim(h)
+        vocab, width = int(shape(h.args[1])[od]), int(shape(h.args[1])[1 - od])
+        nbytes = vocab * width * value(w).element_size()
+        parts.append(f"{param_fqns[w].rsplit('.', 1)[0]} ([{vocab}, {width}]: {_mib(nbytes)} held whole instead of "
+                     f"1/{tp}, {_mib(nbytes - nbytes // tp)} more per rank plus its gradient and optimizer state; "
+                     f"{2 * vocab * width:,} FLOPs per token forward and {4 * vocab * width:,} backward on every "
+                     f"rank instead of 1/{tp})")
+    return (f"tpcompile: the LM head stays replicated because its output (the logits) leaves the compiled model "
+            f"and the loss is computed outside it, where a vocabulary shard would have to be gathered first: "
+            f"{'; '.join(parts)}. To shard it: compute the loss inside the model (Hugging Face: pass labels=), or "
+            f"tp_compile(..., sharded_outputs=True) and compute the loss on the vocab-sharded DTensor logits under "
+            f"torch.distributed.tensor.parallel.loss_parallel() (F.cross_entropy).")
 
 
 def _mib(n: int) -> str:

@@ -42,6 +42,7 @@ class Propagation:
     blocked: dict = field(default_factory=dict)  # column linear -> ops with no rule its shard ran into
     vocab_sinks: set = field(default_factory=set)  # column linears whose shard reaches the vocab-parallel loss
     gathered: set = field(default_factory=set)  # column linears / tables whose shard some consumer needs otherwise
+    returned: set = field(default_factory=set)  # LM heads (widening column linears) whose shard reaches the graph's output
 
     def placement(self, node):
         return self.info[node].out if node in self.info else None
@@ -1294,7 +1295,8 @@ def _splits_evenly(node: fx.Node, ni: NodeInfo, tp: int) -> bool:
 
 def propagate(gm: fx.GraphModule, tp: int, params: set, style_of: Callable, chunks_of: Callable = lambda n: 1,
               copies_of: Callable = lambda n: 1, state: dict | None = None,
-              buffers: set = frozenset(), pending: frozenset = frozenset(), inference: bool = False) -> Propagation:
+              buffers: set = frozenset(), pending: frozenset = frozenset(), inference: bool = False,
+              outputs_sharded: bool = False) -> Propagation:
     """Placement of every node of ``gm``.
 
     Inputs are replicated (the same batch on every rank), except ``state`` (placeholder ->
@@ -1308,15 +1310,19 @@ def propagate(gm: fx.GraphModule, tp: int, params: set, style_of: Callable, chun
     a column linear's shard that reaches the vocab-parallel selection ops or the graph's output (the
     LM head at decode: its logits returned) counts as a sink (kept column-parallel, 1/tp of its weight
     per rank, the returned part gathered), where in training it would only add a collective.
+    ``outputs_sharded``: outputs are returned as their shards (``tp_compile(sharded_outputs=True)``):
+    a shard reaching the output costs no collective, so it counts as a sink in training too.
     """
     ctx = Ctx(tp, style_of, chunks_of, copies_of, pending)
     ctx.inference = inference
+    ctx.outputs_sharded = outputs_sharded
     ctx.buffers = set(buffers)
     info: dict = {}
     origins: dict = {}
     good: set = set()
     vocab: set = set()
     bad: set = set()
+    returned: set = set()
     fallbacks: list = []
     blocked: dict = {}
     for node in gm.graph.nodes:
@@ -1359,8 +1365,11 @@ def propagate(gm: fx.GraphModule, tp: int, params: set, style_of: Callable, chun
                 # or returned (gathered at the end). A head, not a MoE router (E scores, top-k routed: kept
                 # replicated, no collective) nor a classifier: wider out than in
                 heads = {o for o in origins.get(x, ()) if _widening(o, info)}
+                if isinstance(have, Shard) and heads and ni.kind == "output":
+                    returned |= heads
                 if isinstance(have, Shard) and heads and (ni.kind == "vocab_select" and need == have or (
-                        ni.kind == "output" and ctx.inference and have.chunks == 1 and not have.copies)):
+                        ni.kind == "output" and (ctx.inference or ctx.outputs_sharded) and have.chunks == 1
+                        and not have.copies)):
                     good |= heads
                     vocab |= heads
             if ni.kind == "fallback" and any(isinstance(ctx.pl(x), (Shard, Partial)) and ni.need.get(x) != ctx.pl(x) for x in ni.need):
@@ -1374,4 +1383,4 @@ def propagate(gm: fx.GraphModule, tp: int, params: set, style_of: Callable, chun
                 w = ni.extra["writes"]
                 origins[w] = origins.get(w, frozenset()) | origins[node]
         ctx.place[node] = info[node].out
-    return Propagation(info, origins, good, fallbacks, blocked, vocab, bad)
+    return Propagation(info, origins, good, fallbacks, blocked, vocab, bad, returned)

@@ -7,6 +7,7 @@ The library case files of ``tests/test_models.py`` (``models_<library>.py``),
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 from typing import Callable
@@ -31,7 +32,7 @@ def called_nodes(gm: torch.fx.GraphModule) -> list:
 def train_beside(rank: int, world: int, model: torch.nn.Module, batches: list, loss_fn: Callable,
                  steps: int | None = None, lr: float = 0.1, autocast: bool = False,
                  report: Callable | None = None, optimizer: Callable = torch.optim.SGD,
-                 clip: float | None = None, **tp_kwargs) -> dict:
+                 clip: float | None = None, backward_context: Callable | None = None, **tp_kwargs) -> dict:
     """``len(batches)`` SGD steps (or ``steps``, cycling) of ``tp_compile(model, **tp_kwargs)`` and of
     a deep copy made before it: the one training loop of the parity tests.
 
@@ -39,7 +40,8 @@ def train_beside(rank: int, world: int, model: torch.nn.Module, batches: list, l
     then compared too). Both copies draw the same random numbers (dropout) at every step.
     ``autocast``: both forwards under CPU bf16 autocast. ``optimizer(params, lr=lr)`` steps both
     copies; ``clip``: ``clip_grad_norm_`` to it before each step (both norms recorded, the tp one
-    a DTensor's). ``report(tp, ref, out)`` may add to or
+    a DTensor's). ``backward_context()``: entered around both backwards (``loss_parallel``
+    needs its backward inside it too). ``report(tp, ref, out)`` may add to or
     reshape the result. Returns per-step losses of both, the largest gradient error (each rank's
     DTensor gradient against the same cut of the single-device one), the plan, the collectives
     and floor per graph and phase, element counts, graph count and tpcompile's warnings."""
@@ -62,8 +64,9 @@ def train_beside(rank: int, world: int, model: torch.nn.Module, batches: list, l
                 err = (res[0].logits.float() - res[1].logits.float()).abs().max().item()
                 out["logits_err"] = max(out.get("logits_err", 0.0), err)
             loss, ref_loss = (getattr(r, "loss", r) for r in res)
-            loss.backward()
-            ref_loss.backward()
+            with backward_context() if backward_context is not None else contextlib.nullcontext():
+                loss.backward()
+                ref_loss.backward()
             out["grad_err"] = max(out["grad_err"], max(grad_errors(tp, ref, rank).values()))
             if clip is not None:
                 out["norm"].append(torch.nn.utils.clip_grad_norm_(tp.parameters(), clip).full_tensor().item())

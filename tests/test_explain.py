@@ -245,3 +245,23 @@ def test_cli_explains_regional_by_default_and_the_whole_graph_with_a_flag(capsys
     assert reg.count("invoke_subgraph(") == 2 and "invoke_subgraph" not in whole
     assert reg.split("rewritten graph:")[0] == whole.split("rewritten graph:")[0]
     assert reg.count("at the floor") == 2
+
+
+def test_explain_says_when_the_lm_head_stays_whole_because_its_logits_leave_the_model():
+    """Loss outside the model (no labels): ``explain`` lists the head as replicated and carries the
+    warning with its cost; with labels (loss inside), or with ``sharded_outputs=True``, the head is
+    column-parallel and nothing is said."""
+    pytest.importorskip("transformers")
+    import hf_models
+
+    model = hf_models.make_model("llama", vocab_size=255)
+    ids = torch.randint(0, 255, (2, 16), generator=torch.Generator().manual_seed(0))
+    outside = tpcompile.explain(model, input_ids=ids, world_size=2)
+    assert outside.plan["lm_head.weight"] == "replicate"
+    (w,) = [w for w in outside.warnings if "LM head" in w]
+    assert "lm_head ([255, 64]: 63.8 KiB held whole instead of 1/2, 31.9 KiB more per rank" in w, w
+    assert "32,640 FLOPs per token forward and 65,280 backward" in w, w
+    for kw in ({"labels": ids}, {"sharded_outputs": True}):
+        r = tpcompile.explain(model, input_ids=ids, world_size=2, **kw)
+        assert r.plan["lm_head.weight"] == "colwise", kw
+        assert not [w for w in r.warnings if "LM head" in w], (kw, r.warnings)

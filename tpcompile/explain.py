@@ -164,13 +164,14 @@ def explain(
     regional: bool | None = None,
     graph: int | None = None,
     expert_parallel: bool = False,
+    sharded_outputs: bool = False,
     **kwargs: Any,
 ) -> Report:
     """Plan, rewrite and trace ``model(*args, **kwargs)`` as rank ``rank`` of ``world_size``.
 
     One process, no GPU, no torchrun: a fake process group stands in for the TP group.
     The model is not modified (its parameters stay bitwise the same; one built on
-    ``meta`` stays on ``meta``). ``plan``, ``fuse_norm``, ``regional``, ``expert_parallel``: as ``tp_compile`` takes them (called under
+    ``meta`` stays on ``meta``). ``plan``, ``fuse_norm``, ``regional``, ``expert_parallel``, ``sharded_outputs``: as ``tp_compile`` takes them (called under
     ``torch.no_grad()``, the norms are fused by default, as ``tp_compile`` fuses them).
 
     ``explain(tp_model)`` (a model ``tp_compile`` returned, no batch): the report of the graphs it has
@@ -193,6 +194,7 @@ def explain(
         )
     if not 0 <= rank < world_size:
         raise ValueError(f"explain(rank={rank}) must be in [0, {world_size}).")
+    from torch.distributed.device_mesh import DeviceMesh
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     from tpcompile.api import fqns_of, regional_twin, without_regions_on_break
@@ -210,9 +212,11 @@ def explain(
         params = StandinParameters(twin)
         options = Options(world_size, rank, dist.group.WORLD.group_name,
                           overrides=with_tied_aliases(plan or {}, twin.aliases), sequence_parallel=sequence_parallel,
-                          fuse_norm=fuse_norm, regional=twin.regional, expert_parallel=expert_parallel)
+                          fuse_norm=fuse_norm, regional=twin.regional, expert_parallel=expert_parallel,
+                          sharded_outputs=sharded_outputs)
         recorder = Recorder(rank, dump_dir)
-        compiled, twin.compile = compile_twin(twin, params, options, "trace", recorder)
+        mesh = DeviceMesh.from_group(dist.group.WORLD, "cpu") if sharded_outputs else None  # the outputs' DTensors
+        compiled, twin.compile = compile_twin(twin, params, options, "trace", recorder, mesh=mesh)
         twin.sync()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

@@ -233,7 +233,7 @@ def kv_copy_weights(plan: GraphPlan) -> int:
 def plan_graph(gm: fx.GraphModule, fqns: dict, tp: int, overrides: dict,
                known: dict | None = None, buffers: set | None = None,
                state: dict | None = None, inference: bool = False,
-               expert_parallel: bool = False) -> tuple[GraphPlan, list[str]]:
+               expert_parallel: bool = False, outputs_sharded: bool = False) -> tuple[GraphPlan, list[str]]:
     """The graph passes before any sharding: inline checkpointed blocks, normalize, plan.
     ``buffers``: the placeholders that are module buffers (state, not the user's inputs);
     ``state``: placeholder -> placement of sharded state inputs (a KV cache an earlier graph returned).
@@ -247,7 +247,8 @@ def plan_graph(gm: fx.GraphModule, fqns: dict, tp: int, overrides: dict,
         for line, selective in inline_checkpoints(gm) if selective
     ]
     normalize(gm, set(fqns))
-    return make_plan(gm, tp, fqns, overrides, known, buffers, state, inference, expert_parallel), notes
+    return make_plan(gm, tp, fqns, overrides, known, buffers, state, inference, expert_parallel,
+                     outputs_sharded), notes
 
 
 def tp_program(gm: fx.GraphModule, param_fqns: dict[int, str], options: Options, names: dict[str, str] | None = None,
@@ -269,7 +270,8 @@ def tp_program(gm: fx.GraphModule, param_fqns: dict[int, str], options: Options,
     buffers = {n for n in placeholders if n.name in names and n not in fqns}
     state_nodes = {placeholders[i]: p for i, p in (state or {}).items()}
     plan, notes = plan_graph(gm, fqns, options.tp, options.overrides, options.known, buffers, state_nodes,
-                             inference=not options.needs_backward, expert_parallel=options.expert_parallel)
+                             inference=not options.needs_backward, expert_parallel=options.expert_parallel,
+                             outputs_sharded=options.sharded_outputs)
     layouts = {i: plan.params[placeholders[i]] for i in param_fqns}
     fallbacks = [_warn_fallback(n, plan) for n in plan.prop.fallbacks]
     fallbacks += [_warn_unsupported(n, mods) for n, mods in plan.unsupported.items()]

@@ -433,7 +433,7 @@ def tp_compile(
                            dump_dir=dump_dir, check_replicas_every=check_replicas_every, async_tp=async_tp,
                            regional=regional, expert_parallel=expert_parallel)
     model._tp_state = state
-    model.forward = _signed_like(model.forward, state.forward)
+    model.forward = state.model_forward = _signed_like(model.forward, state.forward)
     hf.install(model, state)  # Hugging Face's generate / save_pretrained on the tp-compiled model
     from tpcompile import checkpoint  # checkpoint-facing side: state dicts, meta-device models
 

@@ -106,6 +106,10 @@ def adapt(trainer, model: nn.Module) -> None:
     - Checkpoints: the optimizer state as a DCP directory (``OPTIMIZER_DIR``, each rank its own shards;
       torch.save of rank 0's would hand rank 0's shards to every rank on resume); resuming reads the
       model's safetensors slices and that directory (``tpcompile.load_checkpoint``).
+    - Gradient accumulation with FSDP2 over ``dp``: no reduction until the last micro-batch (the
+      trainer's own hook for that reads a Hugging Face ``distributed_config`` this model has not).
+    - Evaluation: ``gather_for_metrics`` keeps one copy per TP group (``_metrics_once_per_tp_group``).
+    - A forward swapped in after ``tp_compile`` (TRL's SFTTrainer) is refused when training starts.
     """
     import os
 
@@ -163,12 +167,75 @@ def adapt(trainer, model: nn.Module) -> None:
             for m in roots:
                 m.set_requires_gradient_sync(True)
 
+    _metrics_once_per_tp_group(trainer.accelerator, world, state.tp)
+    # the trainer took its gather function from the accelerator before (with its eval_use_gather_object)
+    trainer.gather_function = functools.partial(trainer.accelerator.gather_for_metrics,
+                                                use_gather_object=trainer.args.eval_use_gather_object)
+    trainer.add_callback(_ForwardKept(model))
     trainer._defer_fsdp_gradient_reduction = defer_fsdp_gradient_reduction
     trainer._save_optimizer_and_scheduler = save_optimizer_and_scheduler
     trainer._load_from_checkpoint = load_from_checkpoint
     trainer._load_optimizer_and_scheduler = load_optimizer_and_scheduler
 
 
+def _metrics_once_per_tp_group(accelerator, world: int, tp: int) -> None:
+    """``gather_for_metrics`` (evaluation losses, predictions) gathers from every rank and then cuts
+    the last batch's padding by the dataset's length: with the TP ranks' identical copies in it, that
+    cut kept the wrong rows and the eval loss was silently another one. It now keeps, of what the
+    ranks gathered (in rank order, the same size each), the rows of each TP group's first rank.
+    Plain ``gather`` is left alone: the Trainer divides token counts gathered with it by the TP size."""
+    import torch
+    from accelerate.utils import recursively_apply
+
+    gather, gather_for_metrics = accelerator.gather, accelerator.gather_for_metrics
+
+    def gather_dp(data):
+        return recursively_apply(lambda t: torch.cat(t.chunk(world)[::tp]), gather(data))
+
+    @functools.wraps(gather_for_metrics)
+    def tp_gather_for_metrics(input_data, use_gather_object: bool = False):
+        accelerator.gather = gather_dp
+        try:
+            return gather_for_metrics(input_data, use_gather_object=use_gather_object)
+        finally:
+            del accelerator.gather
+
+    accelerator.gather_for_metrics = tp_gather_for_metrics
+
+
 def _bare(optimizer):
     """The torch optimizer inside accelerate's wrapper (its ``param_groups`` and ``state`` are the real ones)."""
     return getattr(optimizer, "optimizer", optimizer)
+
+
+def _forward_kept_check(model: nn.Module) -> None:
+    """A trainer that replaced ``model.forward`` after ``tp_compile`` (TRL's SFTTrainer puts in its fused
+    LM head, which calls the backbone and the head's weight itself) would run the model's sharded
+    DTensor parameters eagerly, outside the compiled program: refused with what replaced it. Wrappers
+    that still call tp_compile's forward (accelerate's output casts) name it in ``__wrapped__``."""
+    chain, f = [], model.__dict__.get("forward")
+    for _ in range(16):
+        f = getattr(f, "__func__", f)
+        if f is getattr(model._tp_state, "model_forward", None):
+            return
+        code = getattr(f, "__code__", None)
+        if code is not None:
+            chain.append(f"{'/'.join(code.co_filename.split('/')[-3:])}:{code.co_firstlineno}")
+        f = getattr(f, "__wrapped__", None)
+        if f is None:
+            break
+    raise RuntimeError(
+        f"tpcompile: model.forward was replaced after tp_compile (by {' -> '.join(chain) or repr(f)}) with code that "
+        f"runs the model's submodules itself: their parameters are tensor-parallel DTensors that only tp_compile's "
+        f"forward runs. TRL's SFTTrainer does this for its fused LM head: not supported yet (the Hugging Face Trainer "
+        f"is). Train with a trainer that calls the model itself.")
+
+
+def _ForwardKept(model: nn.Module):
+    from transformers import TrainerCallback
+
+    class ForwardKept(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            _forward_kept_check(model)
+
+    return ForwardKept()

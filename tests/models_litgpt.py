@@ -54,7 +54,9 @@ def check(name: str, world: int, results: list) -> None:
     assert r["compile_wrapped"], "Lightning's torch.compile wrapper was not in place"
     assert r["n_graphs"] == 1, r["n_graphs"]
     plan = r["plan"]
-    assert r["warnings"] == [], r["warnings"]
+    # the loss is outside the model: its logits leave it, so the head stays whole, said once with its cost
+    (w,) = r["warnings"]
+    assert w.startswith("tpcompile: the LM head stays replicated") and "lm_head ([128, 64]" in w, w
     for i in range(2):
         pre = f"transformer.h.{i}."
         assert plan[pre + "mlp.fc_1.weight"][:2] == plan[pre + "mlp.fc_2.weight"][:2] == ("colwise", 0)

@@ -205,9 +205,14 @@ class TPParameters:
     def _parameter(self, pp: ParamPlan, stored: torch.Tensor, requires_grad: bool) -> nn.Parameter:
         """A DTensor parameter of ``pp``'s placement holding ``stored``. A padded vocabulary keeps its
         program shard (real rows, then zeros) with the stored rows a view of it: no copy per call."""
-        return nn.Parameter(self._dtensor(pp, stored), requires_grad=requires_grad)
+        d, base = self._dtensor(pp, stored)
+        p = nn.Parameter(d, requires_grad=requires_grad)
+        if base is not None:  # on the parameter's own local tensor (nn.Parameter makes a new one)
+            p._local_tensor._tp_padded = base
+        return p
 
     def _dtensor(self, pp: ParamPlan, stored: torch.Tensor):
+        """(the DTensor of ``pp``'s placement holding ``stored``, the padded program shard or None)."""
         from torch.distributed.tensor import DTensor
 
         base = None
@@ -216,9 +221,7 @@ class TPParameters:
             stored = pp.unpad(base, self.rank)
         d = DTensor.from_local(stored, self.mesh, [pp.placement()], run_check=False,
                                shape=torch.Size(pp.full_shape), stride=contiguous_stride(pp.full_shape))
-        if base is not None:
-            d._local_tensor._tp_padded = base
-        return d
+        return d, base
 
     @staticmethod
     def _carry_pieces(p, pp: ParamPlan) -> None:
@@ -326,7 +329,7 @@ class TPParameters:
             for v in st.values():
                 if (isinstance(v, DTensor) and v.shape == p.shape and v.device_mesh == self.mesh
                         and all(isinstance(q, Replicate) for q in v.placements)):
-                    torch.utils.swap_tensors(v, self._dtensor(pp, pp.stored(v._local_tensor, self.rank)))
+                    torch.utils.swap_tensors(v, self._dtensor(pp, pp.stored(v._local_tensor, self.rank))[0])
 
 
 def _stored_already(layouts: dict, pp: ParamPlan) -> bool:

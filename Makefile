@@ -28,16 +28,16 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
 # The newest releases of what users bring, in a venv of their own: transformers (and what it pulls:
-# kernels, huggingface_hub, tokenizers, safetensors), accelerate, triton, timm, litgpt, torchtune, torchao;
-# then the tests of third-party models (Hugging Face families, KV cache, generate, MoE, timm, litgpt,
-# torchtune, explain at the floor). A release that breaks one is a tpcompile bug to fix, or an upper bound
+# kernels, huggingface_hub, tokenizers, safetensors), accelerate, trl, datasets, triton, timm, litgpt, torchtune,
+# torchao; then the tests of third-party models (Hugging Face families, KV cache, generate, MoE, timm, litgpt,
+# torchtune, explain at the floor) and of the Trainer. A release that breaks one is a tpcompile bug to fix, or an upper bound
 # written below with its reason (docs/models.md). Upper bounds: torchao<0.14 (torchtune 0.6.1, its newest
 # release, imports torchao.dtypes.nf4tensor, gone from 0.14 on).
 LATEST        := .venv-latest
-LATEST_PKGS   := transformers kernels huggingface_hub tokenizers safetensors accelerate triton
+LATEST_PKGS   := transformers kernels huggingface_hub tokenizers safetensors accelerate trl datasets triton
 LATEST_MODELS := timm litgpt torchtune 'torchao<0.14'
 LATEST_TESTS  := tests/test_hf_models.py tests/test_hf_outputs.py tests/test_generate.py tests/test_models.py \
-                 tests/test_expert_parallel.py tests/test_eager_frames.py tests/test_explain.py
+                 tests/test_expert_parallel.py tests/test_eager_frames.py tests/test_explain.py tests/test_hf_trainer.py
 test-latest:
 	test -x $(LATEST)/bin/python || $(PY) -m venv $(LATEST)
 	$(LATEST)/bin/python -m pip install -q $(TORCH)
@@ -45,7 +45,7 @@ test-latest:
 	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy only-if-needed -e ".[test]" $(LATEST_PKGS)
 	$(LATEST)/bin/python -m pip install -q --no-deps -r tests/requirements-models.txt
 	$(LATEST)/bin/python -m pip install -q --no-deps --upgrade $(LATEST_MODELS)
-	$(LATEST)/bin/python -m pip list 2>/dev/null | grep -iE "^(torch|transformers|kernels|huggingface.hub|tokenizers|safetensors|accelerate|triton|timm|litgpt|torchtune|torchao) "
+	$(LATEST)/bin/python -m pip list 2>/dev/null | grep -iE "^(torch|transformers|kernels|huggingface.hub|tokenizers|safetensors|accelerate|trl|datasets|triton|timm|litgpt|torchtune|torchao) "
 	$(LATEST)/bin/python -m pytest -q $(LATEST_TESTS)
 
 # After a green `make test-latest`: take its versions as the new pinned set (then run `make test`).

@@ -34,8 +34,8 @@ test: $(STAMP)
 # written below with its reason (docs/models.md). Upper bounds: torchao<0.14 (torchtune 0.6.1, its newest
 # release, imports torchao.dtypes.nf4tensor, gone from 0.14 on).
 LATEST        := .venv-latest
-LATEST_PKGS   := transformers kernels huggingface_hub tokenizers safetensors accelerate trl datasets triton
-LATEST_MODELS := timm litgpt torchtune 'torchao<0.14'
+LATEST_PKGS   := transformers kernels huggingface_hub tokenizers safetensors accelerate triton
+LATEST_MODELS := timm litgpt torchtune 'torchao<0.14' trl datasets
 LATEST_TESTS  := tests/test_hf_models.py tests/test_hf_outputs.py tests/test_generate.py tests/test_models.py \
                  tests/test_expert_parallel.py tests/test_eager_frames.py tests/test_explain.py tests/test_hf_trainer.py
 test-latest:

@@ -634,7 +634,8 @@ def _check_views(prop: Propagation, tp: int, param_fqns: dict) -> None:
         origin = sorted(param_fqns[_weight_param(o.args[1], set(param_fqns))].rsplit(".", 1)[0]
                     for o in prop.origins.get(node.args[0], ()))
         fix = ", ".join(f"{o!r}: 'replicate'" for o in origin)
-        what = f"{size} heads" if value(node).dim() > value(node.args[0]).dim() else f"a dim of size {size}"
+        what = f"pieces of {size} heads" if isinstance(value(node), (tuple, list)) else f"{size} heads" \
+            if value(node).dim() > value(node.args[0]).dim() else f"a dim of size {size}"
         raise TPShardingError(
             f"{source_line(node)}: the output of {', '.join(origin) or node.args[0].name} (column-parallel as "
             f"plan= asks) is split into {what} (shape {shape_str(shape(node))}), and {size} is not divisible by "

@@ -439,7 +439,14 @@ def split(node, ctx) -> NodeInfo:
     if p.chunks == n and (len(set(piece_sizes)) == 1 if p.sizes is None else p.sizes == piece_sizes):
         outs = tuple(Shard(dim, copies=(c,) if c > 1 else None) for c in p.piece_copies())  # k, v: their copies
         return NodeInfo(outs, {x: p}, "split", {"local_split": True})
-    return NodeInfo(tuple(R for _ in range(n)), {x: R}, "fallback")
+    extra = {}
+    odd = [s for s in piece_sizes if s % ctx.tp]
+    if odd and p.plain and x.target in ("view", "reshape", torch.reshape) and value(x).dim() > value(x.args[0]).dim():
+        # heads viewed out of a projection, then split into pieces tp does not divide (litgpt's per-group
+        # qkv ``view(B, T, groups, q + 2, hd).split((q, 1, 1), 3)`` with fewer groups than tp): heads tp
+        # does not divide, planned as such (``plan._indivisible_heads``), not an op with no rule
+        extra["unsplittable"] = (p, min(odd))
+    return NodeInfo(tuple(R for _ in range(n)), {x: R}, "fallback", extra)
 
 
 def cat(node, ctx) -> NodeInfo:

@@ -246,7 +246,8 @@ def _tokens_through_flattens(g: fx.Graph) -> None:
       ``[B, T, C]`` reduces that view instead (a view of a pending sum is a pending sum), so the
       reduce-scatter splits tokens, not rows of the flattened batch;
     - Megatron's f (``copy_to_tp``, identity forward) on ``x.view(-1, C)`` goes on ``x`` before the view,
-      so the all-gather that replaces it gathers tokens and the view flattens the whole sequence;
+      so the all-gather that replaces it gathers tokens and the view flattens the whole sequence (where
+      f is the view's only reader);
     - views and slices that keep every entry in place (``x.view(-1, T, C)`` of a ``[B, T, C]`` x,
       ``x[:, 0:, :]``) are dropped: on a token shard their literal sizes would be wrong.
     """
@@ -271,7 +272,10 @@ def _tokens_through_flattens(g: fx.Graph) -> None:
                 chain.append(u)
                 last = u
         elif n.target is M.copy_to_tp and n.meta.get("tp_mapping") == "copy_to_tp" and _is_view(n.args[0]) \
-                and _flattens_tokens(n.args[0], n.args[0].args[0]):
+                and len(n.args[0].users) == 1 and _flattens_tokens(n.args[0], n.args[0].args[0]):
+            # only f's own view: one also read elsewhere (Mixtral's router beside its experts) stays as it
+            # was, gathered before the view; moved, the router would keep the old view, outside the MoE block
+            # the expert dispatch takes, and the block would stay on the gathered path
             flat = n.args[0]
             n.replace_input_with(flat, flat.args[0])
             n.meta["example_value"] = value(flat.args[0])

@@ -29,6 +29,9 @@ SPELLINGS = {  # 6 query heads at tp=4 in each; the attention projections concer
     "fused_split": (dict(qkv="fused_split"), ("qkv",)),
     "fused_per_head": (dict(qkv="fused_per_head", attention="manual"), ("qkv",)),
     "fused_per_group": (dict(qkv="fused_per_group", kv_heads=3), ("qkv",)),
+    # one kv group: the view keeps its shard (on the group's 8 pieces), the split (6, 1, 1) cannot; this said
+    # "no tensor-parallel rule for `split`" (fuzz seeds 92009, 92016, 92017 at TP=2), now the heads warning
+    "fused_per_group_one_group": (dict(qkv="fused_per_group", kv_heads=1), ("qkv",)),
     "reshape_3_heads": (dict(qkv="fused_reshape3", spellings=("conv1d",) * 6), ("qkv",)),
     "fused_gqa_pieces": (dict(qkv="fused_gqa", kv_heads=2, block="parallel"), ("qkv",)),
 }

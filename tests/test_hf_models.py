@@ -175,8 +175,8 @@ MORE = {  # family -> {tp: number of TPWarnings}
     "gemma": {2: 0, 4: 0},  # MQA (1 kv head): kv-head copies; GeGLU; scaled embedding; tied head
     "phi3": {2: 0, 4: 0},  # fused qkv_proj cut by slicing (unequal q/k/v pieces), fused gate_up_proj
     "olmo2": {2: 0},  # q/k RMSNorm over the whole projection: a partial mean (one small all-reduce)
-    "falcon": {2: 4},  # MQA through a fused QKV cut by index lists: attention replicated (and so its out-proj);
-    # 4 under transformers 5.25 (8 were counted under 5.24, whose Falcon code differs)
+    "falcon": {2: 1},  # MQA through a fused QKV cut by index lists (1 kv head, unequal pieces): attention
+    # replicated (and so its out-proj), said once as heads tp does not divide (4 rule-less warnings before)
     "gpt_bigcode": {2: 6},  # MQA fused c_attn after unsqueeze: attention replicated
     "bloom": {2: 8},  # GeLU as a custom autograd.Function, ALiBi: attention and MLP replicated
     # position_ids / token_type_ids buffers: those tables replicated, only the word embedding vocab-parallel.

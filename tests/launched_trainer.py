@@ -80,11 +80,11 @@ def main() -> None:
     args = TrainingArguments(
         output_dir=a.out, per_device_train_batch_size=a.batch, gradient_accumulation_steps=2, max_steps=a.steps,
         learning_rate=1e-3, max_grad_norm=0.5, logging_steps=1, save_strategy="steps", save_steps=2,
-        eval_strategy="steps", eval_steps=2, per_device_eval_batch_size=4,
+        eval_strategy="steps" if a.eval_rows else "no", eval_steps=2, per_device_eval_batch_size=4,
         report_to=[], use_cpu=True, seed=0, data_seed=0, disable_tqdm=True)
     # evaluation batches of 4, the last one short at 10 rows (gather_for_metrics cuts the ranks' extra rows)
     trainer = _sft(model, a) if a.sft else Trainer(model=model, args=args, train_dataset=Rows(),
-                                                   eval_dataset=Rows(a.eval_rows, seed=2))
+                                                   eval_dataset=Rows(a.eval_rows, seed=2) if a.eval_rows else None)
     trainer.train(resume_from_checkpoint=a.resume)
     trainer.save_model(os.path.join(a.out, "final"))
     if int(os.environ.get("RANK", "0")) == 0:

@@ -158,14 +158,15 @@ def adapt(trainer, model: nn.Module) -> None:
         """Accumulation micro-batches before the last: FSDP2 (tp_compile(mesh=...)) reduces nothing."""
         from torch.distributed.fsdp import FSDPModule
 
-        roots = [m for m in model.modules() if isinstance(m, FSDPModule)][:1]
-        for m in roots:
-            m.set_requires_gradient_sync(False)
+        root = next((m for m in model.modules() if isinstance(m, FSDPModule)), None)  # recurse=True: all of them
+        if root is None:
+            yield
+            return
+        root.set_requires_gradient_sync(False)
         try:
             yield
         finally:
-            for m in roots:
-                m.set_requires_gradient_sync(True)
+            root.set_requires_gradient_sync(True)
 
     _metrics_once_per_tp_group(trainer.accelerator, world, state.tp)
     # the trainer took its gather function from the accelerator before (with its eval_use_gather_object)
